@@ -1,0 +1,1 @@
+"""Stage 2: train and evaluate text-only and fusion NER models from cached features."""

@@ -1,0 +1,195 @@
+"""P-MNER: every Table 3 row end to end, the verbalizer, BIO repair and the no-visual fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from mner.pipeline.feature_cache import FeatureSpec
+from mner.trainer.models import get_model_class
+from mner.trainer.models.pmner import repair_bio_ids
+
+LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
+RESNET_WIDTH = 24
+SPEC = FeatureSpec(
+    shapes={
+        "encoders/resnet152/crop_pooled": (RESNET_WIDTH,),
+        "encoders/resnet152/grid": (3, 3, RESNET_WIDTH),
+    }
+)
+# post 0: two objects; post 1: ok image, zero objects; post 2: missing image
+POSTS = [
+    (["john", "smith", "visit", "paris"], ["B-PER", "I-PER", "O", "B-LOC"]),
+    (["meet", "apple", "today"], ["O", "B-ORG", "O"]),
+    (["love", "london", "game"], ["O", "B-LOC", "B-MISC"]),
+]
+OBJECTS = [2, 0, 0]
+IMAGE_OK = [True, True, False]
+
+
+def make_batch(tokenizer) -> dict:
+    encoded = tokenizer([w for w, _ in POSTS], is_split_into_words=True, padding=True, return_tensors="pt")
+    num_words = max(len(w) for w, _ in POSTS)
+    word_index = torch.zeros(len(POSTS), num_words, dtype=torch.long)
+    labels = torch.zeros(len(POSTS), num_words, dtype=torch.long)
+    for b, (words, tags) in enumerate(POSTS):
+        labels[b, : len(tags)] = torch.tensor([LABELS.index(t) for t in tags])
+        for position, word in enumerate(encoded.word_ids(b)):
+            if word is not None and word_index[b, word] == 0:
+                word_index[b, word] = position
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.arange(max(OBJECTS))[None] < torch.tensor(OBJECTS)[:, None]  # (B, K)
+    ok = torch.tensor(IMAGE_OK)
+    visual = {
+        "images/ok": ok,
+        "objects/mask": mask,
+        "encoders/resnet152/crop_pooled": torch.rand(
+            len(POSTS), max(OBJECTS), RESNET_WIDTH, generator=generator
+        )
+        * mask[:, :, None],
+        "encoders/resnet152/grid": torch.rand(len(POSTS), 3, 3, RESNET_WIDTH, generator=generator)
+        * ok[:, None, None, None],
+    }
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "word_index": word_index,
+        "word_mask": word_index > 0,
+        "labels": labels,
+        "visual": visual,
+    }
+
+
+def build(tiny_bert, **overrides):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    cls = get_model_class("pmner")
+    config = dataclasses.replace(cls.Config(num_heads=2), **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    return cls(
+        config, labels=LABELS, text_encoder=str(tiny_bert), tokenizer=tokenizer, features=SPEC
+    ), tokenizer
+
+
+def assert_valid_bio(tags: list[str]) -> None:
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-"):
+            assert previous in (f"B-{tag[2:]}", f"I-{tag[2:]}"), tags
+        previous = tag
+
+
+def test_presets_are_table_3_rows_and_name_their_cache_groups():
+    cls = get_model_class("pmner")
+    assert {"full", "T+V", "T+V+TCFM", "T+FRR+TCFM"} <= set(cls.PRESETS)
+    configs = {
+        name: cls.Config(**{k: v for k, v in values.items() if k in cls.Config.__dataclass_fields__})
+        for name, values in cls.PRESETS.items()
+    }
+    assert cls.required_features(configs["full"]) == ["encoders/resnet152/crop_pooled"]
+    assert cls.required_features(configs["T+FRR+TCFM"]) == ["encoders/resnet152/crop_pooled"]
+    assert cls.required_features(configs["T+V"]) == ["encoders/resnet152/grid"]
+    assert (configs["T+V"].use_tcfm, configs["T+V+TCFM"].use_tcfm, configs["T+FRR+TCFM"].use_prompt) == (
+        False,
+        True,
+        False,
+    )
+    assert cls.PRESETS["full"]["encoder_lr"] == 5e-3 and cls.PRESETS["full"]["batch_size"] == 8
+
+
+@pytest.mark.parametrize("preset", ["full", "T+V", "T+V+TCFM", "T+FRR+TCFM"])
+def test_every_row_trains_and_decodes_valid_bio(preset, tiny_bert):
+    cls = get_model_class("pmner")
+    switches = {k: v for k, v in cls.PRESETS[preset].items() if k in cls.Config.__dataclass_fields__}
+    model, tokenizer = build(tiny_bert, **switches)
+    batch = make_batch(tokenizer)
+
+    loss = model(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "visual_projection.weight" in reached and "text_attention.in_proj_weight" in reached
+    if model.config.use_tcfm:
+        assert {
+            "visual_to_text.in_proj_weight",
+            "text_to_visual.in_proj_weight",
+            "refusion.in_proj_weight",
+        } <= reached
+    if model.config.use_prompt:
+        assert "verbalizer.piece_bias" in reached and any(n.startswith("mlm_head.") for n in reached)
+    else:
+        assert "emissions.weight" in reached
+
+    model.eval()
+    paths = model.decode(batch)
+    assert [len(p) for p in paths] == [len(words) for words, _ in POSTS]
+    for path in paths:
+        assert_valid_bio([LABELS[i] for i in path])
+
+
+def test_verbalizer_keeps_b_and_i_distinct_and_uses_vocabulary_words(tiny_bert):
+    model, _ = build(tiny_bert)
+    verbalizer = model.verbalizer
+    assert verbalizer.label_words["O"] == ("none",)
+    assert verbalizer.label_words["B-PER"] == ("begin", "person")
+    assert verbalizer.label_words["I-MISC"] == ("inside", "other")
+    assert not verbalizer.is_fallback.any() and verbalizer.tied
+    rows = verbalizer.averaging  # (T, P)
+    assert len({tuple(r.tolist()) for r in rows}) == len(LABELS)  # every tag scores a different mixture
+    torch.testing.assert_close(rows.sum(1), torch.ones(len(LABELS)))
+
+
+def test_unknown_label_word_falls_back_to_a_learned_embedding(tiny_bert):
+    from transformers import AutoTokenizer
+
+    cls = get_model_class("pmner")
+    labels = LABELS + ["B-QQXJ", "I-QQXJ"]  # "qqxj" splits into known letter pieces: averaged, no fallback
+    model = cls(
+        cls.Config(num_heads=2),
+        labels=labels,
+        text_encoder=str(tiny_bert),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_bert),
+        features=SPEC,
+    )
+    assert not model.verbalizer.is_fallback.any()
+    with pytest.warns(UserWarning, match="learned label embedding"):
+        model = cls(
+            cls.Config(num_heads=2),
+            labels=LABELS + ["B-ÆØ", "I-ÆØ"],
+            text_encoder=str(tiny_bert),
+            tokenizer=AutoTokenizer.from_pretrained(tiny_bert),
+            features=SPEC,
+        )
+    assert model.verbalizer.is_fallback.tolist()[-2:] == [True, True]
+    assert model.tag_scores(make_batch(AutoTokenizer.from_pretrained(tiny_bert))).shape[-1] == len(LABELS) + 2
+
+
+def test_repair_bio_ids_turns_orphan_inside_tags_into_begin():
+    ids = [LABELS.index(t) for t in ["I-PER", "I-PER", "O", "B-LOC", "I-ORG"]]
+    assert [LABELS[i] for i in repair_bio_ids(ids, LABELS)] == ["B-PER", "I-PER", "O", "B-LOC", "B-ORG"]
+
+
+@pytest.mark.parametrize("use_frr", [True, False])
+def test_posts_without_visual_features_use_text_only(use_frr, tiny_bert):
+    model, tokenizer = build(tiny_bert, use_frr=use_frr, use_prompt=False)
+    model.eval()
+    batch = make_batch(tokenizer)
+    with torch.no_grad():
+        before = model.fused_states(batch)
+        changed = {**batch, "visual": {k: v.clone() for k, v in batch["visual"].items()}}
+        path = "encoders/resnet152/crop_pooled" if use_frr else "encoders/resnet152/grid"
+        changed["visual"][path][1:] = 7.0  # padding slots / zeros of the posts without visual features
+        changed["visual"][path][0] += 1.0
+        after = model.fused_states(changed)
+    assert torch.isfinite(before).all()
+    skip = 1 if use_frr else 2  # with the grid, post 1 (ok image) does have visual features
+    torch.testing.assert_close(before[skip:], after[skip:])
+    assert not torch.allclose(before[0], after[0])
+
+
+def test_heads_fall_back_to_a_divisor_of_the_width(tiny_bert):
+    with pytest.warns(UserWarning, match="using 8"):
+        model, _ = build(tiny_bert, num_heads=12)  # tiny BERT width 32
+    assert model.text_attention.num_heads == 8

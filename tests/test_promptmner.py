@@ -1,0 +1,236 @@
+"""PromptMNER: span enumeration/decoding, modality-aware query selection, every preset end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from mner.pipeline.feature_cache import FeatureSpec
+from mner.trainer.models import get_model_class
+from mner.trainer.models.promptmner import (
+    ModalityAwareLayer,
+    _clip_logit_scale,
+    bio_to_spans,
+    decode_spans,
+    enumerate_spans,
+)
+
+LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
+TYPES = ["PER", "LOC", "ORG", "MISC"]
+CLIP_WIDTH, NUM_PROMPTS = 12, 5
+# post 0: image ok; post 1: image ok, zero objects (irrelevant here); post 2: missing image
+POSTS = [
+    (["john", "smith", "visit", "paris"], ["B-PER", "I-PER", "O", "B-LOC"]),
+    (["meet", "apple", "today"], ["O", "B-ORG", "O"]),
+    (["love", "london", "game"], ["O", "B-LOC", "B-MISC"]),
+]
+IMAGE_OK = [True, True, False]
+
+
+def feature_spec(config) -> FeatureSpec:
+    rng = np.random.default_rng(0)
+    shapes, globals_, attrs = {}, {}, {"encoders/clip": {"logit_scale": 100.0}}
+    for path in get_model_class("promptmner").required_features(config):
+        if path.endswith("prompt_embed"):
+            globals_[path] = rng.standard_normal((NUM_PROMPTS, CLIP_WIDTH)).astype(np.float32)
+            shapes[path] = (NUM_PROMPTS, CLIP_WIDTH)
+        else:
+            shapes[path] = (NUM_PROMPTS,) if path.endswith("image_relevance") else (CLIP_WIDTH,)
+    return FeatureSpec(shapes=shapes, globals=globals_, attrs=attrs)
+
+
+def make_batch(tokenizer, spec: FeatureSpec) -> dict:
+    encoded = tokenizer([w for w, _ in POSTS], is_split_into_words=True, padding=True, return_tensors="pt")
+    num_words = max(len(w) for w, _ in POSTS)
+    word_index = torch.zeros(len(POSTS), num_words, dtype=torch.long)
+    labels = torch.zeros(len(POSTS), num_words, dtype=torch.long)
+    for b, (words, tags) in enumerate(POSTS):
+        labels[b, : len(tags)] = torch.tensor([LABELS.index(t) for t in tags])
+        for position, word in enumerate(encoded.word_ids(b)):
+            if word is not None and word_index[b, word] == 0:
+                word_index[b, word] = position
+    ok = torch.tensor(IMAGE_OK)
+    visual = {"images/ok": ok, "objects/mask": torch.zeros(len(POSTS), 1, dtype=torch.bool)}
+    generator = torch.Generator().manual_seed(0)
+    for path, shape in spec.shapes.items():
+        if path in spec.globals:
+            continue
+        values = torch.rand((len(POSTS), *shape), generator=generator)
+        if path.endswith("image_relevance"):
+            values = values.softmax(-1)
+        visual[path] = values * ok[:, None]  # missing image: zeros, as the VisualBatcher makes them
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "word_index": word_index,
+        "word_mask": word_index > 0,
+        "labels": labels,
+        "visual": visual,
+    }
+
+
+def assert_valid_bio(tags: list[str]) -> None:
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-"):
+            assert previous in (f"B-{tag[2:]}", f"I-{tag[2:]}"), tags
+        previous = tag
+
+
+# -- span enumeration and decoding ----------------------------------------------------------------
+
+
+def test_enumerate_spans_respects_max_width():
+    starts, ends = enumerate_spans(3, 2)
+    assert list(zip(starts.tolist(), ends.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)]
+    starts, ends = enumerate_spans(4, 10)
+    assert len(starts) == 4 * 5 // 2 and bool((ends >= starts).all())
+
+
+def test_bio_to_spans_reads_orphans_and_type_changes_like_seqeval():
+    tags = ["B-PER", "I-PER", "I-LOC", "O", "I-ORG", "B-ORG", "I-ORG"]
+    assert bio_to_spans(tags) == [(0, 1, "PER"), (2, 2, "LOC"), (4, 4, "ORG"), (5, 6, "ORG")]
+    assert bio_to_spans(["O", "O"]) == []
+
+
+def test_decode_spans_keeps_the_most_confident_non_overlapping_spans():
+    starts, ends = enumerate_spans(4, 3)
+    spans = list(zip(starts.tolist(), ends.tolist()))
+    probs = torch.zeros(len(spans), 1 + len(TYPES))
+    probs[:, 0] = 1.0  # everything not_entity ...
+    for span, kind, p in [((0, 1), 1, 0.9), ((1, 2), 2, 0.8), ((3, 3), 3, 0.7), ((2, 3), 4, 0.6)]:
+        probs[spans.index(span)] = torch.tensor([1 - p] + [p if c == kind else 0.0 for c in range(1, 5)])
+    tags = decode_spans(probs, starts, ends, 4, TYPES)
+    assert tags == ["B-PER", "I-PER", "O", "B-ORG"]  # (1,2) overlaps the better (0,1); (2,3) overlaps (3,3)
+    assert decode_spans(probs, starts, ends, 2, TYPES) == [
+        "B-PER",
+        "I-PER",
+    ]  # spans past the post are ignored
+
+
+# -- modality-aware self-attention ----------------------------------------------------------------
+
+
+def tiny_layer(use_mas: bool) -> ModalityAwareLayer:
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ModalityAwareLayer(BertLayer(config), num_heads=2, use_mas=use_mas).eval()
+
+
+def test_mas_selects_the_query_projection_by_query_and_key_modality():
+    layer = tiny_layer(use_mas=True)
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    is_visual = torch.tensor([[False] * 4 + [True] * 2] * 2)
+    with torch.no_grad():
+        before = layer(x, mask, is_visual)
+        plain = tiny_layer(use_mas=False)(x, mask, is_visual)
+        torch.testing.assert_close(before, plain)  # all four queries start as the pretrained query
+        layer.queries["w2v"].weight.add_(torch.randn_like(layer.queries["w2v"].weight))
+        after = layer(x, mask, is_visual)
+    assert not torch.allclose(after[:, :4], before[:, :4])  # text queries use Q_w2v on visual keys
+    torch.testing.assert_close(after[:, 4:], before[:, 4:])  # visual queries never do
+    with torch.no_grad():
+        layer.queries["v2w"].weight.add_(torch.randn_like(layer.queries["v2w"].weight))
+        again = layer(x, mask, is_visual)
+    torch.testing.assert_close(again[:, :4], after[:, :4])
+    assert not torch.allclose(again[:, 4:], after[:, 4:])
+    assert set(tiny_layer(use_mas=False).queries) == {"shared"}
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+def test_required_features_follow_the_prompt_variant():
+    cls = get_model_class("promptmner")
+    assert cls.required_features(cls.Config(prompts="continuous")) == ["encoders/clip/image_embed"]
+    assert cls.required_features(cls.Config(prompts="kb")) == [
+        "prompts/promptmner_kb/image_relevance",
+        "prompts/promptmner_kb/prompt_embed",
+    ]
+    with pytest.raises(ValueError, match="valid values: task, kb, expert, continuous"):
+        cls.required_features(cls.Config(prompts="nope"))
+
+
+def test_presets_match_table_1():
+    presets = get_model_class("promptmner").PRESETS
+    assert set(presets) == {
+        "paper",
+        "best",
+        "task labels",
+        "KB",
+        "expert",
+        "30 CPrompts",
+        "50 CPrompts",
+        "w/o MAS",
+    }
+    assert presets["best"]["num_continuous_prompts"] == 100 and presets["w/o MAS"]["use_mas"] is False
+    assert presets["paper"]["encoder_lr"] == 1e-4 and presets["paper"]["batch_size"] == 32
+
+
+def test_clip_logit_scale_reads_log_or_linear_form():
+    assert _clip_logit_scale(FeatureSpec(attrs={"encoders/clip": {"logit_scale": 4.60517}})) == pytest.approx(
+        100, rel=1e-4
+    )
+    assert _clip_logit_scale(FeatureSpec(attrs={"encoders/clip": {"logit_scale": 100.0}})) == 100.0
+
+
+@pytest.mark.parametrize("preset", list(get_model_class("promptmner").PRESETS))
+def test_every_preset_trains_and_decodes_valid_bio(preset, tiny_bert):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    cls = get_model_class("promptmner")
+    values = {k: v for k, v in cls.PRESETS[preset].items() if k in cls.Config.__dataclass_fields__}
+    config = dataclasses.replace(cls.Config(**values), num_continuous_prompts=6)  # tiny: fits 64 positions
+    spec = feature_spec(config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = cls(config, labels=LABELS, text_encoder=str(tiny_bert), tokenizer=tokenizer, features=spec)
+    batch = make_batch(tokenizer, spec)
+
+    loss = model(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"clue_projection.weight", "span_mlp.0.weight"} <= reached
+    first_query = "text_encoder.layers.0.queries." + ("w2v" if config.use_mas else "shared") + ".weight"
+    assert first_query in reached
+    if config.prompts == "continuous":
+        assert "continuous_prompts" in reached
+
+    model.eval()
+    paths = model.decode(batch)
+    assert [len(p) for p in paths] == [len(words) for words, _ in POSTS]
+    for path in paths:
+        assert_valid_bio([LABELS[i] for i in path])
+
+
+def test_missing_image_gets_no_visual_clue(tiny_bert):
+    from transformers import AutoTokenizer
+
+    cls = get_model_class("promptmner")
+    config = cls.Config(num_continuous_prompts=4)
+    spec = feature_spec(config)
+    model = cls(
+        config,
+        labels=LABELS,
+        text_encoder=str(tiny_bert),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_bert),
+        features=spec,
+    )
+    clues = model.visual_clues(
+        make_batch(AutoTokenizer.from_pretrained(tiny_bert), spec)["visual"]
+    )  # (B, Q, D)
+    assert clues.shape == (3, 4, CLIP_WIDTH)
+    assert clues[2].abs().sum() == 0 and clues[0].abs().sum() > 0

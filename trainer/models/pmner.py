@@ -1,0 +1,373 @@
+"""P-MNER (Wang et al., CCL 2023), one file, top to bottom as the paper's section 3.
+
+Sec. 3.1, text: BERT states R, then self-attention (eq. 2) -> T.
+Sec. 3.2, FRR visual features: Faster R-CNN objects with score > 0.95, top 5, each crop through
+ResNet-152 (cached ``encoders/resnet152/crop_pooled`` (K, 2048)), projected to the text width,
+then visual self-attention (eq. 3) -> V (m rows). Without FRR ("T+V" rows) the m regions are the
+cached 7x7 ResNet-152 grid of the whole image (``encoders/resnet152/grid``).
+Sec. 3.3, TCFM: visual queries over text (eq. 4-5) + LN/FFN (eq. 6-7) -> P (m rows, "text
+features based on visual objects"); text queries over V -> q ("text-based visual objects");
+re-fusion, text queries over P -> C; ``H = T + V + C`` (eq. 8).
+Sec. 3.4, prompt learning: the encoder's pretrained MLM head on H at each word's first piece, a
+verbalizer from vocabulary scores to BIO tags (eq. 9-10), cross-entropy over tags (eq. 11).
+
+How we read the places the paper leaves open (see docs/models/pmner.md):
+
+- eq. 8 adds V (m rows) to T (n rows). We take the "cross-modal visual features" to be q, the
+  text-query attention over V, which has one row per text piece: ``H = T + q + C``.
+- eq. 2/3 write the attention output alone; we keep a residual + LayerNorm around both
+  self-attentions (as TCFM's eq. 6 does), so T starts as the encoder's R.
+- The template "<sentence>, the word of <entity> is <mask>" would need one encoder pass per word;
+  we score every word in one pass by applying the MLM head to each word's fused state h_i, as
+  if that position were the <mask>.
+- Verbalizer: O -> "none"; B-X -> mean of the scores of "begin" and X's word; I-X -> "inside" and
+  X's word (PER "person", LOC "location", ORG "organization", MISC "other"; other types their
+  lower-cased name). A word the vocabulary splits is the mean of its pieces; a word with an
+  unknown piece falls back to a learned label embedding (with a warning).
+- Posts without visual features (missing image, zero objects) use H = T.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.models import register_model
+from mner.trainer.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder
+from torch import nn
+
+CROP_POOLED = "encoders/resnet152/crop_pooled"
+GRID = "encoders/resnet152/grid"
+OBJECT_MASK = "objects/mask"
+IMAGE_OK = "images/ok"
+
+# Verbalizer label words (sec. 3.4): one word per tag part, averaged.
+OUTSIDE_WORDS = ("none",)
+BEGIN_WORD, INSIDE_WORD = "begin", "inside"
+TYPE_WORDS = {"PER": "person", "LOC": "location", "ORG": "organization", "MISC": "other"}
+
+
+@dataclass
+class PMNERConfig:
+    use_frr: bool = True  # FRR object features (crop_pooled of top-5 Faster R-CNN objects); False = whole-image ResNet grid
+    use_tcfm: bool = (
+        True  # text correction fusion module (eq. 4-8); False = concatenate [t_i; mean(V)] ("T+V")
+    )
+    use_prompt: bool = True  # MLM head + verbalizer (eq. 9-11); False = linear emissions + BIO CRF
+    max_objects: int = 5  # m: objects per image (sec. 4.1: first five with score > 0.95, selected in stage 1)
+    num_heads: int = 12  # heads of every cross-modal / self-attention (sec. 4.1: 12)
+    ffn_mult: int = 4  # FFN inner width of eq. 7 = ffn_mult * text width
+    dropout: float = 0.1  # dropout in the attentions, the FFN and on the word states
+
+
+@register_model("pmner")
+class PMNER(nn.Module):
+    Config = PMNERConfig
+
+    # Sec. 4.1: BERT, max length 128, batch 8, lr 0.005, "learning attenuation rate" 0.01 (read here as
+    # weight decay). NOTE: lr 0.005 is ~100x the usual BERT fine-tuning rate and is recorded as the
+    # paper states it; override with --set encoder_lr=5e-5 --set head_lr=1e-3 if training diverges.
+    _PAPER_TRAINING: ClassVar[dict] = {
+        "text_encoder": "bert-base-cased",
+        "encoder_lr": 5e-3,
+        "head_lr": 5e-3,
+        "weight_decay": 0.01,
+        "batch_size": 8,
+        "max_length": 128,
+    }
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "full": {**_PAPER_TRAINING},  # OURS 79.43 / 91.31
+        "paper": {**_PAPER_TRAINING},  # alias of "full"
+        "T+V": {**_PAPER_TRAINING, "use_frr": False, "use_tcfm": False, "use_prompt": False},  # 72.31 / 84.33
+        "T+V+TCFM": {**_PAPER_TRAINING, "use_frr": False, "use_prompt": False},  # 73.35 / 85.41
+        "T+FRR+TCFM": {**_PAPER_TRAINING, "use_prompt": False},  # 75.14 / 86.02
+    }
+
+    @staticmethod
+    def required_features(config: PMNERConfig) -> list[str]:
+        return [CROP_POOLED] if config.use_frr else [GRID]
+
+    def __init__(
+        self, config: PMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None
+    ):
+        super().__init__()
+        if features is None:
+            raise ValueError("pmner reads cached ResNet-152 features: pass --features <cache.h5>")
+        self.config = config
+        self.labels = list(labels)
+        self.visual_path = CROP_POOLED if config.use_frr else GRID
+
+        # -- sec. 3.1 text encoder (with its MLM head when prompt learning needs it)
+        mlm_head = decoder = None
+        if config.use_prompt:
+            self.text_encoder, mlm_head, decoder = _load_encoder_with_mlm_head(text_encoder)
+        else:
+            self.text_encoder = load_encoder(text_encoder)
+        hidden = self.text_encoder.config.hidden_size
+        heads = _heads_for(hidden, config.num_heads)
+        self.text_attention = nn.MultiheadAttention(hidden, heads, dropout=config.dropout, batch_first=True)
+        self.text_norm = nn.LayerNorm(hidden)
+
+        # -- sec. 3.2 visual features: project the cached ResNet-152 vectors, then self-attention
+        visual_width = int(features.shapes[self.visual_path][-1])  # 2048 for ResNet-152
+        self.visual_projection = nn.Linear(visual_width, hidden)
+        self.visual_attention = nn.MultiheadAttention(hidden, heads, dropout=config.dropout, batch_first=True)
+        self.visual_norm = nn.LayerNorm(hidden)
+
+        # -- sec. 3.3 TCFM (or the T+V concatenation baseline)
+        if config.use_tcfm:
+            self.visual_to_text = nn.MultiheadAttention(
+                hidden, heads, dropout=config.dropout, batch_first=True
+            )
+            self.visual_to_text_norm = nn.LayerNorm(hidden)  # eq. 6
+            self.fusion_ffn = nn.Sequential(
+                nn.Linear(hidden, config.ffn_mult * hidden),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.ffn_mult * hidden, hidden),
+            )
+            self.fusion_ffn_norm = nn.LayerNorm(hidden)  # eq. 7
+            self.text_to_visual = nn.MultiheadAttention(
+                hidden, heads, dropout=config.dropout, batch_first=True
+            )
+            self.refusion = nn.MultiheadAttention(hidden, heads, dropout=config.dropout, batch_first=True)
+        else:
+            self.concat_projection = nn.Linear(2 * hidden, hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+        # -- sec. 3.4 prompt learning (or the linear + CRF head of the rows without it)
+        if config.use_prompt:
+            if tokenizer is None:
+                tokenizer = load_tokenizer(text_encoder)
+            self.mlm_head = mlm_head if mlm_head is not None else nn.Identity()
+            self.verbalizer = Verbalizer(self.labels, tokenizer, self.text_encoder, decoder, hidden)
+        else:
+            self.emissions = nn.Linear(hidden, len(self.labels))
+            self.crf = BIOConstrainedCRF(self.labels)
+        for module in self.children():
+            if module is not self.text_encoder and module is not getattr(self, "mlm_head", None):
+                init_linear(module)
+
+    # -- sec. 3.2 ---------------------------------------------------------------------------------
+
+    def visual_regions(self, visual: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached vectors -> (B, m, 2048) and their mask (B, m): FRR objects or the 7x7 grid."""
+        features = visual[self.visual_path].float()
+        if self.config.use_frr:
+            features = features[:, : self.config.max_objects]  # (B, m, 2048)
+            mask = visual[OBJECT_MASK][:, : self.config.max_objects].bool()  # (B, m)
+        else:
+            features = features.flatten(1, -2)  # (B, 7 * 7, 2048)
+            ok = visual.get(IMAGE_OK, torch.ones(features.size(0), dtype=torch.bool, device=features.device))
+            mask = ok.bool()[:, None].expand(-1, features.size(1))  # (B, 49)
+        return features, mask
+
+    # -- sec. 3.1 - 3.3 ---------------------------------------------------------------------------
+
+    def fused_states(self, batch: dict) -> torch.Tensor:
+        """H of eq. 8 at every text piece. (B, L, H)"""
+        text_pad = ~batch["attention_mask"].bool()  # (B, L)
+        encoded = self.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        states = encoded.last_hidden_state  # R (B, L, H)
+        attended, _ = self.text_attention(
+            states, states, states, key_padding_mask=text_pad, need_weights=False
+        )
+        text = self.text_norm(states + self.dropout(attended))  # T (B, L, H), eq. 2
+
+        regions, region_mask = self.visual_regions(batch["visual"])  # (B, m, 2048), (B, m)
+        has_visual = region_mask.any(dim=1)  # (B,)
+        region_pad = ~region_mask
+        region_pad[~has_visual, 0] = (
+            False  # a post without regions attends to one zero slot (masked out below)
+        )
+        projected = self.dropout(self.visual_projection(regions))  # (B, m, H)
+        attended, _ = self.visual_attention(
+            projected, projected, projected, key_padding_mask=region_pad, need_weights=False
+        )
+        visual = self.visual_norm(projected + self.dropout(attended))  # V (B, m, H), eq. 3
+        keep = has_visual[:, None, None].to(text.dtype)  # (B, 1, 1) posts without visual features: H = T
+
+        if not self.config.use_tcfm:  # "T+V": splice text with the pooled image
+            weights = (~region_pad).to(visual.dtype)[:, :, None]  # (B, m, 1)
+            pooled = (visual * weights).sum(1) / weights.sum(1)  # (B, H)
+            pooled = (pooled[:, None] * keep).expand_as(text)  # (B, L, H)
+            return self.concat_projection(torch.cat([text, pooled], dim=-1))  # (B, L, H)
+
+        # eq. 4-7: visual queries over the text -> P, text features based on visual objects
+        attended, _ = self.visual_to_text(visual, text, text, key_padding_mask=text_pad, need_weights=False)
+        fused = self.visual_to_text_norm(visual + self.dropout(attended))  # P~ (B, m, H), eq. 6
+        fused = self.fusion_ffn_norm(fused + self.dropout(self.fusion_ffn(fused)))  # P (B, m, H), eq. 7
+        # text queries over V -> q, the cross-modal visual features at text length
+        text_visual, _ = self.text_to_visual(
+            text, visual, visual, key_padding_mask=region_pad, need_weights=False
+        )
+        # re-fusion: original text queries over P -> C, the cross-modal text features
+        corrected, _ = self.refusion(text, fused, fused, key_padding_mask=region_pad, need_weights=False)
+        return text + keep * (text_visual + corrected)  # H = T + V + C (B, L, H), eq. 8
+
+    # -- sec. 3.4 ---------------------------------------------------------------------------------
+
+    def tag_scores(self, batch: dict) -> torch.Tensor:
+        """Per-word tag scores: verbalizer(MLM(h_i)) (eq. 9-10) or linear emissions. (B, W, T)"""
+        words = self.dropout(gather_first_pieces(self.fused_states(batch), batch["word_index"]))  # (B, W, H)
+        if self.config.use_prompt:
+            return self.verbalizer(self.mlm_head(words), self.text_encoder)  # (B, W, T)
+        return self.emissions(words)  # (B, W, T)
+
+    def forward(self, batch: dict) -> dict:
+        scores = self.tag_scores(batch)  # (B, W, T)
+        out = {"emissions": scores}
+        labels = batch.get("labels")
+        if labels is None:
+            return out
+        if self.config.use_prompt:
+            word_mask = batch["word_mask"].bool()  # (B, W)
+            if word_mask.any():
+                out["loss"] = F.cross_entropy(scores[word_mask], labels[word_mask])  # eq. 11
+            else:
+                out["loss"] = scores.sum() * 0.0
+        else:
+            out["loss"], _ = crf_loss_and_decode(self.crf, scores, batch["word_mask"].bool(), labels)
+        return out
+
+    @torch.no_grad()
+    def decode(self, batch: dict) -> list[list[int]]:
+        scores = self.tag_scores(batch)  # (B, W, T)
+        word_mask = batch["word_mask"].bool()
+        if not self.config.use_prompt:
+            return crf_loss_and_decode(self.crf, scores, word_mask, decode=True)[1]
+        best = scores.argmax(dim=-1)  # (B, W)
+        return [repair_bio_ids(row[keep].tolist(), self.labels) for row, keep in zip(best, word_mask)]
+
+
+class Verbalizer(nn.Module):
+    """Vocabulary scores -> tag scores: each tag is the mean MLM logit of its label words' pieces.
+
+    Only the rows of the label-word pieces are scored: with tied embeddings (BERT) they are read
+    from the encoder's word embeddings at run time (so they train with the encoder); otherwise the
+    decoder rows are copied here. ``transformed`` is the MLM head's output before its decoder.
+    """
+
+    def __init__(
+        self, labels: list[str], tokenizer, text_encoder: nn.Module, decoder: nn.Linear, hidden: int
+    ):
+        super().__init__()
+        pieces: list[int] = []
+        tag_words: list[list[list[int]] | None] = []
+        fallback_tags: list[str] = []
+        for tag in labels:
+            words = _label_words(tag)
+            word_pieces = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
+            if any(not ids or tokenizer.unk_token_id in ids for ids in word_pieces):
+                fallback_tags.append(tag)
+                tag_words.append(None)
+                continue
+            tag_words.append(word_pieces)
+            pieces += [piece for ids in word_pieces for piece in ids if piece not in pieces]
+        if fallback_tags:
+            warnings.warn(
+                f"pmner verbalizer: label words of {', '.join(fallback_tags)} are not in the tokenizer's "
+                "vocabulary; those tags use a learned label embedding instead",
+                stacklevel=3,
+            )
+        averaging = torch.zeros(len(labels), max(1, len(pieces)))  # (T, P)
+        for t, word_pieces in enumerate(tag_words):
+            for ids in word_pieces or []:
+                for piece in ids:
+                    averaging[t, pieces.index(piece)] += 1.0 / (len(word_pieces) * len(ids))
+        self.register_buffer("piece_ids", torch.tensor(pieces or [0], dtype=torch.long), persistent=False)
+        self.register_buffer("averaging", averaging, persistent=False)
+        self.register_buffer(
+            "is_fallback", torch.tensor([words is None for words in tag_words]), persistent=False
+        )
+        self.label_words = {tag: _label_words(tag) for tag in labels}
+
+        input_embeddings = text_encoder.get_input_embeddings()
+        self.tied = decoder is not None and decoder.weight is input_embeddings.weight
+        if decoder is not None and not self.tied:
+            self.piece_weight = nn.Parameter(decoder.weight.detach()[self.piece_ids].clone())  # (P, H)
+        if decoder is not None and decoder.bias is not None:
+            self.piece_bias = nn.Parameter(decoder.bias.detach()[self.piece_ids].clone())  # (P,)
+        else:
+            self.piece_bias = nn.Parameter(torch.zeros(len(self.piece_ids)))
+        if fallback_tags or decoder is None:
+            self.fallback = nn.Parameter(
+                torch.randn(len(labels), hidden) * 0.02
+            )  # (T, H) learned label embeddings
+
+    def forward(self, transformed: torch.Tensor, text_encoder: nn.Module) -> torch.Tensor:
+        # transformed: (B, W, H) MLM head output before the vocabulary projection
+        if self.tied:
+            weight = text_encoder.get_input_embeddings().weight[self.piece_ids]  # (P, H)
+        else:
+            weight = getattr(self, "piece_weight", None)
+        if weight is None:  # no MLM decoder at all: every tag is a learned label embedding
+            return transformed @ self.fallback.T  # (B, W, T)
+        piece_logits = transformed @ weight.T + self.piece_bias  # (B, W, P), eq. 9 on the label-word columns
+        scores = piece_logits @ self.averaging.T  # (B, W, T), eq. 10
+        if hasattr(self, "fallback"):
+            scores = torch.where(self.is_fallback, transformed @ self.fallback.T, scores)  # (B, W, T)
+        return scores
+
+
+def _label_words(tag: str) -> tuple[str, ...]:
+    if tag == "O" or "-" not in tag:
+        return OUTSIDE_WORDS
+    prefix, _, kind = tag.partition("-")
+    return (BEGIN_WORD if prefix == "B" else INSIDE_WORD, TYPE_WORDS.get(kind, kind.lower()))
+
+
+def repair_bio_ids(path: list[int], labels: list[str]) -> list[int]:
+    """Argmax tags -> valid BIO: an I-X that does not follow B-X or I-X becomes B-X."""
+    index = {label: i for i, label in enumerate(labels)}
+    repaired, previous = [], "O"
+    for label_id in path:
+        tag = labels[label_id]
+        if tag.startswith("I-") and previous not in (f"B-{tag[2:]}", tag) and f"B-{tag[2:]}" in index:
+            tag = f"B-{tag[2:]}"
+        repaired.append(index[tag])
+        previous = tag
+    return repaired
+
+
+def _load_encoder_with_mlm_head(name: str) -> tuple[nn.Module, nn.Module | None, nn.Linear | None]:
+    """The encoder and its pretrained MLM head, the head's vocabulary decoder split off.
+
+    The decoder (a vocab-size Linear, usually tied to the word embeddings) is replaced by Identity
+    so the head returns its transformed states; the Verbalizer scores only the label-word rows.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        mlm = AutoModelForMaskedLM.from_pretrained(resolve_text_encoder(name))
+    except (ValueError, KeyError, OSError) as err:
+        warnings.warn(
+            f"pmner: {name!r} has no masked-LM head ({err}); the verbalizer uses learned label embeddings",
+            stacklevel=3,
+        )
+        return load_encoder(name), None, None
+    encoder = mlm.base_model
+    decoder = mlm.get_output_embeddings()
+    head = next(module for child_name, module in mlm.named_children() if child_name != mlm.base_model_prefix)
+    for parent in head.modules():
+        for child_name, child in list(parent.named_children()):
+            if child is decoder:
+                setattr(parent, child_name, nn.Identity())
+    for parent in head.modules():  # BERT keeps a second handle on the decoder bias; it is unused now
+        if isinstance(parent.__dict__.get("_parameters", {}).get("bias"), nn.Parameter) and not isinstance(
+            parent, (nn.Linear, nn.LayerNorm)
+        ):
+            parent.bias = None
+    return encoder, head, decoder
+
+
+def _heads_for(width: int, wanted: int) -> int:
+    """``wanted`` heads, or the largest divisor of ``width`` below it (tiny test encoders)."""
+    heads = max(h for h in range(1, wanted + 1) if width % h == 0)
+    if heads != wanted:
+        warnings.warn(f"pmner: width {width} is not divisible by {wanted} heads; using {heads}", stacklevel=3)
+    return heads

@@ -1,0 +1,447 @@
+"""PromptMNER (Wang et al., DASFAA 2022), one file, top to bottom as the paper's section 2.
+
+Sec. 2.3, prompt-based visual clues: CLIP scores the image against entity-related prompts
+``P_i = "an image of [w_i]"``, ``p(P_i|I) = softmax_i(logit_scale * cos(s_i, v))`` (eq. 1), and each
+clue token is the weighted prompt embedding ``w_hat_i = p(P_i|I) * s_i``. Discrete prompt sets ran
+once in ``mner-features`` (cached ``prompts/<set>/image_relevance`` (N, Q) and ``prompt_embed``
+(Q, D)); continuous prompts are learned vectors here, scored against the cached CLIP image
+embedding ``encoders/clip/image_embed`` with CLIP's logit scale.
+
+Sec. 2.4, integration: ``[CLS] w_1..w_N [SEP] w_hat_1..w_hat_Q [SEP]`` with position and segment
+embeddings + LayerNorm (eq. 2), then K layers of modality-aware self-attention (MAS, eq. 3-4): one
+query projection per (query modality, key modality) pair, shared keys and values, one softmax over
+all keys. The K layers are the pretrained encoder's own layers (K = 12 for roberta-base), each
+query projection initialised from the layer's query weights.
+
+Sec. 2.5, prediction: every span of up to ``max_span_width`` words gets ``MLP([h_i; h_j])`` ->
+{entity types, not_entity} (eq. 5), cross-entropy over all spans (eq. 6); decoding keeps the
+highest-scoring non-overlapping entity spans and writes them as BIO tags.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from mner.trainer.layers import gather_first_pieces, init_linear
+from mner.trainer.models import register_model
+from mner.trainer.text_encoder import load_encoder
+from torch import nn
+
+CLIP_IMAGE_EMBED = "encoders/clip/image_embed"
+IMAGE_OK = "images/ok"
+DISCRETE_PROMPT_SETS = {"task": "promptmner_task", "kb": "promptmner_kb", "expert": "promptmner_expert"}
+PROMPT_CHOICES = (*DISCRETE_PROMPT_SETS, "continuous")
+NOT_ENTITY = 0  # span class 0; entity types follow in label-list order
+
+
+@dataclass
+class PromptMNERConfig:
+    prompts: str = "continuous"  # task | kb | expert (cached CLIP prompt sets) | continuous (learned prompts)
+    num_continuous_prompts: int = (
+        100  # learned prompt vectors when prompts="continuous" (paper: 30 / 50 / 100)
+    )
+    use_mas: bool = True  # modality-aware query projections (eq. 3); False = "w/o MAS", plain self-attention
+    max_span_width: int = (
+        8  # longest enumerated span in words (not stated in the paper; Twitter entities are short)
+    )
+    dropout: float = 0.5  # dropout on the word states before the span MLP (sec. 3.1: 0.5)
+    clip_logit_scale: float | None = (
+        None  # CLIP's 1/tau for continuous prompts; None = the cache's attr (else 100)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Span enumeration and decoding (sec. 2.5)
+# ----------------------------------------------------------------------------------------------
+
+
+def enumerate_spans(num_words: int, max_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (start, end) word spans with ``end - start < max_width``, ordered by start then width."""
+    starts, ends = [], []
+    for start in range(num_words):
+        for end in range(start, min(num_words, start + max_width)):
+            starts.append(start)
+            ends.append(end)
+    return torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
+
+
+def bio_to_spans(tags: list[str]) -> list[tuple[int, int, str]]:
+    """Entities (start, end inclusive, type) as seqeval reads BIO: an orphan I-X starts an entity."""
+    spans: list[tuple[int, int, str]] = []
+    start, kind = None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, tag_type = tag.partition("-")
+        continues = prefix == "I" and kind == tag_type
+        if start is not None and not continues:
+            spans.append((start, i - 1, kind))
+            start, kind = None, None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, tag_type
+    return spans
+
+
+def decode_spans(
+    probs: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, num_words: int, types: list[str]
+) -> list[str]:
+    """Greedy non-overlapping decoding: most confident entity spans first, then BIO tags.
+
+    probs: (S, 1 + len(types)) span class probabilities (class 0 = not_entity).
+    """
+    best_prob, best_class = probs.max(dim=-1)  # (S,), (S,)
+    tags = ["O"] * num_words
+    taken = [False] * num_words
+    candidates = (best_class != NOT_ENTITY) & (ends < num_words)
+    for span in sorted(candidates.nonzero().flatten().tolist(), key=lambda s: -float(best_prob[s])):
+        start, end = int(starts[span]), int(ends[span])
+        if any(taken[start : end + 1]):
+            continue
+        kind = types[int(best_class[span]) - 1]
+        tags[start] = f"B-{kind}"
+        for i in range(start + 1, end + 1):
+            tags[i] = f"I-{kind}"
+        for i in range(start, end + 1):
+            taken[i] = True
+    return tags
+
+
+# ----------------------------------------------------------------------------------------------
+# Modality-aware self-attention (sec. 2.4, eq. 3-4)
+# ----------------------------------------------------------------------------------------------
+
+
+class ModalityAwareLayer(nn.Module):
+    """A pretrained BERT/RoBERTa layer whose query projection depends on (query, key) modality.
+
+    Keys, values, the attention output projection, FFN and LayerNorms are the pretrained layer's
+    modules (moved here, not copied). With ``use_mas`` the query weights are copied into four
+    projections ``q_w2w, q_w2v, q_v2w, q_v2v``; the score of query i and key j uses the one of
+    (modality(i), modality(j)), and the softmax runs over all keys jointly. Without it, one query.
+    The scale is 1/sqrt(head_dim) as in pretraining (eq. 3's sqrt(N + |V*|) reads as a typo).
+    """
+
+    PAIRS = ("w2w", "w2v", "v2w", "v2v")
+
+    def __init__(self, pretrained_layer: nn.Module, *, num_heads: int, use_mas: bool):
+        super().__init__()
+        try:
+            self_attention = pretrained_layer.attention.self
+            self.key, self.value = self_attention.key, self_attention.value
+            self.attention_dropout = self_attention.dropout
+            self.attention_output = pretrained_layer.attention.output  # dense + dropout + LN(x + input)
+            self.intermediate = pretrained_layer.intermediate  # dense + activation
+            self.output = pretrained_layer.output  # dense + dropout + LN(x + input)
+            query = self_attention.query
+        except AttributeError as err:
+            raise ValueError(
+                f"promptmner reuses BERT/RoBERTa-style encoder layers (attention.self.query/key/value, "
+                f"intermediate, output); this text encoder's layer has no {err.name!r}. "
+                "Use a BERT or RoBERTa encoder (e.g. --text-encoder roberta-base)."
+            ) from None
+        self.num_heads = num_heads
+        self.use_mas = use_mas
+        names = self.PAIRS if use_mas else ("shared",)
+        self.queries = nn.ModuleDict({name: _copy_linear(query) for name in names})
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, h, S, d)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+        # x: (B, S, H); attention_mask: (B, S) bool keys to attend; is_visual: (B, S) bool modality
+        keys = self.split_heads(self.key(x))  # (B, h, S, d)
+        values = self.split_heads(self.value(x))  # (B, h, S, d)
+        scale = 1.0 / math.sqrt(keys.size(-1))
+        if self.use_mas:
+            score = {
+                pair: self.split_heads(self.queries[pair](x)) @ keys.transpose(-1, -2) * scale  # (B, h, S, S)
+                for pair in self.PAIRS
+            }
+            key_visual = is_visual[:, None, None, :]  # (B, 1, 1, S)
+            query_visual = is_visual[:, None, :, None]  # (B, 1, S, 1)
+            from_text = torch.where(key_visual, score["w2v"], score["w2w"])  # (B, h, S, S)
+            from_visual = torch.where(key_visual, score["v2v"], score["v2w"])  # (B, h, S, S)
+            scores = torch.where(query_visual, from_visual, from_text)  # (B, h, S, S)
+        else:
+            scores = (
+                self.split_heads(self.queries["shared"](x)) @ keys.transpose(-1, -2) * scale
+            )  # (B, h, S, S)
+        scores = scores.masked_fill(~attention_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        weights = self.attention_dropout(scores.softmax(dim=-1))  # (B, h, S, S)
+        context = (weights @ values).transpose(1, 2).flatten(2)  # (B, S, H)
+        attended = self.attention_output(context, x)  # (B, S, H)
+        return self.output(self.intermediate(attended), attended)  # (B, S, H)
+
+
+def _copy_linear(linear: nn.Linear) -> nn.Linear:
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    copy.load_state_dict(linear.state_dict())
+    return copy
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+@register_model("promptmner")
+class PromptMNER(nn.Module):
+    Config = PromptMNERConfig
+
+    # Table 1 rows. Sec. 3.1: RoBERTa, K = 12, AdamW lr 1e-4 with linear warmup, batch 32, dropout 0.5.
+    _PAPER_TRAINING: ClassVar[dict] = {
+        "text_encoder": "roberta-base",
+        "encoder_lr": 1e-4,
+        "head_lr": 1e-4,
+        "batch_size": 32,
+    }
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {**_PAPER_TRAINING, "prompts": "continuous", "num_continuous_prompts": 100},  # 78.60 / 90.27
+        "best": {**_PAPER_TRAINING, "prompts": "continuous", "num_continuous_prompts": 100},  # 78.60 / 90.27
+        "task labels": {**_PAPER_TRAINING, "prompts": "task"},  # 77.66 / 89.53
+        "KB": {**_PAPER_TRAINING, "prompts": "kb"},  # 78.19 / 89.74
+        "expert": {**_PAPER_TRAINING, "prompts": "expert"},  # 78.30 / 90.02
+        "30 CPrompts": {
+            **_PAPER_TRAINING,
+            "prompts": "continuous",
+            "num_continuous_prompts": 30,
+        },  # 78.37 / 90.14
+        "50 CPrompts": {
+            **_PAPER_TRAINING,
+            "prompts": "continuous",
+            "num_continuous_prompts": 50,
+        },  # 78.54 / 90.13
+        "w/o MAS": {
+            **_PAPER_TRAINING,
+            "prompts": "continuous",
+            "num_continuous_prompts": 100,
+            "use_mas": False,
+        },  # 78.04 / 89.59
+    }
+
+    @staticmethod
+    def required_features(config: PromptMNERConfig) -> list[str]:
+        _check_prompts(config.prompts)
+        if config.prompts == "continuous":
+            return [CLIP_IMAGE_EMBED]
+        group = f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
+        return [f"{group}/image_relevance", f"{group}/prompt_embed"]
+
+    def __init__(
+        self, config: PromptMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None
+    ):
+        super().__init__()
+        _check_prompts(config.prompts)
+        if features is None:
+            raise ValueError("promptmner reads cached CLIP features: pass --features <cache.h5>")
+        self.config = config
+        self.labels = list(labels)
+        self.entity_types = [label[2:] for label in self.labels if label.startswith("B-")]
+        self.label_id = {label: i for i, label in enumerate(self.labels)}
+
+        # -- the language model: its embeddings, then its layers turned into MAS layers (sec. 2.4)
+        encoder = load_encoder(text_encoder)
+        encoder_config = encoder.config
+        hidden = encoder_config.hidden_size
+        layers = [
+            ModalityAwareLayer(layer, num_heads=encoder_config.num_attention_heads, use_mas=config.use_mas)
+            for layer in encoder.encoder.layer
+        ]
+        self.text_encoder = nn.ModuleDict({"embeddings": encoder.embeddings, "layers": nn.ModuleList(layers)})
+        self.position_offset = (
+            encoder.embeddings.padding_idx + 1 if hasattr(encoder.embeddings, "padding_idx") else 0
+        )
+        self.max_positions = encoder_config.max_position_embeddings
+        self.has_segment_b = (
+            encoder_config.type_vocab_size >= 2
+        )  # BERT: token type 1; RoBERTa: learned vector
+        if not self.has_segment_b:
+            self.visual_segment = nn.Parameter(
+                torch.zeros(hidden)
+            )  # (H,) segment embedding of the clue tokens
+        self.sep_token_id = _sep_token_id(tokenizer, encoder_config)
+        self._warned_positions = False
+
+        # -- visual clues (sec. 2.3): prompt embeddings s_i, cached (discrete) or learned (continuous)
+        if config.prompts == "continuous":
+            clip_width = int(features.shapes[CLIP_IMAGE_EMBED][-1])
+            prompts = torch.randn(config.num_continuous_prompts, clip_width) / math.sqrt(clip_width)
+            self.continuous_prompts = nn.Parameter(prompts)  # (Q, D)
+            scale = config.clip_logit_scale or _clip_logit_scale(features)
+            self.register_buffer("logit_scale", torch.tensor(float(scale)), persistent=False)
+        else:
+            group = f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
+            self.relevance_path = f"{group}/image_relevance"
+            embed_path = f"{group}/prompt_embed"
+            if embed_path not in features.globals:
+                raise ValueError(
+                    f"the feature spec has no global array {embed_path!r}: build the cache with "
+                    f"`mner-features extract ... --encoder clip --prompts {DISCRETE_PROMPT_SETS[config.prompts]}`"
+                )
+            prompt_embed = torch.as_tensor(features.globals[embed_path], dtype=torch.float32)  # (Q, D)
+            self.register_buffer("prompt_embed", prompt_embed, persistent=False)
+            clip_width = prompt_embed.size(-1)
+        self.clue_projection = nn.Linear(clip_width, hidden)  # CLIP space -> LM word-embedding width
+
+        # -- span classifier (sec. 2.5, eq. 5)
+        self.dropout = nn.Dropout(config.dropout)
+        self.span_mlp = nn.Sequential(
+            nn.Linear(2 * hidden, hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(hidden, 1 + len(self.entity_types)),
+        )
+        init_linear(self.clue_projection)
+        init_linear(self.span_mlp)
+
+    # -- sec. 2.3 ---------------------------------------------------------------------------------
+
+    def visual_clues(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
+        """w_hat_i = p(P_i|I) * s_i for every prompt, zero for posts without a usable image."""
+        if self.config.prompts == "continuous":
+            image = F.normalize(visual[CLIP_IMAGE_EMBED].float(), dim=-1)  # (B, D)
+            prompts = self.continuous_prompts  # (Q, D)
+            relevance = (self.logit_scale * image @ F.normalize(prompts, dim=-1).T).softmax(
+                dim=-1
+            )  # (B, Q) eq. 1
+        else:
+            prompts = self.prompt_embed  # (Q, D)
+            relevance = visual[self.relevance_path].float()  # (B, Q) eq. 1, computed in stage 1
+        if IMAGE_OK in visual:
+            relevance = relevance * visual[IMAGE_OK].to(relevance.dtype)[:, None]  # (B, Q)
+        return relevance[:, :, None] * prompts[None]  # (B, Q, D)
+
+    # -- sec. 2.4 ---------------------------------------------------------------------------------
+
+    def embed(self, batch: dict, clues: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 2: [CLS] w_1..w_N [SEP] w_hat_1..w_hat_Q [SEP] + positions + segments, LayerNorm."""
+        input_ids, text_mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L)
+        batch_size, num_clues = clues.size(0), clues.size(1)
+        embeddings = self.text_encoder["embeddings"]
+        words = embeddings.word_embeddings(input_ids)  # (B, L, H)
+        sep = embeddings.word_embeddings.weight[self.sep_token_id].expand(batch_size, 1, -1)  # (B, 1, H)
+        visual = torch.cat([self.clue_projection(clues), sep], dim=1)  # (B, Q + 1, H)
+        if not self.has_segment_b:
+            visual = visual + self.visual_segment
+        tokens = torch.cat([words, visual], dim=1)  # (B, S, H), S = L + Q + 1
+
+        text_length = text_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        text_positions = torch.arange(input_ids.size(1), device=input_ids.device)[None].expand(batch_size, -1)
+        visual_positions = (
+            text_length + torch.arange(num_clues + 1, device=input_ids.device)[None]
+        )  # (B, Q + 1)
+        positions = torch.cat([text_positions, visual_positions], dim=1) + self.position_offset  # (B, S)
+        if int(positions.max()) >= self.max_positions:
+            if not self._warned_positions:
+                warnings.warn(
+                    f"promptmner: {input_ids.size(1)} text pieces + {num_clues + 1} clue tokens exceed the encoder's "
+                    f"{self.max_positions} positions; the last positions are shared (lower max_length or prompts)",
+                    stacklevel=2,
+                )
+                self._warned_positions = True
+            positions = positions.clamp(max=self.max_positions - 1)
+
+        is_visual = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, S)
+        is_visual[:, input_ids.size(1) :] = True
+        segments = is_visual.long() if self.has_segment_b else torch.zeros_like(is_visual, dtype=torch.long)
+        hidden = embeddings(
+            inputs_embeds=tokens, position_ids=positions, token_type_ids=segments
+        )  # (B, S, H)
+        attention_mask = torch.cat(
+            [text_mask, torch.ones_like(is_visual[:, input_ids.size(1) :])], dim=1
+        )  # (B, S)
+        return hidden, attention_mask, is_visual
+
+    def word_states(self, batch: dict) -> torch.Tensor:
+        """Last MAS layer's states at each word's first piece (the h_i of sec. 2.4). (B, W, H)"""
+        hidden, attention_mask, is_visual = self.embed(batch, self.visual_clues(batch["visual"]))
+        for layer in self.text_encoder["layers"]:
+            hidden = layer(hidden, attention_mask, is_visual)  # (B, S, H)
+        return gather_first_pieces(hidden, batch["word_index"])  # (B, W, H)
+
+    # -- sec. 2.5 ---------------------------------------------------------------------------------
+
+    def span_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 5 over the kept words (packed to the front, in order).
+
+        Returns logits (B, S, C), span starts (S,), ends (S,) and the kept-word count per post (B,).
+        """
+        word_mask = batch["word_mask"].bool()  # (B, W)
+        words = self.dropout(self.word_states(batch))  # (B, W, H)
+        order = torch.sort((~word_mask).to(torch.uint8), dim=1, stable=True).indices  # (B, W) kept first
+        words = words.gather(1, order[:, :, None].expand_as(words))  # (B, W, H)
+        num_words = word_mask.sum(dim=1)  # (B,)
+        starts, ends = enumerate_spans(max(1, int(num_words.max())), self.config.max_span_width)
+        starts, ends = starts.to(words.device), ends.to(words.device)
+        pairs = torch.cat([words[:, starts], words[:, ends]], dim=-1)  # (B, S, 2H)
+        return self.span_mlp(pairs), starts, ends, num_words
+
+    def span_targets(self, batch: dict, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Gold class of every enumerated span (0 = not_entity). (B, S)"""
+        word_mask = batch["word_mask"].bool()
+        position = {(int(s), int(e)): i for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist()))}
+        targets = torch.zeros(word_mask.size(0), starts.numel(), dtype=torch.long, device=starts.device)
+        for row, (label_ids, keep) in enumerate(zip(batch["labels"].tolist(), word_mask.tolist())):
+            tags = [self.labels[i] for i, kept in zip(label_ids, keep) if kept]
+            for start, end, kind in bio_to_spans(tags):
+                if (start, end) in position and kind in self.entity_types:  # longer spans cannot be predicted
+                    targets[row, position[(start, end)]] = 1 + self.entity_types.index(kind)
+        return targets
+
+    def forward(self, batch: dict) -> dict:
+        logits, starts, ends, num_words = self.span_logits(batch)
+        out = {"span_logits": logits}
+        if batch.get("labels") is not None:
+            valid = ends[None, :] < num_words[:, None]  # (B, S) span lies inside the post
+            targets = self.span_targets(batch, starts, ends)  # (B, S)
+            if valid.any():
+                out["loss"] = F.cross_entropy(logits[valid], targets[valid])  # eq. 6, mean over spans
+            else:
+                out["loss"] = logits.sum() * 0.0
+        return out
+
+    @torch.no_grad()
+    def decode(self, batch: dict) -> list[list[int]]:
+        logits, starts, ends, num_words = self.span_logits(batch)
+        probs = logits.float().softmax(dim=-1).cpu()  # (B, S, C)
+        starts, ends = starts.cpu(), ends.cpu()
+        paths = []
+        for row, count in enumerate(num_words.tolist()):
+            tags = decode_spans(probs[row], starts, ends, count, self.entity_types)
+            paths.append([self.label_id.get(tag, self.label_id.get("O", 0)) for tag in tags])
+        return paths
+
+
+def _check_prompts(prompts: str) -> None:
+    if prompts not in PROMPT_CHOICES:
+        raise ValueError(
+            f"promptmner: unknown prompts={prompts!r}; valid values: {', '.join(PROMPT_CHOICES)}"
+        )
+
+
+def _sep_token_id(tokenizer, encoder_config) -> int:
+    for source in (tokenizer, encoder_config):
+        token_id = getattr(source, "sep_token_id", None) if source is not None else None
+        if token_id is not None:
+            return int(token_id)
+    token_id = getattr(encoder_config, "eos_token_id", None)
+    if token_id is None:
+        raise ValueError("promptmner needs the tokenizer's [SEP] id: pass tokenizer= to the model")
+    return int(token_id)
+
+
+def _clip_logit_scale(features) -> float:
+    """CLIP's 1/tau from the cache attrs; open_clip stores it as log (4.6052 for 100)."""
+    for key in (CLIP_IMAGE_EMBED, "encoders/clip"):
+        value = (getattr(features, "attrs", None) or {}).get(key, {}).get("logit_scale")
+        if value is not None:
+            value = float(value)
+            return math.exp(value) if value < math.log(1000.0) else value  # log-form when small
+    warnings.warn(
+        "promptmner: the cache has no CLIP logit_scale attr; using CLIP's trained value 100", stacklevel=3
+    )
+    return 100.0

@@ -1,0 +1,392 @@
+"""The HDF5 feature cache: layout, round trips, atomic writes, fork safety, merge, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+from mner.pipeline import feature_cache
+from mner.pipeline.data import Dataset, Post
+from mner.pipeline.feature_cache import (
+    ROW_KINDS,
+    SCHEMA_VERSION,
+    CacheError,
+    CacheWriter,
+    FeatureCache,
+    MissingFeaturesError,
+    SchemaVersionError,
+    describe,
+    extract_command_hint,
+    make_provenance,
+    merge_caches,
+)
+
+CLIP_DIM, PATCHES, CATEGORIES, PROMPTS = 8, 5, 4, 6
+PROMPT_TEXTS = [f"a photo of {w}" for w in ("a person", "a place", "a company", "a thing", "ümlaut", "x")]
+
+
+def make_ids(count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return sorted({str(rng.integers(10**5, 10**6)) for _ in range(count * 2)})[:count]
+
+
+def image_record(image_id: str) -> dict:
+    """Deterministic per-image arrays (from the id alone), so shards and a single write agree."""
+    rng = np.random.default_rng(int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16))
+    status = int(rng.choice([0, 0, 0, 1, 2, 3]))
+    objects = 0 if status else int(rng.integers(0, 4))  # 0..3, zero-object images included
+    return {
+        "status": status,
+        "detail": "" if status == 0 else f"{image_id}.jpg: cannot decode ({status})",
+        "width": 0 if status else int(rng.integers(50, 500)),
+        "boxes": rng.random((objects, 4)).astype(np.float32),
+        "scores": rng.random(objects).astype(np.float32),
+        "class_ids": rng.integers(0, 80, objects).astype(np.int32),
+        "crops": [rng.bytes(int(rng.integers(1, 40))) for _ in range(objects)],
+        "image_embed": rng.standard_normal(CLIP_DIM),
+        "patch_tokens": rng.standard_normal((PATCHES, CLIP_DIM)),
+        "crop_embed": rng.standard_normal((objects, CLIP_DIM)),
+        "crop_weights": rng.random((objects, CATEGORIES)),
+        "image_relevance": rng.random(PROMPTS),
+    }
+
+
+def make_posts(ids: list[str]) -> Dataset:
+    posts = {"train": [], "dev": [], "test": []}
+    for i, image_id in enumerate(ids):
+        split = ("train", "dev", "test")[i % 3]
+        tokens = ("RT", "@user", "visit", "Paris", "ünïcode")[: 2 + i % 4]
+        tags = ("O", "O", "O", "B-LOC", "O")[: len(tokens)] if i % 7 else None
+        posts[split].append(
+            Post(post_id=f"{split}-{len(posts[split])}", tokens=tokens, tags=tags,
+                 image_id=image_id if i % 5 else None, split=split, source=f"data/{split}.txt:{4 * i + 1}")
+        )
+    return Dataset(splits=posts, data_hash="abc123", files={"train": "data/train.txt", "test": "data/test.txt"},
+                   orphan_i={"train": 1}, notes=["renamed 2 OTHER tags to MISC"])
+
+
+def provenance(component: str, model: str, ids: list[str], pretrained: str = "random") -> dict:
+    return make_provenance(component, model=model, pretrained=pretrained, preprocessing={"size": 224},
+                           thresholds={"score": 0.5, "top_k": 3}, image_ids=ids)
+
+
+def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects", "clip", "vcrmner"),
+                overwrite: bool = False) -> None:
+    records = [image_record(i) for i in ids]
+    counts = [len(r["scores"]) for r in records]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    stack = lambda key, shape: (np.concatenate([r[key] for r in records]) if records else np.zeros(shape))
+    with CacheWriter(path, overwrite=overwrite) as writer:
+        writer.write_images(ids, [r["status"] for r in records], [r["detail"] for r in records],
+                            [r["width"] for r in records], [r["width"] // 2 for r in records])
+        writer.write_posts(make_posts(posts_ids))
+        if "objects" in groups:
+            writer.write_group("objects", {
+                "offsets": (offsets, "offsets"),
+                "boxes": (stack("boxes", (0, 4)), "object"),
+                "scores": (stack("scores", (0,)), "object"),
+                "class_ids": (stack("class_ids", (0,)).astype(np.int32), "object"),
+                "crop_jpeg": ([c for r in records for c in r["crops"]], "object"),
+            }, provenance("detector", "maskrcnn", ids, "torchvision:COCO_V1"))
+        if "clip" in groups:
+            writer.write_group("encoders/clip", {
+                "image_embed": (np.stack([r["image_embed"] for r in records]), "image"),
+                "patch_tokens": (np.stack([r["patch_tokens"] for r in records]), "image"),
+                "crop_embed": (stack("crop_embed", (0, CLIP_DIM)), "object"),
+            }, provenance("encoder", "ViT-B-32", ids), attrs={"logit_scale": 100.0})
+        if "vcrmner" in groups:
+            rng = np.random.default_rng(7)
+            writer.write_group("prompts/vcrmner", {
+                "prompt_text": (PROMPT_TEXTS, "global"),
+                "prompt_category": (np.arange(PROMPTS, dtype=np.int16) % CATEGORIES, "global"),
+                "prompt_embed": (rng.standard_normal((PROMPTS, CLIP_DIM)), "global"),
+                "centroids": (rng.standard_normal((CATEGORIES, CLIP_DIM)), "global"),
+                "crop_weights": (stack("crop_weights", (0, CATEGORIES)), "object"),
+                "image_relevance": (np.stack([r["image_relevance"] for r in records]), "image"),
+            }, provenance("prompts", "ViT-B-32", ids), attrs={"category_names": ["PER", "LOC", "ORG", "MISC"]})
+        if "resnet" in groups:
+            writer.write_group("encoders/resnet152", {
+                "crop_pooled": (np.ones((int(offsets[-1]), 16)), "object"),
+            }, provenance("encoder", "resnet152", ids))
+
+
+def snapshot(path, groups=None) -> dict:
+    """Every dataset's bytes + dtype + attrs (and every group's attrs), optionally limited to some groups."""
+    found = {}
+    with h5py.File(path, "r") as handle:
+        def visit(name, obj):
+            if groups is not None and name.split("/")[0] not in groups and name not in groups:
+                return
+            attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                found[name] = (obj.dtype.str, obj.shape, obj[()].tobytes(), attrs)
+            else:
+                found[name] = attrs
+        handle.visititems(visit)
+        found["/"] = dict(handle.attrs)
+    return found
+
+
+IDS = make_ids(40)
+
+
+@pytest.fixture()
+def cache_path(tmp_path):
+    path = tmp_path / "t.h5"
+    write_cache(path, IDS, IDS)
+    return path
+
+
+def test_read_back_every_kind(cache_path):
+    cache = FeatureCache(cache_path)
+    assert cache.image_ids == IDS
+    assert set(cache.groups()) == {"objects", "encoders/clip", "prompts/vcrmner"}
+    counts = []
+    for row, image_id in enumerate(IDS):
+        record = image_record(image_id)
+        assert cache.row_of(image_id) == row
+        assert cache.status[row] == record["status"]
+        assert cache.detail(row) == record["detail"]
+        assert cache.read("images/width", row) == record["width"]
+        k = len(record["scores"])
+        counts.append(k)
+        boxes = cache.read("objects/boxes", row)
+        assert boxes.shape == (k, 4) and boxes.dtype == np.float32
+        np.testing.assert_array_equal(boxes, record["boxes"])
+        np.testing.assert_array_equal(cache.read("objects/class_ids", row), record["class_ids"])
+        assert cache.read("objects/crop_jpeg", row) == record["crops"]
+        crop_embed = cache.read("encoders/clip/crop_embed", row)
+        assert crop_embed.shape == (k, CLIP_DIM) and crop_embed.dtype == np.float16
+        np.testing.assert_allclose(crop_embed, record["crop_embed"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(cache.read("encoders/clip/patch_tokens", row), record["patch_tokens"], atol=4e-3)
+        assert cache.read("prompts/vcrmner/crop_weights", row).shape == (k, CATEGORIES)
+    assert 0 in counts and 3 in counts and set(cache.status.tolist()) == {0, 1, 2, 3}
+    assert cache.read_global("prompts/vcrmner/prompt_text") == PROMPT_TEXTS
+    assert cache.read_global("prompts/vcrmner/centroids").shape == (CATEGORIES, CLIP_DIM)
+    with pytest.raises(KeyError, match="not in"):
+        cache.row_of("no-such-image")
+
+
+def test_offsets_consistent_and_in_memory_identical(cache_path):
+    disk, memory = FeatureCache(cache_path), FeatureCache(cache_path, in_memory=True)
+    with h5py.File(cache_path, "r") as handle:
+        offsets = handle["objects/offsets"][()]
+        assert offsets[0] == 0 and (np.diff(offsets) >= 0).all() and offsets.shape == (len(IDS) + 1,)
+        for key in ("boxes", "scores", "class_ids"):
+            assert handle[f"objects/{key}"].shape[0] == offsets[-1]
+        crop_offsets = handle["objects/crop_jpeg_offsets"][()]
+        assert crop_offsets.shape == (offsets[-1] + 1,) and crop_offsets[-1] == handle["objects/crop_jpeg"].shape[0]
+        assert handle["encoders/clip/crop_embed"].shape[0] == offsets[-1]
+    for row in range(len(IDS)):
+        for path in ("encoders/clip/crop_embed", "encoders/clip/image_embed", "prompts/vcrmner/crop_weights"):
+            np.testing.assert_array_equal(disk.read(path, row), memory.read(path, row))
+
+
+def test_dtypes_no_vlen_and_provenance_everywhere(cache_path):
+    with h5py.File(cache_path, "r") as handle:
+        assert handle.attrs["mner_schema_version"] == SCHEMA_VERSION
+        datasets = {}
+        handle.visititems(lambda n, o: datasets.__setitem__(n, o) if isinstance(o, h5py.Dataset) else None)
+        for name, dataset in datasets.items():
+            assert dataset.dtype.kind not in "OV", name
+            assert h5py.check_vlen_dtype(dataset.dtype) is None, name
+            string = h5py.check_string_dtype(dataset.dtype)
+            assert string is None or string.length is not None, name  # fixed-length bytes only
+            kinds = ("post", "token", "offsets", "flat") if name.startswith("posts/") else ROW_KINDS
+            assert dataset.attrs["rows"] in kinds, name
+        for name in ("encoders/clip/image_embed", "encoders/clip/patch_tokens", "encoders/clip/crop_embed",
+                     "prompts/vcrmner/crop_weights", "prompts/vcrmner/image_relevance"):
+            assert datasets[name].dtype == np.float16, name
+        assert datasets["objects/boxes"].dtype == np.float32 and datasets["images/ids"].dtype.kind == "S"
+        for group in ("objects", "encoders/clip", "prompts/vcrmner"):
+            prov = json.loads(handle[group].attrs["provenance"])
+            for key in ("component", "model", "pretrained", "preprocessing", "thresholds", "versions",
+                        "image_list_hash", "command", "created"):
+                assert key in prov, (group, key)
+            assert set(prov["versions"]) >= {"torch", "torchvision", "open_clip_torch", "transformers", "h5py",
+                                             "numpy", "mner"}
+            assert prov["image_list_hash"] == hashlib.sha256("\n".join(IDS).encode()).hexdigest()
+    cache = FeatureCache(cache_path)
+    assert set(cache.random_init_groups()) == {"encoders/clip", "prompts/vcrmner"}
+    spec = cache.feature_spec(["encoders/clip/patch_tokens", "objects/boxes", "prompts/vcrmner/centroids"])
+    assert spec.shapes["encoders/clip/patch_tokens"] == (PATCHES, CLIP_DIM)
+    assert spec.shapes["objects/boxes"] == (4,)
+    assert spec.globals["prompts/vcrmner/centroids"].shape == (CATEGORIES, CLIP_DIM)
+    assert spec.attrs["encoders/clip"]["logit_scale"] == 100.0
+    assert "images/status" not in spec.globals and "objects/boxes" not in spec.globals
+
+
+def test_schema_version_refused(cache_path):
+    with h5py.File(cache_path, "r+") as handle:
+        handle.attrs["mner_schema_version"] = 99
+    with pytest.raises(SchemaVersionError) as error:
+        FeatureCache(cache_path)
+    message = str(error.value)
+    assert "99" in message and f"reads schema version {SCHEMA_VERSION}" in message
+    assert "mner-features extract" in message and "install the mner version" in message
+    with pytest.raises(SchemaVersionError), CacheWriter(cache_path):
+        pass
+
+
+def test_missing_features_names_the_command(tmp_path):
+    path = tmp_path / "objects-only.h5"
+    write_cache(path, IDS[:5], IDS[:5], groups=("objects",))
+    cache = FeatureCache(path)
+    cache.require(["objects/boxes"], model="vcrmner")  # present: no error
+    with pytest.raises(MissingFeaturesError) as error:
+        cache.require(["objects/boxes", "encoders/clip/crop_embed", "prompts/vcrmner/crop_weights"], model="vcrmner")
+    message = str(error.value)
+    assert "mner-features extract" in message and f"--out {path}" in message
+    assert "--encoder clip" in message and "--prompts vcrmner" in message and "--detector" not in message
+    assert "--data data" in message  # the posts record where the data came from
+    hint = extract_command_hint(["objects/boxes", "encoders/resnet152/grid", "encoders/swin/grid"])
+    assert hint.startswith("mner-features extract --data ") and "--images " in hint
+    assert "--detector maskrcnn" in hint and "--encoder resnet152" in hint and "--encoder swin" in hint
+
+
+def test_adding_a_group_keeps_others_byte_identical(cache_path):
+    before = snapshot(cache_path)
+    write_cache(cache_path, IDS, IDS, groups=("resnet",))  # same ids and posts: images/posts kept as they are
+    after = snapshot(cache_path)
+    assert {k: v for k, v in after.items() if not k.startswith("encoders/resnet152")} == before
+    assert "encoders/resnet152/crop_pooled" in after
+    with CacheWriter(cache_path) as writer:
+        assert writer.existing_groups() >= {"objects", "encoders/clip", "encoders/resnet152", "images", "posts"}
+        with pytest.raises(CacheError, match="exists"):
+            writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image")},
+                               provenance("encoder", "clip", IDS))
+        writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image")},
+                           provenance("encoder", "clip", IDS), overwrite=True)
+    final = snapshot(cache_path)
+    assert FeatureCache(cache_path).row_shape("encoders/clip/image_embed") == (2,)
+    assert {k: v for k, v in final.items() if k.startswith("objects")} == {
+        k: v for k, v in before.items() if k.startswith("objects")}
+
+
+def test_failing_writer_leaves_original_and_no_temp(cache_path):
+    before = snapshot(cache_path)
+    stale = f"{cache_path}.tmp-999999999"  # a temp of a dead process
+    with open(stale, "wb") as handle:
+        handle.write(b"junk")
+    with pytest.raises(RuntimeError, match="boom"), CacheWriter(cache_path) as writer:
+        writer.write_group("encoders/resnet152", {"crop_pooled": (np.ones((3, 2)), "global")},
+                           provenance("encoder", "resnet152", IDS))
+        raise RuntimeError("boom")
+    assert snapshot(cache_path) == before
+    assert [p.name for p in cache_path.parent.iterdir()] == [cache_path.name]
+    # a wrong row count is a clear error, file untouched
+    with pytest.raises(CacheError, match="first axis"), CacheWriter(cache_path) as writer:
+        writer.write_group("encoders/swin", {"grid": (np.ones((3, 2)), "image")}, provenance("e", "s", IDS))
+    assert snapshot(cache_path) == before
+    with pytest.raises(CacheError, match="sorted"), CacheWriter(cache_path, overwrite=True) as writer:
+        writer.write_images(["b", "a"])
+    assert snapshot(cache_path) == before
+
+
+class _Rows:
+    """A map-style dataset over cache rows (what the trainer's visual batcher does)."""
+
+    PATHS = ("encoders/clip/patch_tokens", "encoders/clip/crop_embed", "objects/boxes")
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __len__(self):
+        return self.cache.num_images
+
+    def __getitem__(self, row):
+        return row, [self.cache.read(path, row) for path in self.PATHS]
+
+
+def test_fork_safe_dataloader(cache_path):
+    import torch.utils.data
+
+    cache = FeatureCache(cache_path)
+    expected = {row: [cache.read(p, row) for p in _Rows.PATHS] for row in range(len(IDS))}  # opens in parent
+    assert cache._file is not None
+    restored = pickle.loads(pickle.dumps(cache))
+    assert restored._file is None
+    loader = torch.utils.data.DataLoader(_Rows(cache), batch_size=None, shuffle=True, num_workers=2,
+                                         multiprocessing_context="fork")
+    seen = 0
+    for row, arrays in loader:
+        for got, want in zip(arrays, expected[int(row)]):
+            np.testing.assert_array_equal(np.asarray(got), want)
+        seen += 1
+    assert seen == len(IDS)
+    np.testing.assert_array_equal(cache.read(_Rows.PATHS[0], 3), expected[3][0])  # parent handle still fine
+
+
+def _shard_ids(count: int) -> list[list[str]]:
+    return [IDS[i::count] for i in range(count)]  # interleaved, as a hash-based assignment gives
+
+
+@pytest.mark.parametrize("shards,in_memory", [(2, True), (3, False)])
+def test_merge_equals_single_write(tmp_path, monkeypatch, shards, in_memory):
+    if not in_memory:  # the run-by-run path used for datasets over MERGE_IN_MEMORY_BYTES
+        monkeypatch.setattr(feature_cache, "MERGE_IN_MEMORY_BYTES", 0)
+    single = tmp_path / "single.h5"
+    write_cache(single, IDS, IDS)
+    paths = []
+    for i, ids in enumerate(_shard_ids(shards)):
+        paths.append(tmp_path / f"shard{i}.h5")
+        write_cache(paths[-1], ids, IDS)
+    merged = tmp_path / "merged.h5"
+    merge_caches(paths, merged)
+    want, got = snapshot(single), snapshot(merged)
+    for group in ("objects", "encoders/clip", "prompts/vcrmner"):
+        want_prov, got_prov = want[group].pop("provenance"), got[group].pop("provenance")
+        got_prov = json.loads(got_prov)
+        assert got_prov["image_list_hash"] == json.loads(want_prov)["image_list_hash"]
+        assert len(got_prov["merge"]["shards"]) == shards
+    assert got == want
+    cache = FeatureCache(merged)
+    assert cache.image_ids == IDS and cache.load_posts().splits == make_posts(IDS).splits
+    assert f"merged from {shards} shards" in describe(merged)
+
+
+def test_merge_refusals(tmp_path):
+    a, b = _shard_ids(2)
+    paths = {name: tmp_path / f"{name}.h5" for name in ("a", "b", "overlap", "fewer", "other_model")}
+    write_cache(paths["a"], a, IDS)
+    write_cache(paths["b"], b, IDS)
+    write_cache(paths["overlap"], sorted(b + a[:1]), IDS)
+    write_cache(paths["fewer"], b, IDS, groups=("objects", "clip"))
+    write_cache(paths["other_model"], b, IDS)
+    with h5py.File(paths["other_model"], "r+") as handle:
+        prov = json.loads(handle["encoders/clip"].attrs["provenance"])
+        prov["model"] = "ViT-L-14"
+        handle["encoders/clip"].attrs["provenance"] = json.dumps(prov)
+    out = tmp_path / "out.h5"
+    with pytest.raises(CacheError, match="both"):
+        merge_caches([paths["a"], paths["overlap"]], out)
+    with pytest.raises(CacheError, match="feature groups"):
+        merge_caches([paths["a"], paths["fewer"]], out)
+    with pytest.raises(CacheError, match=r"provenance .* differs .*model"):
+        merge_caches([paths["a"], paths["other_model"]], out)
+    with h5py.File(paths["b"], "r+") as handle:
+        handle.attrs["mner_schema_version"] = 2
+    with pytest.raises(SchemaVersionError):
+        merge_caches([paths["a"], paths["b"]], out)
+    assert not out.exists() and not list(tmp_path.glob("out.h5.tmp-*"))
+
+
+def test_posts_round_trip_and_describe(cache_path):
+    cache = FeatureCache(cache_path)
+    loaded, original = cache.load_posts(), make_posts(IDS)
+    assert loaded.splits == original.splits
+    assert any(p.tags is None for p in loaded.splits["train"]) and any(p.image_id is None for p in loaded.splits["dev"])
+    assert (loaded.data_hash, loaded.files, loaded.orphan_i, loaded.notes) == (
+        original.data_hash, original.files, original.orphan_i, original.notes)
+    text = describe(cache_path)
+    status = FeatureCache(cache_path).status
+    assert f"images: {len(IDS)} (ok {int((status == 0).sum())}" in text
+    assert "posts: train 14, dev 13, test 13" in text and f"schema version {SCHEMA_VERSION}" in text
+    # other data files: refused, not silently mixed
+    with CacheWriter(cache_path) as writer, pytest.raises(CacheError, match="other data files"):
+        writer.write_posts(Dataset(splits={}, data_hash="different"))
+    assert "/encoders/clip" in text and "patch_tokens" in text and "float16" in text and "RANDOM" in text

@@ -1,0 +1,145 @@
+"""``mner-features``: extract visual features once into an HDF5 cache; inspect and merge caches.
+
+The typer functions only parse arguments; the work is in ``extract.run_extraction``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="Stage 1 of mner: run detectors and image encoders once and cache their outputs in HDF5.\n\n"
+         "Examples:\n\n"
+         "  mner-features extract --data data/twitter2015 --images data/twitter2015_images "
+         "--out cache/t15.h5 --detector maskrcnn --encoder clip --encoder resnet152 --prompts vcrmner\n\n"
+         "  mner-features info cache/t15.h5\n\n"
+         "  mner-features merge cache/t15.shard*.h5 --out cache/t15.h5",
+)
+
+
+@app.command()
+def extract(
+    data: str = typer.Option(..., help="dataset folder (train/valid/test.txt) or one file"),
+    images: str = typer.Option(..., help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no extension)"),
+    out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
+    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2"),
+    encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
+                                      "(| resnet152-test | swin-test: few-layer test variants)"),
+    prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
+                                      "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
+    random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
+                                     "(offline smoke runs; recorded in provenance, the trainer warns)"),
+    device: str = typer.Option("cuda" if _cuda() else "cpu", help="torch device"),
+    batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
+    num_workers: int = typer.Option(0, help="DataLoader workers decoding images"),
+    top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
+    score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
+    detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
+    detector_weights: Optional[str] = typer.Option(None, help="local detector state dict (sha256 recorded)"),
+    detectron2_config: str = typer.Option("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+                                          help="detectron2 model-zoo config (with --detector detectron2)"),
+    clip_model: str = typer.Option("ViT-B-32", help="open_clip architecture name"),
+    clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag or local checkpoint file"),
+    resnet_weights: Optional[str] = typer.Option(None, help="local torchvision resnet152 state dict"),
+    swin_model: str = typer.Option("microsoft/swin-large-patch4-window12-384", help="hub name or local folder"),
+    crop_max_side: int = typer.Option(384, help="stored JPEG crops: longer side cap"),
+    crop_quality: int = typer.Option(90, help="stored JPEG crops: quality"),
+    max_image_side: int = typer.Option(2048, help="huge images are downscaled to this before the models"),
+    missing_image: str = typer.Option("placeholder", help="placeholder (gray image's features) | zeros | "
+                                      "error (list bad images, exit 2 before any compute)"),
+    chunk_size: int = typer.Option(64, help="images per resumable chunk"),
+    shard: Optional[str] = typer.Option(None, help="i/n: this process's share (default: RANK/WORLD_SIZE or "
+                                        "SLURM_ARRAY_TASK_ID/COUNT); writes <out stem>.shard<i>of<n>.h5"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="rebuild the cache instead of adding missing groups"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run a detector, encoders and prompt sets over a dataset's images (resumable, shardable).
+
+    Example (offline smoke run):
+
+      mner-features extract --data data/twitter2015 --images imgs --out cache/t15.h5 --random-init
+      --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
+    """
+    from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
+
+    try:
+        opts = ExtractOptions(
+            data=data, images=images, out=out, detector=detector, encoders=list(encoder), prompts=list(prompts),
+            random_init=random_init, device=device, batch_size=batch_size, num_workers=num_workers, top_k=top_k,
+            score_threshold=score_threshold, detector_min_size=detector_min_size, detector_weights=detector_weights,
+            detectron2_config=detectron2_config, clip_model=clip_model, clip_pretrained=clip_pretrained,
+            resnet_weights=resnet_weights, swin_model=swin_model, crop_max_side=crop_max_side,
+            crop_quality=crop_quality, max_image_side=max_image_side, missing_image=missing_image,
+            chunk_size=chunk_size, shard=parse_shard(shard) if shard else None, overwrite=overwrite,
+            progress=progress,
+        )
+        _check_names(opts)
+        summary = run_extraction(opts)
+    except ImageError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    except (ValueError, RuntimeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(str(summary))
+
+
+@app.command()
+def info(path: str = typer.Argument(..., help="cache file")) -> None:
+    """Print groups, shapes, provenance and per-image status counts of a cache."""
+    from mner.pipeline.feature_cache import describe
+
+    typer.echo(describe(path))
+
+
+@app.command()
+def merge(
+    shards: List[str] = typer.Argument(..., help="shard caches (e.g. cache/t15.shard*.h5)"),
+    out: str = typer.Option(..., help="merged cache"),
+) -> None:
+    """Merge the shards of one extraction into the cache a single process would have written."""
+    from mner.pipeline.feature_cache import merge_caches
+
+    merge_caches(shards, out)
+    typer.echo(f"merged {len(shards)} shards into {out}")
+
+
+def _check_names(opts) -> None:
+    """Bad component names fail before any model is built, listing the valid values."""
+    from mner.features.detectors import DETECTORS
+    from mner.features.encoders import ENCODERS
+    from mner.features.prompts import load_prompt_set
+
+    if opts.detector not in DETECTORS:
+        raise ValueError(f"--detector {opts.detector!r}; valid: {', '.join(sorted(DETECTORS))}")
+    for name in opts.encoders:
+        if name not in ENCODERS:
+            raise ValueError(f"--encoder {name!r}; valid: {', '.join(sorted(ENCODERS))}")
+    for name in opts.prompts:
+        load_prompt_set(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``mner-features``; returns the exit code (tests call ``main([...])``)."""
+    try:
+        app(args=argv, prog_name="mner-features")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Image loading that never raises: every image id gets a status and, when decodable, an RGB image.
+
+Social-media image dumps contain missing files, HTML error pages saved as ``.jpg``, truncated
+downloads, CMYK/16-bit/palette/alpha images, animated GIFs, 1x1 tracking pixels and the odd
+decompression bomb. Each is mapped to one of the cache statuses (ok / missing / unreadable /
+placeholder) with a human-readable ``detail`` so one bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".JPG", ".JPEG", ".PNG", "")
+MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs (8000 x 8000)
+MAX_SIDE = 2048  # larger images are downscaled before any model sees them (boxes are mapped back)
+TINY_SIDE = 8  # smaller images are kept (the models resize them) and counted as "tiny" in the summary
+PLACEHOLDER_SIZE = 224  # the fixed gray image used by --missing-image placeholder
+PLACEHOLDER_GRAY = (128, 128, 128)
+MISSING_POLICIES = ("placeholder", "zeros", "error")
+
+# Pillow raises a warning (not an error) between MAX_IMAGE_PIXELS and 2x; we check the size ourselves.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is "unreadable", never half-gray
+
+
+@dataclass
+class LoadedImage:
+    """One image id after loading; ``image`` is an RGB PIL image or None when not decodable."""
+
+    image_id: str
+    status: str  # "ok" | "missing" | "unreadable" | "placeholder"
+    image: Image.Image | None = None
+    detail: str = ""  # why the image is not ok ("" when ok)
+    width: int = 0  # original size in pixels (0 when not decodable)
+    height: int = 0
+    scale: float = 1.0  # original pixels per loaded pixel (> 1 when a huge image was downscaled)
+    notes: list[str] = field(default_factory=list)  # conversions applied (CMYK, alpha, tiny, ...)
+
+
+def find_image_file(images_dir: Path, image_id: str) -> Path | None:
+    """``<images>/<id>.jpg`` first, then the other usual extensions, then the bare id."""
+    suffix = Path(image_id).suffix
+    stem = image_id[: -len(suffix)] if suffix and suffix.lower() in EXTENSIONS else image_id
+    for name in [image_id] + [stem + ext for ext in EXTENSIONS]:
+        candidate = images_dir / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparency is composited on white (how a browser shows it)."""
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+        notes.append("animated: first frame")
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy() if image.format == "GIF" else image
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+        notes.append("palette")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        notes.append(f"alpha {mode} on white")
+        return canvas
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+        notes.append(f"{mode} rescaled to 8 bit")
+    elif mode != "RGB":
+        notes.append(f"{mode} -> RGB")
+    return image.convert("RGB")
+
+
+def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SIDE,
+               max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Load one image; any failure becomes a status + detail instead of an exception."""
+    path = find_image_file(Path(images_dir), image_id)
+    if path is None:
+        return LoadedImage(image_id, "missing", detail=f"no file {Path(images_dir) / image_id}[.jpg|.png|...]")
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    return LoadedImage(image_id, "unreadable", width=width, height=height,
+                                       detail=f"{path}: {width}x{height} exceeds {max_pixels} pixels "
+                                              "(decompression bomb guard)")
+                if opened.format == "JPEG" and max(width, height) > 2 * max_side:
+                    opened.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster
+                opened.load()
+                image = _to_rgb(opened, notes)
+                image.load()
+    except FileNotFoundError:
+        return LoadedImage(image_id, "missing", detail=f"{path}: vanished while reading")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return LoadedImage(image_id, "unreadable", detail=f"{path}: decompression bomb: {error}")
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
+        return LoadedImage(image_id, "unreadable", detail=f"{path}: {type(error).__name__}: {error}")
+    scale = 1.0
+    if max(image.size) > max_side:
+        factor = max_side / max(image.size)
+        new_size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        notes.append(f"huge {width}x{height} downscaled to {new_size[0]}x{new_size[1]}")
+    if image.size != (width, height):
+        scale = width / image.width
+    if min(width, height) < TINY_SIDE:
+        notes.append(f"tiny {width}x{height} (kept; the models' resize upscales it)")
+    return LoadedImage(image_id, "ok", image=image, width=width, height=height, scale=scale, notes=notes)
+
+
+def placeholder_image() -> Image.Image:
+    """The fixed gray image whose features stand in for missing/unreadable images."""
+    return Image.new("RGB", (PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), PLACEHOLDER_GRAY)
+
+
+def apply_missing_policy(loaded: LoadedImage, policy: str) -> LoadedImage:
+    """placeholder: swap in the gray image (status "placeholder"); zeros/error: leave as found."""
+    if loaded.status == "ok" or policy != "placeholder":
+        return loaded
+    return LoadedImage(loaded.image_id, "placeholder", image=placeholder_image(),
+                       detail=f"{loaded.status}: {loaded.detail}", width=loaded.width, height=loaded.height)
+
+
+def encode_jpeg(image: Image.Image, *, max_side: int, quality: int) -> bytes:
+    """A crop as JPEG bytes, longer side capped at ``max_side`` (crops are re-decoded for every encoder)."""
+    if max(image.size) > max_side:
+        factor = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))),
+                             Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes | np.ndarray) -> Image.Image:
+    with Image.open(io.BytesIO(bytes(data))) as opened:
+        return opened.convert("RGB")
+
+
+def crop_box(image: Image.Image, box_xyxy: np.ndarray) -> Image.Image:
+    """Crop with the box rounded outwards and clamped, so every crop has at least 1x1 pixels."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    left = min(max(int(np.floor(x0)), 0), image.width - 1)
+    top = min(max(int(np.floor(y0)), 0), image.height - 1)
+    right = max(min(int(np.ceil(x1)), image.width), left + 1)
+    bottom = max(min(int(np.ceil(y1)), image.height), top + 1)
+    return image.crop((left, top, right, bottom))

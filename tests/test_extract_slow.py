@@ -1,0 +1,126 @@
+"""Slow acceptance runs: real architectures (random init), SIGKILL + resume, shards + merge == one run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from mner.features.cli import main
+from mner.features.extract import shard_of
+from mner.pipeline.feature_cache import FeatureCache
+
+from test_extract import datasets_of, write_dataset
+
+pytestmark = pytest.mark.slow
+SMALL = ["--random-init", "--score-threshold", "0", "--detector-min-size", "96", "--no-progress"]
+
+
+def write_images(folder: Path, ids: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for image_id in ids:
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(folder / f"{image_id}.jpg")
+
+
+def all_datasets(path) -> dict:
+    with h5py.File(path, "r") as handle:
+        groups = [g for g in ("images", "posts", "objects") if g in handle]
+        groups += [f"{root}/{name}" for root in ("encoders", "prompts") if root in handle for name in handle[root]]
+    return {group: datasets_of(path, group)[0] for group in groups}
+
+
+def test_real_architectures_then_add_groups(tmp_path):
+    ids = ["1", "2", "3"]
+    write_images(tmp_path / "images", ids)
+    data = write_dataset(tmp_path / "data", ids)
+    out = tmp_path / "real.h5"
+    common = ["extract", "--data", str(data), "--images", str(tmp_path / "images"), "--out", str(out),
+              *SMALL, "--top-k", "2", "--batch-size", "2"]
+    assert main([*common, "--detector", "maskrcnn", "--encoder", "clip", "--encoder", "resnet152",
+                 "--prompts", "vcrmner"]) == 0
+    with h5py.File(out, "r") as handle:
+        m = int(handle["objects/offsets"][-1])
+        assert m == 6
+        assert handle["encoders/clip/image_embed"].shape == (3, 512)  # ViT-B-32
+        assert handle["encoders/clip/patch_tokens"].shape == (3, 49, 768)
+        assert handle["encoders/resnet152/grid"].shape == (3, 7, 7, 2048)
+        assert handle["encoders/resnet152/grid"].dtype == np.float16
+        assert handle["encoders/resnet152/crop_pooled"].shape == (m, 2048)
+        assert handle["prompts/vcrmner/centroids"].shape == (4, 512)
+    before = all_datasets(out)
+    assert main([*common, "--encoder", "swin", "--prompts", "promptmner_expert"]) == 0
+    after = all_datasets(out)
+    assert {g: after[g] for g in before} == before  # first groups byte-identical
+    cache = FeatureCache(out)
+    assert cache.row_shape("encoders/swin/grid") == (12, 12, 1536)
+    assert cache.provenance("encoders/swin")["pretrained"] == "random"
+    # an encoder added later reads the cached crops: same as computing it in the first run
+    fresh = tmp_path / "fresh.h5"
+    assert main([*common[:6], str(fresh), *common[7:], "--encoder", "resnet152-test"]) == 0
+    grow = tmp_path / "grow.h5"
+    assert main([*common[:6], str(grow), *common[7:], "--encoder", "clip"]) == 0
+    assert main([*common[:6], str(grow), *common[7:], "--encoder", "resnet152-test"]) == 0
+    assert all_datasets(grow)["encoders/resnet152-test"] == all_datasets(fresh)["encoders/resnet152-test"]
+
+
+def _argv(data, images, out, *extra):
+    return ["extract", "--data", str(data), "--images", str(images), "--out", str(out), *SMALL, "--top-k", "2",
+            "--clip-model", "ViT-S-32", "--encoder", "clip", "--encoder", "swin-test", "--prompts", "vcrmner",
+            "--chunk-size", "2", "--batch-size", "2", *extra]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    ids = [str(i) for i in range(10)]
+    write_images(tmp_path / "images", ids)
+    data = write_dataset(tmp_path / "data", ids)
+    reference = tmp_path / "reference.h5"
+    assert main(_argv(data, tmp_path / "images", reference)) == 0
+    out = tmp_path / "killed.h5"
+    command = [sys.executable, "-m", "mner.features.cli", *_argv(data, tmp_path / "images", out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rng = random.Random(0)
+    for attempt in range(3):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 14.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if out.exists():  # a kill after the rename: the cache must be complete and valid
+            FeatureCache(out)
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert all_datasets(out) == all_datasets(reference)
+    assert not Path(f"{out}.parts").exists()
+    assert not list(tmp_path.glob("killed.h5.tmp-*"))
+
+
+def test_shards_merge_equals_single_run(tmp_path):
+    ids = [str(i) for i in range(8)]
+    assert {shard_of(i, 2) for i in ids} == {0, 1}
+    write_images(tmp_path / "images", ids[:-1])  # one missing image too
+    data = write_dataset(tmp_path / "data", ids)
+    single = tmp_path / "t.h5"
+    assert main(_argv(data, tmp_path / "images", single)) == 0
+    out = tmp_path / "s.h5"
+    for index in (0, 1):
+        assert main(_argv(data, tmp_path / "images", out, "--shard", f"{index}/2")) == 0
+    shards = [tmp_path / "s.shard0of2.h5", tmp_path / "s.shard1of2.h5"]
+    merged = tmp_path / "merged.h5"
+    assert main(["merge", *map(str, shards), "--out", str(merged)]) == 0
+    a, b = all_datasets(merged), all_datasets(single)
+    assert a.keys() == b.keys()
+    for group in a:
+        assert a[group].keys() == b[group].keys(), group
+        for key in a[group]:
+            if a[group][key] != b[group][key]:  # float16 features may differ by batch mates: 1 ulp at most
+                x = np.frombuffer(a[group][key], np.float16).astype(np.float32)
+                y = np.frombuffer(b[group][key], np.float16).astype(np.float32)
+                np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-3, err_msg=f"{group}/{key}")

@@ -76,3 +76,54 @@ def init_linear(module: nn.Module) -> None:
             nn.init.xavier_uniform_(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+
+def pack_kept_words(
+    emissions: torch.Tensor, word_mask: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Move each post's kept words (``word_mask`` True) to the front, in order, for the CRF.
+
+    pytorch-crf needs every sequence to start with an unmasked step; a zero-piece or truncated
+    word can sit anywhere, so the kept words are packed left before the CRF sees them.
+    emissions: (B, W, T); word_mask: (B, W) bool; labels: (B, W) or None.
+    Returns packed emissions (B, W, T), packed mask (B, W) and packed labels (B, W) or None.
+    """
+    order = torch.sort((~word_mask).to(torch.uint8), dim=1, stable=True).indices  # (B, W) kept first
+    packed_emissions = emissions.gather(1, order.unsqueeze(-1).expand_as(emissions))  # (B, W, T)
+    lengths = word_mask.sum(dim=1, keepdim=True)  # (B, 1)
+    packed_mask = torch.arange(word_mask.size(1), device=word_mask.device).unsqueeze(0) < lengths  # (B, W)
+    packed_labels = labels.gather(1, order) if labels is not None else None  # (B, W)
+    return packed_emissions, packed_mask, packed_labels
+
+
+def crf_loss_and_decode(
+    crf: BIOConstrainedCRF,
+    emissions: torch.Tensor,
+    word_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    decode: bool = False,
+) -> tuple[torch.Tensor | None, list[list[int]] | None]:
+    """Mean negative log-likelihood over posts and/or Viterbi paths (one id per kept word).
+
+    Posts with no kept word (all words truncated or zero-piece) add no loss and decode to ``[]``.
+    """
+    packed_emissions, packed_mask, packed_labels = pack_kept_words(emissions, word_mask, labels)
+    has_words = packed_mask[:, 0]  # (B,)
+    loss = None
+    if packed_labels is not None:
+        if has_words.any():
+            log_likelihood = crf(
+                packed_emissions[has_words], packed_labels[has_words], packed_mask[has_words], reduction="sum"
+            )
+            loss = -log_likelihood / emissions.size(0)
+        else:
+            loss = emissions.sum() * 0.0
+    paths = None
+    if decode:
+        paths = [[] for _ in range(emissions.size(0))]
+        if has_words.any():
+            decoded = crf.decode(packed_emissions[has_words], packed_mask[has_words])
+            for row, path in zip(has_words.nonzero().flatten().tolist(), decoded):
+                paths[row] = path
+    return loss, paths

@@ -1,0 +1,121 @@
+"""``mner-train``: train (default command), evaluate and predict. Functions here only parse arguments."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "Train and evaluate MNER models from a feature cache (stage 2).\n\n"
+        "Example: mner-train --data data/twitter2015 --model bert_crf --text-encoder minilm-l6 "
+        "--epochs 4 --out runs/t15-bert-crf"
+    ),
+)
+SUBCOMMANDS = ("train", "evaluate", "predict")
+
+
+@app.command("train")
+def train_command(
+    data: Path | None = typer.Option(
+        None, help="Folder with train.txt/valid.txt/test.txt (or one file). Overrides the posts stored in "
+        "--features. Example: --data data/twitter2015"),
+    features: Path | None = typer.Option(
+        None, help="HDF5 feature cache from mner-features; its stored posts are used when --data is absent. "
+        "Example: --features cache/t15.h5"),
+    model: str = typer.Option("bert_crf", help="Registered model name. Example: --model vcrmner"),
+    text_encoder: str | None = typer.Option(
+        None, help="Hugging Face hub name, local folder or alias (minilm-l6). Example: --text-encoder roberta-base"),
+    out: Path | None = typer.Option(
+        None, help="Run directory to create (default runs/<model>-<data>-s<seed>). Example: --out runs/t15-crf"),
+    preset: str | None = typer.Option(None, help="Named setting of the model (paper rows). Example: --preset default"),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Override a model or train config field; repeatable. Example: --set dropout=0.2"),
+    epochs: int | None = typer.Option(None, help="Maximum epochs. Example: --epochs 4"),
+    batch_size: int | None = typer.Option(None, help="Posts per step. Example: --batch-size 16"),
+    max_length: int | None = typer.Option(None, help="Sub-word pieces per post. Example: --max-length 128"),
+    encoder_lr: float | None = typer.Option(None, help="Text encoder learning rate. Example: --encoder-lr 5e-5"),
+    head_lr: float | None = typer.Option(None, help="Head/fusion learning rate. Example: --head-lr 1e-3"),
+    crf_lr: float | None = typer.Option(None, help="CRF learning rate. Example: --crf-lr 1e-2"),
+    patience: int | None = typer.Option(None, help="Early-stopping patience in epochs (0: off). Example: --patience 3"),
+    seed: int | None = typer.Option(None, help="Random seed. Example: --seed 1"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
+    num_workers: int | None = typer.Option(None, help="DataLoader workers. Example: --num-workers 2"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Train a model (the default command: `mner-train --data ...` means `mner-train train --data ...`)."""
+    from mner.trainer.train import train
+
+    flags = {"text_encoder": text_encoder, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
+             "encoder_lr": encoder_lr, "head_lr": head_lr, "crf_lr": crf_lr, "patience": patience, "seed": seed,
+             "device": device, "num_workers": num_workers}
+    if out is None:
+        source = data if data is not None else features
+        out = Path("runs") / f"{model}-{source.stem if source else 'data'}-s{seed if seed is not None else 'default'}"
+    train(out=out, model=model, data=data, features=features, preset=preset, sets=set_, flags=flags,
+          overwrite=overwrite)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: Path = typer.Argument(..., help="A finished run directory. Example: runs/t15-crf"),
+    split: str = typer.Option("test", help="test | dev | train. Example: --split dev"),
+    data: Path | None = typer.Option(None, help="Other data (cross-domain). Example: --data data/twitter2017"),
+    features: Path | None = typer.Option(None, help="Cache for --data's images. Example: --features cache/t17.h5"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+) -> None:
+    """Score a trained run; writes <run>/eval/<split>-<datahash>.json, .conll and .parquet."""
+    from mner.trainer.evaluate import evaluate_run
+
+    if split not in ("train", "dev", "test"):
+        raise click.BadParameter(f"{split!r}; valid values: train, dev, test", param_hint="--split")
+    evaluate_run(run, split=split, data=data, features=features, device=device)
+
+
+@app.command("predict")
+def predict_command(
+    run: Path = typer.Argument(..., help="A finished run directory. Example: runs/t15-crf"),
+    data: Path = typer.Option(..., help="Posts to tag (tags optional). Example: --data some/posts"),
+    out: Path | None = typer.Option(None, help="Output .conll or .parquet. Example: --out tagged.conll"),
+    features: Path | None = typer.Option(None, help="Cache holding --data's images (multimodal models)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+) -> None:
+    """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present)."""
+    from mner.trainer.evaluate import predict_run
+
+    predict_run(run, data=data, out=out, features=features, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``mner-train``); returns the exit status so tests can call it directly."""
+    from mner.pipeline.data import DataFormatError
+    from mner.pipeline.feature_cache import CacheError
+    from mner.trainer.config import ConfigError
+    from mner.trainer.text_encoder import TextEncoderError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):
+        args = ["train", *args]
+    try:
+        result = app(args=args, prog_name="mner-train", standalone_mode=False)
+    except click.exceptions.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        return 1
+    except (ConfigError, CacheError, DataFormatError, TextEncoderError, FileExistsError, FileNotFoundError) as err:
+        print(f"mner-train: error: {err}", file=sys.stderr)
+        return 2
+    except KeyError as err:  # unknown model name: the registry's message lists the valid ones
+        print(f"mner-train: error: {err.args[0]}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Training configuration and how presets, ``--set`` and explicit flags combine.
+
+Precedence, lowest first: dataclass defaults < the model's preset < ``--set key=value`` < explicit
+flags (``--epochs``, ``--batch-size``, ...). A preset or ``--set`` key may name a field of the model's
+``Config`` or of :class:`TrainConfig` (a name in both sets both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    text_encoder: str = "bert-base-cased"  # hub name, local folder or alias (minilm-l6)
+    encoder_lr: float = 5e-5  # AdamW learning rate of parameters under `text_encoder.`
+    head_lr: float = 1e-3  # learning rate of the emission / fusion layers
+    crf_lr: float = 1e-2  # learning rate of parameters under `crf.`
+    weight_decay: float = 0.01  # AdamW weight decay (not applied to biases and LayerNorm weights)
+    warmup_ratio: float = 0.1  # fraction of all optimiser steps with linear warmup
+    max_grad_norm: float = 1.0  # gradient clipping threshold (0 disables)
+    epochs: int = 10  # maximum number of epochs
+    batch_size: int = 16  # posts per optimiser step
+    eval_batch_size: int = 64  # posts per batch when decoding dev/test
+    max_length: int = 128  # sub-word pieces per post incl. special tokens; later words are predicted O
+    patience: int = 3  # stop after this many epochs without a better dev F1 (0 disables)
+    seed: int = 42  # seeds python, numpy and torch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # DataLoader worker processes
+    group_by_length: bool = True  # batch posts of similar length together (less padding, faster)
+    train_fraction: float = 1.0  # keep this fraction of training posts (low-resource runs; seeded)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def convert_value(cls, name: str, raw: Any) -> Any:
+    """Convert a ``--set`` string to the type of ``cls.name`` (bool, int, float, str, tuple, Optional)."""
+    if not isinstance(raw, str):
+        return raw
+    hint = typing.get_type_hints(cls)[name]
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if raw.lower() in ("none", "null"):
+            return None
+        hint, origin = args[0], typing.get_origin(args[0])
+    try:
+        if hint is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if origin in (tuple, list):
+            item_type = (typing.get_args(hint) or (str,))[0]
+            items = [item_type(x) for x in raw.split(",") if x.strip()]
+            return tuple(items) if origin is tuple else items
+    except ValueError as err:
+        raise ConfigError(f"--set {name}={raw}: {err}") from None
+    return raw
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set dropout=0.2")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def resolve_configs(
+    model_cls,
+    *,
+    preset: str | None = None,
+    sets: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> tuple[Any, TrainConfig]:
+    """Build (model config, train config) from defaults, a preset, ``--set`` pairs and explicit flags.
+
+    ``flags`` maps TrainConfig field names to values; ``None`` means "not given on the command line".
+    """
+    presets = getattr(model_cls, "PRESETS", {}) or {}
+    model_fields = field_names(model_cls.Config)
+    train_fields = field_names(TrainConfig)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(
+                f"unknown preset {preset!r} for model {getattr(model_cls, 'model_name', model_cls.__name__)}; "
+                f"valid values: {', '.join(sorted(presets)) or '(none)'}"
+            )
+        values.update(presets[preset])
+    values.update(parse_sets(sets))
+    for key in values:
+        if key not in model_fields and key not in train_fields:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid model keys: {', '.join(model_fields) or '(none)'}; "
+                f"valid train keys: {', '.join(train_fields)}"
+            )
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    model_kwargs = {k: convert_value(model_cls.Config, k, v) for k, v in values.items() if k in model_fields}
+    train_kwargs = {
+        k: convert_value(TrainConfig, k, v) for k, v in values.items() if k in train_fields
+    }
+    return model_cls.Config(**model_kwargs), TrainConfig(**train_kwargs)

@@ -111,6 +111,8 @@ class TorchvisionDetector(Detector):
             max_size=round(config.min_size * 1333 / 800),
             box_score_thresh=config.score_threshold,
             box_detections_per_img=max(config.top_k, 1),
+            # random weights give meaningless proposals: scoring torchvision's 1000 per image only costs time
+            **({"rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 20} if config.random_init else {}),
         )
         if config.weights and not config.random_init:
             state = torch.load(config.weights, map_location="cpu", weights_only=True)

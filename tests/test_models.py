@@ -259,3 +259,18 @@ def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
     none_have_objects = batcher([1, None, 4])
     assert none_have_objects["objects/mask"].shape == (3, 1) and not none_have_objects["objects/mask"].any()
     assert none_have_objects["encoders/clip/crop_embed"].shape == (3, 1, 16)
+
+
+def test_visual_batcher_feeds_placeholders_only_when_asked(tmp_path):
+    from mner.pipeline.feature_cache import FeatureCache
+    from mner.trainer.visual import VisualBatcher
+
+    path = tmp_path / "tiny.h5"
+    write_tiny_cache(path, object_counts=[1, 2, 1], status=["ok", "placeholder", "missing"])
+    paths = ["objects/offsets", "encoders/clip/crop_embed"]
+    masked = VisualBatcher(FeatureCache(path), paths)([0, 1, 2])
+    used = VisualBatcher(FeatureCache(path), paths, use_placeholders=True)([0, 1, 2])
+    assert masked["images/ok"].tolist() == [True, False, False]
+    assert used["images/ok"].tolist() == [True, True, False]  # missing images stay masked either way
+    assert used["objects/mask"].sum(1).tolist() == [1, 2, 0]
+    assert used["encoders/clip/crop_embed"][1].abs().sum() > 0 and masked["encoders/clip/crop_embed"][1].abs().sum() == 0

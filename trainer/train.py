@@ -103,7 +103,7 @@ def cache_summary(cache) -> dict:
 class VisualInputs:
     """The cache, the model's FeatureSpec and the VisualBatcher for a model that needs features."""
 
-    def __init__(self, features: str | Path, required: list[str], model_name: str):
+    def __init__(self, features: str | Path, required: list[str], model_name: str, *, use_placeholders: bool = False):
         from mner.pipeline.feature_cache import FeatureCache
         from mner.trainer.visual import VisualBatcher  # lazy: text-only runs never touch it
 
@@ -112,7 +112,7 @@ class VisualInputs:
         self.cache.require(required, model_name)
         self.required = list(required)
         self.spec = self.cache.feature_spec(required)
-        self.batcher = VisualBatcher(self.cache, required)
+        self.batcher = VisualBatcher(self.cache, required, use_placeholders=use_placeholders)
         self.random_init = sorted(self.cache.random_init_groups())
 
     def image_rows(self, posts: Sequence[Post]) -> tuple[list[int | None], int]:
@@ -130,7 +130,9 @@ class VisualInputs:
         return rows, missing
 
 
-def open_visual_inputs(features, model_cls, model_config, model_name: str) -> VisualInputs | None:
+def open_visual_inputs(
+    features, model_cls, model_config, model_name: str, *, use_placeholders: bool = False
+) -> VisualInputs | None:
     required = list(model_cls.required_features(model_config))
     if not required:
         return None
@@ -141,7 +143,7 @@ def open_visual_inputs(features, model_cls, model_config, model_name: str) -> Vi
             f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
             f"--features CACHE.h5. Build one with: {extract_command_hint(required)}"
         )
-    return VisualInputs(features, required, model_name)
+    return VisualInputs(features, required, model_name, use_placeholders=use_placeholders)
 
 
 def build_model(model_cls, model_config, *, labels, text_encoder: str, tokenizer, visual: VisualInputs | None):
@@ -278,7 +280,9 @@ def train(
             raise ConfigError(f"{data_info['path']}: no {split} posts; training needs train and dev splits")
     labels = dataset.labels
     label_to_id = {label: i for i, label in enumerate(labels)}
-    visual = open_visual_inputs(features, model_cls, model_config, model)
+    visual = open_visual_inputs(
+        features, model_cls, model_config, model, use_placeholders=config.use_placeholder_features
+    )
     if visual is not None and visual.random_init:
         warn_loudly(
             f"the feature cache {visual.path} holds features from RANDOMLY INITIALISED weights "
@@ -422,7 +426,10 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
     model_config = model_cls.Config(**run_config["model_config"])
     if features is None and run_config.get("features"):
         features = run_config["features"]["path"]
-    visual = open_visual_inputs(features, model_cls, model_config, run_config["model"])
+    use_placeholders = run_config.get("train_config", {}).get("use_placeholder_features", False)
+    visual = open_visual_inputs(
+        features, model_cls, model_config, run_config["model"], use_placeholders=use_placeholders
+    )
     tokenizer = load_tokenizer(run_config["text_encoder"]["name"])
     torch_device = resolve_device(device)
     net = build_model(model_cls, model_config, labels=run_config["labels"],

@@ -13,7 +13,8 @@ from mner.pipeline.feature_cache import FeatureCache
 
 OBJECT_MASK = "objects/mask"
 IMAGE_OK = "images/ok"
-STATUS_OK = 0  # STATUS_NAMES[0]; placeholder images (gray stand-ins) count as not ok
+STATUS_OK = 0  # STATUS_NAMES[0]
+STATUS_PLACEHOLDER = 3  # STATUS_NAMES[3]: features of a gray stand-in image
 
 
 class VisualBatcher:
@@ -22,13 +23,16 @@ class VisualBatcher:
     ``paths`` are cache dataset paths (``"encoders/clip/crop_embed"``...). Per-image datasets become
     (B, ...) tensors, per-object datasets (B, K, ...) padded to the batch's largest object count
     (at least 1) with ``objects/mask`` (B, K). Posts without an image, or whose image is missing,
-    unreadable or a placeholder, get zeros, ``images/ok`` False and no objects. ``max_objects`` keeps
+    unreadable or a placeholder, get zeros, ``images/ok`` False and no objects, unless
+    ``use_placeholders`` feeds a placeholder's stand-in features like real ones. ``max_objects`` keeps
     each image's first m objects (stage 1 stores them in descending detector score).
     ``"objects/offsets"`` and global arrays (which reach models through ``FeatureSpec.globals``) are
     accepted in ``paths`` and produce no tensor.
     """
 
-    def __init__(self, cache: FeatureCache, paths: list[str], *, max_objects: int | None = None):
+    def __init__(
+        self, cache: FeatureCache, paths: list[str], *, max_objects: int | None = None, use_placeholders: bool = False
+    ):
         if max_objects is not None and max_objects < 1:
             raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
         self.cache = cache
@@ -42,7 +46,9 @@ class VisualBatcher:
         self.image_paths = [p for p in wanted if kinds[p] == "image"]
         self.object_paths = [p for p in wanted if kinds[p] == "object"]
         self.row_shapes = {p: tuple(cache.row_shape(p)) for p in self.image_paths + self.object_paths}
-        self.image_ok = np.asarray(cache.status) == STATUS_OK  # (N,) read once at open, pickles small
+        status = np.asarray(cache.status)
+        usable = (STATUS_OK, STATUS_PLACEHOLDER) if use_placeholders else (STATUS_OK,)
+        self.image_ok = np.isin(status, usable)  # (N,) read once at open, pickles small
 
     def __call__(self, image_rows: list[int | None]) -> dict[str, torch.Tensor]:
         batch_size = len(image_rows)

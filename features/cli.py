@@ -100,9 +100,13 @@ def extract(
 @app.command()
 def info(path: str = typer.Argument(..., help="cache file")) -> None:
     """Print groups, shapes, provenance and per-image status counts of a cache."""
-    from mner.pipeline.feature_cache import describe
+    from mner.pipeline.feature_cache import CacheError, describe
 
-    typer.echo(describe(path))
+    try:
+        typer.echo(describe(path))
+    except (CacheError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -111,9 +115,13 @@ def merge(
     out: str = typer.Option(..., help="merged cache"),
 ) -> None:
     """Merge the shards of one extraction into the cache a single process would have written."""
-    from mner.pipeline.feature_cache import merge_caches
+    from mner.pipeline.feature_cache import CacheError, merge_caches
 
-    merge_caches(shards, out)
+    try:
+        merge_caches(shards, out)
+    except (CacheError, ValueError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"merged {len(shards)} shards into {out}")
 
 

@@ -115,6 +115,19 @@ class SchemaVersionError(CacheError):
 class MissingFeaturesError(CacheError):
     """A model needs cache datasets the file does not have."""
 
+def open_cache_file(path, mode: str = "r") -> "h5py.File":
+    """h5py.File with an error that names the file and says how to make a valid one."""
+    if mode == "r" and not os.path.isfile(path):
+        raise CacheError(f"{path}: no such cache file; make one with `mner-features extract ... --out {path}`")
+    try:
+        return h5py.File(path, mode)
+    except OSError as error:
+        raise CacheError(
+            f"{path}: not a readable HDF5 cache ({error}); it may be truncated or another kind of file. "
+            f"Rebuild it with `mner-features extract ... --out {path} --overwrite`"
+        ) from error
+
+
 
 @dataclass
 class FeatureSpec:
@@ -303,7 +316,7 @@ class CacheWriter:
         os.makedirs(folder, exist_ok=True)
         self._remove_stale_temps()
         if os.path.exists(self.path) and not self.overwrite:
-            with h5py.File(self.path, "r") as existing:
+            with open_cache_file(self.path, "r") as existing:
                 _check_version(existing, self.path)
             shutil.copyfile(self.path, self.temp_path)
             self._file = h5py.File(self.temp_path, "r+")
@@ -543,7 +556,7 @@ class FeatureCache:
         self.in_memory = in_memory
         if not os.path.exists(self.path):
             raise CacheError(f"{self.path}: no such feature cache; build it with `mner-features extract`")
-        with h5py.File(self.path, "r") as handle:
+        with open_cache_file(self.path, "r") as handle:
             _check_version(handle, self.path)
             if "images" not in handle:
                 raise CacheError(f"{self.path}: has no /images index (incomplete extraction?)")
@@ -565,7 +578,7 @@ class FeatureCache:
     # process-local handle ----------------------------------------------------------------------------
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")  # after fork: never reuse the parent's handle
+            self._file = open_cache_file(self.path, "r")  # after fork: never reuse the parent's handle
             self._pid = os.getpid()
             self._datasets = {}
         return self._file
@@ -850,7 +863,7 @@ def merge_caches(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
         raise CacheError("merge needs at least one shard")
     if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
         raise CacheError(f"merge output {out} is also a shard; choose another --out")
-    handles = [h5py.File(p, "r") for p in paths]
+    handles = [open_cache_file(p, "r") for p in paths]
     try:
         for handle, path in zip(handles, paths):
             _check_version(handle, path)
@@ -992,8 +1005,8 @@ def _merge_group(group, handles, paths, target, runs_of, totals) -> None:
 def describe(path: str | os.PathLike) -> str:
     """Human-readable summary for ``mner-features info``."""
     path = os.fspath(path)
-    lines = [f"{path}  ({os.path.getsize(path) / 2**20:.1f} MiB)"]
-    with h5py.File(path, "r") as handle:
+    with open_cache_file(path, "r") as handle:
+        lines = [f"{path}  ({os.path.getsize(path) / 2**20:.1f} MiB)"]
         version = handle.attrs.get("mner_schema_version")
         lines.append(
             f"schema version {version} (this mner reads {SCHEMA_VERSION}), written by mner "

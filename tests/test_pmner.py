@@ -8,7 +8,7 @@ import pytest
 import torch
 from mner.pipeline.feature_cache import FeatureSpec
 from mner.trainer.models import get_model_class
-from mner.trainer.models.pmner import repair_bio_ids
+from mner.trainer.models.pmner import RegionStandardizer, repair_bio_ids
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 RESNET_WIDTH = 24
@@ -193,3 +193,31 @@ def test_heads_fall_back_to_a_divisor_of_the_width(tiny_bert):
     with pytest.warns(UserWarning, match="using 8"):
         model, _ = build(tiny_bert, num_heads=12)  # tiny BERT width 32
     assert model.text_attention.num_heads == 8
+
+
+def test_region_standardizer_uses_training_statistics_of_real_regions_only():
+    torch.manual_seed(0)
+    shared = torch.full((4,), 6.0e4)  # a large component common to every image hides the differences
+    rows = shared + torch.randn(10, 4) * torch.tensor([1.0, 10.0, 100.0, 0.0])  # (10, 4), channel 3 constant
+    regions = torch.zeros(5, 3, 4)  # (B, m, C): 10 real regions + padded slots full of junk
+    mask = torch.zeros(5, 3, dtype=torch.bool)
+    mask[:, :2] = True
+    regions[mask] = rows
+    regions[~mask] = -1.0e6
+    norm = RegionStandardizer(4)
+    norm.train()
+    out = norm(regions[:3], mask[:3])  # two batches of the same epoch
+    norm(regions[3:], mask[3:])
+    torch.testing.assert_close(norm.mean.float(), rows.mean(0))
+    torch.testing.assert_close(norm.var.float(), rows.var(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    assert (out[~mask[:3]] == 0).all()  # padded slots stay zero
+    norm.eval()
+    standardised = norm(regions, mask)[mask]  # (10, 4)
+    torch.testing.assert_close(standardised[:, :3].std(0, unbiased=False), torch.ones(3), rtol=0.02, atol=0.02)
+    assert standardised[:, 3].abs().max() == 0  # a channel that never varied carries nothing
+    # training normalises with the running statistics, not the batch's (BatchNorm would zero a lone image)
+    norm.train()
+    alone = norm(regions[:1], mask[:1])[0, :2]  # (2, 4)
+    norm.eval()
+    torch.testing.assert_close(alone, norm(regions[:1], mask[:1])[0, :2])
+    assert alone[:, :3].abs().min() > 0

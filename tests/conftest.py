@@ -20,6 +20,7 @@ TINY_WORDS = [
 
 def write_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
     """A random BERT (hidden 32, 2 layers) with a small word-piece vocabulary, saved like a hub model."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,7 @@ def write_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, heads: i
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=hidden * 2, max_position_embeddings=64,
     )
+    torch.manual_seed(0)  # the same tiny BERT in every session: test outcomes are reproducible
     BertModel(config).save_pretrained(folder)
     return folder
 

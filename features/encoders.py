@@ -189,7 +189,9 @@ class ResNetEncoder(Encoder):
         if self.blocks == (3, 8, 36, 3) and not config.random_init and not config.weights:
             self.model = models.resnet152(weights="DEFAULT")
         else:
-            self.model = ResNet(Bottleneck, list(self.blocks))
+            # random init: each residual block starts as the identity (zero last-BN gamma); with default
+            # init and eval-mode BN the 50 blocks of ResNet-152 compound until float16 overflows (~1e8)
+            self.model = ResNet(Bottleneck, list(self.blocks), zero_init_residual=config.random_init)
             if config.weights and not config.random_init:
                 self.model.load_state_dict(torch.load(config.weights, map_location="cpu", weights_only=True))
         self.model.eval().to(self.device)

@@ -19,7 +19,7 @@ How we read the places the paper leaves open (see docs/models/pmner.md):
   variance of the training regions (``RegionStandardizer``: exact running statistics over real
   regions only, used in training and eval alike, unlike BatchNorm's per-batch statistics).
   The paper projects ResNet outputs directly; cached vectors of different images share a large
-  common component (random-init ResNet-152 saturates fp16 in ~98% of its channels), and neither
+  common component (random-init ResNet-152 once saturated fp16 in ~98% of its channels), and neither
   the raw vectors nor a per-row LayerNorm let the fusion see what tells images apart.
 - eq. 2/3 write the attention output alone; we keep a residual + LayerNorm around both
   self-attentions (as TCFM's eq. 6 does), so T starts as the encoder's R.
@@ -257,7 +257,7 @@ class RegionStandardizer(nn.Module):
     """Per-channel standardisation of cached CNN vectors with the training regions' statistics.
 
     Cached ResNet vectors of different images share a large common component (random-init
-    ResNet-152 even saturates fp16 in most channels) that a per-row LayerNorm keeps: images then
+    ResNet-152 once saturated fp16 in most channels) that a per-row LayerNorm keeps: images then
     differ by a fraction of a percent and the fusion cannot see them. Subtracting each channel's
     mean and dividing by its spread keeps only what tells images apart. The inputs are fixed
     cached features, so the statistics are the exact running mean / variance over every training

@@ -103,7 +103,10 @@ def cache_summary(cache) -> dict:
 class VisualInputs:
     """The cache, the model's FeatureSpec and the VisualBatcher for a model that needs features."""
 
-    def __init__(self, features: str | Path, required: list[str], model_name: str, *, use_placeholders: bool = False):
+    def __init__(
+        self, features: str | Path, required: list[str], model_name: str, *,
+        max_objects: int | None = None, use_placeholders: bool = False,
+    ):
         from mner.pipeline.feature_cache import FeatureCache
         from mner.trainer.visual import VisualBatcher  # lazy: text-only runs never touch it
 
@@ -112,7 +115,10 @@ class VisualInputs:
         self.cache.require(required, model_name)
         self.required = list(required)
         self.spec = self.cache.feature_spec(required)
-        self.batcher = VisualBatcher(self.cache, required, use_placeholders=use_placeholders)
+        # read and pad only the objects the model attends to (its top-m), not every cached detection
+        self.batcher = VisualBatcher(
+            self.cache, required, max_objects=max_objects, use_placeholders=use_placeholders
+        )
         self.random_init = sorted(self.cache.random_init_groups())
 
     def image_rows(self, posts: Sequence[Post]) -> tuple[list[int | None], int]:
@@ -143,7 +149,10 @@ def open_visual_inputs(
             f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
             f"--features CACHE.h5. Build one with: {extract_command_hint(required)}"
         )
-    return VisualInputs(features, required, model_name, use_placeholders=use_placeholders)
+    max_objects = getattr(model_config, "max_objects", None)
+    return VisualInputs(
+        features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders
+    )
 
 
 def build_model(model_cls, model_config, *, labels, text_encoder: str, tokenizer, visual: VisualInputs | None):

@@ -16,6 +16,13 @@ import numpy as np
 # per-image text, per-group fingerprints. Version 1 files are refused with the re-extract command.
 SCHEMA_VERSION = 2
 STATUS_NAMES = ("ok", "missing", "unreadable", "placeholder")
+STATUS_MEANINGS = {  # docs/cache-schema.md's status table is generated from this
+    "ok": "decoded; every feature of the row was computed from the image",
+    "missing": "no file for the id (detail: the path looked for); features are zeros, no objects",
+    "unreadable": "a file that does not decode (truncated, not an image; detail: the error); zeros, no objects",
+    "placeholder": "missing or unreadable (detail says which and why), and extracted with `--missing-image "
+                   "placeholder`: its features are those of a fixed gray stand-in image, not of the post's image",
+}
 LIBRARIES = ("torch", "torchvision", "open_clip_torch", "transformers", "h5py", "numpy", "mner")
 HASH_BLOCK = 1 << 24  # bytes per read when fingerprinting a dataset
 

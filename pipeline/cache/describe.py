@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
-    SCHEMA_VERSION, STATUS_NAMES, CacheError, attrs_dict, check_version, feature_groups, open_cache_file,
+    STATUS_MEANINGS, STATUS_NAMES, CacheError, attrs_dict, check_version, feature_groups, open_cache_file,
 )
 from mner.pipeline.cache.specs import all_groups, get_group, split_path
 
@@ -145,18 +145,25 @@ def _shape_text(spec) -> str:
         count = lead.get(spec.rows, spec.shape[0] if spec.shape else "Q")
         return f"flat + offsets ({count}+1,)"
     dims = [str(d) for d in spec.shape]
-    if spec.rows == "global":
-        return f"({', '.join(dims)})"
-    return f"({', '.join([lead[spec.rows], *dims])})"
+    if spec.rows != "global":
+        dims = [lead[spec.rows], *dims]
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 
 def schema_tables() -> str:
-    """The per-group tables of docs/cache-schema.md, generated from the registered specs."""
-    out: list[str] = []
-    for group in all_groups():
-        option = group.option or "every extraction"
+    """The status and per-group tables of docs/cache-schema.md, generated from the registered specs."""
+    out: list[str] = ["### Status codes (`/images/status`)\n", "| code | name | meaning |", "|---|---|---|"]
+    out += [f"| {code} | {name} | {STATUS_MEANINGS[name]} |" for code, name in enumerate(STATUS_NAMES)]
+    out.append("")
+    groups = all_groups()
+    for position, group in enumerate(groups):
+        option = (group.option or "every extraction").replace("{name}", "<name>")
         out.append(f"### `/{group.name}`\n")
         out.append(f"{group.doc} Produced by: `{option}`.\n")
+        twin = next((g for g in groups[:position] if g.datasets == group.datasets), None)
+        if twin is not None:
+            out.append(f"Same datasets as `/{twin.name}`.\n")
+            continue
         if group.dims:
             out.append("Dims: " + "; ".join(f"`{k}` {v}" for k, v in group.dims.items()) + ".\n")
         if group.provenance:
@@ -174,28 +181,3 @@ def schema_tables() -> str:
                        f"{'yes' if d.required else 'no'} | {d.doc} |")
         out.append("")
     return "\n".join(out)
-
-
-SCHEMA_TABLES_BEGIN = "<!-- BEGIN GENERATED: python -m mner.pipeline.cache.describe -->"
-SCHEMA_TABLES_END = "<!-- END GENERATED -->"
-
-
-def main() -> None:
-    """Print the generated tables (paste between the markers of docs/cache-schema.md, or use --write)."""
-    import sys
-
-    tables = schema_tables()
-    if "--write" in sys.argv:
-        target = sys.argv[sys.argv.index("--write") + 1]
-        with open(target, encoding="utf-8") as handle:
-            text = handle.read()
-        head, rest = text.split(SCHEMA_TABLES_BEGIN)
-        _, tail = rest.split(SCHEMA_TABLES_END)
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(f"{head}{SCHEMA_TABLES_BEGIN}\n\n{tables}\n{SCHEMA_TABLES_END}{tail}")
-    else:
-        print(tables)
-
-
-if __name__ == "__main__":
-    main()

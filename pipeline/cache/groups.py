@@ -109,8 +109,8 @@ def _prompt_group(name: str) -> GroupSpec:
         name=f"prompts/{name}", option="--prompts {name}", provenance=("prompt_set",),
         attrs=("category_names", "logit_scale"),
         dims={"Q": "prompts in the set", "C": "entity categories (4)", "D": "CLIP width"},
-        doc="A prompt set embedded with the cache's CLIP model; needs encoders/clip. attrs category_names, "
-            "logit_scale.",
+        doc=f"A prompt set embedded with the cache's CLIP model (needs encoders/clip): `*` is a bundled set "
+            f"({', '.join(PROMPT_SETS)}) or the name of a --prompts FILE.json. attrs category_names, logit_scale.",
         datasets=(
             D("prompt_text", "global", "uint8", ("Q",), encoding="utf-8", collate=None, doc="the prompts"),
             D("prompt_category", "global", "int16", ("Q",), collate=None, doc="category of each prompt"),
@@ -119,10 +119,9 @@ def _prompt_group(name: str) -> GroupSpec:
               doc="mean prompt embedding per category (VCRMNER eq. 2)"),
             D("crop_weights", "object", "float16", ("C",),
               doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)"),
-            D("image_relevance", "image", "float16", ("Q",), doc="p(prompt | image) (PromptMNER eq. 1)"),
+            D("image_relevance", "image", "float16", ("Q",), doc="p(prompt given the image) (PromptMNER eq. 1)"),
         ),
     )
 
 
-PROMPTS = {name: register_group(_prompt_group(name)) for name in PROMPT_SETS}
-PROMPTS_FILE = register_group(_prompt_group("*"))  # --prompts FILE.json: the set is named after the file
+PROMPTS = register_group(_prompt_group("*"))  # one group per set: bundled names, or FILE.json's name

@@ -123,11 +123,14 @@ class FeatureCache:
     def ok(self) -> np.ndarray:
         return self.status == 0
 
-    def row_of(self, image_id: str) -> int:
+    def _rows(self) -> dict[str, int]:
         if self._row_of is None:
             self._row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        return self._row_of
+
+    def row_of(self, image_id: str) -> int:
         try:
-            return self._row_of[image_id]
+            return self._rows()[image_id]
         except KeyError:
             raise KeyError(f"image id {image_id!r} is not in {self.path}") from None
 
@@ -138,9 +141,7 @@ class FeatureCache:
         """How a list of posts' image ids is covered: ok / missing / unreadable / placeholder rows,
         ids with no row at all (``not_in_cache``) and posts with no image (``no_image``, ids None or "")."""
         counts = dict.fromkeys(COVERAGE_KEYS, 0)
-        if self._row_of is None:
-            self.row_of(self.image_ids[0]) if self.num_images else None
-        row_of = self._row_of or {}
+        row_of = self._rows()
         for image_id in image_ids:
             if not image_id:
                 counts["no_image"] += 1

@@ -12,7 +12,14 @@ import h5py
 import pytest
 
 from mner.features.cli import app, main
-from mner.pipeline.cache import CacheError, FeatureCache, all_groups, describe, extract_command_hint, merge_caches
+from mner.pipeline.cache import (
+    CacheError,
+    FeatureCache,
+    all_groups,
+    describe,
+    extract_command_hint,
+    merge_caches,
+)
 from mner.pipeline.cache.docgen import BEGIN, END, generated_block
 from mner.pipeline.cache.tiny import write_tiny_cache
 from test_feature_cache import IDS, _shard_ids, write_cache
@@ -23,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_info_imports_no_torch_and_describes(tmp_path):
     path = tmp_path / "c.h5"
     write_tiny_cache(path, ["encoders/clip"], status=["ok", "ok", "missing", "ok", "placeholder", "ok"])
-    code = ("import sys; from mner.features.cli import main; code = main(['info', sys.argv[1]]); "
-            "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+    code = (
+        "import sys; from mner.features.cli import main; code = main(['info', sys.argv[1]]); "
+        "print('torch imported:', 'torch' in sys.modules); sys.exit(code)"
+    )
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "torch imported: False" in run.stdout
@@ -66,7 +75,9 @@ def test_merge_refuses_an_incomplete_shard_set(tmp_path, capsys):
 def test_schema_doc_tables_are_generated_from_the_specs():
     doc = (ROOT / "docs" / "cache-schema.md").read_text(encoding="utf-8")
     block = doc[doc.index(BEGIN) : doc.index(END) + len(END)]
-    assert block == generated_block(), "run: python -m mner.pipeline.cache.docgen --write docs/cache-schema.md"
+    assert block == generated_block(), (
+        "run: python -m mner.pipeline.cache.docgen --write docs/cache-schema.md"
+    )
     assert "50x768 f16 |" not in doc.replace("(50x768 f16; real caches hold 49x768)", "")
     assert "`images/ok`" in doc and "not datasets" in doc
 

@@ -1,6 +1,6 @@
 """Every feature group that exists today, declared as data (docs/cache-schema.md is generated from here).
 
-To add a group: declare a ``GroupSpec`` here (or in the producer's own module for stage-1 plug-ins),
+To add a group: declare a ``GroupSpec`` here (both stages import this package, never each other),
 write its producer in ``mner.features`` and the model that reads it (docs/architecture.md).
 """
 

@@ -10,15 +10,6 @@ from typing import List, Optional
 
 import typer
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
     help="Stage 1 of mner: run detectors and image encoders once and cache their outputs in HDF5.\n\n"
@@ -42,9 +33,11 @@ def extract(
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
                                      "(offline smoke runs; recorded in provenance, the trainer warns)"),
-    device: str = typer.Option("cuda" if _cuda() else "cpu", help="torch device"),
+    device: str = typer.Option("auto", help="auto (the LOCAL_RANK GPU under torchrun, cuda:0, else cpu) | cpu | "
+                               "cuda | cuda:N"),
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
-    num_workers: int = typer.Option(0, help="DataLoader workers decoding images"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and resizing "
+                                              "images (default: all cores but one, at most 8; 0: main process)"),
     top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
     score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
     detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
@@ -95,6 +88,10 @@ def extract(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(str(summary))
+    if summary.shard_count > 1:
+        from mner.features.distributed import merge_hint
+
+        typer.echo(merge_hint(out, summary.shard_count))
 
 
 @app.command()

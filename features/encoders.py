@@ -50,7 +50,7 @@ class EncoderConfig:
     clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local checkpoint file
     swin_model: str = "microsoft/swin-large-patch4-window12-384"  # hub name or local folder
     device: str = "cpu"
-    amp: str = "bf16"  # autocast dtype on CUDA: bf16 | fp16 | off (CPU always runs fp32)
+    amp: str = "fp16"  # autocast dtype on CUDA: fp16 | bf16 | off (CPU always runs fp32)
     channels_last: bool = True  # NHWC convolutions on CUDA (ResNet); ignored on CPU
 
 

@@ -14,13 +14,12 @@ encoder later gives the same numbers as computing it in the first run.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,10 +28,12 @@ import torch
 from tqdm import tqdm
 
 from mner.features.detectors import DetectorConfig, create_detector
-from mner.features.encoders import ClipEncoder, EncoderConfig, create_encoder
+from mner.features.distributed import resolve_device, resolve_shard
+from mner.features.loader import ImageLoader, LoaderSpec, default_num_workers, prepared_image
+from mner.features.stages import BackgroundWriter, ImageStages
+from mner.features.encoders import EncoderConfig, create_encoder
 from mner.features.images import (
-    MAX_SIDE, MISSING_POLICIES, LoadedImage, apply_missing_policy, crop_box, decode_jpeg, encode_jpeg,
-    load_image, placeholder_image,
+    MAX_SIDE, MISSING_POLICIES, placeholder_image,
 )
 from mner.features.prompts import load_prompt_set, prompt_features
 from mner.pipeline.feature_cache import STATUS_NAMES, CacheWriter, FeatureCache, make_provenance
@@ -53,9 +54,9 @@ class ExtractOptions:
     encoders: list[str] = field(default_factory=lambda: ["clip"])  # registered encoder names
     prompts: list[str] = field(default_factory=list)  # prompt set names (need the clip encoder)
     random_init: bool = False  # random weights everywhere (offline smoke runs), recorded in provenance
-    device: str = "cpu"
-    batch_size: int = 32  # images (and crops) per encoder forward
-    num_workers: int = 0  # DataLoader workers decoding images
+    device: str = "auto"  # auto: the local-rank GPU when torch sees one, else cpu (see distributed.py)
+    batch_size: int = 32  # images per detector/encoder forward (crops: 4x)
+    num_workers: int | None = None  # DataLoader workers decoding images; None: all cores but one, at most 8
     top_k: int = 10  # objects kept per image
     score_threshold: float = 0.5  # detector score cut
     detector_min_size: int = 800  # detector input shorter side
@@ -85,6 +86,7 @@ class Summary:
     num_images: int = 0
     num_objects: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    shard_count: int = 1  # > 1: this run wrote one shard of several (merge them when all are done)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.out}: computed {', '.join(self.computed) or 'nothing'}"
@@ -108,22 +110,6 @@ def shard_of(image_id: str, count: int) -> int:
     return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
 
 
-def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    """--shard, else torchrun's RANK/WORLD_SIZE, else a SLURM array's task id/count, else (0, 1)."""
-    if shard is not None:
-        index, count = shard
-    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        index, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        index, count = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        index, count = 0, 1
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-    return index, count
-
-
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
@@ -142,27 +128,18 @@ def shard_out_path(out: str, index: int, count: int) -> str:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-class _ImageList(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; yields LoadedImage (PIL images pickle fine)."""
-
-    def __init__(self, images_dir: str, ids: list[str], max_side: int):
-        self.images_dir, self.ids, self.max_side = images_dir, ids, max_side
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> LoadedImage:
-        return load_image(self.images_dir, self.ids[index], max_side=self.max_side)
+def _batched(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
-def _identity(item):
-    return item
-
-
-def _iter_images(opts: ExtractOptions, ids: list[str]):
-    loader = torch.utils.data.DataLoader(_ImageList(opts.images, ids, opts.max_image_side), batch_size=None,
-                                         num_workers=opts.num_workers, collate_fn=_identity)
-    return iter(loader)
+def _save_chunk(path: Path, arrays: dict[str, np.ndarray], jpegs: list | None) -> None:
+    """Runs in the background writer: joins the chunk's JPEG crops (futures) and saves the chunk file."""
+    if jpegs is not None:
+        flat = [crop for row in jpegs for crop in (row.result() if hasattr(row, "result") else row)]
+        arrays["objects::crop_lengths"] = np.array([len(c) for c in flat], np.int64)
+        arrays["objects::crop_bytes"] = np.frombuffer(b"".join(flat), np.uint8).copy()
+    _save_npz_atomic(path, arrays)
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -180,17 +157,6 @@ def _seed_random_init(component: str, random_init: bool) -> None:
         torch.manual_seed(int.from_bytes(hashlib.sha1(component.encode()).digest()[:4], "big"))
 
 
-def _half(values: np.ndarray) -> np.ndarray:
-    """float16 with saturation (random-init ResNet-152 activations can exceed 65504)."""
-    limit = np.finfo(np.float16).max
-    return np.clip(values, -limit, limit).astype(np.float16)
-
-
-def _batched(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 @dataclass
 class _RowTemplate:
     """Features of the gray placeholder image: computed once per run, copied into every placeholder row."""
@@ -198,7 +164,7 @@ class _RowTemplate:
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
-    crops: list[bytes]
+    crops: object  # Future[list[bytes]] of the stored JPEG crops (None when objects come from the cache)
     image_arrays: dict[str, dict[str, np.ndarray]]  # encoder -> dataset -> (1, ...) array
     crop_arrays: dict[str, dict[str, np.ndarray]]  # encoder -> dataset -> (k, ...) array
 
@@ -216,11 +182,11 @@ class Extraction:
             raise ValueError(f"--missing-image {opts.missing_image!r}; valid: {', '.join(MISSING_POLICIES)}")
         self.opts = opts
         self.shard = resolve_shard(opts.shard)
+        opts.device = resolve_device(opts.device)
         self.out = shard_out_path(opts.out, *self.shard)
         self.dataset = load_dataset(opts.data)
         index, count = self.shard
         self.ids = [i for i in self.dataset.image_ids() if shard_of(i, count) == index]
-        self.seconds: dict[str, float] = defaultdict(float)
         self.notes: Counter = Counter()
         self._plan()
 
@@ -275,12 +241,22 @@ class Extraction:
                 random_init=opts.random_init, weights=weights, clip_model=opts.clip_model,
                 clip_pretrained=opts.clip_pretrained, swin_model=opts.swin_model, device=opts.device))
         self._template: _RowTemplate | None = None
+        self.device = torch.device(opts.device)
+        self.num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
+        self.stages = ImageStages(self.detector, {n: self.encoders[n] for n in self.encoder_names},
+                                  device=opts.device, batch_size=opts.batch_size, writer=BackgroundWriter(),
+                                  crop_jpeg=(opts.crop_max_side, opts.crop_quality) if self.compute_objects else None)
 
     # pre-pass for --missing-image error --------------------------------------------------------------
-    def check_images(self) -> list[LoadedImage]:
-        bad = [item for item in tqdm(_iter_images(self.opts, self.ids), total=len(self.ids), unit="img",
-                                     desc="checking images", disable=not self.opts.progress)
-               if item.status != "ok"]
+    def check_images(self) -> list:
+        """Decode every image (in the loader's workers, no resizing) and list the ones that are not ok."""
+        workers = default_num_workers() if self.opts.num_workers is None else self.opts.num_workers
+        loader = ImageLoader(LoaderSpec(self.opts.images, self.opts.max_image_side, keep_original=False), self.ids,
+                             num_workers=workers)
+        bad = [item for item in tqdm((item for chunk in _batched(self.ids, 256) for item in loader.take(len(chunk))),
+                                     total=len(self.ids), unit="img", desc="checking images",
+                                     disable=not self.opts.progress) if item.status != "ok"]
+        loader.close()
         return bad
 
     # main loop ------------------------------------------------------------------------------------
@@ -300,133 +276,133 @@ class Extraction:
         self._build_models()
         self.parts.mkdir(parents=True, exist_ok=True)
         chunks = [self.ids[start:start + opts.chunk_size] for start in range(0, len(self.ids), opts.chunk_size)]
+        todo = [k for k in range(len(chunks)) if not (self.parts / f"chunk_{k:05d}.npz").exists()]
         bar = tqdm(total=len(self.ids), unit="img", desc=f"extract {Path(self.out).name}", disable=not opts.progress)
+        bar.update(len(self.ids) - sum(len(chunks[k]) for k in todo))
         started = time.perf_counter()
-        for k, chunk in enumerate(chunks):
-            path = self.parts / f"chunk_{k:05d}.npz"
-            if not path.exists():
-                _save_npz_atomic(path, self._process_chunk(chunk, k * opts.chunk_size))
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f} images/s")
+        # one loader for the whole shard: its workers decode the next chunks while the device works
+        loader = ImageLoader(self.stages.loader_spec(opts.images, opts.max_image_side),
+                             [i for k in todo for i in chunks[k]], num_workers=self.num_workers,
+                             pin_memory=self.device.type == "cuda")
+        writer = self.stages.writer
+        loop_wall, loop_cpu = time.perf_counter(), time.thread_time()
+        try:
+            pending = []
+            for k in todo:
+                with self.stages.clock("wait for images", device=False):
+                    items = loader.take(len(chunks[k]))
+                arrays, jpegs = self._process_chunk(items, k * opts.chunk_size)
+                pending.append(writer.submit(_save_chunk, self.parts / f"chunk_{k:05d}.npz", arrays, jpegs))
+                bar.update(len(chunks[k]))
+                bar.set_postfix_str(f"{(bar.n) / max(time.perf_counter() - started, 1e-9):.1f} images/s")
+            with self.stages.clock("wait for writer", device=False):
+                for future in pending:
+                    future.result()  # chunk files are complete (and errors surface) before assembly
+            self.loop_stats = {"images": sum(len(chunks[k]) for k in todo),
+                               "wall": time.perf_counter() - loop_wall,
+                               "main_thread_cpu": time.thread_time() - loop_cpu,
+                               "forward_thread_cpu": self.stages.clock.forward_thread_cpu(),
+                               "device_seconds": self.stages.clock.device_seconds()}
+        finally:
+            loader.close()
+            writer.close()
         bar.close()
         self._assemble(len(chunks))
         shutil.rmtree(self.parts_root, ignore_errors=True)
         return self._summary()
 
     def _timed(self, name: str):
-        seconds = self.seconds
-
-        class _Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                seconds[name] += time.perf_counter() - self.start
-
-        return _Timer()
+        return self.stages.clock(name)
 
     # one chunk --------------------------------------------------------------------------------------
-    def _process_chunk(self, chunk: list[str], first_row: int) -> dict[str, np.ndarray]:
+    def _process_chunk(self, items: list, first_row: int) -> tuple[dict[str, np.ndarray], list]:
+        """Device work for one chunk; returns its arrays and the crops' JPEG futures (saved by the writer)."""
         opts = self.opts
-        loaded: list[LoadedImage] = []
-        images_iter = _iter_images(opts, chunk)
-        for _ in chunk:
-            with self._timed("decode images"):
-                item = next(images_iter)
+        statuses = []
+        for item in items:
             self.notes.update(note.split(" ")[0] for note in item.notes)
-            loaded.append(apply_missing_policy(item, opts.missing_image))
+            statuses.append("placeholder" if item.status != "ok" and opts.missing_image == "placeholder"
+                            else item.status)
         arrays: dict[str, np.ndarray] = {
-            "images::status": np.array([STATUS_NAMES.index(item.status) for item in loaded], np.uint8),
-            "images::width": np.array([item.width for item in loaded], np.int32),
-            "images::height": np.array([item.height for item in loaded], np.int32),
-            "images::detail": np.array([item.detail.encode("utf-8") for item in loaded], dtype=bytes),
+            "images::status": np.array([STATUS_NAMES.index(s) for s in statuses], np.uint8),
+            "images::width": np.array([item.width for item in items], np.int32),
+            "images::height": np.array([item.height for item in items], np.int32),
+            "images::detail": np.array([(item.detail if s == item.status else f"{item.status}: {item.detail}")
+                                        .encode("utf-8") for item, s in zip(items, statuses)], dtype=bytes),
         }
-        # objects: detect now, or take the crops stored in the cache
-        crops_of: list[list[bytes]] = []
-        detections = []
-        for row, item in enumerate(loaded, start=first_row):
-            if self.compute_objects:
-                if item.status == "ok":
-                    detections.append(self._detect(item))
-                elif item.status == "placeholder":
-                    template = self._placeholder_template(row)
-                    detections.append((template.boxes, template.scores, template.class_ids, template.crops))
-                else:
-                    detections.append((np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                                       np.zeros(0, np.int32), []))
-                crops_of.append(detections[-1][3])
-            elif any(self.encoders[name].crop_datasets for name in self.encoder_names):
-                crops_of.append(list(self.cache.read("objects/crop_jpeg", row)))
-            else:
-                lo, hi = self.cache.read("objects/offsets", row)
-                crops_of.append([b""] * int(hi - lo))  # only the counts are used
+        cached_boxes = None
+        if not self.compute_objects:
+            cached_boxes = [np.asarray(self.cache.read("objects/boxes", first_row + i)) for i in range(len(items))]
+        result = self.stages.process(items, cached_boxes)
+        template = self._placeholder_template() if "placeholder" in statuses else None
+        position = {row: p for p, row in enumerate(result.rows)}
+
+        def per_row(i: int, ok_rows: list, template_rows, empty):
+            if i in position:
+                return ok_rows[position[i]]
+            return template_rows if statuses[i] == "placeholder" else empty
+
         if self.compute_objects:
-            arrays["objects::counts"] = np.array([len(d[1]) for d in detections], np.int64)
-            arrays["objects::boxes"] = np.concatenate([d[0] for d in detections]).reshape(-1, 4).astype(np.float32)
-            arrays["objects::scores"] = np.concatenate([d[1] for d in detections]).astype(np.float32)
-            arrays["objects::class_ids"] = np.concatenate([d[2] for d in detections]).astype(np.int32)
-            flat = [crop for d in detections for crop in d[3]]
-            arrays["objects::crop_lengths"] = np.array([len(c) for c in flat], np.int64)
-            arrays["objects::crop_bytes"] = np.frombuffer(b"".join(flat), np.uint8).copy()
-        # encoders: ok rows are computed in batches, placeholder rows copy the template
-        computed_rows = [i for i, item in enumerate(loaded) if item.status == "ok"]
-        placeholder_rows = [i for i, item in enumerate(loaded) if item.status == "placeholder"]
-        crop_counts = np.array([len(c) for c in crops_of], np.int64)
-        crop_starts = np.concatenate([[0], np.cumsum(crop_counts)])
+            empty = np.zeros((0, 4), np.float32)
+            boxes = [per_row(i, result.boxes, template.boxes if template else None, empty) for i in range(len(items))]
+            scores = [per_row(i, result.scores, template.scores if template else None, np.zeros(0, np.float32))
+                      for i in range(len(items))]
+            classes = [per_row(i, result.class_ids, template.class_ids if template else None,
+                               np.zeros(0, np.int32)) for i in range(len(items))]
+            counts = np.array([len(s) for s in scores], np.int64)
+            arrays["objects::counts"] = counts
+            arrays["objects::boxes"] = np.concatenate(boxes).reshape(-1, 4).astype(np.float32)
+            arrays["objects::scores"] = np.concatenate(scores).astype(np.float32)
+            arrays["objects::class_ids"] = np.concatenate(classes).astype(np.int32)
+            jpegs = [per_row(i, result.crop_jpegs, template.crops if template else None, [])
+                     for i in range(len(items))]
+        else:
+            counts = np.array([len(b) for b in cached_boxes], np.int64)
+            arrays["objects::counts"] = counts
+            jpegs = None
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        ok_starts = np.concatenate([[0], np.cumsum([counts[i] for i in result.rows])]).astype(int)
         for name in self.encoder_names:
             encoder = self.encoders[name]
-            with self._timed(f"encoder {name}"):
-                for key, shape in encoder.image_datasets.items():
-                    arrays[f"encoders::{name}::{key}"] = np.zeros((len(loaded), *shape), np.float16)
-                for key, shape in encoder.crop_datasets.items():
-                    arrays[f"encoders::{name}::{key}"] = np.zeros((int(crop_starts[-1]), *shape), np.float16)
-                for batch in _batched(computed_rows, opts.batch_size):
-                    for key, values in encoder.encode_images([loaded[i].image for i in batch]).items():
-                        arrays[f"encoders::{name}::{key}"][batch] = _half(values)
-                if encoder.crop_datasets:
-                    crop_rows = [(i, j) for i in computed_rows for j in range(crop_counts[i])]
-                    for batch in _batched(crop_rows, opts.batch_size):
-                        pictures = [decode_jpeg(crops_of[i][j]) for i, j in batch]
-                        targets = [crop_starts[i] + j for i, j in batch]
-                        for key, values in encoder.encode_crops(pictures).items():
-                            arrays[f"encoders::{name}::{key}"][targets] = _half(values)
-            for i in placeholder_rows:
-                template = self._placeholder_template(first_row + i)
-                for key, values in template.image_arrays[name].items():
-                    arrays[f"encoders::{name}::{key}"][i] = values[0]
-                for key, values in template.crop_arrays[name].items():
-                    arrays[f"encoders::{name}::{key}"][crop_starts[i]:crop_starts[i + 1]] = values
-        if not self.compute_objects:
-            arrays["objects::counts"] = crop_counts
-        return arrays
+            for key, shape in encoder.image_datasets.items():
+                values = np.zeros((len(items), *shape), np.float16)
+                values[result.rows] = result.image_arrays[name][key]
+                for i in range(len(items)):
+                    if statuses[i] == "placeholder":
+                        values[i] = template.image_arrays[name][key][0]
+                arrays[f"encoders::{name}::{key}"] = values
+            for key, shape in encoder.crop_datasets.items():
+                values = np.zeros((int(starts[-1]), *shape), np.float16)
+                computed = result.crop_arrays[name][key]
+                for i in range(len(items)):
+                    if i in position:
+                        p = position[i]
+                        values[starts[i]:starts[i + 1]] = computed[ok_starts[p]:ok_starts[p + 1]]
+                    elif statuses[i] == "placeholder" and len(template.crop_arrays[name][key]) == counts[i]:
+                        values[starts[i]:starts[i + 1]] = template.crop_arrays[name][key]
+                arrays[f"encoders::{name}::{key}"] = values
+        return arrays, jpegs
 
-    def _detect(self, item: LoadedImage):
-        with self._timed("detector"):
-            boxes, scores, class_ids = self.detector(item.image)
-        with self._timed("crops (jpeg)"):
-            crops = [encode_jpeg(crop_box(item.image, box), max_side=self.opts.crop_max_side,
-                                 quality=self.opts.crop_quality) for box in boxes]
-        return boxes * np.float32(item.scale), scores, class_ids, crops
-
-    def _placeholder_template(self, row: int) -> _RowTemplate:
+    def _placeholder_template(self) -> _RowTemplate:
         """Placeholder rows all get these features (gray image, its detections, its crops)."""
         if self._template is None:
             with self._timed("placeholder (once)"):
-                gray = LoadedImage("<placeholder>", "ok", image=placeholder_image())
-                if self.compute_objects:
-                    boxes, scores, class_ids, crops = self._detect(gray)
-                else:
-                    crops = list(self.cache.read("objects/crop_jpeg", row))
-                    boxes, scores, class_ids = np.zeros((len(crops), 4), np.float32), None, None
-                image_arrays, crop_arrays = {}, {}
-                for name in self.encoder_names:
-                    encoder = self.encoders[name]
-                    image_arrays[name] = {k: _half(v) for k, v in encoder.encode_images([gray.image]).items()}
-                    crop_arrays[name] = {}
-                    if encoder.crop_datasets and crops:
-                        crop_arrays[name] = {k: _half(v) for k, v in
-                                             encoder.encode_crops([decode_jpeg(c) for c in crops]).items()}
-                self._template = _RowTemplate(boxes, scores, class_ids, crops, image_arrays, crop_arrays)
+                spec = self.stages.loader_spec(self.opts.images, self.opts.max_image_side)
+                gray = prepared_image(spec, placeholder_image(), "<placeholder>")
+                cached = None
+                if not self.compute_objects:  # the cache's placeholder rows all carry the gray image's boxes
+                    rows = [r for r in range(self.cache.num_images)
+                            if STATUS_NAMES[self.cache.status[r]] == "placeholder"]
+                    cached = [np.asarray(self.cache.read("objects/boxes", rows[0])) if rows else
+                              np.zeros((0, 4), np.float32)]
+                result = self.stages.process([gray], cached)
+                boxes = result.boxes[0] if self.compute_objects else cached[0]
+                self._template = _RowTemplate(
+                    boxes, result.scores[0] if result.scores else None,
+                    result.class_ids[0] if result.class_ids else None,
+                    result.crop_jpegs[0] if result.crop_jpegs else None,
+                    {n: {k: v[:1] for k, v in arrays.items()} for n, arrays in result.image_arrays.items()},
+                    result.crop_arrays)
         return self._template
 
     # assembly ------------------------------------------------------------------------------------------
@@ -488,7 +464,7 @@ class Extraction:
                 datasets = {key: (merged[f"encoders::{name}::{key}"], "image") for key in encoder.image_datasets}
                 datasets |= {key: (merged[f"encoders::{name}::{key}"], "object") for key in encoder.crop_datasets}
                 provenance = self._provenance(f"encoder {name}", encoder.provenance_fields(), extra={
-                    "encoder": name, "crop_source": "objects/crop_jpeg (decoded)",
+                    "encoder": name, "crop_source": "roi_align of the decoded image at objects/boxes",
                     "missing_image": opts.missing_image})
                 writer.write_group(f"encoders/{name}", datasets, provenance, attrs=encoder.attrs(),
                                    overwrite=opts.overwrite)
@@ -549,7 +525,9 @@ class Extraction:
             counts = Counter(STATUS_NAMES[s] for s in cache.status)
         return Summary(out=self.out, computed=self.computed, skipped=self.skipped,
                        status_counts=dict(counts or {}), notes=dict(self.notes), num_images=len(self.ids),
-                       num_objects=getattr(self, "num_objects", 0), seconds=dict(self.seconds))
+                       num_objects=getattr(self, "num_objects", 0),
+                       seconds=dict(self.stages.clock.wall) if hasattr(self, "stages") else {},
+                       shard_count=self.shard[1])
 
 
 def run_extraction(opts: ExtractOptions) -> Summary:

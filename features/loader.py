@@ -24,7 +24,7 @@ from mner.features.encoders import InputSpec
 from mner.features.images import MAX_SIDE, load_image
 
 
-def default_num_workers(device: str) -> int:
+def default_num_workers() -> int:
     """Decoding workers when --num-workers is not given: all cores but the main thread's, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores - 1))

@@ -48,13 +48,16 @@ class StageClock:
         self.cuda = device.type == "cuda"
         self.wall: dict[str, float] = defaultdict(float)
         self.thread_cpu: dict[str, float] = defaultdict(float)
+        self.device_stages: set[str] = set()  # model forwards and other device work (the rest is overhead)
         self._events: dict[str, list] = defaultdict(list)
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, device: bool = True):
         wall, cpu = time.perf_counter(), time.thread_time()
         start = None
-        if self.cuda:
+        if device:
+            self.device_stages.add(name)
+        if self.cuda and device:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         try:
@@ -66,6 +69,10 @@ class StageClock:
                 self._events[name].append((start, end))
             self.wall[name] += time.perf_counter() - wall
             self.thread_cpu[name] += time.thread_time() - cpu
+
+    def forward_thread_cpu(self) -> float:
+        """Main-thread CPU seconds inside device stages (on a CPU device: the forwards themselves)."""
+        return sum(self.thread_cpu[name] for name in self.device_stages)
 
     def device_seconds(self) -> dict[str, float]:
         """Seconds the device spent between each stage's start and end events (synchronises once)."""

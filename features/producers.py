@@ -52,16 +52,16 @@ class ChunkBatch:
     scales: list[float]  # original pixels per loaded pixel (boxes are stored in original pixels)
     crops: list[list[bytes]] | None = None  # JPEG crops per image (``needs_crops``)
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # ``reads`` path -> value per image
-    _decoded: list | None = None
+    shared: dict = field(default_factory=dict)  # scratch shared by all producers of one chunk (same images)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def crop_images(self) -> list:
-        """Every crop decoded once per batch (shared by all encoders), flattened in image order."""
-        if self._decoded is None:
-            self._decoded = [decode_jpeg(crop) for crops in (self.crops or []) for crop in crops]
-        return self._decoded
+        """Every crop decoded once per chunk (shared by all encoders), flattened in image order."""
+        if "crop_images" not in self.shared:
+            self.shared["crop_images"] = [decode_jpeg(crop) for crops in (self.crops or []) for crop in crops]
+        return self.shared["crop_images"]
 
 
 class Producer:

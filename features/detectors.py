@@ -258,9 +258,9 @@ class TorchvisionDetector(Detector):
 
     def library_weights(self) -> str:
         """The weights enum name and the sha256 of the file torch hub actually loaded."""
-        name = f"torchvision:{self.weights_enum}.{self.weights_entry.name}"
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(self.weights_entry.url).name
-        return f"{name} ({sha256_file(cached)})" if cached.is_file() else name
+        from mner.features.weights import pretrained_tag, torchvision_checkpoint
+
+        return pretrained_tag(torchvision_checkpoint(self.weights_entry))
 
     def _drop_mask_head(self) -> None:
         """Masks are never stored: without a mask head the roi heads skip mask prediction and pasting."""

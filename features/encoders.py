@@ -110,16 +110,23 @@ class Encoder:
     def random_weights(self) -> bool:
         return self.config.random_init or self.always_random
 
+    checkpoint: dict | None = None  # library weights: enum / tag / hub revision, file loaded, sha256 (weights.py)
+
     def pretrained(self) -> str:
+        from mner.features.weights import pretrained_tag
+
         if self.random_weights:
             return "random"
         if self.config.weights:
             return sha256_file(self.config.weights) if Path(self.config.weights).is_file() else str(self.config.weights)
-        return "library default"
+        return pretrained_tag(self.checkpoint or {}) or "unknown library weights"
 
     def provenance_fields(self) -> dict:
-        return {"model": self.model_name, "pretrained": self.pretrained(), "preprocessing": self.preprocessing,
-                "thresholds": {}}
+        fields = {"model": self.model_name, "pretrained": self.pretrained(), "preprocessing": self.preprocessing,
+                  "thresholds": {}}
+        if self.checkpoint and not self.random_weights:
+            fields["checkpoint"] = self.checkpoint
+        return fields
 
     def attrs(self) -> dict:
         return {}
@@ -189,6 +196,10 @@ class ClipEncoder(Encoder):
             pretrained = None if config.random_init else (config.weights or config.clip_pretrained)
             self.model = open_clip.create_model(config.clip_model, pretrained=pretrained)
             self.model_name = f"open_clip/{config.clip_model}"
+            if pretrained and not Path(pretrained).is_file():
+                from mner.features.weights import open_clip_checkpoint
+
+                self.checkpoint = open_clip_checkpoint(config.clip_model, pretrained)
             self.tokenizer = open_clip.get_tokenizer(config.clip_model)
         self.model.eval().to(self.device)
         visual = self.model.visual
@@ -275,7 +286,10 @@ class ResNetEncoder(Encoder):
         from torchvision.models.resnet import Bottleneck, ResNet
 
         if self.blocks == (3, 8, 36, 3) and not self.random_weights and not config.weights:
+            from mner.features.weights import torchvision_checkpoint
+
             self.model = models.resnet152(weights="DEFAULT")
+            self.checkpoint = torchvision_checkpoint(models.ResNet152_Weights.DEFAULT)
         elif self.always_random:
             with seeded_if_random(self.name, True):
                 self.model = ResNet(Bottleneck, list(self.blocks), zero_init_residual=True)
@@ -345,8 +359,11 @@ class SwinEncoder(Encoder):
 
         if self.name == "swin" and not self.random_weights:
             source = config.weights or config.swin_model
+            from mner.features.weights import hf_revision
+
             self.model = SwinModel.from_pretrained(source)
             self.model_name = f"transformers/{source}"
+            self.checkpoint = hf_revision(self.model)  # the hub commit actually loaded
         else:
             s = self.shape
             with seeded_if_random(self.name, self.always_random):
@@ -365,7 +382,7 @@ class SwinEncoder(Encoder):
     def pretrained(self) -> str:
         if self.random_weights:
             return "random"
-        return self.config.weights or self.config.swin_model
+        return f"{self.config.weights or self.config.swin_model}@{(self.checkpoint or {}).get('revision')}"
 
     def forward_images(self, pixels):
         with self.autocast():

@@ -60,6 +60,8 @@ class DecodedImage:
     height: int = 0
     scale: float = 1.0  # original pixels per decoded pixel (> 1 when a huge image was downscaled)
     notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # sha256 of the file's bytes (images.LoadedImage.fingerprint)
+    cause: str = ""  # why not ok, one word (images.LoadedImage.cause)
     original: torch.Tensor | None = None  # uint8 (3, H, W) decoded image (after the huge-image downscale)
     detector_input: torch.Tensor | None = None  # uint8 (3, h, w) at the detector's input size
     encoder_inputs: dict = field(default_factory=dict)  # InputSpec -> uint8 (3, S, S)
@@ -70,6 +72,13 @@ class DecodedImage:
         return replace(self, original=pin(self.original), detector_input=pin(self.detector_input),
                        encoder_inputs={spec: pin(t) for spec, t in self.encoder_inputs.items()})
 
+    @property
+    def image(self):
+        """The decoded image as PIL, for producers that want one (built on demand: a copy of the pixels)."""
+        from PIL import Image
+
+        return Image.fromarray(self.original_hwc()) if self.original is not None else None
+
     def original_hwc(self) -> np.ndarray:
         """(H, W, 3) uint8 host view of the decoded image (for the stored JPEG crops)."""
         return self.original.permute(1, 2, 0).numpy()
@@ -78,7 +87,7 @@ class DecodedImage:
 def decode(spec: LoaderSpec, image_id: str) -> DecodedImage:
     loaded = load_image(spec.images_dir, image_id, max_side=spec.max_side)
     item = DecodedImage(loaded.image_id, loaded.status, loaded.detail, loaded.width, loaded.height, loaded.scale,
-                        list(loaded.notes))
+                        list(loaded.notes), getattr(loaded, "fingerprint", ""), getattr(loaded, "cause", ""))
     if loaded.status == "ok":
         tensors = spec.prepare(loaded.image)
         item.original, item.detector_input = tensors.get("original"), tensors["detector_input"]
@@ -121,6 +130,9 @@ class ImageLoader:
                                                   pin_memory=pin_memory, **options)
         self._iterator = None
         self.position = 0
+
+    def __iter__(self):
+        return iter(self.loader)
 
     def take(self, count: int) -> list[DecodedImage]:
         """The next ``count`` images, in id order."""

@@ -47,23 +47,23 @@ def make_corpus(root: Path, count: int, size=(640, 480)) -> tuple[Path, Path]:
     return data, images
 
 
-def bare_forwards(extraction: Extraction, images_dir: str, ids: list[str], chunk: int) -> tuple[float, dict]:
+def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[float, dict]:
     """The run's device stages on pre-decoded images (no loader, no writer): seconds and per-stage seconds."""
+    detector = next(p.detector for p in extraction.producers if p.group == "objects")
+    encoders = {p.name: p.encoder for p in extraction.producers if p.group.startswith("encoders/")}
     run_stages = extraction.stages
-    stages = ImageStages(run_stages.detector, run_stages.encoders, device=str(run_stages.device),
-                         batch_size=run_stages.batch_size, crop_batch_size=run_stages.crop_batch_size,
-                         writer=None, crop_jpeg=None)
-    loader = ImageLoader(stages.loader_spec(images_dir, extraction.opts.max_image_side), ids,
-                         num_workers=extraction.num_workers)
+    stages = ImageStages(run_stages.device, batch_size=run_stages.batch_size,
+                         crop_batch_size=run_stages.crop_batch_size)
+    loader = ImageLoader(extraction._loader_spec(), ids, num_workers=extraction.num_workers)
     items = [item for start in range(0, len(ids), chunk) for item in loader.take(len(ids[start:start + chunk]))]
     loader.close()
-    stages.process(items[:2])  # warm-up
+    stages.process(detector, encoders, items[:2])  # warm-up
     stages.clock.wall.clear()
     if stages.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for lo in range(0, len(items), chunk):
-        stages.process(items[lo:lo + chunk])
+        stages.process(detector, encoders, items[lo:lo + chunk])
     if stages.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, dict(stages.clock.wall)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = extraction.run()
         whole = time.perf_counter() - start
         stats = extraction.loop_stats
-        bare, bare_stages = bare_forwards(extraction, str(images), extraction.ids, args.chunk_size)
+        bare, bare_stages = bare_forwards(extraction, extraction.ids, args.chunk_size)
     n = stats["images"]
     device = extraction.opts.device
     figures = {
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "main_thread_cpu_ms_per_image_outside_forwards":
             1000 * (stats["main_thread_cpu"] - stats["forward_thread_cpu"]) / n,
         "whole_run_s_incl_build_and_assembly": whole,
-        "stages_images_per_s": {name: n / s for name, s in summary.seconds.items() if s > 0},
+        "stages_images_per_s": {name: n / s for name, s in summary.stages.items() if s > 0},
         "bare_stages_images_per_s": {name: n / s for name, s in bare_stages.items() if s > 0},
     }
     if stats["device_seconds"]:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"detector {args.detector} min size {args.detector_min_size}, encoders {', '.join(encoders)}, "
           f"batch {args.batch_size}, loader workers {extraction.num_workers}, torch threads {torch.get_num_threads()}")
     print(f"{'stage (end to end)':<28}{'seconds':>9}{'images/s':>11}   {'bare forwards':>13}")
-    for name, seconds in summary.seconds.items():
+    for name, seconds in summary.stages.items():
         bare_s = bare_stages.get(name)
         print(f"{name:<28}{seconds:>9.2f}{n / seconds if seconds else float('inf'):>11.1f}   "
               + (f"{n / bare_s:>13.1f}" if bare_s else f"{'':>13}"))

@@ -427,13 +427,26 @@ class Detectron2Detector(Detector):
         self.model_name = f"detectron2/{detectron2_config}"
         self.resize_spec = ResizeSpec(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, rounding="round")
         self.class_names = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", []))
-        self.model = build_model(cfg).eval()
+        with seeded_if_random(self.model_name, self.random_weights):
+            self.model = build_model(cfg).eval()
         self.size_divisible = max(int(self.model.backbone.size_divisibility), 1)
         self.checkpoint = ""
-        if not self.random_weights:
+        if self.random_weights:
+            self._identity_residuals()
+        else:
             self.checkpoint = config.weights or model_zoo.get_checkpoint_url(detectron2_config)
             DetectionCheckpointer(self.model).load(self.checkpoint)
+        self.model.to(self.device)
         self.bgr = cfg.INPUT.FORMAT == "BGR"
+
+    def _identity_residuals(self) -> None:
+        """Random weights: each bottleneck starts as the identity (zero last-norm scale), as our random ResNets
+        do. With detectron2's frozen batch norm (mean 0, var 1) the random blocks otherwise compound until
+        every score is 1.0 and every box degenerate, which leaves nothing to test."""
+        for module in self.model.backbone.modules():
+            norm = getattr(getattr(module, "conv3", None), "norm", None)
+            if norm is not None and hasattr(norm, "weight"):
+                norm.weight.data.zero_()
 
     @property
     def pretrained(self) -> str:

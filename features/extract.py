@@ -9,10 +9,10 @@ file + atomic rename): peak memory is one chunk, temporary disk is the parts fol
 
 The whole run holds the cache's lock: a second writer of the same ``--out`` stops with an error that
 names the holder. Groups already in the cache are never recomputed (unless ``overwrite``): adding
-``--encoder swin`` runs only Swin, and crop features are always computed from the cached JPEG crops,
-so adding an encoder later gives the same numbers as computing it in the first run. A cache that grows
-is checked against the images it was built from (content fingerprints) and against the CLIP model
-that made its embeddings.
+``--encoder swin`` runs only Swin, and crop features are cut from the decoded image at the cached boxes
+(``stages.py``), so adding an encoder later gives the same numbers as computing it in the first run.
+A cache that grows is checked against the images it was built from (content fingerprints) and against
+the CLIP model that made its embeddings.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def plan_producers(extraction, existing: set[str]) -> tuple[list[Producer], list
         model = cache.provenance("objects").get("model", "")
         if opts.detector not in model and not (opts.detector == "detectron2" and "detectron2" in model):
             print(f"note: {extraction.out} already has objects from {model}; --detector {opts.detector} is ignored "
-                  "(crops come from the cache; use --overwrite to re-detect)", file=sys.stderr)
+                  "(boxes come from the cache; use --overwrite to re-detect)", file=sys.stderr)
     encoders = {}
     for name in dict.fromkeys(opts.encoders):
         if f"encoders/{name}" not in existing:

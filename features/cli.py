@@ -32,9 +32,10 @@ def extract(
     no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
                                    "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
-    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2"),
+    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2 (| maskrcnn-test | "
+                                 "fasterrcnn-test: tiny random test variants)"),
     encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
-                                      "(| resnet152-test | swin-test: few-layer test variants)"),
+                                      "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
     prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "

@@ -23,28 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from mner.features.extract import ExtractOptions, Extraction
 from mner.features.loader import ImageLoader
 from mner.features.stages import ImageStages
 
-
-def make_corpus(root: Path, count: int, size=(640, 480)) -> tuple[Path, Path]:
-    """Smooth random pictures (noise JPEGs decode unrealistically slowly), one post per image."""
-    images, data = root / "images", root / "data"
-    images.mkdir(parents=True)
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    posts = []
-    for i in range(count):
-        small = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(images / f"{i}.jpg", quality=90)
-        posts.append(f"IMGID:{i}\nJohn\tB-PER\nin\tO\nParis\tB-LOC\n")
-    (data / "train.txt").write_text("\n".join(posts) + "\n")
-    return data, images
+from corpus import make_corpus  # bench/corpus.py (the script's folder is on sys.path)
 
 
 def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[float, dict]:

@@ -19,21 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-
-def make_corpus(root: Path, count: int) -> tuple[Path, Path]:
-    images, data = root / "images", root / "data"
-    images.mkdir(parents=True)
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    posts = []
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(images / f"{i}.jpg", quality=90)
-        posts.append(f"IMGID:{i}\nJohn\tB-PER\nin\tO\nParis\tB-LOC\n")
-    (data / "test.txt").write_text("\n".join(posts) + "\n")
-    return data, images
+from corpus import make_corpus  # bench/corpus.py (the script's folder is on sys.path)
 
 
 def child(args) -> None:
@@ -41,7 +27,7 @@ def child(args) -> None:
     from mner.features.extract import ExtractOptions, run_extraction
 
     with tempfile.TemporaryDirectory() as tmp:
-        data, images = make_corpus(Path(tmp), args.child)
+        data, images = make_corpus(Path(tmp), args.child, noise=True)
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         opts = ExtractOptions(data=str(data), images=str(images), out=str(Path(tmp) / "bench.h5"),
                               detector=args.detector, encoders=list(args.encoder), random_init=True,

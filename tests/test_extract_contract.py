@@ -136,6 +136,9 @@ def test_summary_counts_bad_images_by_cause_and_max_share(corpus, capsys):
     assert not (root / "x.h5").exists() and no_parts(root)
     assert run(data, images, root / "x.h5", "--encoder", "resnet152-test", "--max-bad-images", "0.5") == 0
     assert "not ok by cause: corrupt 1, no-file 1" in capsys.readouterr().out
+    assert main(["info", str(root / "x.h5")]) == 0
+    info = capsys.readouterr().out
+    assert "1  placeholder: corrupt" in info and "1  placeholder: no-file" in info
 
 
 # ---------------------------------------------------------------------------- consistency when a cache grows

@@ -16,6 +16,8 @@ import numpy as np
 # per-image text, per-group fingerprints. Version 1 files are refused with the re-extract command.
 SCHEMA_VERSION = 2
 STATUS_NAMES = ("ok", "missing", "unreadable", "placeholder")
+# Why an image is not ok: the first word of its /images/detail ("corrupt: <path>: <error>"); info counts by it.
+IMAGE_CAUSES = ("no-file", "no-images-folder", "corrupt", "too-large")
 LIBRARIES = ("torch", "torchvision", "open_clip_torch", "transformers", "h5py", "numpy", "mner")
 HASH_BLOCK = 1 << 24  # bytes per read when fingerprinting a dataset
 

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
-    SCHEMA_VERSION, STATUS_NAMES, CacheError, attrs_dict, check_version, feature_groups, open_cache_file,
+    IMAGE_CAUSES, SCHEMA_VERSION, STATUS_NAMES, CacheError, attrs_dict, check_version, feature_groups, open_cache_file,
 )
 from mner.pipeline.cache.specs import all_groups, get_group, split_path
 
@@ -63,7 +63,9 @@ def describe(path: str | os.PathLike) -> str:
                 causes: dict[str, int] = {}
                 for row in not_ok:
                     text = flat[offsets[row] : offsets[row + 1]].decode("utf-8")
-                    cause = f"{STATUS_NAMES[status[row]]}: {text.split(':')[-1].strip() or '?'}"
+                    segments = [part.strip() for part in text.split(":")]
+                    known = [part for part in segments if part in IMAGE_CAUSES]  # "<cause>: <message>" details
+                    cause = f"{STATUS_NAMES[status[row]]}: {known[0] if known else segments[-1] or '?'}"
                     causes[cause] = causes.get(cause, 0) + 1
                 for cause, n in sorted(causes.items(), key=lambda kv: -kv[1])[:8]:
                     lines.append(f"  {n:>6}  {cause[:100]}")

@@ -37,6 +37,7 @@ from mner.features.images import (
 )
 from mner.features.parts import chunk_key, chunk_paths, folder_bytes, iter_chunks, pack_bytes, save_chunk, unpack_bytes
 from mner.features.producers import ChunkBatch, Producer, check_layouts
+from mner.features.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
 from mner.pipeline.cache.specs import index_path
 
@@ -145,45 +146,6 @@ class Summary:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------- sharding
-
-
-def shard_of(image_id: str, count: int) -> int:
-    """Deterministic shard of an id: independent of the id list, the process and the Python hash seed."""
-    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
-
-
-def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    """--shard, else torchrun's RANK/WORLD_SIZE, else a SLURM array's task id/count, else (0, 1)."""
-    if shard is not None:
-        index, count = shard
-    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        index, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        index, count = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        index, count = 0, 1
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-    return index, count
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    return resolve_shard((index, count))
-
-
-def shard_out_path(out: str, index: int, count: int) -> str:
-    if count == 1:
-        return out
-    path = Path(out)
-    return str(path.with_name(f"{path.stem}.shard{index}of{count}{path.suffix or '.h5'}"))
-
-
 # ----------------------------------------------------------------------------------------- images
 
 
@@ -276,7 +238,8 @@ class Extraction:
         self.groups_now = {p.group: p for p in self.producers}
         config = {k: v for k, v in asdict(opts).items()
                   if k not in ("num_workers", "progress", "out", "shard", "max_bad_images", "command")}
-        config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest())
+        config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
+                      inputs={p.group: p.input_fingerprint for p in self.producers if hasattr(p, "input_fingerprint")})
         self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.parts = self.parts_root / self.config_hash
         self.decode = any(p.needs_pixels for p in self.producers)
@@ -300,8 +263,7 @@ class Extraction:
         for row, image_id in enumerate(tqdm(self.ids, desc="fingerprints", unit="img", disable=not self.opts.progress)):
             now = file_fingerprint(self.opts.images, image_id)
             before = stored[row] if stored is not None else None
-            had_file = bool(before) if before is not None else STATUS_NAMES[self.cache.status[row]] == "ok" or \
-                not self.cache.detail(row).startswith("missing")
+            had_file = bool(before) if before is not None else self._had_file(row)
             if now and not had_file:
                 restored.append(image_id)
             elif had_file and not now:
@@ -317,6 +279,12 @@ class Extraction:
             raise ImageError(f"{self.out} was built from other image files than --images now holds ("
                              + "; ".join(parts) + "). Its groups would describe other pictures than the new ones: "
                              "rebuild with --overwrite, or restore the images it was built from.")
+
+    def _had_file(self, row: int) -> bool:
+        """A cache from before fingerprints: did image ``row`` have a file? (from its status and detail)"""
+        if STATUS_NAMES[self.cache.status[row]] == "missing":
+            return False
+        return not self.cache.detail(row).startswith(("missing", "no-file", "no file", "no-images-folder"))
 
     def _stored_fingerprints(self) -> list[str] | None:
         if not self.cache.has("images/content_sha256"):
@@ -452,6 +420,13 @@ class Extraction:
             if kind not in owned:
                 counts[kind] = self._cached_counts(kind, rows)
         for producer in self.producers:
+            if getattr(producer, "every_image", False):  # rows independent of the picture (user files)
+                batch = self._batch(producer, loaded, rows, list(range(len(loaded))), outputs, counts)
+                with self._timed(producer.group):
+                    outputs[producer.group] = producer.produce(batch)
+                if producer.owns:
+                    counts[producer.owns] = outputs[producer.group]["counts"]
+                continue
             batch = self._batch(producer, ok_items, [rows[i] for i in computed_ok], computed_ok, outputs, counts)
             batch.shared = shared
             with self._timed(producer.group):

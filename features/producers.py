@@ -15,6 +15,9 @@ The contract, in the order the loop uses it:
 - ``reads``: datasets of other groups it needs, per image (e.g. "encoders/clip/image_embed"): taken
   from this run's chunk when the group is computed now, from the cache otherwise.
 - ``needs_pixels`` / ``needs_crops``: whether the chunk must carry decoded images / object crops.
+- ``every_image``: rows that do not depend on the picture (a user's crop or caption files) are
+  produced for every image of the chunk, whatever its status, with no placeholder copying;
+  ``input_fingerprint``: a hash of such input files, part of the chunk files' resume key.
 - ``load()``: build models; called once, only when the run has rows to compute.
 - ``produce(batch) -> {key: array or list[bytes]}``: rows for ``batch``'s images, which are all
   usable (ok, or the one placeholder image: the loop computes placeholders once and copies them).
@@ -72,6 +75,8 @@ class Producer:
     reads: tuple[str, ...] = ()
     needs_pixels = True
     needs_crops = False
+    every_image = False  # rows that do not depend on the picture (user files): produced for every image
+    input_fingerprint: str | None = None  # hash of the producer's own input files: part of the resume key
 
     def datasets(self) -> dict[str, Layout]:
         raise NotImplementedError

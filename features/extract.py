@@ -327,6 +327,8 @@ class Extraction:
                    disable=not opts.progress)
         started, bad = time.perf_counter(), Counter()
         for k, (chunk, path) in enumerate(zip(chunks, paths)):
+            if path.exists() and not self._chunk_current(path, chunk):
+                path.unlink()  # its image files changed since that chunk was computed
             if not path.exists():
                 save_chunk(path, self._process_chunk(chunk, k * opts.chunk_size))
             bad.update(self._bad_of(path))
@@ -345,6 +347,14 @@ class Extraction:
         for folder in (getattr(self, "parts", None), self.parts_root):
             if folder is not None and folder.is_dir() and not any(folder.rglob("*.npz")):
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _chunk_current(self, path: Path, chunk: list[str]) -> bool:
+        """A finished chunk is resumed only if its images are the same files (content fingerprints)."""
+        if not self.decode:
+            return True
+        (stored,) = iter_chunks([path], ["images::fingerprint"])
+        return [f.decode() for f in stored["images::fingerprint"]] == \
+            [file_fingerprint(self.opts.images, image_id) for image_id in chunk]
 
     def _bad_of(self, path: Path) -> Counter:
         if not self.decode:

@@ -262,3 +262,31 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
     assert peaks["assemble"] < crop_bytes / 2, (peaks, crop_bytes)
     assert 0 < summary.parts_bytes <= 1.3 * summary.cache_bytes
     assert "temporary disk: parts" in str(summary)
+
+
+def test_resume_recomputes_chunks_whose_images_changed(corpus, monkeypatch):
+    """A killed run's finished chunks are reused only for the same image files."""
+    from mner.features import extract as extract_module
+
+    root, data, images = corpus
+    out = root / "resume.h5"
+    calls = []
+    original = extract_module.Extraction._process_chunk
+    monkeypatch.setattr(extract_module.Extraction, "_process_chunk",
+                        lambda self, chunk, first: (calls.append(list(chunk)), original(self, chunk, first))[1])
+    monkeypatch.setattr(extract_module.Extraction, "_assemble", lambda self, paths: (_ for _ in ()).throw(
+        KeyboardInterrupt()))  # "killed" after every chunk is saved
+    argv = [*TINY, "--chunk-size", "2", "--encoder", "resnet152-test"]
+    assert main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *argv]) != 0
+    assert calls == [["a", "b"], ["c", "d"]] and list(Path(f"{out}.parts").rglob("chunk_*.npz"))
+    noise(images / "c.jpg", 42)  # changed while the run was down
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(extract_module.Extraction, "_process_chunk",
+                        lambda self, chunk, first: (calls.append(list(chunk)), original(self, chunk, first))[1])
+    assert run(data, images, out, "--chunk-size", "2", "--encoder", "resnet152-test") == 0
+    assert calls == [["c", "d"]]  # chunk a, b resumed; c, d recomputed from the new file
+    with h5py.File(out, "r") as handle:
+        import hashlib
+
+        assert handle["images/content_sha256"][2].decode() == hashlib.sha256((images / "c.jpg").read_bytes()).hexdigest()

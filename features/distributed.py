@@ -1,4 +1,6 @@
-"""Which shard and which device a process takes: ``--shard``/``--device``, torchrun, SLURM arrays.
+"""Which device a process takes (``--device``, torchrun's LOCAL_RANK), and the merge step after shards.
+
+Shards themselves are resolved in ``sharding.py``; together:
 
 - torchrun sets ``RANK``/``WORLD_SIZE`` (the shard) and ``LOCAL_RANK`` (the GPU on this node):
   ``torchrun --nproc-per-node 4 -m mner.features.cli extract ...`` runs 4 shards on cuda:0..3.
@@ -15,41 +17,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-
-class ShardError(ValueError):
-    """The environment or the options name an impossible shard or device."""
-
-
-def _int(env: Mapping[str, str], name: str) -> int:
-    try:
-        return int(env[name])
-    except ValueError:
-        raise ShardError(f"{name}={env[name]!r} is not an integer") from None
-
-
-def resolve_shard(shard: tuple[int, int] | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """--shard, else torchrun's RANK/WORLD_SIZE, else a SLURM array task (with its step), else (0, 1)."""
-    env = os.environ if env is None else env
-    if shard is not None:
-        index, count = shard
-        source = "--shard"
-    elif "WORLD_SIZE" in env and "RANK" in env:
-        index, count = _int(env, "RANK"), _int(env, "WORLD_SIZE")
-        source = "RANK/WORLD_SIZE (torchrun)"
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        task, count = _int(env, "SLURM_ARRAY_TASK_ID"), _int(env, "SLURM_ARRAY_TASK_COUNT")
-        first = _int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
-        step = _int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
-        if step < 1 or (task - first) % step:
-            raise ShardError(f"SLURM array task {task} is not on the grid {first}, {first + step}, ... "
-                             f"(step {step}); use an evenly stepped --array=A-B[:S] or pass --shard i/n")
-        index = (task - first) // step
-        source = f"SLURM array task {task} (min {first}, step {step}, count {count})"
-    else:
-        return 0, 1
-    if count < 1 or not 0 <= index < count:
-        raise ShardError(f"shard {index}/{count} from {source}: the index must be in 0..{max(count - 1, 0)}")
-    return index, count
+from mner.features.sharding import ShardError, env_int
 
 
 def resolve_device(device: str, env: Mapping[str, str] | None = None, *, cuda_count: int | None = None) -> str:
@@ -62,7 +30,7 @@ def resolve_device(device: str, env: Mapping[str, str] | None = None, *, cuda_co
         import torch
 
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else None
+    local_rank = env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else None
     if device == "auto":
         if cuda_count == 0:
             return "cpu"

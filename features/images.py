@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from mner.pipeline.cache.base import IMAGE_CAUSES
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".JPG", ".JPEG", ".PNG", "")
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs (8000 x 8000)
 MAX_SIDE = 2048  # larger images are downscaled before any model sees them (boxes are mapped back)
@@ -43,7 +45,7 @@ class LoadedImage:
     scale: float = 1.0  # original pixels per loaded pixel (> 1 when a huge image was downscaled)
     notes: list[str] = field(default_factory=list)  # conversions applied (CMYK, alpha, tiny, ...)
     fingerprint: str = ""  # sha256 of the file's bytes ("" when there is no file): a changed image is noticed
-    cause: str = ""  # why not ok, one word: no-file | no-images-folder | corrupt | too-large ("" when ok)
+    cause: str = ""  # why not ok, one of IMAGE_CAUSES: no-file | no-images-folder | corrupt | too-large
 
 
 def find_image_file(images_dir: Path, image_id: str) -> Path | None:
@@ -91,22 +93,27 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
+def _not_ok(image_id: str, status: str, cause: str, message: str, **fields) -> LoadedImage:
+    """A non-ok image; its detail starts with the cause (one of IMAGE_CAUSES), so info can count by it."""
+    assert cause in IMAGE_CAUSES, cause
+    return LoadedImage(image_id, status, detail=f"{cause}: {message}", cause=cause, **fields)
+
+
 def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SIDE,
                max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Load one image; any failure becomes a status + detail instead of an exception."""
     if images_dir is None:  # --no-images: a cache over the id list without pictures, asked for explicitly
-        return LoadedImage(image_id, "missing", detail="no images folder (--no-images)", cause="no-images-folder")
+        return _not_ok(image_id, "missing", "no-images-folder", "no images folder (--no-images)")
     path = find_image_file(Path(images_dir), image_id)
     if path is None:
-        return LoadedImage(image_id, "missing", detail=f"no file {Path(images_dir) / image_id}[.jpg|.png|...]",
-                           cause="no-file")
+        return _not_ok(image_id, "missing", "no-file", f"no file {Path(images_dir) / image_id}[.jpg|.png|...]")
     notes: list[str] = []
     try:
         content = path.read_bytes()
     except FileNotFoundError:
-        return LoadedImage(image_id, "missing", detail=f"{path}: vanished while reading", cause="no-file")
+        return _not_ok(image_id, "missing", "no-file", f"{path}: vanished while reading")
     except OSError as error:
-        return LoadedImage(image_id, "unreadable", detail=f"{path}: {error}", cause="corrupt")
+        return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {error}")
     fingerprint = hashlib.sha256(content).hexdigest()
     try:
         with warnings.catch_warnings():
@@ -114,10 +121,9 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
             with Image.open(io.BytesIO(content)) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
-                    return LoadedImage(image_id, "unreadable", width=width, height=height,
-                                       detail=f"{path}: {width}x{height} exceeds {max_pixels} pixels "
-                                              "(decompression bomb guard)", fingerprint=fingerprint,
-                                       cause="too-large")
+                    return _not_ok(image_id, "unreadable", "too-large", f"{path}: {width}x{height} exceeds "
+                                   f"{max_pixels} pixels (decompression bomb guard)", width=width, height=height,
+                                   fingerprint=fingerprint)
                 if opened.format == "JPEG" and max(width, height) > 2 * max_side:
                     opened.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster
                 opened.load()
@@ -129,11 +135,11 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
                 image = _to_rgb(oriented, notes)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return LoadedImage(image_id, "unreadable", detail=f"{path}: decompression bomb: {error}",
-                           fingerprint=fingerprint, cause="too-large")
+        return _not_ok(image_id, "unreadable", "too-large", f"{path}: decompression bomb: {error}",
+                       fingerprint=fingerprint)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        return LoadedImage(image_id, "unreadable", detail=f"{path}: {type(error).__name__}: {error}",
-                           fingerprint=fingerprint, cause="corrupt")
+        return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {type(error).__name__}: {error}",
+                       fingerprint=fingerprint)
     scale = 1.0
     if max(image.size) > max_side:
         factor = max_side / max(image.size)

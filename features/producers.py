@@ -15,7 +15,10 @@ The contract, in the order the loop uses it:
 - ``reads``: datasets of other groups it needs, per image (e.g. "encoders/clip/image_embed"): taken
   from this run's chunk when the group is computed now, from the cache otherwise.
 - ``needs_pixels`` / ``needs_crops``: whether the chunk must carry decoded images / object crops.
-  ``pixels``: "pil" (``batch.images`` are PIL images) or "tensors" (``batch.decoded`` are the loader's
+- ``every_image``: rows that do not depend on the picture (a user's crop or caption files) are
+  produced for every image of the chunk, whatever its status, with no placeholder copying;
+  ``input_fingerprint``: a hash of such input files, part of the chunk files' resume key.
+- ``pixels``: "pil" (``batch.images`` are PIL images) or "tensors" (``batch.decoded`` are the loader's
   uint8 tensors, already resized in its workers for the inputs ``pixel_inputs()`` asks for).
 - ``load()``: build models; called once, only when the run has rows to compute.
 - ``produce(batch) -> {key: array or list[bytes]}``: rows for ``batch``'s images, which are all
@@ -75,6 +78,8 @@ class Producer:
     reads: tuple[str, ...] = ()
     needs_pixels = True
     needs_crops = False
+    every_image = False  # rows that do not depend on the picture (user files): produced for every image
+    input_fingerprint: str | None = None  # hash of the producer's own input files: part of the resume key
     pixels = "pil"  # "pil": batch.images | "tensors": batch.decoded (resized in the loader's workers)
 
     def pixel_inputs(self) -> dict:
@@ -98,6 +103,25 @@ class Producer:
 
     def provenance(self) -> dict:
         raise NotImplementedError
+
+
+def check_layouts(producer: Producer) -> None:
+    """A producer's layouts must agree with its group's declared spec (checked before any chunk runs)."""
+    from mner.pipeline.cache import get_group
+
+    spec = get_group(producer.group)
+    layouts = producer.datasets()
+    for key, layout in layouts.items():
+        declared = spec.dataset(key)
+        if (declared.per_image_kind, declared.dtype, declared.ragged_values) != \
+                (layout.rows, layout.dtype, layout.ragged_bytes):
+            raise ValueError(f"producer of {producer.group}/{key}: rows {layout.rows}, dtype {layout.dtype}, "
+                             f"ragged {layout.ragged_bytes} disagree with the declared spec ({declared.rows}, "
+                             f"{declared.dtype}, encoding {declared.encoding})")
+    missing = [d.name for d in spec.datasets if d.required and d.rows not in ("global", "index")
+               and d.name not in layouts and d.name not in producer.global_datasets()]
+    if missing:
+        raise ValueError(f"producer of {producer.group} makes no {', '.join(missing)}, which its spec requires")
 
 
 PRODUCERS: dict[str, Callable[..., Producer]] = {}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mner.features.distributed import ShardError, merge_hint, resolve_device, resolve_shard
+from mner.features.distributed import merge_hint, resolve_device
+from mner.features.sharding import ShardError, resolve_shard
 
 
 def test_explicit_shard_wins_over_the_environment():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import tracemalloc
 from pathlib import Path
@@ -47,23 +46,25 @@ def run(data, images, out, *extra, capsys=None) -> int:
 
 
 def no_parts(folder: Path) -> bool:
-    return not list(folder.glob("*.parts")) and not list(folder.glob("*.lock"))
+    return not list(folder.glob("*.parts")) and not list(folder.glob("*.lock")) and not list(folder.glob("*.tmp-*"))
 
 
 # ------------------------------------------------------------------------------------ one writer per cache
 
 
 def test_second_writer_is_refused_naming_the_holder(corpus, capsys):
-    from mner.features.lock import cache_lock
-
+    """Another live writer (here: pid 1 on this host, always alive) holds the cache: nothing is written."""
     root, data, images = corpus
     out = root / "locked.h5"
-    with cache_lock(str(out)):
-        assert run(data, images, out, "--prompts", "vcrmner") == 1
+    Path(f"{out}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 1,
+                                               "started": "2026-01-01T00:00:00+00:00", "token": "other"}))
+    assert run(data, images, out, "--prompts", "vcrmner") == 1
     err = capsys.readouterr().err
-    assert f"host {socket.gethostname()} pid {os.getpid()}" in err and "since" in err
+    assert f"pid 1 on host {socket.gethostname()}, started 2026-01-01T00:00:00+00:00" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+    Path(f"{out}.lock").unlink()  # the holder is gone: the run goes through
+    assert run(data, images, out, "--prompts", "vcrmner") == 0 and not Path(f"{out}.lock").exists()
 
 
 def test_chunk_temp_names_carry_host_and_pid(tmp_path, monkeypatch):
@@ -134,6 +135,9 @@ def test_summary_counts_bad_images_by_cause_and_max_share(corpus, capsys):
     assert not (root / "x.h5").exists() and no_parts(root)
     assert run(data, images, root / "x.h5", "--encoder", "resnet152-test", "--max-bad-images", "0.5") == 0
     assert "not ok by cause: corrupt 1, no-file 1" in capsys.readouterr().out
+    assert main(["info", str(root / "x.h5")]) == 0
+    info = capsys.readouterr().out
+    assert "1  placeholder: corrupt" in info and "1  placeholder: no-file" in info
 
 
 # ---------------------------------------------------------------------------- consistency when a cache grows
@@ -242,6 +246,9 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
             tracemalloc.stop()
 
     monkeypatch.setattr(extract_module.Extraction, "_assemble", traced)
+    # the writer fingerprints each dataset in reads of HASH_BLOCK bytes (16 MiB: a constant, not the data's
+    # size); shrink it so this small test sees what grows with the data
+    monkeypatch.setattr("mner.pipeline.cache.base.HASH_BLOCK", 1 << 16)
     options = extract_module.ExtractOptions(
         data=str(data), images=str(tmp_path / "images"), out=str(tmp_path / "s.h5"), detector="fasterrcnn-test", encoders=[],
         random_init=True, score_threshold=0.0, top_k=3, detector_min_size=64, chunk_size=1, batch_size=4,
@@ -249,9 +256,37 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
     summary = extract_module.run_extraction(options)
     with h5py.File(tmp_path / "s.h5", "r") as handle:
         crop_bytes = int(handle["objects/crop_jpeg"].shape[0])
-    assert crop_bytes > 0.9 * summary.cache_bytes  # objects only: the cache is mostly JPEG crops
+    assert crop_bytes > 0.9 * os.path.getsize(tmp_path / "s.h5")  # objects only: the cache is mostly JPEG crops
     # the old assembly joined every crop in RAM (>= 2x the crop bytes); now one chunk (1/32) at a time, a few
     # copies of it (zip member, array, HDF5 write) plus a fixed ~0.5 MB (library metadata, h5py)
     assert peaks["assemble"] < crop_bytes / 2, (peaks, crop_bytes)
     assert 0 < summary.parts_bytes <= 1.3 * summary.cache_bytes
     assert "temporary disk: parts" in str(summary)
+
+
+def test_resume_recomputes_chunks_whose_images_changed(corpus, monkeypatch):
+    """A killed run's finished chunks are reused only for the same image files."""
+    from mner.features import extract as extract_module
+
+    root, data, images = corpus
+    out = root / "resume.h5"
+    calls = []
+    original = extract_module.Extraction._process_chunk
+    monkeypatch.setattr(extract_module.Extraction, "_process_chunk",
+                        lambda self, chunk, first: (calls.append(list(chunk)), original(self, chunk, first))[1])
+    monkeypatch.setattr(extract_module.Extraction, "_assemble", lambda self, paths: (_ for _ in ()).throw(
+        KeyboardInterrupt()))  # "killed" after every chunk is saved
+    argv = [*TINY, "--chunk-size", "2", "--encoder", "resnet152-test"]
+    assert main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *argv]) != 0
+    assert calls == [["a", "b"], ["c", "d"]] and list(Path(f"{out}.parts").rglob("chunk_*.npz"))
+    noise(images / "c.jpg", 42)  # changed while the run was down
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(extract_module.Extraction, "_process_chunk",
+                        lambda self, chunk, first: (calls.append(list(chunk)), original(self, chunk, first))[1])
+    assert run(data, images, out, "--chunk-size", "2", "--encoder", "resnet152-test") == 0
+    assert calls == [["c", "d"]]  # chunk a, b resumed; c, d recomputed from the new file
+    with h5py.File(out, "r") as handle:
+        import hashlib
+
+        assert handle["images/content_sha256"][2].decode() == hashlib.sha256((images / "c.jpg").read_bytes()).hexdigest()

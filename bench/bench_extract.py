@@ -37,10 +37,13 @@ def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[f
     detector = next(p.detector for p in extraction.producers if p.group == "objects")
     encoders = {p.name: p.encoder for p in extraction.producers if p.group.startswith("encoders/")}
     run_stages = extraction.stages
-    stages = ImageStages(run_stages.device, batch_size=run_stages.batch_size,
-                         crop_batch_size=run_stages.crop_batch_size)
+    stages = ImageStages(
+        run_stages.device, batch_size=run_stages.batch_size, crop_batch_size=run_stages.crop_batch_size
+    )
     loader = ImageLoader(extraction._loader_spec(), ids, num_workers=extraction.num_workers)
-    items = [item for start in range(0, len(ids), chunk) for item in loader.take(len(ids[start:start + chunk]))]
+    items = [
+        item for start in range(0, len(ids), chunk) for item in loader.take(len(ids[start : start + chunk]))
+    ]
     loader.close()
     stages.process(detector, encoders, items[:2])  # warm-up
     stages.clock.wall.clear()
@@ -48,14 +51,16 @@ def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[f
         torch.cuda.synchronize()
     start = time.perf_counter()
     for lo in range(0, len(items), chunk):
-        stages.process(detector, encoders, items[lo:lo + chunk])
+        stages.process(detector, encoders, items[lo : lo + chunk])
     if stages.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, dict(stages.clock.wall)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--detector", default="maskrcnn-test")
@@ -72,11 +77,22 @@ def main(argv: list[str] | None = None) -> dict:
         data, images = make_corpus(Path(tmp), args.images)
 
         def options(out: str) -> ExtractOptions:
-            return ExtractOptions(data=str(data), images=str(images), out=str(Path(tmp) / out),
-                                  detector=args.detector, encoders=encoders, random_init=True, device=args.device,
-                                  batch_size=args.batch_size, num_workers=args.num_workers, top_k=args.top_k,
-                                  score_threshold=0.0, detector_min_size=args.detector_min_size,
-                                  chunk_size=args.chunk_size, progress=False)
+            return ExtractOptions(
+                data=str(data),
+                images=str(images),
+                out=str(Path(tmp) / out),
+                detector=args.detector,
+                encoders=encoders,
+                random_init=True,
+                device=args.device,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                top_k=args.top_k,
+                score_threshold=0.0,
+                detector_min_size=args.detector_min_size,
+                chunk_size=args.chunk_size,
+                progress=False,
+            )
 
         extraction = Extraction(options("bench.h5"))
         if extraction.opts.device.startswith("cuda"):
@@ -90,13 +106,19 @@ def main(argv: list[str] | None = None) -> dict:
     device = extraction.opts.device
     figures = {
         "device": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu",
-        "images": n, "objects": summary.num_objects, "detector": args.detector, "encoders": encoders,
-        "num_workers": extraction.num_workers, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
+        "images": n,
+        "objects": summary.num_objects,
+        "detector": args.detector,
+        "encoders": encoders,
+        "num_workers": extraction.num_workers,
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
         "end_to_end_images_per_s": n / stats["wall"],
         "bare_forwards_images_per_s": n / bare,
         "end_to_end_over_bare": stats["wall"] / bare,
-        "main_thread_cpu_ms_per_image_outside_forwards":
-            1000 * (stats["main_thread_cpu"] - stats["forward_thread_cpu"]) / n,
+        "main_thread_cpu_ms_per_image_outside_forwards": 1000
+        * (stats["main_thread_cpu"] - stats["forward_thread_cpu"])
+        / n,
         "whole_run_s_incl_build_and_assembly": whole,
         "stages_images_per_s": {name: n / s for name, s in summary.stages.items() if s > 0},
         "bare_stages_images_per_s": {name: n / s for name, s in bare_stages.items() if s > 0},
@@ -104,21 +126,32 @@ def main(argv: list[str] | None = None) -> dict:
     if stats["device_seconds"]:
         figures["gpu_busy_share"] = sum(stats["device_seconds"].values()) / stats["wall"]
         figures["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print(f"device {figures['device']}, {n} images 640x480, {summary.num_objects} objects (top-k {args.top_k}), "
-          f"detector {args.detector} min size {args.detector_min_size}, encoders {', '.join(encoders)}, "
-          f"batch {args.batch_size}, loader workers {extraction.num_workers}, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {figures['device']}, {n} images 640x480, {summary.num_objects} objects "
+        f"(top-k {args.top_k}), "
+        f"detector {args.detector} min size {args.detector_min_size}, encoders {', '.join(encoders)}, "
+        f"batch {args.batch_size}, loader workers {extraction.num_workers}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'stage (end to end)':<28}{'seconds':>9}{'images/s':>11}   {'bare forwards':>13}")
     for name, seconds in summary.stages.items():
         bare_s = bare_stages.get(name)
-        print(f"{name:<28}{seconds:>9.2f}{n / seconds if seconds else float('inf'):>11.1f}   "
-              + (f"{n / bare_s:>13.1f}" if bare_s else f"{'':>13}"))
+        print(
+            f"{name:<28}{seconds:>9.2f}{n / seconds if seconds else float('inf'):>11.1f}   "
+            + (f"{n / bare_s:>13.1f}" if bare_s else f"{'':>13}")
+        )
     print(f"{'end to end (loop)':<28}{stats['wall']:>9.2f}{figures['end_to_end_images_per_s']:>11.1f}")
     print(f"{'bare batched forwards':<28}{bare:>9.2f}{figures['bare_forwards_images_per_s']:>11.1f}")
-    print(f"end to end / bare forwards: {figures['end_to_end_over_bare']:.2f}x   "
-          f"main-thread CPU outside forwards: {figures['main_thread_cpu_ms_per_image_outside_forwards']:.2f} ms/image")
+    print(
+        f"end to end / bare forwards: {figures['end_to_end_over_bare']:.2f}x   "
+        "main-thread CPU outside forwards: "
+        f"{figures['main_thread_cpu_ms_per_image_outside_forwards']:.2f} ms/image"
+    )
     if "gpu_busy_share" in figures:
-        print(f"GPU busy {100 * figures['gpu_busy_share']:.0f}% of the loop, peak GPU memory "
-              f"{figures['peak_gpu_memory_gib']:.2f} GiB")
+        print(
+            f"GPU busy {100 * figures['gpu_busy_share']:.0f}% of the loop, peak GPU memory "
+            f"{figures['peak_gpu_memory_gib']:.2f} GiB"
+        )
     print(f"whole run incl. model build and assembly: {whole:.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -9,7 +9,7 @@ from PIL import Image
 
 
 def make_corpus(root: Path, count: int, size=(640, 480), noise: bool = False) -> tuple[Path, Path]:
-    """``noise``: per-pixel random (large JPEGs, slow to decode); else smooth random pictures, closer to photos."""
+    """``noise``: per-pixel random (large JPEGs, slow to decode); else smooth random pictures."""
     images, data = root / "images", root / "data"
     images.mkdir(parents=True)
     data.mkdir()

@@ -43,6 +43,7 @@ def register_detector(name: str):
     def decorator(factory):
         DETECTORS[name] = factory
         return factory
+
     return decorator
 
 
@@ -130,23 +131,35 @@ class Detections:
 
     def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         bounds = np.concatenate([[0], np.cumsum(self.counts)]).astype(int)
-        return [(self.boxes[a:b], self.scores[a:b], self.class_ids[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [
+            (self.boxes[a:b], self.scores[a:b], self.class_ids[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
+        ]
 
 
 def _to_host_once(per_image: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Detections:
     """Filter, pack and copy a whole batch's results to the host in one transfer."""
     counts = np.array([len(scores) for _, scores, _ in per_image], np.int64)
     if not per_image or counts.sum() == 0:
-        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), counts)
-    packed = torch.cat([torch.cat([boxes.float(), scores.float()[:, None], labels.float()[:, None]], dim=1)
-                        for boxes, scores, labels in per_image])  # (N, 6) on the device
+        return Detections(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), counts
+        )
+    packed = torch.cat(
+        [
+            torch.cat([boxes.float(), scores.float()[:, None], labels.float()[:, None]], dim=1)
+            for boxes, scores, labels in per_image
+        ]
+    )  # (N, 6) on the device
     host = packed.cpu().numpy()  # the one device->host copy of this batch
-    return Detections(np.ascontiguousarray(host[:, :4]), np.ascontiguousarray(host[:, 4]),
-                      host[:, 5].astype(np.int32), counts)
+    return Detections(
+        np.ascontiguousarray(host[:, :4]),
+        np.ascontiguousarray(host[:, 4]),
+        host[:, 5].astype(np.int32),
+        counts,
+    )
 
 
 class Detector:
-    """Base class: subclasses set ``model_name``, ``class_names``, ``resize_spec`` and implement ``_forward``."""
+    """Base: subclasses set ``model_name``, ``class_names``, ``resize_spec`` and implement ``_forward``."""
 
     model_name = ""
     class_names: list[str] = []
@@ -177,11 +190,14 @@ class Detector:
         return {
             "model": self.model_name,
             "pretrained": self.pretrained,
-            "preprocessing": {"min_size": self.resize_spec.min_size, "max_size": self.resize_spec.max_size,
-                              "resize": f"bilinear, sizes rounded by {self.resize_spec.rounding}",
-                              "batching": f"images batched only with images of the same padded size "
-                                          f"(multiple of {self.size_divisible})",
-                              "masks": "not computed (only boxes are cached)"},
+            "preprocessing": {
+                "min_size": self.resize_spec.min_size,
+                "max_size": self.resize_spec.max_size,
+                "resize": f"bilinear, sizes rounded by {self.resize_spec.rounding}",
+                "batching": f"images batched only with images of the same padded size "
+                f"(multiple of {self.size_divisible})",
+                "masks": "not computed (only boxes are cached)",
+            },
             "thresholds": {"top_k": self.config.top_k, "score_threshold": self.config.score_threshold},
         }
 
@@ -202,7 +218,9 @@ class Detector:
         keys = {self.batch_key(*image.shape[1:]) for image in inputs}
         if len(keys) != 1:
             raise ValueError(f"detect_batch needs one padded size per batch, got {sorted(keys)}")
-        per_image = self._forward([image.to(self.device, non_blocking=True) for image in inputs], original_sizes)
+        per_image = self._forward(
+            [image.to(self.device, non_blocking=True) for image in inputs], original_sizes
+        )
         kept = []
         for boxes, scores, labels in per_image:
             order = torch.argsort(scores, descending=True, stable=True)
@@ -275,7 +293,9 @@ class TorchvisionDetector(Detector):
         batch = torch.zeros(len(inputs), 3, padded_h, padded_w, device=self.device)  # (B, 3, Hp, Wp)
         for b, image in enumerate(inputs):
             h, w = image.shape[1:]
-            batch[b, :, :h, :w] = (image.float()[None] - self.mean) / self.std  # zero padding after normalising
+            batch[b, :, :h, :w] = (
+                image.float()[None] - self.mean
+            ) / self.std  # zero padding after normalising
         if self.device.type == "cuda" and self.config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         sizes = [tuple(image.shape[1:]) for image in inputs]
@@ -288,14 +308,25 @@ class TorchvisionDetector(Detector):
         detections, _ = self.model.roi_heads(features, proposals, images.image_sizes)
         results = []
         for detection, (h, w), (orig_h, orig_w) in zip(detections, sizes, original_sizes):
-            scale = torch.tensor([orig_w / w, orig_h / h, orig_w / w, orig_h / h], device=self.device)
-            results.append((detection["boxes"].float() * scale, detection["scores"].float(), detection["labels"]))
+            boxes = detection[
+                "boxes"
+            ].float()  # (k, 4) in resized pixels; python scalars: no host->device copy
+            boxes = torch.stack(
+                [
+                    boxes[:, 0] * (orig_w / w),
+                    boxes[:, 1] * (orig_h / h),
+                    boxes[:, 2] * (orig_w / w),
+                    boxes[:, 3] * (orig_h / h),
+                ],
+                dim=1,
+            )
+            results.append((boxes, detection["scores"].float(), detection["labels"]))
         return results
 
 
 @register_detector("maskrcnn")
 class MaskRCNN(TorchvisionDetector):
-    """torchvision Mask R-CNN R50-FPN (VCRMNER's visual toolkit); only boxes are cached (mask head skipped)."""
+    """torchvision Mask R-CNN R50-FPN (VCRMNER's toolkit); only boxes are cached (mask head skipped)."""
 
     model_name = "torchvision/maskrcnn_resnet50_fpn"
     builder_name = "maskrcnn_resnet50_fpn"
@@ -360,16 +391,21 @@ class TinyTorchvisionDetector(TorchvisionDetector):
             box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
             box_head=TwoMLPHead(backbone.out_channels * 49, s.representation),
             box_predictor=FastRCNNPredictor(s.representation, num_classes),
-            box_score_thresh=config.score_threshold, box_detections_per_img=max(config.top_k, 1),
-            rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20,
+            box_score_thresh=config.score_threshold,
+            box_detections_per_img=max(config.top_k, 1),
+            rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=20,
         )
         if not self.with_masks:
             model = TorchFasterRCNN(backbone, **common)
         else:
-            model = TorchMaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
-                                  mask_head=MaskRCNNHeads(backbone.out_channels, (s.mask_channels,), 1),
-                                  mask_predictor=MaskRCNNPredictor(s.mask_channels, s.mask_channels, num_classes),
-                                  **common)
+            model = TorchMaskRCNN(
+                backbone,
+                mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+                mask_head=MaskRCNNHeads(backbone.out_channels, (s.mask_channels,), 1),
+                mask_predictor=MaskRCNNPredictor(s.mask_channels, s.mask_channels, num_classes),
+                **common,
+            )
         # spread the random class scores (default init gives ~1/91 everywhere: near-ties make top-k arbitrary)
         model.roi_heads.box_predictor.cls_score.weight.data.mul_(s.score_spread)
         return model
@@ -393,10 +429,13 @@ class MaskRCNNTest(TinyTorchvisionDetector):
 
 @register_detector("detectron2")
 class Detectron2Detector(Detector):
-    """A detectron2 model-zoo config (``--detectron2-config``); weights from the zoo or ``--detector-weights``."""
+    """A detectron2 model-zoo config (``--detectron2-config``); zoo weights or ``--detector-weights``."""
 
-    def __init__(self, config: DetectorConfig,
-                 detectron2_config: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"):
+    def __init__(
+        self,
+        config: DetectorConfig,
+        detectron2_config: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    ):
         super().__init__(config)
         try:
             from detectron2 import model_zoo
@@ -440,9 +479,9 @@ class Detectron2Detector(Detector):
         self.bgr = cfg.INPUT.FORMAT == "BGR"
 
     def _identity_residuals(self) -> None:
-        """Random weights: each bottleneck starts as the identity (zero last-norm scale), as our random ResNets
-        do. With detectron2's frozen batch norm (mean 0, var 1) the random blocks otherwise compound until
-        every score is 1.0 and every box degenerate, which leaves nothing to test."""
+        """Random weights: each bottleneck starts as the identity (zero last-norm scale), as our random
+        ResNets do. With detectron2's frozen batch norm (mean 0, var 1) the random blocks otherwise
+        compound until every score is 1.0 and every box degenerate, which leaves nothing to test."""
         for module in self.model.backbone.modules():
             norm = getattr(getattr(module, "conv3", None), "norm", None)
             if norm is not None and hasattr(norm, "weight"):
@@ -459,15 +498,26 @@ class Detectron2Detector(Detector):
 
     def provenance_fields(self) -> dict:
         fields = super().provenance_fields()
-        fields["preprocessing"].update(detectron2_config=self.config_name, config_sha256=self.config_hash,
-                                       input_format=self.cfg.INPUT.FORMAT)
+        fields["preprocessing"].update(
+            detectron2_config=self.config_name,
+            config_sha256=self.config_hash,
+            input_format=self.cfg.INPUT.FORMAT,
+        )
         fields["checkpoint"] = self.checkpoint or "none (random weights)"
         return fields
 
     def _forward(self, inputs, original_sizes):
-        batch = [{"image": (image.flip(0) if self.bgr else image).float(), "height": h, "width": w}
-                 for image, (h, w) in zip(inputs, original_sizes)]
+        batch = [
+            {"image": (image.flip(0) if self.bgr else image).float(), "height": h, "width": w}
+            for image, (h, w) in zip(inputs, original_sizes)
+        ]
         with self.autocast():
             outputs = self.model(batch)  # eval mode: R-CNNs and RetinaNet rescale boxes to (height, width)
-        return [(out["instances"].pred_boxes.tensor.float(), out["instances"].scores.float(),
-                 out["instances"].pred_classes) for out in outputs]
+        return [
+            (
+                out["instances"].pred_boxes.tensor.float(),
+                out["instances"].scores.float(),
+                out["instances"].pred_classes,
+            )
+            for out in outputs
+        ]

@@ -79,11 +79,13 @@ class StageClock:
         if not self.cuda:
             return {}
         torch.cuda.synchronize()
-        return {name: sum(s.elapsed_time(e) for s, e in pairs) / 1000.0 for name, pairs in self._events.items()}
+        return {
+            name: sum(s.elapsed_time(e) for s, e in pairs) / 1000.0 for name, pairs in self._events.items()
+        }
 
 
 class BackgroundWriter:
-    """One thread for work the device need not wait for (JPEG crops, chunk files), at most ``pending`` queued."""
+    """One thread for what the device need not wait for (JPEG crops, chunk files), ``pending`` at most."""
 
     def __init__(self, pending: int = 256):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mner-writer")
@@ -108,8 +110,12 @@ class ChunkImages:
     scores: list[np.ndarray] = field(default_factory=list)  # per row (k,)
     class_ids: list[np.ndarray] = field(default_factory=list)  # per row (k,)
     crop_jpegs: list[Future] = field(default_factory=list)  # per row: Future[list[bytes]] (when stored)
-    image_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> key -> (rows, ...)
-    crop_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> key -> (objects, ...)
+    image_arrays: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # encoder -> key -> (rows, ...)
+    crop_arrays: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # encoder -> key -> (objects, ...)
 
 
 class ImageStages:
@@ -119,8 +125,15 @@ class ImageStages:
     dict (``ChunkBatch.shared``): whole-image inputs moved to the device and crops cut at one side are
     kept there, so the second encoder with the same input size reuses the first one's."""
 
-    def __init__(self, device: str | torch.device, *, batch_size: int = 32, crop_batch_size: int | None = None,
-                 writer: BackgroundWriter | None = None, clock: StageClock | None = None):
+    def __init__(
+        self,
+        device: str | torch.device,
+        *,
+        batch_size: int = 32,
+        crop_batch_size: int | None = None,
+        writer: BackgroundWriter | None = None,
+        clock: StageClock | None = None,
+    ):
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.crop_batch_size = crop_batch_size or 4 * batch_size
@@ -128,7 +141,9 @@ class ImageStages:
         self.clock = clock or StageClock(self.device)
 
     # detector -------------------------------------------------------------------------------------------
-    def detect(self, detector: Detector, items: list[DecodedImage]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def detect(
+        self, detector: Detector, items: list[DecodedImage]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per item (boxes in DECODED-image pixels, scores, class ids); batches share one padded size."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
@@ -136,49 +151,72 @@ class ImageStages:
         found: dict[int, tuple] = {}
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
+                batch = members[start : start + self.batch_size]
                 with self.clock("detector"):
-                    detections = detector.detect_batch([items[i].detector_input for i in batch],
-                                                       [tuple(items[i].original.shape[1:]) for i in batch])
+                    detections = detector.detect_batch(
+                        [items[i].detector_input for i in batch],
+                        [tuple(items[i].original.shape[1:]) for i in batch],
+                    )
                 found.update(zip(batch, detections.split()))
         return [found[i] for i in range(len(items))]
 
-    def jpeg_crops(self, items: list[DecodedImage], boxes: list[np.ndarray], *, max_side: int,
-                   quality: int) -> list[Future]:
+    def jpeg_crops(
+        self, items: list[DecodedImage], boxes: list[np.ndarray], *, max_side: int, quality: int
+    ) -> list[Future]:
         """The stored JPEG crops, encoded by the background writer: a Future[list[bytes]] per item."""
         if self.writer is None:
             done = []
             for item, item_boxes in zip(items, boxes):
                 future: Future = Future()
-                future.set_result(jpeg_crops(item.original_hwc(), item_boxes, max_side=max_side, quality=quality))
+                future.set_result(
+                    jpeg_crops(item.original_hwc(), item_boxes, max_side=max_side, quality=quality)
+                )
                 done.append(future)
             return done
-        return [self.writer.submit(jpeg_crops, item.original_hwc(), item_boxes, max_side=max_side, quality=quality)
-                for item, item_boxes in zip(items, boxes)]
+        return [
+            self.writer.submit(
+                jpeg_crops, item.original_hwc(), item_boxes, max_side=max_side, quality=quality
+            )
+            for item, item_boxes in zip(items, boxes)
+        ]
 
     # encoders -------------------------------------------------------------------------------------------
-    def image_features(self, encoder: Encoder, items: list[DecodedImage], shared: dict | None = None,
-                       name: str | None = None) -> dict[str, np.ndarray]:
+    def image_features(
+        self, encoder: Encoder, items: list[DecodedImage], shared: dict | None = None, name: str | None = None
+    ) -> dict[str, np.ndarray]:
         """Per-image arrays (n, ...) float16; the uint8 inputs go to the device once per input spec."""
         shared = {} if shared is None else shared
         name = name or encoder.name
         spec: InputSpec = encoder.image_input
-        out = {key: np.zeros((len(items), *shape), np.float16) for key, shape in encoder.image_datasets.items()}
+        out = {
+            key: np.zeros((len(items), *shape), np.float16) for key, shape in encoder.image_datasets.items()
+        }
         for start in range(0, len(items), self.batch_size):
             key_inputs = ("inputs", spec, start)
             if key_inputs not in shared:
                 with self.clock("encoder inputs"):
-                    shared[key_inputs] = torch.stack([
-                        item.encoder_inputs[spec].to(self.device, non_blocking=True)
-                        for item in items[start:start + self.batch_size]])  # (B, 3, S, S) uint8
+                    shared[key_inputs] = torch.stack(
+                        [
+                            item.encoder_inputs[spec].to(self.device, non_blocking=True)
+                            for item in items[start : start + self.batch_size]
+                        ]
+                    )  # (B, 3, S, S) uint8
             pixels = shared[key_inputs]
             with self.clock(f"encoder {name}"), torch.inference_mode():
-                for key, values in encoder.forward_images(normalize(pixels, encoder.mean, encoder.std)).items():
-                    out[key][start:start + len(pixels)] = to_host_half(values)
+                for key, values in encoder.forward_images(
+                    normalize(pixels, encoder.mean, encoder.std)
+                ).items():
+                    out[key][start : start + len(pixels)] = to_host_half(values)
         return out
 
-    def crop_features(self, encoder: Encoder, items: list[DecodedImage], boxes: list[np.ndarray],
-                      shared: dict | None = None, name: str | None = None) -> dict[str, np.ndarray]:
+    def crop_features(
+        self,
+        encoder: Encoder,
+        items: list[DecodedImage],
+        boxes: list[np.ndarray],
+        shared: dict | None = None,
+        name: str | None = None,
+    ) -> dict[str, np.ndarray]:
         """Per-object arrays (M, ...) float16 for ``boxes`` (decoded-image pixels, per item, in order)."""
         shared = {} if shared is None else shared
         name = name or encoder.name
@@ -193,23 +231,30 @@ class ImageStages:
             if key_crops not in shared:
                 with self.clock("crops"), torch.inference_mode():
                     window = range(start, min(start + self.batch_size, len(items)))
-                    bank = CropBank([items[j].original.to(self.device, non_blocking=True) for j in window],
-                                    [torch.from_numpy(np.ascontiguousarray(boxes[j], np.float32)) for j in window],
-                                    {encoder.crop_size})
+                    bank = CropBank(
+                        [items[j].original.to(self.device, non_blocking=True) for j in window],
+                        [boxes[j] for j in window],  # host boxes: rois prepared on the host
+                        {encoder.crop_size},
+                    )
                     shared[key_crops] = bank[encoder.crop_size]  # (count, 3, S, S) in 0..1
             crops = shared[key_crops]
             for lo in range(0, len(crops), self.crop_batch_size):
                 with self.clock(f"encoder {name}"), torch.inference_mode():
-                    pixels = normalize(crops[lo:lo + self.crop_batch_size], encoder.mean, encoder.std)
+                    pixels = normalize(crops[lo : lo + self.crop_batch_size], encoder.mean, encoder.std)
                     for key, values in encoder.forward_crops(pixels).items():
-                        out[key][written + lo:written + lo + len(values)] = to_host_half(values)
+                        out[key][written + lo : written + lo + len(values)] = to_host_half(values)
             written += len(crops)
         return out
 
-    # everything at once (benchmarks, tests) ------------------------------------------------------------------
-    def process(self, detector: Detector | None, encoders: dict[str, Encoder], items: list[DecodedImage],
-                cached_boxes: list[np.ndarray] | None = None,
-                crop_jpeg: tuple[int, int] | None = None) -> ChunkImages:
+    # everything at once (benchmarks, tests) -------------------------------------------------------------
+    def process(
+        self,
+        detector: Detector | None,
+        encoders: dict[str, Encoder],
+        items: list[DecodedImage],
+        cached_boxes: list[np.ndarray] | None = None,
+        crop_jpeg: tuple[int, int] | None = None,
+    ) -> ChunkImages:
         """Compute the ``ok`` items. ``cached_boxes`` (original pixels, per item) replace the detector."""
         rows = [i for i, item in enumerate(items) if item.status == "ok"]
         usable = [items[i] for i in rows]
@@ -221,9 +266,14 @@ class ImageStages:
             result.scores = [f[1] for f in found]
             result.class_ids = [f[2] for f in found]
             if crop_jpeg:
-                result.crop_jpegs = self.jpeg_crops(usable, boxes, max_side=crop_jpeg[0], quality=crop_jpeg[1])
+                result.crop_jpegs = self.jpeg_crops(
+                    usable, boxes, max_side=crop_jpeg[0], quality=crop_jpeg[1]
+                )
         else:
-            boxes = [np.asarray(cached_boxes[i], np.float32).reshape(-1, 4) / np.float32(items[i].scale) for i in rows]
+            boxes = [
+                np.asarray(cached_boxes[i], np.float32).reshape(-1, 4) / np.float32(items[i].scale)
+                for i in rows
+            ]
         shared: dict = {}
         for name, encoder in encoders.items():
             result.image_arrays[name] = self.image_features(encoder, usable, shared, name)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("detectron2", reason="detectron2 is not installed (no wheels; build steps in docs/install.md)")
+pytest.importorskip(
+    "detectron2", reason="detectron2 is not installed (no wheels; build steps in docs/install.md)"
+)
 
 from mner.features.detectors import DetectorConfig, create_detector  # noqa: E402
 
@@ -21,14 +23,19 @@ RETINANET = "COCO-Detection/retinanet_R_50_FPN_1x.yaml"
 
 def _images():
     rng = np.random.default_rng(3)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-            for w, h in [(160, 120), (160, 120), (120, 160)]]
+    return [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for w, h in [(160, 120), (160, 120), (120, 160)]
+    ]
 
 
 @pytest.fixture(scope="module")
 def mask_rcnn():
-    return create_detector("detectron2", config=DetectorConfig(score_threshold=0.0, top_k=4, min_size=96,
-                                                                random_init=True), detectron2_config=MASK_RCNN)
+    return create_detector(
+        "detectron2",
+        config=DetectorConfig(score_threshold=0.0, top_k=4, min_size=96, random_init=True),
+        detectron2_config=MASK_RCNN,
+    )
 
 
 def test_config_scaling_thresholds_and_provenance(mask_rcnn):
@@ -58,8 +65,11 @@ def test_batched_equals_single_image(mask_rcnn):
 
 
 def test_retinanet_reads_its_own_threshold():
-    detector = create_detector("detectron2", config=DetectorConfig(score_threshold=0.9, top_k=3, min_size=96,
-                                                                    random_init=True), detectron2_config=RETINANET)
+    detector = create_detector(
+        "detectron2",
+        config=DetectorConfig(score_threshold=0.9, top_k=3, min_size=96, random_init=True),
+        detectron2_config=RETINANET,
+    )
     assert detector.cfg.MODEL.RETINANET.SCORE_THRESH_TEST == 0.9
     boxes, scores, _ = detector(_images()[0])
     assert (scores >= 0.9).all() and len(scores) <= 3
@@ -67,7 +77,9 @@ def test_retinanet_reads_its_own_threshold():
 
 def test_unknown_config_is_a_clear_error():
     with pytest.raises(ValueError, match="--detectron2-config"):
-        create_detector("detectron2", config=DetectorConfig(random_init=True), detectron2_config="nope/x.yaml")
+        create_detector(
+            "detectron2", config=DetectorConfig(random_init=True), detectron2_config="nope/x.yaml"
+        )
 
 
 def test_extract_with_detectron2(tmp_path):
@@ -80,10 +92,36 @@ def test_extract_with_detectron2(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.txt").write_text("".join(f"IMGID:{i}\nJohn\tB-PER\n\n" for i in range(3)))
     out = tmp_path / "d2.h5"
-    assert main(["extract", "--data", str(tmp_path / "data"), "--images", str(tmp_path / "images"), "--out", str(out),
-                 "--detector", "detectron2", "--detectron2-config", MASK_RCNN, "--random-init", "--encoder",
-                 "clip-test", "--score-threshold", "0", "--top-k", "2", "--detector-min-size", "96",
-                 "--no-progress", "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--data",
+                str(tmp_path / "data"),
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+                "--detector",
+                "detectron2",
+                "--detectron2-config",
+                MASK_RCNN,
+                "--random-init",
+                "--encoder",
+                "clip-test",
+                "--score-threshold",
+                "0",
+                "--top-k",
+                "2",
+                "--detector-min-size",
+                "96",
+                "--no-progress",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     cache = FeatureCache(out)
     assert cache.provenance("objects")["model"] == f"detectron2/{MASK_RCNN}"
     assert cache.provenance("objects")["pretrained"] == "random"

@@ -28,8 +28,13 @@ def test_torchrun_rank_is_the_shard_and_local_rank_the_gpu():
 
 @pytest.mark.parametrize("task,expected", [(0, 0), (4, 1), (8, 2), (12, 3)])
 def test_slurm_array_with_a_step(task, expected):
-    env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "12",
-           "SLURM_ARRAY_TASK_STEP": "4", "SLURM_ARRAY_TASK_COUNT": "4"}
+    env = {
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "12",
+        "SLURM_ARRAY_TASK_STEP": "4",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+    }
     assert resolve_shard(None, env) == (expected, 4)
 
 
@@ -53,5 +58,6 @@ def test_device_auto_without_gpu_and_bad_names():
 
 
 def test_merge_hint_names_the_shard_files():
-    assert merge_hint("cache/t15.h5", 4) == ("when all 4 shards are written: mner-features merge "
-                                            "cache/t15.shard*of4.h5 --out cache/t15.h5")
+    assert merge_hint("cache/t15.h5", 4) == (
+        "when all 4 shards are written: mner-features merge cache/t15.shard*of4.h5 --out cache/t15.h5"
+    )

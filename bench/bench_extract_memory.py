@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -50,10 +51,11 @@ def child(args) -> None:
         started = time.perf_counter()
         summary = run_extraction(opts)
         seconds = time.perf_counter() - started
+        cache_bytes = os.path.getsize(opts.out)
     print(json.dumps({"images": summary.num_images, "objects": summary.num_objects, "seconds": seconds,
                       "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      "rss_before_kib": baseline, "parts_bytes": summary.parts_bytes,
-                      "cache_bytes": summary.cache_bytes}))
+                      "rss_before_kib": baseline, "parts_bytes": getattr(summary, "parts_bytes", 0),
+                      "cache_bytes": cache_bytes}))
 
 
 def main() -> None:

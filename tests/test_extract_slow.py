@@ -99,12 +99,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     parts = Path(f"{out}.parts")
     rng = random.Random(0)
     killed_mid_run = 0
-    for fraction in (0.5, 0.75, 0.9):
+
+    def chunks_done() -> int:
+        return len(list(parts.rglob("chunk_*.npz"))) if parts.exists() else 0
+
+    for _ in range(3):  # each run is killed a random moment after it finished one more chunk
         process = subprocess.Popen(command(out), **quiet)
-        time.sleep(full_run_seconds * fraction * rng.uniform(0.9, 1.1))
+        before, deadline = chunks_done(), time.monotonic() + 3 * full_run_seconds
+        while chunks_done() == before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        killed_mid_run += parts.exists() and any(parts.rglob("*.npz"))
+        killed_mid_run += chunks_done() > 0
         if out.exists():  # a kill after the rename: the cache must be complete and valid
             FeatureCache(out)
     assert killed_mid_run, "no kill landed between two finished chunks: the test checked nothing"

@@ -20,21 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # bench_extract (also when imported from elsewhere)
+sys.path.insert(0, str(Path(__file__).parent))  # bench/corpus.py (also when imported from elsewhere)
 
-import numpy as np
-from PIL import Image
-
-
-def make_corpus(root: Path, count: int) -> tuple[Path, Path]:
-    """bench_extract's posts and images, the images replaced by noise: large JPEG crops, the worst case."""
-    from bench_extract import make_corpus as posts_and_images
-
-    data, images = posts_and_images(root, count)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(images / f"{i}.jpg", quality=90)
-    return data, images
+from corpus import make_corpus  # noqa: E402
 
 
 def child(args) -> None:
@@ -42,7 +30,7 @@ def child(args) -> None:
     from mner.features.extract import ExtractOptions, run_extraction
 
     with tempfile.TemporaryDirectory() as tmp:
-        data, images = make_corpus(Path(tmp), args.child)
+        data, images = make_corpus(Path(tmp), args.child, noise=True)
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         opts = ExtractOptions(data=str(data), images=str(images), out=str(Path(tmp) / "bench.h5"),
                               detector=args.detector, encoders=list(args.encoder), random_init=True,

@@ -15,20 +15,6 @@ import typer
 _COMMAND: list[str] = []  # the command line main() was given (recorded in provenance)
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu (decided when extracting, so other commands skip torch)."""
-    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
-
-
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
     help="Stage 1 of mner: run detectors and image encoders once and cache their outputs in HDF5.\n\n"
@@ -48,16 +34,19 @@ def extract(
     no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
                                    "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
-    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2"),
+    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2 (| maskrcnn-test | "
+                                 "fasterrcnn-test: tiny random test variants)"),
     encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
-                                      "(| resnet152-test | swin-test: few-layer test variants)"),
+                                      "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
     prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
                                      "(offline smoke runs; recorded in provenance, the trainer warns)"),
-    device: str = typer.Option("auto", help="torch device; auto: cuda when available, else cpu"),
+    device: str = typer.Option("auto", help="auto (the LOCAL_RANK GPU under torchrun, cuda:0, else cpu) | cpu | "
+                               "cuda | cuda:N"),
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
-    num_workers: int = typer.Option(0, help="DataLoader workers decoding images"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and resizing "
+                                              "images (default: all cores but one, at most 8; 0: main process)"),
     top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
     score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
     detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
@@ -89,9 +78,7 @@ def extract(
       --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
-    from mner.pipeline.feature_cache import CacheError
-
-    device = resolve_device(device)
+    from mner.pipeline.cache import CacheError
 
     try:
         opts = ExtractOptions(
@@ -114,6 +101,10 @@ def extract(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(str(summary))
+    if summary.shard_count > 1:
+        from mner.features.distributed import merge_hint
+
+        typer.echo(merge_hint(out, summary.shard_count))
 
 
 @app.command()

@@ -33,6 +33,7 @@ def register_encoder(name: str):
     def decorator(factory):
         ENCODERS[name] = factory
         return factory
+
     return decorator
 
 
@@ -50,7 +51,7 @@ class EncoderConfig:
     clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local checkpoint file
     swin_model: str = "microsoft/swin-large-patch4-window12-384"  # hub name or local folder
     device: str = "cpu"
-    amp: str = "bf16"  # autocast dtype on CUDA: bf16 | fp16 | off (CPU always runs fp32)
+    amp: str = "fp16"  # autocast dtype on CUDA: fp16 | bf16 | off (CPU always runs fp32)
     channels_last: bool = True  # NHWC convolutions on CUDA (ResNet); ignored on CPU
 
 
@@ -80,11 +81,22 @@ class InputSpec:
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
 
 
+_NORMALISERS: dict = {}
+
+
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, 3, S, S) in 0..255 or float in 0..1 -> float normalised, on the pixels' device."""
+    """uint8 (B, 3, S, S) in 0..255 or float in 0..1 -> float normalised, on the pixels' device.
+
+    The (mean, std) tensors are made once per device: a fresh ``torch.tensor(..., device="cuda")`` per
+    batch would be a synchronous host-to-device copy that stalls the pipeline."""
     scale = 255.0 if pixels.dtype == torch.uint8 else 1.0
-    mean_t = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * scale
-    std_t = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * scale
+    key = (pixels.device, tuple(mean), tuple(std), scale)
+    if key not in _NORMALISERS:
+        _NORMALISERS[key] = (
+            torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * scale,
+            torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * scale,
+        )
+    mean_t, std_t = _NORMALISERS[key]
     return (pixels.float() - mean_t) / std_t
 
 
@@ -110,7 +122,9 @@ class Encoder:
     def random_weights(self) -> bool:
         return self.config.random_init or self.always_random
 
-    checkpoint: dict | None = None  # library weights: enum / tag / hub revision, file loaded, sha256 (weights.py)
+    checkpoint: dict | None = (
+        None  # library weights: enum / tag / hub revision, file loaded, sha256 (weights.py)
+    )
 
     def pretrained(self) -> str:
         from mner.features.weights import pretrained_tag
@@ -118,12 +132,20 @@ class Encoder:
         if self.random_weights:
             return "random"
         if self.config.weights:
-            return sha256_file(self.config.weights) if Path(self.config.weights).is_file() else str(self.config.weights)
+            return (
+                sha256_file(self.config.weights)
+                if Path(self.config.weights).is_file()
+                else str(self.config.weights)
+            )
         return pretrained_tag(self.checkpoint or {}) or "unknown library weights"
 
     def provenance_fields(self) -> dict:
-        fields = {"model": self.model_name, "pretrained": self.pretrained(), "preprocessing": self.preprocessing,
-                  "thresholds": {}}
+        fields = {
+            "model": self.model_name,
+            "pretrained": self.pretrained(),
+            "preprocessing": self.preprocessing,
+            "thresholds": {},
+        }
         if self.checkpoint and not self.random_weights:
             fields["checkpoint"] = self.checkpoint
         return fields
@@ -143,8 +165,12 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_images(self, images) -> dict[str, np.ndarray]:
-        pixels = torch.stack([self.image_input.resize(image.convert("RGB")) for image in images]).to(self.device)
-        return {k: v.cpu().numpy() for k, v in self.forward_images(normalize(pixels, self.mean, self.std)).items()}
+        pixels = torch.stack([self.image_input.resize(image.convert("RGB")) for image in images]).to(
+            self.device
+        )
+        return {
+            k: v.cpu().numpy() for k, v in self.forward_images(normalize(pixels, self.mean, self.std)).items()
+        }
 
     @torch.inference_mode()
     def encode_crops(self, crops) -> dict[str, np.ndarray]:
@@ -152,7 +178,9 @@ class Encoder:
             return {}
         spec = InputSpec(self.crop_size)
         pixels = torch.stack([spec.resize(crop.convert("RGB")) for crop in crops]).to(self.device)
-        return {k: v.cpu().numpy() for k, v in self.forward_crops(normalize(pixels, self.mean, self.std)).items()}
+        return {
+            k: v.cpu().numpy() for k, v in self.forward_crops(normalize(pixels, self.mean, self.std)).items()
+        }
 
 
 @dataclass
@@ -169,10 +197,20 @@ def build_tiny_clip(shape: TinyClipShape = TinyClipShape()):
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(layers=shape.layers, width=shape.width, head_width=shape.head_width,
-                           patch_size=shape.patch_size, image_size=224)
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=shape.width,
-                       heads=shape.width // shape.head_width, layers=shape.layers)
+    vision = CLIPVisionCfg(
+        layers=shape.layers,
+        width=shape.width,
+        head_width=shape.head_width,
+        patch_size=shape.patch_size,
+        image_size=224,
+    )
+    text = CLIPTextCfg(
+        context_length=77,
+        vocab_size=49408,
+        width=shape.width,
+        heads=shape.width // shape.head_width,
+        layers=shape.layers,
+    )
     return open_clip.CLIP(embed_dim=shape.embed_dim, vision_cfg=vision, text_cfg=text)
 
 
@@ -216,10 +254,13 @@ class ClipEncoder(Encoder):
             probe = self.forward_images(torch.zeros(1, 3, size, size, device=self.device))
         self.image_datasets = {key: tuple(value.shape[1:]) for key, value in probe.items()}
         self.crop_datasets = {"crop_embed": self.image_datasets["image_embed"]}
-        self.preprocessing = {"image": f"open_clip preprocess (resize {size} bicubic + center crop)",
-                              "crop": f"roi_align of the decoded image to {size}x{size} (VCRMNER)",
-                              "mean": self.mean, "std": self.std,
-                              "patch_tokens": "visual transformer tokens after ln_post, class token excluded"}
+        self.preprocessing = {
+            "image": f"open_clip preprocess (resize {size} bicubic + center crop)",
+            "crop": f"roi_align of the decoded image to {size}x{size} (VCRMNER)",
+            "mean": self.mean,
+            "std": self.std,
+            "patch_tokens": "visual transformer tokens after ln_post, class token excluded",
+        }
 
     @property
     def image_size(self) -> int:
@@ -261,7 +302,7 @@ class ClipEncoder(Encoder):
 
 @register_encoder("clip-test")
 class ClipTestEncoder(ClipEncoder):
-    """Tiny random CLIP (2+2 layers, width 64, ViT-B-32 token layout); the same as ``--clip-model clip-test``."""
+    """Tiny random CLIP (2+2 layers, width 64, ViT-B-32 token layout); as ``--clip-model clip-test``."""
 
     name = "clip-test"
 
@@ -303,14 +344,20 @@ class ResNetEncoder(Encoder):
         self.channels_last = self.device.type == "cuda" and config.channels_last
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.model_name = f"torchvision/resnet(bottleneck {list(self.blocks)})" if self.name != "resnet152" \
+        self.model_name = (
+            f"torchvision/resnet(bottleneck {list(self.blocks)})"
+            if self.name != "resnet152"
             else "torchvision/resnet152"
+        )
         grid = self.image_input.size // 32
         self.image_datasets = {"grid": (grid, grid, 2048)}
         self.crop_datasets = {"crop_pooled": (2048,)}
-        self.preprocessing = {"resize": f"{self.image_input.size}x{self.image_input.size} bicubic (no crop)",
-                              "crop": "roi_align of the decoded image to 224x224",
-                              "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.preprocessing = {
+            "resize": f"{self.image_input.size}x{self.image_input.size} bicubic (no crop)",
+            "crop": "roi_align of the decoded image to 224x224",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
 
     def _grid(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -367,17 +414,27 @@ class SwinEncoder(Encoder):
         else:
             s = self.shape
             with seeded_if_random(self.name, self.always_random):
-                self.model = SwinModel(SwinConfig(image_size=s.image_size, patch_size=4, embed_dim=s.embed_dim,
-                                                  depths=list(s.depths), num_heads=list(s.num_heads),
-                                                  window_size=s.window_size))
+                self.model = SwinModel(
+                    SwinConfig(
+                        image_size=s.image_size,
+                        patch_size=4,
+                        embed_dim=s.embed_dim,
+                        depths=list(s.depths),
+                        num_heads=list(s.num_heads),
+                        window_size=s.window_size,
+                    )
+                )
             self.model_name = f"transformers/SwinModel({s})"
         self.model.eval().to(self.device)
         self.image_input = InputSpec(self.model.config.image_size)
         grid = self.image_input.size // 32
         self.image_datasets = {"grid": (grid, grid, self.model.num_features)}
-        self.preprocessing = {"resize": f"{self.image_input.size}x{self.image_input.size} bicubic (no crop)",
-                              "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                              "grid": "last_hidden_state (after the final layer norm)"}
+        self.preprocessing = {
+            "resize": f"{self.image_input.size}x{self.image_input.size} bicubic (no crop)",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "grid": "last_hidden_state (after the final layer norm)",
+        }
 
     def pretrained(self) -> str:
         if self.random_weights:

@@ -9,10 +9,10 @@ file + atomic rename): peak memory is one chunk, temporary disk is the parts fol
 
 The whole run holds the cache's lock: a second writer of the same ``--out`` stops with an error that
 names the holder. Groups already in the cache are never recomputed (unless ``overwrite``): adding
-``--encoder swin`` runs only Swin, and crop features are always computed from the cached JPEG crops,
-so adding an encoder later gives the same numbers as computing it in the first run. A cache that grows
-is checked against the images it was built from (content fingerprints) and against the CLIP model
-that made its embeddings.
+``--encoder swin`` runs only Swin, and crop features are cut from the decoded image at the cached boxes
+(``stages.py``), so adding an encoder later gives the same numbers as computing it in the first run.
+A cache that grows is checked against the images it was built from (content fingerprints) and against
+the CLIP model that made its embeddings.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mner.features.images import (
-    MAX_SIDE, MISSING_POLICIES, LoadedImage, apply_missing_policy, file_fingerprint, load_image, placeholder_image,
-)
+from mner.features.distributed import resolve_device
+from mner.features.images import MAX_SIDE, MISSING_POLICIES, LoadedImage, file_fingerprint, placeholder_image
+from mner.features.loader import DecodedImage, ImageLoader, LoaderSpec, default_num_workers, prepared_image
 from mner.features.parts import chunk_key, chunk_paths, folder_bytes, iter_chunks, pack_bytes, save_chunk, unpack_bytes
-from mner.features.producers import ChunkBatch, Producer, check_layouts
+from mner.features.producers import ChunkBatch, Producer, check_layouts, resolved
 from mner.features.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
+from mner.features.stages import BackgroundWriter, ImageStages
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
 from mner.pipeline.cache.specs import index_path
 
@@ -57,9 +58,9 @@ class ExtractOptions:
     encoders: list[str] = field(default_factory=lambda: ["clip"])  # registered encoder names
     prompts: list[str] = field(default_factory=list)  # prompt set names (need the clip encoder)
     random_init: bool = False  # random weights everywhere (offline smoke runs), recorded in provenance
-    device: str = "cpu"
-    batch_size: int = 32  # images (and crops) per encoder forward
-    num_workers: int = 0  # DataLoader workers decoding images
+    device: str = "auto"  # auto: the LOCAL_RANK GPU under torchrun, else cuda:0, else cpu (distributed.py)
+    batch_size: int = 32  # images per detector/encoder forward (crops: 4x)
+    num_workers: int | None = None  # loader worker processes; None: all cores but one, at most 8
     top_k: int = 10  # objects kept per image
     score_threshold: float = 0.5  # detector score cut
     detector_min_size: int = 800  # detector input shorter side
@@ -92,7 +93,7 @@ class ExtractOptions:
                             ("--max-image-side", self.max_image_side)):
             need(isinstance(value, int) and value >= 1, flag, value, "an integer >= 1")
         need(self.top_k >= 1, "--top-k", self.top_k, "an integer >= 1")
-        need(self.num_workers >= 0, "--num-workers", self.num_workers, "an integer >= 0")
+        need(self.num_workers is None or self.num_workers >= 0, "--num-workers", self.num_workers, "an integer >= 0")
         need(1 <= self.crop_quality <= 95, "--crop-quality", self.crop_quality, "a JPEG quality in 1..95")
         need(self.score_threshold >= 0, "--score-threshold", self.score_threshold, "a score >= 0")
         if self.max_bad_images is not None:
@@ -126,6 +127,8 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     parts_bytes: int = 0  # temporary disk at assembly: the parts folder
     cache_bytes: int = 0  # the cache written
+    stages: dict[str, float] = field(default_factory=dict)  # device stages' wall seconds (detector, crops, ...)
+    shard_count: int = 1  # > 1: this run wrote one shard of several (merge them when all are done)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.out}: computed {', '.join(self.computed) or 'nothing'}"
@@ -143,34 +146,15 @@ class Summary:
         for name, seconds in self.seconds.items():
             rate = self.num_images / seconds if seconds > 0 else float("inf")
             lines.append(f"  {name:<24} {seconds:8.2f} s  ({100 * seconds / total:5.1f}%, {rate:8.1f} images/s)")
+        if self.stages:
+            lines.append("device stages (inside the above):")
+            for name, seconds in self.stages.items():
+                rate = self.num_images / seconds if seconds > 0 else float("inf")
+                lines.append(f"  {name:<24} {seconds:8.2f} s  ({rate:8.1f} images/s)")
         return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- images
-
-
-class _ImageList(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; yields LoadedImage (PIL images pickle fine)."""
-
-    def __init__(self, images_dir: str | None, ids: list[str], max_side: int):
-        self.images_dir, self.ids, self.max_side = images_dir, ids, max_side
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> LoadedImage:
-        return load_image(self.images_dir, self.ids[index], max_side=self.max_side)
-
-
-def _identity(item):
-    return item
-
-
-def iter_images(opts: ExtractOptions, ids: list[str]):
-    """The chunk's images in order (the pipelined loader of issue 12 replaces this function)."""
-    loader = torch.utils.data.DataLoader(_ImageList(opts.images, ids, opts.max_image_side), batch_size=None,
-                                         num_workers=opts.num_workers, collate_fn=_identity)
-    return iter(loader)
 
 
 def seed_random_init(component: str, random_init: bool) -> None:
@@ -195,6 +179,13 @@ def absolute_command(argv: list[str]) -> list[str]:
     return out
 
 
+def _pack_and_save(path: Path, arrays: dict) -> None:
+    """In the background writer: ragged bytes (waiting for their JPEG crops) packed flat, then the chunk saved."""
+    for key in [key for key, value in arrays.items() if isinstance(value, list)]:
+        arrays[key], arrays[key + "::lengths"] = pack_bytes(resolved(arrays[key]))
+    save_chunk(path, arrays)
+
+
 def _segments(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -211,6 +202,9 @@ class Extraction:
         opts.validate()
         self.opts = opts
         self.shard = resolve_shard(opts.shard)
+        opts.device = resolve_device(opts.device)
+        self.num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
+        self.stages = ImageStages(opts.device, batch_size=opts.batch_size)  # shared by the image producers
         self.out = shard_out_path(opts.out, *self.shard)
         self.dataset = load_dataset(opts.data)
         index, count = self.shard
@@ -250,9 +244,12 @@ class Extraction:
 
     # checks before any model runs --------------------------------------------------------------------
     def check_images(self) -> list[LoadedImage]:
-        return [item for item in tqdm(iter_images(self.opts, self.ids), total=len(self.ids), unit="img",
-                                      desc="checking images", disable=not self.opts.progress)
-                if item.status != "ok"]
+        loader = ImageLoader(LoaderSpec(self.opts.images, self.opts.max_image_side, keep_original=False), self.ids,
+                             num_workers=self.num_workers)
+        bad = [item for item in tqdm(loader, total=len(self.ids), unit="img", desc="checking images",
+                                     disable=not self.opts.progress) if item.status != "ok"]
+        loader.close()
+        return bad
 
     def _check_image_drift(self) -> None:
         """A grown cache must describe the same pictures: changed/restored/newly missing images refuse the run."""
@@ -326,15 +323,44 @@ class Extraction:
         bar = tqdm(total=len(self.ids), unit="img", desc=f"extract {Path(self.out).name}",
                    disable=not opts.progress)
         started, bad = time.perf_counter(), Counter()
-        for k, (chunk, path) in enumerate(zip(chunks, paths)):
+        for chunk, path in zip(chunks, paths):
             if path.exists() and not self._chunk_current(path, chunk):
                 path.unlink()  # its image files changed since that chunk was computed
-            if not path.exists():
-                save_chunk(path, self._process_chunk(chunk, k * opts.chunk_size))
-            bad.update(self._bad_of(path))
-            self._check_bad_share(bad)
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f} images/s")
+        todo = [k for k, path in enumerate(paths) if not path.exists()]
+        # one loader for the whole shard: its workers decode the next chunks while the device works
+        self.loader = ImageLoader(self._loader_spec(), [i for k in todo for i in chunks[k]],
+                                  num_workers=self.num_workers, pin_memory=self.stages.device.type == "cuda") \
+            if self.decode and todo else None
+        self.stages.writer = writer = BackgroundWriter()  # JPEG crops and chunk files, off the device's path
+        clock, pending = self.stages.clock, []
+        loop_wall, loop_cpu = time.perf_counter(), time.thread_time()
+        try:
+            for k, (chunk, path) in enumerate(zip(chunks, paths)):
+                if k in todo:
+                    arrays = self._process_chunk(chunk, k * opts.chunk_size)
+                    bad.update(self._bad_of_arrays(arrays))
+                    pending.append(writer.submit(_pack_and_save, path, arrays))
+                else:
+                    bad.update(self._bad_of(path))
+                self._check_bad_share(bad)
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f} images/s")
+            with clock("wait for writer", device=False):
+                for future in pending:
+                    future.result()  # every chunk file is complete (and a writer error surfaces) before assembly
+            self.loop_stats = {"images": sum(len(chunks[k]) for k in todo), "wall": time.perf_counter() - loop_wall,
+                               "main_thread_cpu": time.thread_time() - loop_cpu,
+                               "forward_thread_cpu": clock.forward_thread_cpu(),
+                               "device_seconds": clock.device_seconds()}
+        except BaseException:
+            writer.close()  # no chunk file appears after the error handling below
+            if self.parts.is_dir() and self._bad_share_exceeded(bad):
+                shutil.rmtree(self.parts, ignore_errors=True)
+            raise
+        finally:
+            writer.close()
+            if self.loader is not None:
+                self.loader.close()
         bar.close()
         self.parts_bytes = folder_bytes(self.parts_root)
         with self._timed("assemble (streaming)"):
@@ -347,6 +373,25 @@ class Extraction:
         for folder in (getattr(self, "parts", None), self.parts_root):
             if folder is not None and folder.is_dir() and not any(folder.rglob("*.npz")):
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _loader_spec(self) -> LoaderSpec:
+        """What the loader's workers prepare, collected from the producers that take tensors."""
+        detector, inputs = None, {}
+        for producer in self.producers:
+            wants = producer.pixel_inputs()
+            detector = wants.get("detector", detector)
+            if "encoder" in wants:
+                inputs[wants["encoder"]] = None
+        return LoaderSpec(self.opts.images, self.opts.max_image_side, detector, tuple(inputs))
+
+    def _bad_of_arrays(self, arrays: dict) -> Counter:
+        if not self.decode:
+            return Counter()
+        return Counter(c.decode() for s, c in zip(arrays["images::status"], arrays["images::cause"]) if s != OK)
+
+    def _bad_share_exceeded(self, bad: Counter) -> bool:
+        share = self.opts.max_bad_images
+        return share is not None and sum(bad.values()) > share * len(self.ids)
 
     def _chunk_current(self, path: Path, chunk: list[str]) -> bool:
         """A finished chunk is resumed only if its images are the same files (content fingerprints)."""
@@ -385,17 +430,18 @@ class Extraction:
         return _Timer()
 
     # one chunk --------------------------------------------------------------------------------------
-    def _load_chunk(self, chunk: list[str], first_row: int) -> list[LoadedImage]:
+    def _load_chunk(self, chunk: list[str], first_row: int) -> list[LoadedImage | DecodedImage]:
         """Decoded images after the missing-image policy; statuses from the cache when nothing needs pixels."""
         if not self.decode:
             return [LoadedImage(image_id, STATUS_NAMES[self.cache.status[first_row + i]])
                     for i, image_id in enumerate(chunk)]
-        loaded, images = [], iter_images(self.opts, chunk)
-        for row, _ in enumerate(chunk, start=first_row):
-            with self._timed("decode images"):
-                item = next(images)
+        with self.stages.clock("wait for images", device=False):
+            decoded = self.loader.take(len(chunk))
+        loaded = []
+        for row, item in enumerate(decoded, start=first_row):
             self.notes.update(note.split(" ")[0] for note in item.notes)
-            item = apply_missing_policy(item, self.opts.missing_image)
+            if item.status != "ok" and self.opts.missing_image == "placeholder":  # features of the gray image
+                item = replace(item, status="placeholder", detail=f"{item.status}: {item.detail}")
             if self.cache is not None and STATUS_NAMES[self.cache.status[row]] != item.status:
                 raise ImageError(f"image {item.image_id}: {self.out} has it as "
                                  f"{STATUS_NAMES[self.cache.status[row]]}, --images now gives {item.status} "
@@ -450,7 +496,7 @@ class Extraction:
         for group, values in outputs.items():
             for key, layout in self.groups_now[group].datasets().items():
                 if layout.ragged_bytes:
-                    arrays[chunk_key(group, key)], arrays[chunk_key(group, key) + "::lengths"] = pack_bytes(values[key])
+                    arrays[chunk_key(group, key)] = values[key]  # list of bytes: packed by the writer
                 else:
                     arrays[chunk_key(group, key)] = values[key]
         return arrays
@@ -469,9 +515,11 @@ class Extraction:
     def _batch(self, producer: Producer, items: list[LoadedImage], rows: list[int], positions: list[int],
                outputs: dict, counts: dict) -> ChunkBatch:
         """What ``producer`` sees: its inputs from this run's chunk outputs, else from the cache."""
+        pil = producer.needs_pixels and producer.pixels == "pil"  # a PIL copy only for producers that want one
         batch = ChunkBatch(image_ids=[item.image_id for item in items],
-                           images=[item.image if producer.needs_pixels else None for item in items],
-                           scales=[item.scale for item in items])
+                           images=[item.image if pil else None for item in items],
+                           scales=[item.scale for item in items],
+                           decoded=items if producer.needs_pixels and producer.pixels == "tensors" else None)
         if producer.needs_crops:
             batch.crops = [self._value("objects/crop_jpeg", row, i, outputs, counts) for row, i in zip(rows, positions)]
         for path in producer.reads:
@@ -540,10 +588,13 @@ class Extraction:
         if self._template is None:
             row = rows[[item.status for item in loaded].index("placeholder")]
             gray = placeholder_image()
-            outputs, counts = {}, {}
+            decoded = [prepared_image(self._loader_spec(), gray, "<placeholder>")]  # as the loader's workers would
+            outputs, counts, shared = {}, {}, {}
             with self._timed("placeholder (once)"):
                 for producer in self.producers:
-                    batch = ChunkBatch(["<placeholder>"], [gray if producer.needs_pixels else None], [1.0])
+                    tensors = producer.needs_pixels and producer.pixels == "tensors"
+                    batch = ChunkBatch(["<placeholder>"], [gray if producer.needs_pixels and not tensors else None],
+                                       [1.0], decoded=decoded if tensors else None, shared=shared)
                     if producer.needs_crops:
                         batch.crops = [self._template_value("objects/crop_jpeg", row, outputs, counts)]
                     for path in producer.reads:
@@ -628,7 +679,9 @@ class Extraction:
                        status_counts=dict(counts or {}), bad_causes=dict(getattr(self, "bad_causes", {})),
                        notes=dict(self.notes), num_images=len(self.ids), num_objects=getattr(self, "num_objects", 0),
                        seconds=dict(self.seconds), parts_bytes=getattr(self, "parts_bytes", 0),
-                       cache_bytes=getattr(self, "cache_bytes", 0))
+                       cache_bytes=getattr(self, "cache_bytes", 0),
+                       stages={k: v for k, v in self.stages.clock.wall.items() if k in self.stages.clock.device_stages},
+                       shard_count=self.shard[1])
 
 
 def run_extraction(opts: ExtractOptions) -> Summary:

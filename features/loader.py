@@ -24,7 +24,7 @@ from mner.features.encoders import InputSpec
 from mner.features.images import MAX_SIDE, load_image
 
 
-def default_num_workers(device: str) -> int:
+def default_num_workers() -> int:
     """Decoding workers when --num-workers is not given: all cores but the main thread's, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores - 1))
@@ -42,8 +42,10 @@ class LoaderSpec:
 
     def prepare(self, image) -> dict:
         """PIL RGB image -> the tensors the device stages need (all uint8 (3, h, w))."""
-        tensors = {"detector_input": self.detector.resize(image) if self.detector else None,
-                   "encoder_inputs": {spec: spec.resize(image) for spec in self.encoder_inputs}}
+        tensors = {
+            "detector_input": self.detector.resize(image) if self.detector else None,
+            "encoder_inputs": {spec: spec.resize(image) for spec in self.encoder_inputs},
+        }
         if self.keep_original:
             tensors["original"] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return tensors
@@ -60,6 +62,8 @@ class DecodedImage:
     height: int = 0
     scale: float = 1.0  # original pixels per decoded pixel (> 1 when a huge image was downscaled)
     notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # sha256 of the file's bytes (images.LoadedImage.fingerprint)
+    cause: str = ""  # why not ok, one word (images.LoadedImage.cause)
     original: torch.Tensor | None = None  # uint8 (3, H, W) decoded image (after the huge-image downscale)
     detector_input: torch.Tensor | None = None  # uint8 (3, h, w) at the detector's input size
     encoder_inputs: dict = field(default_factory=dict)  # InputSpec -> uint8 (3, S, S)
@@ -67,8 +71,19 @@ class DecodedImage:
     def pin_memory(self) -> "DecodedImage":
         """Called by the DataLoader's pin thread (CUDA only): page-locked tensors copy asynchronously."""
         pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
-        return replace(self, original=pin(self.original), detector_input=pin(self.detector_input),
-                       encoder_inputs={spec: pin(t) for spec, t in self.encoder_inputs.items()})
+        return replace(
+            self,
+            original=pin(self.original),
+            detector_input=pin(self.detector_input),
+            encoder_inputs={spec: pin(t) for spec, t in self.encoder_inputs.items()},
+        )
+
+    @property
+    def image(self):
+        """The decoded image as PIL, for producers that want one (built on demand: a copy of the pixels)."""
+        from PIL import Image
+
+        return Image.fromarray(self.original_hwc()) if self.original is not None else None
 
     def original_hwc(self) -> np.ndarray:
         """(H, W, 3) uint8 host view of the decoded image (for the stored JPEG crops)."""
@@ -77,8 +92,17 @@ class DecodedImage:
 
 def decode(spec: LoaderSpec, image_id: str) -> DecodedImage:
     loaded = load_image(spec.images_dir, image_id, max_side=spec.max_side)
-    item = DecodedImage(loaded.image_id, loaded.status, loaded.detail, loaded.width, loaded.height, loaded.scale,
-                        list(loaded.notes))
+    item = DecodedImage(
+        loaded.image_id,
+        loaded.status,
+        loaded.detail,
+        loaded.width,
+        loaded.height,
+        loaded.scale,
+        list(loaded.notes),
+        getattr(loaded, "fingerprint", ""),
+        getattr(loaded, "cause", ""),
+    )
     if loaded.status == "ok":
         tensors = spec.prepare(loaded.image)
         item.original, item.detector_input = tensors.get("original"), tensors["detector_input"]
@@ -89,8 +113,15 @@ def decode(spec: LoaderSpec, image_id: str) -> DecodedImage:
 def prepared_image(spec: LoaderSpec, image, image_id: str, status: str = "ok") -> DecodedImage:
     """A DecodedImage for an in-memory PIL image (the gray placeholder), prepared as a worker would."""
     tensors = spec.prepare(image)
-    return DecodedImage(image_id, status, width=image.width, height=image.height, original=tensors.get("original"),
-                        detector_input=tensors["detector_input"], encoder_inputs=tensors["encoder_inputs"])
+    return DecodedImage(
+        image_id,
+        status,
+        width=image.width,
+        height=image.height,
+        original=tensors.get("original"),
+        detector_input=tensors["detector_input"],
+        encoder_inputs=tensors["encoder_inputs"],
+    )
 
 
 class _Images(torch.utils.data.Dataset):
@@ -111,23 +142,39 @@ def _single(item):
 class ImageLoader:
     """Iterates a shard's images in order through one DataLoader whose workers live for the whole run."""
 
-    def __init__(self, spec: LoaderSpec, ids: list[str], *, num_workers: int, pin_memory: bool = False,
-                 prefetch: int = 32):
+    def __init__(
+        self,
+        spec: LoaderSpec,
+        ids: list[str],
+        *,
+        num_workers: int,
+        pin_memory: bool = False,
+        prefetch: int = 32,
+    ):
         self.ids = ids
         workers = num_workers if len(ids) > 1 else 0
         options = {"prefetch_factor": max(2, prefetch // max(workers, 1))} if workers else {}
-        self.loader = torch.utils.data.DataLoader(_Images(spec, ids), batch_size=None, shuffle=False,
-                                                  num_workers=workers, collate_fn=_single,
-                                                  pin_memory=pin_memory, **options)
+        self.loader = torch.utils.data.DataLoader(
+            _Images(spec, ids),
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_single,
+            pin_memory=pin_memory,
+            **options,
+        )
         self._iterator = None
         self.position = 0
+
+    def __iter__(self):
+        return iter(self.loader)
 
     def take(self, count: int) -> list[DecodedImage]:
         """The next ``count`` images, in id order."""
         if self._iterator is None:
             self._iterator = iter(self.loader)
         items = [next(self._iterator) for _ in range(count)]
-        for item, expected in zip(items, self.ids[self.position:self.position + count]):
+        for item, expected in zip(items, self.ids[self.position : self.position + count]):
             if item.image_id != expected:
                 raise RuntimeError(f"loader out of order: got {item.image_id!r}, expected {expected!r}")
         self.position += count

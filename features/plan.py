@@ -64,19 +64,20 @@ def plan_producers(extraction, existing: set[str]) -> tuple[list[Producer], list
     skipped = [group for group in wanted if group in existing]
     producers: list[Producer] = []
     if "objects" not in existing:
-        producers.append(ObjectsProducer(lambda: build_detector(opts), crop_max_side=opts.crop_max_side,
+        producers.append(ObjectsProducer(lambda: build_detector(opts), stages=extraction.stages,
+                                         crop_max_side=opts.crop_max_side,
                                          crop_quality=opts.crop_quality, extra={"detector": opts.detector}))
     else:
         model = cache.provenance("objects").get("model", "")
         if opts.detector not in model and not (opts.detector == "detectron2" and "detectron2" in model):
             print(f"note: {extraction.out} already has objects from {model}; --detector {opts.detector} is ignored "
-                  "(crops come from the cache; use --overwrite to re-detect)", file=sys.stderr)
+                  "(boxes come from the cache; use --overwrite to re-detect)", file=sys.stderr)
     encoders = {}
     for name in dict.fromkeys(opts.encoders):
         if f"encoders/{name}" not in existing:
             chosen = {"clip_model": opts.clip_model, "clip_pretrained": opts.clip_pretrained} if name == "clip" else {}
             encoders[name] = EncoderProducer(name, lambda name=name: build_encoder(opts, name),
-                                             batch_size=opts.batch_size, options=chosen)
+                                             stages=extraction.stages, batch_size=opts.batch_size, options=chosen)
             producers.append(encoders[name])
     new_sets = [s for name, s in prompt_sets.items() if f"prompts/{name}" not in existing]
     if new_sets:

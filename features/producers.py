@@ -18,6 +18,8 @@ The contract, in the order the loop uses it:
 - ``every_image``: rows that do not depend on the picture (a user's crop or caption files) are
   produced for every image of the chunk, whatever its status, with no placeholder copying;
   ``input_fingerprint``: a hash of such input files, part of the chunk files' resume key.
+- ``pixels``: "pil" (``batch.images`` are PIL images) or "tensors" (``batch.decoded`` are the loader's
+  uint8 tensors, already resized in its workers for the inputs ``pixel_inputs()`` asks for).
 - ``load()``: build models; called once, only when the run has rows to compute.
 - ``produce(batch) -> {key: array or list[bytes]}``: rows for ``batch``'s images, which are all
   usable (ok, or the one placeholder image: the loop computes placeholders once and copies them).
@@ -35,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from mner.features.images import crop_box, decode_jpeg, encode_jpeg
+from mner.features.images import decode_jpeg
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ChunkBatch:
     crops: list[list[bytes]] | None = None  # JPEG crops per image (``needs_crops``)
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # ``reads`` path -> value per image
     shared: dict = field(default_factory=dict)  # scratch shared by all producers of one chunk (same images)
+    decoded: list | None = None  # loader.DecodedImage per image (producers with pixels = "tensors")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -77,6 +80,11 @@ class Producer:
     needs_crops = False
     every_image = False  # rows that do not depend on the picture (user files): produced for every image
     input_fingerprint: str | None = None  # hash of the producer's own input files: part of the resume key
+    pixels = "pil"  # "pil": batch.images | "tensors": batch.decoded (resized in the loader's workers)
+
+    def pixel_inputs(self) -> dict:
+        """What the loader's workers must prepare: {"detector": ResizeSpec} and/or {"encoder": InputSpec}."""
+        return {}
 
     def datasets(self) -> dict[str, Layout]:
         raise NotImplementedError
@@ -143,13 +151,18 @@ def _batched(items: list, size: int):
 
 @register_producer("objects")
 class ObjectsProducer(Producer):
-    """Detector boxes, scores, classes and each object's crop as JPEG (the crops feed every encoder)."""
+    """Detector boxes, scores, classes, and each object's crop as JPEG (encoded by the background writer).
+
+    Detection runs batched on the device (``stages.ImageStages.detect``); the crops the encoders read
+    are cut from the decoded image at these boxes, on the device, not from the stored JPEG."""
 
     group = "objects"
     owns = "object"
+    pixels = "tensors"
 
-    def __init__(self, build_detector: Callable, *, crop_max_side: int, crop_quality: int, extra: dict):
+    def __init__(self, build_detector: Callable, *, stages, crop_max_side: int, crop_quality: int, extra: dict):
         self._build, self.crop_max_side, self.crop_quality, self.extra = build_detector, crop_max_side, crop_quality, extra
+        self.stages = stages
         self.detector = None
 
     def datasets(self) -> dict[str, Layout]:
@@ -159,20 +172,19 @@ class ObjectsProducer(Producer):
     def load(self) -> None:
         self.detector = self._build()
 
+    def pixel_inputs(self) -> dict:
+        return {"detector": self.detector.resize_spec}
+
     def produce(self, batch):
-        boxes, scores, classes, crops, counts = [], [], [], [], []
-        for image, scale in zip(batch.images, batch.scales):
-            b, s, c = self.detector(image)
-            boxes.append(b * np.float32(scale))
-            scores.append(s)
-            classes.append(c)
-            crops += [encode_jpeg(crop_box(image, box), max_side=self.crop_max_side, quality=self.crop_quality)
-                      for box in b]
-            counts.append(len(s))
-        return {"counts": np.array(counts, np.int64),
-                "boxes": np.concatenate(boxes).reshape(-1, 4).astype(np.float32),
-                "scores": np.concatenate(scores).astype(np.float32),
-                "class_ids": np.concatenate(classes).astype(np.int32), "crop_jpeg": crops}
+        found = self.stages.detect(self.detector, batch.decoded)  # boxes in decoded-image pixels
+        jpegs = self.stages.jpeg_crops(batch.decoded, [f[0] for f in found], max_side=self.crop_max_side,
+                                       quality=self.crop_quality)
+        return {"counts": np.array([len(f[1]) for f in found], np.int64),
+                "boxes": np.concatenate([f[0] * np.float32(scale) for f, scale in zip(found, batch.scales)]
+                                        ).reshape(-1, 4).astype(np.float32),
+                "scores": np.concatenate([f[1] for f in found]).astype(np.float32),
+                "class_ids": np.concatenate([f[2] for f in found]).astype(np.int32),
+                "crop_jpeg": [PendingCrop(future, j) for future, f in zip(jpegs, found) for j in range(len(f[1]))]}
 
     def attrs(self) -> dict:
         return {"class_names": list(self.detector.class_names)}
@@ -184,21 +196,45 @@ class ObjectsProducer(Producer):
         return fields
 
 
+class PendingCrop:
+    """Crop ``index`` of an image whose JPEG crops the background writer is still encoding."""
+
+    __slots__ = ("future", "index")
+
+    def __init__(self, future, index: int):
+        self.future, self.index = future, index
+
+    def result(self) -> bytes:
+        return self.future.result()[self.index]
+
+
+def resolved(values: list) -> list[bytes]:
+    """Ragged bytes with any PendingCrop replaced by its bytes (waits for the writer)."""
+    return [v.result() if isinstance(v, PendingCrop) else v for v in values]
+
+
 # -------------------------------------------------------------------------------------------- encoders
 
 
 @register_producer("encoders")
 class EncoderProducer(Producer):
-    """A registered image encoder: per-image arrays from the picture, per-object arrays from the crops."""
+    """A registered image encoder: per-image arrays from the resized image, per-object arrays from crops
+    cut on the device at the objects' boxes (this run's or the cache's), shared with same-size encoders."""
 
-    def __init__(self, name: str, build_encoder: Callable, *, batch_size: int, options: dict | None = None):
+    pixels = "tensors"
+
+    def __init__(self, name: str, build_encoder: Callable, *, stages, batch_size: int, options: dict | None = None):
         self.group, self.name, self._build, self.batch_size = f"encoders/{name}", name, build_encoder, batch_size
+        self.stages = stages
         self.encoder = None
         self.options = options or {}  # the options that select the model (recorded: a later run can match them)
 
     def load(self) -> None:
         self.encoder = self._build()
-        self.needs_crops = bool(self.encoder.crop_datasets)
+        self.reads = ("objects/boxes",) if self.encoder.crop_datasets else ()
+
+    def pixel_inputs(self) -> dict:
+        return {"encoder": self.encoder.image_input}
 
     def datasets(self) -> dict[str, Layout]:
         encoder = self.encoder
@@ -207,19 +243,11 @@ class EncoderProducer(Producer):
         return out
 
     def produce(self, batch):
-        encoder, arrays = self.encoder, {}
-        for key, shape in encoder.image_datasets.items():
-            arrays[key] = np.zeros((len(batch), *shape), np.float16)
-        for start, images in zip(range(0, len(batch), self.batch_size), _batched(batch.images, self.batch_size)):
-            for key, values in encoder.encode_images(images).items():
-                arrays[key][start:start + len(images)] = half(values)
-        if encoder.crop_datasets:
-            pictures = batch.crop_images()
-            for key, shape in encoder.crop_datasets.items():
-                arrays[key] = np.zeros((len(pictures), *shape), np.float16)
-            for start, crops in zip(range(0, len(pictures), self.batch_size), _batched(pictures, self.batch_size)):
-                for key, values in encoder.encode_crops(crops).items():
-                    arrays[key][start:start + len(crops)] = half(values)
+        arrays = self.stages.image_features(self.encoder, batch.decoded, batch.shared, self.name)
+        if self.encoder.crop_datasets:
+            boxes = [np.asarray(b, np.float32).reshape(-1, 4) / np.float32(scale)  # original -> decoded pixels
+                     for b, scale in zip(batch.inputs["objects/boxes"], batch.scales)]
+            arrays |= self.stages.crop_features(self.encoder, batch.decoded, boxes, batch.shared, self.name)
         return arrays
 
     def attrs(self) -> dict:
@@ -227,7 +255,7 @@ class EncoderProducer(Producer):
 
     def provenance(self) -> dict:
         return dict(self.encoder.provenance_fields(), encoder=self.name,
-                    crop_source="objects/crop_jpeg (decoded)", **self.options)
+                    crop_source="roi_align of the decoded image at objects/boxes", **self.options)
 
 
 # --------------------------------------------------------------------------------------------- prompts

@@ -1,4 +1,5 @@
-"""Which images a process extracts: ``--shard i/n``, torchrun's RANK/WORLD_SIZE or a SLURM array.
+"""Which images a process extracts: ``--shard i/n``, torchrun's RANK/WORLD_SIZE or a SLURM array
+(``--array=0-15:4`` has tasks 0, 4, 8, 12: shards 0..3 of 4; see also ``distributed.py``).
 
 The assignment depends only on the id (sha1), so shards of one run are disjoint and their union is
 every id; each shard writes ``<out stem>.shard<i>of<n>.h5`` and ``mner-features merge`` joins them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Mapping
 
 
 def shard_of(image_id: str, count: int) -> int:
@@ -16,19 +18,39 @@ def shard_of(image_id: str, count: int) -> int:
     return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
 
 
-def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    """--shard, else torchrun's RANK/WORLD_SIZE, else a SLURM array's task id/count, else (0, 1)."""
+class ShardError(ValueError):
+    """The environment or the options name an impossible shard or device."""
+
+
+def env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ShardError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def resolve_shard(shard: tuple[int, int] | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """--shard, else torchrun's RANK/WORLD_SIZE, else a SLURM array task (with its step), else (0, 1)."""
+    env = os.environ if env is None else env
     if shard is not None:
         index, count = shard
-    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        index, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        index, count = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        source = "--shard"
+    elif "WORLD_SIZE" in env and "RANK" in env:
+        index, count = env_int(env, "RANK"), env_int(env, "WORLD_SIZE")
+        source = "RANK/WORLD_SIZE (torchrun)"
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        task, count = env_int(env, "SLURM_ARRAY_TASK_ID"), env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        first = env_int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = env_int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        if step < 1 or (task - first) % step:
+            raise ShardError(f"SLURM array task {task} is not on the grid {first}, {first + step}, ... "
+                             f"(step {step}); use an evenly stepped --array=A-B[:S] or pass --shard i/n")
+        index = (task - first) // step
+        source = f"SLURM array task {task} (min {first}, step {step}, count {count})"
     else:
-        index, count = 0, 1
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+        return 0, 1
+    if count < 1 or not 0 <= index < count:
+        raise ShardError(f"shard {index}/{count} from {source}: the index must be in 0..{max(count - 1, 0)}")
     return index, count
 
 

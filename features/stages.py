@@ -31,7 +31,7 @@ import torch
 from mner.features.crops import CropBank, jpeg_crops
 from mner.features.detectors import Detector
 from mner.features.encoders import Encoder, InputSpec, normalize
-from mner.features.loader import DecodedImage, LoaderSpec
+from mner.features.loader import DecodedImage
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -48,13 +48,16 @@ class StageClock:
         self.cuda = device.type == "cuda"
         self.wall: dict[str, float] = defaultdict(float)
         self.thread_cpu: dict[str, float] = defaultdict(float)
+        self.device_stages: set[str] = set()  # model forwards and other device work (the rest is overhead)
         self._events: dict[str, list] = defaultdict(list)
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, device: bool = True):
         wall, cpu = time.perf_counter(), time.thread_time()
         start = None
-        if self.cuda:
+        if device:
+            self.device_stages.add(name)
+        if self.cuda and device:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         try:
@@ -67,16 +70,22 @@ class StageClock:
             self.wall[name] += time.perf_counter() - wall
             self.thread_cpu[name] += time.thread_time() - cpu
 
+    def forward_thread_cpu(self) -> float:
+        """Main-thread CPU seconds inside device stages (on a CPU device: the forwards themselves)."""
+        return sum(self.thread_cpu[name] for name in self.device_stages)
+
     def device_seconds(self) -> dict[str, float]:
         """Seconds the device spent between each stage's start and end events (synchronises once)."""
         if not self.cuda:
             return {}
         torch.cuda.synchronize()
-        return {name: sum(s.elapsed_time(e) for s, e in pairs) / 1000.0 for name, pairs in self._events.items()}
+        return {
+            name: sum(s.elapsed_time(e) for s, e in pairs) / 1000.0 for name, pairs in self._events.items()
+        }
 
 
 class BackgroundWriter:
-    """One thread for work the device need not wait for (JPEG crops, chunk files), at most ``pending`` queued."""
+    """One thread for what the device need not wait for (JPEG crops, chunk files), ``pending`` at most."""
 
     def __init__(self, pending: int = 256):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mner-writer")
@@ -101,113 +110,173 @@ class ChunkImages:
     scores: list[np.ndarray] = field(default_factory=list)  # per row (k,)
     class_ids: list[np.ndarray] = field(default_factory=list)  # per row (k,)
     crop_jpegs: list[Future] = field(default_factory=list)  # per row: Future[list[bytes]] (when stored)
-    image_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> key -> (rows, ...)
-    crop_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # encoder -> key -> (objects, ...)
+    image_arrays: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # encoder -> key -> (rows, ...)
+    crop_arrays: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # encoder -> key -> (objects, ...)
 
 
 class ImageStages:
-    """The device stages of the image-based producers (objects and encoders/*) for one chunk at a time."""
+    """The device stages of the image-based producers, shared by all of them within a run.
 
-    def __init__(self, detector: Detector | None, encoders: dict[str, Encoder], *, device: str,
-                 batch_size: int = 32, crop_batch_size: int | None = None, writer: BackgroundWriter | None = None,
-                 crop_jpeg: tuple[int, int] | None = (384, 90), clock: StageClock | None = None):
-        self.detector = detector
-        self.encoders = encoders
+    Every method takes the chunk's usable :class:`DecodedImage` items; ``shared`` is the chunk's scratch
+    dict (``ChunkBatch.shared``): whole-image inputs moved to the device and crops cut at one side are
+    kept there, so the second encoder with the same input size reuses the first one's."""
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        *,
+        batch_size: int = 32,
+        crop_batch_size: int | None = None,
+        writer: BackgroundWriter | None = None,
+        clock: StageClock | None = None,
+    ):
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.crop_batch_size = crop_batch_size or 4 * batch_size
         self.writer = writer
-        self.crop_jpeg = crop_jpeg  # (max_side, quality) of the stored crops; None = not stored
         self.clock = clock or StageClock(self.device)
 
-    def loader_spec(self, images_dir: str, max_side: int) -> LoaderSpec:
-        inputs = tuple(dict.fromkeys(encoder.image_input for encoder in self.encoders.values()))
-        return LoaderSpec(images_dir, max_side, self.detector.resize_spec if self.detector else None, inputs)
-
-    @property
-    def crop_sizes(self) -> set[int]:
-        return {e.crop_size for e in self.encoders.values() if e.crop_datasets and e.crop_size}
-
-    def process(self, items: list[DecodedImage], cached_boxes: list[np.ndarray] | None = None) -> ChunkImages:
-        """Compute the ``ok`` items. ``cached_boxes`` (original pixels, per item) replace the detector."""
-        rows = [i for i, item in enumerate(items) if item.status == "ok"]
-        result = ChunkImages(rows)
-        boxes = self._detect(items, rows, result) if cached_boxes is None else \
-            [np.asarray(cached_boxes[i], np.float32).reshape(-1, 4) / np.float32(items[i].scale) for i in rows]
-        if self.crop_jpeg and self.writer is not None and cached_boxes is None:
-            max_side, quality = self.crop_jpeg
-            result.crop_jpegs = [self.writer.submit(jpeg_crops, items[i].original_hwc(), row_boxes,
-                                                    max_side=max_side, quality=quality)
-                                 for i, row_boxes in zip(rows, boxes)]
-        self._encode_images(items, rows, result)
-        self._encode_crops(items, rows, boxes, result)
-        return result
-
-    # stages ---------------------------------------------------------------------------------------------
-    def _detect(self, items, rows, result: ChunkImages) -> list[np.ndarray]:
-        """Boxes per row in decoded-image pixels; ``result`` gets them in original pixels."""
-        detector = self.detector
+    # detector -------------------------------------------------------------------------------------------
+    def detect(
+        self, detector: Detector, items: list[DecodedImage]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per item (boxes in DECODED-image pixels, scores, class ids); batches share one padded size."""
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i in rows:
-            groups[detector.batch_key(*items[i].detector_input.shape[1:])].append(i)
+        for i, item in enumerate(items):
+            groups[detector.batch_key(*item.detector_input.shape[1:])].append(i)
         found: dict[int, tuple] = {}
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
+                batch = members[start : start + self.batch_size]
                 with self.clock("detector"):
-                    detections = detector.detect_batch([items[i].detector_input for i in batch],
-                                                       [tuple(items[i].original.shape[1:]) for i in batch])
+                    detections = detector.detect_batch(
+                        [items[i].detector_input for i in batch],
+                        [tuple(items[i].original.shape[1:]) for i in batch],
+                    )
                 found.update(zip(batch, detections.split()))
-        boxes = []
-        for i in rows:
-            row_boxes, scores, class_ids = found[i]
-            boxes.append(row_boxes)
-            result.boxes.append(row_boxes * np.float32(items[i].scale))
-            result.scores.append(scores)
-            result.class_ids.append(class_ids)
-        return boxes
+        return [found[i] for i in range(len(items))]
 
-    def _encode_images(self, items, rows, result: ChunkImages) -> None:
-        by_input: dict[InputSpec, list[str]] = defaultdict(list)
-        for name, encoder in self.encoders.items():
-            by_input[encoder.image_input].append(name)
-            result.image_arrays[name] = {key: np.zeros((len(rows), *shape), np.float16)
-                                         for key, shape in encoder.image_datasets.items()}
-        for spec, names in by_input.items():
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start:start + self.batch_size]
+    def jpeg_crops(
+        self, items: list[DecodedImage], boxes: list[np.ndarray], *, max_side: int, quality: int
+    ) -> list[Future]:
+        """The stored JPEG crops, encoded by the background writer: a Future[list[bytes]] per item."""
+        if self.writer is None:
+            done = []
+            for item, item_boxes in zip(items, boxes):
+                future: Future = Future()
+                future.set_result(
+                    jpeg_crops(item.original_hwc(), item_boxes, max_side=max_side, quality=quality)
+                )
+                done.append(future)
+            return done
+        return [
+            self.writer.submit(
+                jpeg_crops, item.original_hwc(), item_boxes, max_side=max_side, quality=quality
+            )
+            for item, item_boxes in zip(items, boxes)
+        ]
+
+    # encoders -------------------------------------------------------------------------------------------
+    def image_features(
+        self, encoder: Encoder, items: list[DecodedImage], shared: dict | None = None, name: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per-image arrays (n, ...) float16; the uint8 inputs go to the device once per input spec."""
+        shared = {} if shared is None else shared
+        name = name or encoder.name
+        spec: InputSpec = encoder.image_input
+        out = {
+            key: np.zeros((len(items), *shape), np.float16) for key, shape in encoder.image_datasets.items()
+        }
+        for start in range(0, len(items), self.batch_size):
+            key_inputs = ("inputs", spec, start)
+            if key_inputs not in shared:
                 with self.clock("encoder inputs"):
-                    pixels = torch.stack([items[i].encoder_inputs[spec].to(self.device, non_blocking=True)
-                                          for i in batch])  # (B, 3, S, S) uint8, shared by `names`
-                for name in names:
-                    encoder = self.encoders[name]
-                    with self.clock(f"encoder {name}"), torch.inference_mode():
-                        outputs = encoder.forward_images(normalize(pixels, encoder.mean, encoder.std))
-                        for key, values in outputs.items():
-                            result.image_arrays[name][key][start:start + len(batch)] = to_host_half(values)
+                    shared[key_inputs] = torch.stack(
+                        [
+                            item.encoder_inputs[spec].to(self.device, non_blocking=True)
+                            for item in items[start : start + self.batch_size]
+                        ]
+                    )  # (B, 3, S, S) uint8
+            pixels = shared[key_inputs]
+            with self.clock(f"encoder {name}"), torch.inference_mode():
+                for key, values in encoder.forward_images(
+                    normalize(pixels, encoder.mean, encoder.std)
+                ).items():
+                    out[key][start : start + len(pixels)] = to_host_half(values)
+        return out
 
-    def _encode_crops(self, items, rows, boxes, result: ChunkImages) -> None:
-        crop_encoders = {n: e for n, e in self.encoders.items() if e.crop_datasets}
+    def crop_features(
+        self,
+        encoder: Encoder,
+        items: list[DecodedImage],
+        boxes: list[np.ndarray],
+        shared: dict | None = None,
+        name: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Per-object arrays (M, ...) float16 for ``boxes`` (decoded-image pixels, per item, in order)."""
+        shared = {} if shared is None else shared
+        name = name or encoder.name
         total = int(sum(len(b) for b in boxes))
-        for name, encoder in crop_encoders.items():
-            result.crop_arrays[name] = {key: np.zeros((total, *shape), np.float16)
-                                        for key, shape in encoder.crop_datasets.items()}
-        if not crop_encoders or total == 0:
-            return
-        # crops of up to batch_size images at a time: device memory stays bounded by the batch, not the chunk
+        out = {key: np.zeros((total, *shape), np.float16) for key, shape in encoder.crop_datasets.items()}
+        if not encoder.crop_datasets or total == 0:
+            return out
         written = 0
-        for start in range(0, len(rows), self.batch_size):
-            batch = range(start, min(start + self.batch_size, len(rows)))
-            with self.clock("crops"), torch.inference_mode():
-                bank = CropBank([items[rows[j]].original.to(self.device, non_blocking=True) for j in batch],
-                                [torch.from_numpy(boxes[j]) for j in batch], self.crop_sizes)
-            count = sum(bank.counts)
-            for name, encoder in crop_encoders.items():
-                crops = bank[encoder.crop_size]  # (count, 3, S, S) in 0..1
-                for lo in range(0, count, self.crop_batch_size):
-                    with self.clock(f"encoder {name}"), torch.inference_mode():
-                        pixels = normalize(crops[lo:lo + self.crop_batch_size], encoder.mean, encoder.std)
-                        for key, values in encoder.forward_crops(pixels).items():
-                            target = result.crop_arrays[name][key]
-                            target[written + lo:written + lo + len(values)] = to_host_half(values)
-            written += count
+        # the crops of up to batch_size images at a time: device memory is bounded by a batch, not the chunk
+        for start in range(0, len(items), self.batch_size):
+            key_crops = ("crops", encoder.crop_size, start)
+            if key_crops not in shared:
+                with self.clock("crops"), torch.inference_mode():
+                    window = range(start, min(start + self.batch_size, len(items)))
+                    bank = CropBank(
+                        [items[j].original.to(self.device, non_blocking=True) for j in window],
+                        [boxes[j] for j in window],  # host boxes: rois prepared on the host
+                        {encoder.crop_size},
+                    )
+                    shared[key_crops] = bank[encoder.crop_size]  # (count, 3, S, S) in 0..1
+            crops = shared[key_crops]
+            for lo in range(0, len(crops), self.crop_batch_size):
+                with self.clock(f"encoder {name}"), torch.inference_mode():
+                    pixels = normalize(crops[lo : lo + self.crop_batch_size], encoder.mean, encoder.std)
+                    for key, values in encoder.forward_crops(pixels).items():
+                        out[key][written + lo : written + lo + len(values)] = to_host_half(values)
+            written += len(crops)
+        return out
+
+    # everything at once (benchmarks, tests) -------------------------------------------------------------
+    def process(
+        self,
+        detector: Detector | None,
+        encoders: dict[str, Encoder],
+        items: list[DecodedImage],
+        cached_boxes: list[np.ndarray] | None = None,
+        crop_jpeg: tuple[int, int] | None = None,
+    ) -> ChunkImages:
+        """Compute the ``ok`` items. ``cached_boxes`` (original pixels, per item) replace the detector."""
+        rows = [i for i, item in enumerate(items) if item.status == "ok"]
+        usable = [items[i] for i in rows]
+        result = ChunkImages(rows)
+        if cached_boxes is None:
+            found = self.detect(detector, usable)
+            boxes = [f[0] for f in found]
+            result.boxes = [f[0] * np.float32(item.scale) for f, item in zip(found, usable)]
+            result.scores = [f[1] for f in found]
+            result.class_ids = [f[2] for f in found]
+            if crop_jpeg:
+                result.crop_jpegs = self.jpeg_crops(
+                    usable, boxes, max_side=crop_jpeg[0], quality=crop_jpeg[1]
+                )
+        else:
+            boxes = [
+                np.asarray(cached_boxes[i], np.float32).reshape(-1, 4) / np.float32(items[i].scale)
+                for i in rows
+            ]
+        shared: dict = {}
+        for name, encoder in encoders.items():
+            result.image_arrays[name] = self.image_features(encoder, usable, shared, name)
+            if encoder.crop_datasets:
+                result.crop_arrays[name] = self.crop_features(encoder, usable, boxes, shared, name)
+        return result

@@ -36,9 +36,10 @@ def _detect_grouped(detector, images, batch_size):
     out = {}
     for members in groups.values():
         for start in range(0, len(members), batch_size):
-            batch = members[start:start + batch_size]
-            found = detector.detect_batch([inputs[i] for i in batch], [(images[i].height, images[i].width)
-                                                                       for i in batch])
+            batch = members[start : start + batch_size]
+            found = detector.detect_batch(
+                [inputs[i] for i in batch], [(images[i].height, images[i].width) for i in batch]
+            )
             out.update(zip(batch, found.split()))
     return [out[i] for i in range(len(images))], groups
 
@@ -72,7 +73,9 @@ def test_mixed_padded_sizes_are_refused(detector):
 
 def test_zero_detections_and_empty_batch():
     detector = create_detector("fasterrcnn-test", config=DetectorConfig(score_threshold=1.01, min_size=96))
-    found = detector.detect_batch([detector.resize_spec.resize(image) for image in _images()[:2]], [(120, 160)] * 2)
+    found = detector.detect_batch(
+        [detector.resize_spec.resize(image) for image in _images()[:2]], [(120, 160)] * 2
+    )
     assert found.boxes.shape == (0, 4) and list(found.counts) == [0, 0] and len(found.split()) == 2
     empty = detector.detect_batch([], [])
     assert len(empty.counts) == 0 and empty.split() == []
@@ -83,7 +86,9 @@ def test_boxes_are_in_the_given_image_pixels(detector):
     boxes, _, _ = detector(image)
     big = image.resize((640, 480))
     big_boxes, _, _ = detector.detect_batch([detector.resize_spec.resize(big)], [(480, 640)]).split()[0]
-    assert (big_boxes[:, 2] <= 640 + 1e-3).all() and big_boxes[:, 2].max() > 160  # scaled to the 640x480 frame
+    assert (big_boxes[:, 2] <= 640 + 1e-3).all() and big_boxes[
+        :, 2
+    ].max() > 160  # scaled to the 640x480 frame
     assert boxes.dtype == np.float32
 
 

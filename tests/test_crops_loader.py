@@ -48,8 +48,9 @@ def test_crop_bank_cuts_each_side_once_for_every_encoder():
 
 def test_jpeg_crops_match_the_stored_crop_policy():
     image = np.asarray(_picture(3, (400, 300)))
-    crops = jpeg_crops(image, np.array([[0, 0, 400, 300], [10.5, 10.5, 30, 12]], np.float32), max_side=128,
-                       quality=90)
+    crops = jpeg_crops(
+        image, np.array([[0, 0, 400, 300], [10.5, 10.5, 30, 12]], np.float32), max_side=128, quality=90
+    )
     assert [decode_jpeg(c).size for c in crops] == [(128, 96), (20, 2)]
     assert jpeg_crops(image, np.zeros((0, 4), np.float32), max_side=128, quality=90) == []
 
@@ -88,53 +89,92 @@ def test_loader_applies_exif_orientation(tmp_path):
 
 
 def test_pin_memory_keeps_everything():
-    item = DecodedImage("a", "ok", original=torch.zeros(3, 4, 4, dtype=torch.uint8),
-                        encoder_inputs={InputSpec(4): torch.ones(3, 4, 4, dtype=torch.uint8)})
+    item = DecodedImage(
+        "a",
+        "ok",
+        original=torch.zeros(3, 4, 4, dtype=torch.uint8),
+        encoder_inputs={InputSpec(4): torch.ones(3, 4, 4, dtype=torch.uint8)},
+    )
     if not torch.cuda.is_available():
         pytest.skip("pinned memory needs CUDA (the DataLoader only pins with a GPU)")
     pinned = item.pin_memory()
     assert pinned.original.is_pinned() and pinned.encoder_inputs[InputSpec(4)].is_pinned()
 
 
+class _Models:
+    def __init__(self):
+        self.detector = create_detector(
+            "fasterrcnn-test", config=DetectorConfig(score_threshold=0.0, top_k=3, min_size=96)
+        )
+        self.encoders = {
+            name: create_encoder(name, config=EncoderConfig()) for name in ("clip-test", "resnet152-test")
+        }
+        self.stages = ImageStages("cpu", batch_size=2, crop_batch_size=4, writer=BackgroundWriter())
+        self.spec = LoaderSpec(
+            "", 2048, self.detector.resize_spec, tuple({e.image_input: 0 for e in self.encoders.values()})
+        )
+
+    def loader(self, folder, ids):
+        return ImageLoader(
+            LoaderSpec(str(folder), 2048, self.spec.detector, self.spec.encoder_inputs), ids, num_workers=0
+        )
+
+
 @pytest.fixture(scope="module")
-def stages():
-    detector = create_detector("fasterrcnn-test", config=DetectorConfig(score_threshold=0.0, top_k=3, min_size=96))
-    encoders = {name: create_encoder(name, config=EncoderConfig()) for name in ("clip-test", "resnet152-test")}
-    return ImageStages(detector, encoders, device="cpu", batch_size=2, crop_batch_size=4,
-                       writer=BackgroundWriter(), crop_jpeg=(64, 90))
+def models():
+    return _Models()
 
 
-def test_stages_equal_the_one_image_paths(stages, tmp_path):
+def test_stages_equal_the_one_image_paths(models, tmp_path):
     ids = _write_images(tmp_path, 5)
-    loader = ImageLoader(stages.loader_spec(str(tmp_path), 2048), ids + ["gone"], num_workers=0)
-    items = loader.take(6)
-    result = stages.process(items)
+    items = models.loader(tmp_path, ids + ["gone"]).take(6)
+    stages = models.stages
+    result = stages.process(models.detector, models.encoders, items, crop_jpeg=(64, 90))
     assert result.rows == [0, 1, 2, 3, 4] and len(result.boxes) == 5
-    clip = stages.encoders["clip-test"]
+    clip = models.encoders["clip-test"]
     for position, image_id in enumerate(ids):
         picture = Image.open(tmp_path / f"{image_id}.jpg").convert("RGB")
-        boxes, scores, _ = stages.detector(picture)
+        boxes, scores, _ = models.detector(picture)
         np.testing.assert_allclose(result.boxes[position], boxes, atol=1e-3)
         np.testing.assert_allclose(result.scores[position], scores, atol=1e-5)
         alone = clip.encode_images([picture])["image_embed"][0]
-        np.testing.assert_allclose(result.image_arrays["clip-test"]["image_embed"][position], alone, atol=2e-3)
+        np.testing.assert_allclose(
+            result.image_arrays["clip-test"]["image_embed"][position], alone, atol=2e-3
+        )
         assert len(result.crop_jpegs[position].result()) == 3
     m = sum(len(b) for b in result.boxes)
     assert result.crop_arrays["clip-test"]["crop_embed"].shape == (m, 64)
     assert result.crop_arrays["resnet152-test"]["crop_pooled"].shape == (m, 2048)
-    assert np.abs(result.crop_arrays["resnet152-test"]["crop_pooled"]).sum(1).min() > 0  # every row written
+    assert np.abs(result.crop_arrays["resnet152-test"]["crop_pooled"].astype(np.float32)).sum(1).min() > 0
     # crop features of one image equal that image computed alone (no batch-mate dependence)
-    alone = stages.process(items[3:4])
-    np.testing.assert_allclose(alone.crop_arrays["clip-test"]["crop_embed"],
-                               result.crop_arrays["clip-test"]["crop_embed"][9:12], atol=2e-3)
+    alone = stages.process(models.detector, models.encoders, items[3:4])
+    np.testing.assert_allclose(
+        alone.crop_arrays["clip-test"]["crop_embed"].astype(np.float32),
+        result.crop_arrays["clip-test"]["crop_embed"][9:12].astype(np.float32),
+        atol=2e-3,
+    )
     assert {"detector", "crops", "encoder clip-test", "encoder resnet152-test"} <= set(stages.clock.wall)
 
 
-def test_stages_with_cached_boxes_need_no_detector(stages, tmp_path):
+def test_encoders_with_one_input_size_share_inputs_and_crops(models, tmp_path):
+    ids = _write_images(tmp_path, 3)
+    items = models.loader(tmp_path, ids).take(3)
+    boxes = [np.array([[0, 0, 50, 40], [10, 10, 90, 100]], np.float32)] * 3
+    shared: dict = {}
+    stages = models.stages
+    stages.crop_features(models.encoders["clip-test"], items, boxes, shared)
+    cut = {key: value for key, value in shared.items() if key[0] == "crops"}
+    stages.crop_features(
+        models.encoders["resnet152-test"], items, boxes, shared
+    )  # also 224: reuses the crops
+    assert {key: value for key, value in shared.items() if key[0] == "crops"} == cut and len(cut) == 2
+
+
+def test_stages_with_cached_boxes_need_no_detector(models, tmp_path):
     ids = _write_images(tmp_path, 2)
-    items = ImageLoader(stages.loader_spec(str(tmp_path), 2048), ids, num_workers=0).take(2)
+    items = models.loader(tmp_path, ids).take(2)
     boxes = [np.array([[0, 0, 50, 40]], np.float32), np.zeros((0, 4), np.float32)]
-    result = stages.process(items, cached_boxes=boxes)
+    result = models.stages.process(None, models.encoders, items, cached_boxes=boxes)
     assert result.boxes == [] and result.crop_arrays["clip-test"]["crop_embed"].shape == (1, 64)
 
 

@@ -1,4 +1,4 @@
-"""Every registered tiny test variant builds offline, is recorded as random, and keeps the real output layout."""
+"""Every registered tiny test variant builds offline, is recorded as random and keeps the real layout."""
 
 from __future__ import annotations
 
@@ -35,13 +35,24 @@ def test_tiny_detector(name):
     assert detector.provenance_fields()["pretrained"] == "random"
     assert len(detector.class_names) == 91
     boxes, scores, class_ids = detector(_image(0))
-    assert boxes.shape == (4, 4) and boxes.dtype == np.float32 and scores.shape == (4,) and class_ids.shape == (4,)
-    assert (np.diff(scores) <= 0).all() and (boxes[:, 2] <= 160 + 1e-3).all() and (boxes[:, 3] <= 120 + 1e-3).all()
+    assert (
+        boxes.shape == (4, 4)
+        and boxes.dtype == np.float32
+        and scores.shape == (4,)
+        and class_ids.shape == (4,)
+    )
+    assert (
+        (np.diff(scores) <= 0).all()
+        and (boxes[:, 2] <= 160 + 1e-3).all()
+        and (boxes[:, 3] <= 120 + 1e-3).all()
+    )
     again = create_detector(name, config=config)(_image(0))  # weights are a function of the name
     np.testing.assert_array_equal(again[0], boxes)
     none = create_detector(name, config=DetectorConfig(score_threshold=1.01, min_size=96))(_image(1))
     assert none[0].shape == (0, 4) and none[1].shape == (0,)
-    assert getattr(detector.model.roi_heads, "mask_head", None) is None  # masks are never stored: no mask head
+    assert (
+        getattr(detector.model.roi_heads, "mask_head", None) is None
+    )  # masks are never stored: no mask head
 
 
 @pytest.mark.parametrize("name", TINY_ENCODERS)
@@ -51,7 +62,9 @@ def test_tiny_encoder(name):
     assert encoder.provenance_fields()["pretrained"] == "random"
     assert encoder.image_datasets == image_shapes and encoder.crop_datasets == crop_shapes
     arrays = encoder.encode_images([_image(0), _image(1, (90, 200))])
-    assert {k: v.shape[1:] for k, v in arrays.items()} == image_shapes and all(len(v) == 2 for v in arrays.values())
+    assert {k: v.shape[1:] for k, v in arrays.items()} == image_shapes and all(
+        len(v) == 2 for v in arrays.values()
+    )
     assert all(np.isfinite(v).all() for v in arrays.values())
     if crop_shapes:
         crops = encoder.encode_crops([_image(2, (30, 50))])
@@ -67,5 +80,7 @@ def test_clip_test_is_also_a_clip_model_name():
     assert via_model.name == "clip" and via_model.pretrained() == "random"
     text = via_model.encode_text(["a photo of a person", "a photo of a city"])
     assert text.shape == (2, 64) and via_model.logit_scale > 1
-    np.testing.assert_array_equal(via_model.encode_images([_image(3)])["image_embed"],
-                                  create_encoder("clip-test", config=EncoderConfig()).encode_images([_image(3)])["image_embed"])
+    np.testing.assert_array_equal(
+        via_model.encode_images([_image(3)])["image_embed"],
+        create_encoder("clip-test", config=EncoderConfig()).encode_images([_image(3)])["image_embed"],
+    )

@@ -1,6 +1,8 @@
 """``mner-features``: extract visual features once into an HDF5 cache; inspect and merge caches.
 
-The typer functions only parse arguments; the work is in ``extract.run_extraction``.
+The typer functions only parse arguments; the work is in ``extract.run_extraction``. Nothing at module
+level imports torch: ``info`` and ``merge`` answer in a fraction of a second (torch loads only in
+``extract``).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def extract(
       --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
-    from mner.pipeline.feature_cache import CacheError
+    from mner.pipeline.cache import CacheError
 
     try:
         opts = ExtractOptions(
@@ -107,7 +109,11 @@ def extract(
 
 @app.command()
 def info(path: str = typer.Argument(..., help="cache file")) -> None:
-    """Print groups, shapes, provenance and per-image status counts of a cache."""
+    """Print groups (checked against their specs), shapes, fingerprints, provenance and per-image status
+    counts with their causes. Exits 1 on a file that is not an mner cache.
+
+    Example: mner-features info cache/t15.h5
+    """
     from mner.pipeline.cache import CacheError, describe
 
     try:
@@ -121,12 +127,19 @@ def info(path: str = typer.Argument(..., help="cache file")) -> None:
 def merge(
     shards: List[str] = typer.Argument(..., help="shard caches (e.g. cache/t15.shard*.h5)"),
     out: str = typer.Option(..., help="merged cache"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="merge even when shards of the "
+                                       "extraction are missing (recorded in the merged cache's provenance)"),
 ) -> None:
-    """Merge the shards of one extraction into the cache a single process would have written."""
+    """Merge the shards of one extraction into the cache a single process would have written.
+
+    Refuses an incomplete shard set (every shard i/n of the same id list must be given).
+
+    Example: mner-features merge cache/t15.shard0of2.h5 cache/t15.shard1of2.h5 --out cache/t15.h5
+    """
     from mner.pipeline.cache import CacheError, merge_caches
 
     try:
-        merge_caches(shards, out)
+        merge_caches(shards, out, allow_partial=allow_partial)
     except (CacheError, ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)

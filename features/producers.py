@@ -37,7 +37,6 @@ from typing import Callable
 
 import numpy as np
 
-from mner.features.images import decode_jpeg
 
 
 @dataclass(frozen=True)
@@ -64,12 +63,6 @@ class ChunkBatch:
 
     def __len__(self) -> int:
         return len(self.image_ids)
-
-    def crop_images(self) -> list:
-        """Every crop decoded once per chunk (shared by all encoders), flattened in image order."""
-        if "crop_images" not in self.shared:
-            self.shared["crop_images"] = [decode_jpeg(crop) for crops in (self.crops or []) for crop in crops]
-        return self.shared["crop_images"]
 
 
 class Producer:
@@ -133,17 +126,6 @@ def register_producer(kind: str):
         PRODUCERS[kind] = cls
         return cls
     return decorator
-
-
-def half(values: np.ndarray) -> np.ndarray:
-    """float16 with saturation (random-init activations can exceed 65504)."""
-    limit = np.finfo(np.float16).max
-    return np.clip(values, -limit, limit).astype(np.float16)
-
-
-def _batched(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 # --------------------------------------------------------------------------------------------- objects

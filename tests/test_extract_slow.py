@@ -79,6 +79,14 @@ def _argv(data, images, out, *extra):
             "--chunk-size", "2", "--batch-size", "2", *extra]
 
 
+def _chunk_files(parts: Path) -> int:
+    """Finished chunk files now (0 while the folder is absent or being removed by the assembly)."""
+    try:
+        return len(list(parts.rglob("*.npz")))
+    except FileNotFoundError:
+        return 0
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ids = [str(i) for i in range(10)]
     write_images(tmp_path / "images", ids)
@@ -103,10 +111,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         # kill once `finished` more chunk files exist (plus a random delay): on a loaded machine a kill
         # at a fixed share of the reference run's time often lands before the first or after the last chunk
         process = subprocess.Popen(command(out), **quiet)
-        before = len(list(parts.rglob("*.npz"))) if parts.exists() else 0
+        before = _chunk_files(parts)
         deadline = time.monotonic() + 3 * full_run_seconds
         while process.poll() is None and time.monotonic() < deadline and \
-                (len(list(parts.rglob("*.npz"))) if parts.exists() else 0) < before + finished:
+                _chunk_files(parts) < before + finished:
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))
         process.send_signal(signal.SIGKILL)

@@ -12,18 +12,7 @@ from typing import List, Optional
 
 import typer
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu (decided when extracting, so other commands skip torch)."""
-    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
+_COMMAND: list[str] = []  # the command line main() was given (recorded in provenance)
 
 
 app = typer.Typer(
@@ -40,18 +29,24 @@ app = typer.Typer(
 @app.command()
 def extract(
     data: str = typer.Option(..., help="dataset folder (train/valid/test.txt) or one file"),
-    images: str = typer.Option(..., help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no extension)"),
+    images: Optional[str] = typer.Option(None, help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no "
+                                         "extension); a missing or empty folder is an error"),
+    no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
+                                   "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
-    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2"),
+    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2 (| maskrcnn-test | "
+                                 "fasterrcnn-test: tiny random test variants)"),
     encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
-                                      "(| resnet152-test | swin-test: few-layer test variants)"),
+                                      "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
     prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
                                      "(offline smoke runs; recorded in provenance, the trainer warns)"),
-    device: str = typer.Option("auto", help="torch device; auto: cuda when available, else cpu"),
+    device: str = typer.Option("auto", help="auto (the LOCAL_RANK GPU under torchrun, cuda:0, else cpu) | cpu | "
+                               "cuda | cuda:N"),
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
-    num_workers: int = typer.Option(0, help="DataLoader workers decoding images"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and resizing "
+                                              "images (default: all cores but one, at most 8; 0: main process)"),
     top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
     score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
     detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
@@ -67,6 +62,8 @@ def extract(
     max_image_side: int = typer.Option(2048, help="huge images are downscaled to this before the models"),
     missing_image: str = typer.Option("placeholder", help="placeholder (gray image's features) | zeros | "
                                       "error (list bad images, exit 2 before any compute)"),
+    max_bad_images: Optional[float] = typer.Option(None, help="share of images (0..1) allowed to be missing or "
+                                                   "unreadable; more is an error (exit 2)"),
     chunk_size: int = typer.Option(64, help="images per resumable chunk"),
     shard: Optional[str] = typer.Option(None, help="i/n: this process's share (default: RANK/WORLD_SIZE or "
                                         "SLURM_ARRAY_TASK_ID/COUNT); writes <out stem>.shard<i>of<n>.h5"),
@@ -81,8 +78,7 @@ def extract(
       --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
-
-    device = resolve_device(device)
+    from mner.pipeline.cache import CacheError
 
     try:
         opts = ExtractOptions(
@@ -93,17 +89,22 @@ def extract(
             resnet_weights=resnet_weights, swin_model=swin_model, crop_max_side=crop_max_side,
             crop_quality=crop_quality, max_image_side=max_image_side, missing_image=missing_image,
             chunk_size=chunk_size, shard=parse_shard(shard) if shard else None, overwrite=overwrite,
-            progress=progress,
+            no_images=no_images, max_bad_images=max_bad_images, progress=progress, command=list(_COMMAND),
         )
+        opts.validate()
         _check_names(opts)
         summary = run_extraction(opts)
     except ImageError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, CacheError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(str(summary))
+    if summary.shard_count > 1:
+        from mner.features.distributed import merge_hint
+
+        typer.echo(merge_hint(out, summary.shard_count))
 
 
 @app.command()
@@ -162,6 +163,7 @@ def _check_names(opts) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``mner-features``; returns the exit code (tests call ``main([...])``)."""
+    _COMMAND[:] = ["mner-features", *(sys.argv[1:] if argv is None else argv)]
     try:
         app(args=argv, prog_name="mner-features")
     except SystemExit as exit_:

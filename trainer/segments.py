@@ -78,3 +78,10 @@ def _two_plain_words(tokenizer) -> tuple[str, str]:
         if len(found) == 2:
             return found[0][0], found[1][0]
     raise ValueError(f"{type(tokenizer).__name__}: found no single-piece words to read its pair template")
+
+
+def second_segment_for(model_cls, model_config, tokenizer, max_length: int) -> SecondSegment | None:
+    """The collator's second segment for a model that declares ``second_segment(config) -> cache path``."""
+    declared = getattr(model_cls, "second_segment", None)
+    path = declared(model_config) if declared is not None else None
+    return SecondSegment(tokenizer, path=path, max_length=max_length) if path else None

@@ -50,13 +50,14 @@ IMAGE_OK = "images/ok"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation (open_clip / transformers)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_CLIP = "tiny-random"  # clip_model value that builds a tiny random tower (tests, smoke runs)
+RANDOM_B32 = "random-vit-b-32"  # clip_model value: ViT-B/32's shape with random weights (offline benchmarks)
 VISION_MODES = ("finetune", "frozen")
 
 
 @dataclass
 class MGIPSCLConfig:
     vision_mode: str = "finetune"  # finetune (paper: own CLIP tower over crop pixels) | frozen (cached CLIP states)
-    clip_model: str = "openai/clip-vit-base-patch32"  # finetune mode: CLIPVisionModel hub name/folder, or "tiny-random"
+    clip_model: str = "openai/clip-vit-base-patch32"  # finetune: CLIPVisionModel hub name/folder; tiny-random | random-vit-b-32
     clip_lr: float = 3e-5  # learning rate of the CLIP vision tower's parameter group (sec. 4.3)
     max_crops: int = 3  # grounding crops per image read from the cache (sec. 3.1.2: three)
     num_heads: int = 12  # heads of the MGE's guide-to-subject attention (f_2) (sec. 4.3: 12 heads)
@@ -86,6 +87,9 @@ def build_clip_tower(name: str) -> nn.Module:
         config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=64, patch_size=16)
         return CLIPVisionModel(config)
+    if name == RANDOM_B32:
+        warnings.warn("mgipscl: clip_model=random-vit-b-32 builds a RANDOM ViT-B/32 tower (benchmarks only)", stacklevel=2)
+        return CLIPVisionModel(CLIPVisionConfig())  # transformers' defaults are ViT-B/32: 768 wide, 12 layers, patch 32
     return CLIPVisionModel.from_pretrained(name)
 
 
@@ -467,6 +471,8 @@ class MGIPSCL(nn.Module):
         batch_size, num_crops = crop_mask.shape
         if self.config.vision_mode == "finetune":
             pixels = visual[PIXELS][:, :num_crops]  # (B, K, 3, H, W) uint8
+            if pixels.size(-1) == 3 and pixels.size(-3) != 3:  # decoded JPEG crops arrive channel-last
+                pixels = pixels.movedim(-1, -3)
             keys_values, final = self.clip(pixels.flatten(0, 1))  # per layer 2 x (B*K, T, Dv)
         else:
             states = visual[STATES][:, :num_crops]  # (B, K, S, T, Dv)

@@ -108,6 +108,13 @@ def block_origin(center: torch.Tensor, neighbour: torch.Tensor, grid: int, alpha
     return top, left
 
 
+def _straight_through(score: torch.Tensor) -> torch.Tensor:
+    """score / stop_grad(score): exactly 1 forward, d(log score) backward; 1 where the score is 0
+    (posts without an entity, whose block is masked anyway)."""
+    positive = score.detach() > 0
+    return torch.where(positive, score / score.detach().clamp(min=1e-12), torch.ones_like(score))
+
+
 def block_indices(top: torch.Tensor, left: torch.Tensor, grid: int, alpha: int) -> torch.Tensor:
     """Row-major region indices of the block (B, alpha*alpha)."""
     offsets = torch.arange(alpha, device=top.device)
@@ -139,7 +146,7 @@ class VisualRegionPositioning(nn.Module):
         center = pick_center(relevance)  # c (B,), eq. 2
         rows = torch.arange(batch_size, device=regions.device)
         center_score = relevance[rows, center]  # (B,)
-        scale = center_score / center_score.detach().clamp(min=1e-12)  # 1 in value, straight-through gradient
+        scale = _straight_through(center_score)  # 1 in value, the score's gradient
 
         neighbour = center
         if self.alpha > 1:
@@ -149,7 +156,7 @@ class VisualRegionPositioning(nn.Module):
             scores = scores.masked_fill(~near, torch.finfo(scores.dtype).min).softmax(dim=-1)  # (B, G*G)
             neighbour = scores.argmax(dim=-1)  # b_l (B,), first of ties
             neighbour_score = scores[rows, neighbour]
-            scale = scale * neighbour_score / neighbour_score.detach().clamp(min=1e-12)
+            scale = scale * _straight_through(neighbour_score)
         top, left = block_origin(center, neighbour, grid, self.alpha)
         index = block_indices(top, left, grid, self.alpha)  # (B, a*a)
         block = regions.gather(1, index[..., None].expand(-1, -1, regions.size(-1)))  # v (B, a*a, D)

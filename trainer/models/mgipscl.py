@@ -402,7 +402,10 @@ class MGIPSCL(nn.Module):
             self.vision_layers = _cached_layers(features, shape[0])
             vision_depth = max(self.vision_layers)
             vision_width = shape[-1]
-        encoder_layers = self.text_encoder.encoder.layer
+        encoder_layers = getattr(getattr(self.text_encoder, "encoder", None), "layer", None)
+        if encoder_layers is None:
+            raise ValueError(f"mgipscl runs the text encoder's layers itself and needs a BERT/RoBERTa-style encoder "
+                             f"(encoder.layer); {type(self.text_encoder).__name__} has none. Use e.g. bert-base-uncased.")
         self.mutual_layers = nn.ModuleList(MutualAttentionLayer(layer, vision_width) for layer in encoder_layers)
         self.text_encoder.encoder.layer = nn.ModuleList()  # moved into mutual_layers (optimised at encoder_lr)
         depth = len(self.mutual_layers)

@@ -1,0 +1,558 @@
+"""Visual-grounding crops (MGIPS-CL, after HVPNeT): at most three 128x128 crops per image, stored as pixels.
+
+MGIPS-CL (sec. 3.1.2) takes "three visual grounding images" of 128x128 per post, each cut into 4x4
+patches of 32. HVPNeT, where those crops come from, parsed noun phrases with NLTK and sent each one as
+its own query to a one-stage grounding model. Three ways to make them:
+
+``owlv2``     a text-conditioned detector (OWLv2) queried per image with the post's capitalised spans
+              (each span its own query, like HVPNeT's nouns) plus entity-type phrases; the best three
+              boxes after NMS. With ``fill="objectness"`` (default) an image with fewer than three
+              boxes above the threshold is topped up with OWLv2's own most object-like boxes (the
+              detector's top objects, query-free), so the model sees three crops whenever the image has
+              three distinct regions. ``source`` records which rule chose each crop.
+``detector``  the top three objects of the cache's object detector (``objects`` group), no text.
+``files``     crops a user already has: HVPNeT-style crop folders plus the ``*_dict.pth`` or JSON
+              mapping from image file name to crop files (see ``load_crop_mapping``).
+
+Every crop is squashed (no aspect-preserving crop, as the image encoders do) to ``crop_size`` squared
+and stored as channel-first uint8 RGB pixels (3, S, S), so the trainer never opens the original image, never decodes a JPEG
+and reads one fixed-shape slice per image. Images with fewer than three crops simply have fewer rows;
+the batcher pads to three and masks. ``reason`` says why an image has fewer than three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from mner.features.images import EXTENSIONS, LoadedImage, crop_box
+from mner.pipeline.data import DataFormatError
+
+CROP_SIZE = 128  # MGIPS-CL: 128x128 crops, 4x4 patches of 32
+MAX_CROPS = 3  # MGIPS-CL / HVPNeT: three grounding crops per image
+SOURCE_NAMES = ("query", "objectness", "detector", "file")  # grounding/source codes: why a crop was chosen
+REASON_NAMES = ("full", "few_found", "no_image", "not_in_mapping")  # grounding/reason codes, per image
+# One query per entity type (PER, LOC, ORG, MISC): lets an image without capitalised words still ground.
+ENTITY_TYPE_QUERIES = ("a person", "a place", "an organization logo", "an object")
+QUERY_RULES = ("spans", "words")
+FILL_RULES = ("objectness", "none")
+# Capitalised tokens that start a sentence or a retweet rather than name something.
+SPAN_STOPWORDS = frozenset(
+    "rt i a an the my me we you he she it this that these those in on at of to and or but is are was "
+    "for with from by via my our your his her their its".split()
+)
+OWLV2_DEFAULT = "google/owlv2-base-patch16-ensemble"
+
+GROUNDERS: dict[str, Callable[..., "Grounder"]] = {}
+
+
+def register_grounder(name: str):
+    def decorator(factory):
+        GROUNDERS[name] = factory
+        return factory
+    return decorator
+
+
+def create_grounder(name: str, config: "GroundingConfig") -> "Grounder":
+    if name not in GROUNDERS:
+        raise ValueError(f"--grounding {name!r}; valid: {', '.join(GROUNDERS)}")
+    return GROUNDERS[name](config)
+
+
+@dataclass
+class GroundingConfig:
+    model: str = OWLV2_DEFAULT  # owlv2: hub name or local folder
+    random_init: bool = False  # owlv2: tiny random OWLv2 + in-memory tokenizer, nothing downloaded
+    threshold: float = 0.1  # owlv2: sigmoid score a query box needs
+    nms_iou: float = 0.3  # boxes overlapping a kept one by more are dropped (owlv2 and the fill)
+    fill: str = "objectness"  # owlv2: objectness (top up to three with query-free boxes) | none
+    query_rule: str = "spans"  # spans (capitalised runs, one query each) | words (one query per word)
+    entity_types: tuple[str, ...] = ENTITY_TYPE_QUERIES  # appended to every image's queries
+    max_text_queries: int = 16  # at most this many span/word queries per image (first ones kept)
+    crop_size: int = CROP_SIZE  # stored crops are crop_size x crop_size x 3 uint8
+    batch_size: int = 8  # images per OWLv2 forward
+    device: str = "cpu"
+    maps: list[str] = field(default_factory=list)  # files: *_dict.pth / .json mappings
+    crop_dirs: list[str] = field(default_factory=list)  # files: crop folders (one, or one per mapping)
+    detector_model: str = ""  # detector: the objects group's model (provenance)
+
+
+@dataclass
+class GroundingInput:
+    """One image: what any grounder may need. Boxes are in the loaded image's pixels."""
+
+    image_id: str
+    loaded: LoadedImage | None = None  # None when the grounder reads no image (files)
+    texts: list[list[str]] = field(default_factory=list)  # tokens of every post showing this image
+    detections: tuple[np.ndarray, np.ndarray] | None = None  # detector: (boxes (k,4) xyxy, scores (k,))
+
+
+@dataclass
+class GroundingRow:
+    """One image's grounding crops (k <= MAX_CROPS rows)."""
+
+    pixels: np.ndarray  # (k, 3, S, S) uint8 RGB, channel-first (CONTRACT-10: the model normalises)
+    boxes: np.ndarray  # (k, 4) float32 xyxy in original-image pixels (zeros for file crops)
+    scores: np.ndarray  # (k,) float32 (query or objectness probability, detector score, 1 for files)
+    source: np.ndarray  # (k,) uint8 index into SOURCE_NAMES
+    query_index: np.ndarray  # (k,) int16 index into ``queries`` (-1: not chosen by a query)
+    queries: list[str]  # the queries sent for this image
+    reason: str  # one of REASON_NAMES
+
+    @staticmethod
+    def empty(reason: str, size: int, queries: list[str] | None = None) -> "GroundingRow":
+        return GroundingRow(np.zeros((0, 3, size, size), np.uint8), np.zeros((0, 4), np.float32),
+                            np.zeros(0, np.float32), np.zeros(0, np.uint8), np.zeros(0, np.int16),
+                            list(queries or []), reason)
+
+
+def stack_rows(rows: list[GroundingRow]) -> dict[str, np.ndarray | list[str]]:
+    """Rows of a chunk -> flat arrays: per image ``counts``/``reason``/``queries``, per crop the rest."""
+    size = rows[0].pixels.shape[-1] if rows else CROP_SIZE
+    return {
+        "counts": np.array([len(r.scores) for r in rows], np.int64),
+        "reason": np.array([REASON_NAMES.index(r.reason) for r in rows], np.uint8),
+        "queries": ["\n".join(r.queries) for r in rows],
+        "pixels": np.concatenate([r.pixels for r in rows]) if rows else np.zeros((0, 3, size, size), np.uint8),
+        "boxes": np.concatenate([r.boxes for r in rows]).reshape(-1, 4).astype(np.float32),
+        "scores": np.concatenate([r.scores for r in rows]).astype(np.float32),
+        "source": np.concatenate([r.source for r in rows]).astype(np.uint8),
+        "query_index": np.concatenate([r.query_index for r in rows]).astype(np.int16),
+    }
+
+
+def crop_mask(counts: np.ndarray, max_crops: int = MAX_CROPS) -> np.ndarray:
+    """(n,) crop counts -> (n, max_crops) bool, True where a crop exists (padding slots are False)."""
+    return np.arange(max_crops)[None, :] < np.asarray(counts)[:, None]
+
+
+# ------------------------------------------------------------------------------------------ queries
+
+
+def _clean(token: str) -> str:
+    return token.lstrip("#@").strip(".,:;!?\"'()[]")
+
+
+def _is_name(token: str) -> bool:
+    word = _clean(token)
+    return bool(word) and word[0].isupper() and not word.lower().startswith("http") \
+        and word.lower() not in SPAN_STOPWORDS
+
+
+def post_queries(tokens: list[str], rule: str = "spans") -> list[str]:
+    """Text queries of one post: maximal runs of capitalised tokens ("spans") or each such token ("words").
+
+    Capitals are how tweets mark names; no POS tagger ships offline, so this stands in for HVPNeT's NLTK
+    noun phrases. ``#``/``@`` prefixes and edge punctuation are dropped; "RT", "The", "I", ... never start
+    a span; URLs are skipped.
+    """
+    if rule not in QUERY_RULES:
+        raise ValueError(f"query rule {rule!r}; valid: {', '.join(QUERY_RULES)}")
+    queries: list[str] = []
+    run: list[str] = []
+    for token in list(tokens) + [""]:
+        if token and _is_name(token):
+            run.append(_clean(token))
+            continue
+        if run:
+            queries += [" ".join(run)] if rule == "spans" else run
+        run = []
+    return queries
+
+
+def image_queries(texts: list[list[str]], config: GroundingConfig) -> list[str]:
+    """Queries of every post showing the image (deduplicated ignoring case, first ones kept) + entity types."""
+    seen: dict[str, str] = {}
+    for tokens in texts:
+        for query in post_queries(tokens, config.query_rule):
+            seen.setdefault(query.lower(), query)
+    return list(seen.values())[: config.max_text_queries] + list(config.entity_types)
+
+
+# ------------------------------------------------------------------------------------------- pixels
+
+
+def squash(picture: Image.Image, size: int) -> np.ndarray:
+    """Any picture -> (3, size, size) uint8 RGB, aspect ratio not kept (objects at the border stay)."""
+    resized = picture.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,4), (m,4) xyxy -> (n,m) IoU."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(-1)
+    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def greedy_pick(boxes: np.ndarray, scores: np.ndarray, *, limit: int, iou: float,
+                kept: np.ndarray | None = None, min_score: float = -np.inf) -> list[int]:
+    """Indices of at most ``limit`` boxes, best score first (ties: lower index), each overlapping neither a
+    kept box nor an earlier pick by more than ``iou``; boxes below ``min_score`` or with no area are skipped."""
+    chosen: list[int] = []
+    taken = np.zeros((0, 4), np.float32) if kept is None else kept.reshape(-1, 4)
+    for index in np.argsort(-scores, kind="stable"):
+        if len(chosen) >= limit or scores[index] < min_score:
+            break
+        box = boxes[index:index + 1]
+        if box[0, 2] - box[0, 0] <= 0 or box[0, 3] - box[0, 1] <= 0:
+            continue
+        if len(taken) and _box_iou(box, taken).max() > iou:
+            continue
+        chosen.append(int(index))
+        taken = np.concatenate([taken, box])
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------ grounders
+
+
+class Grounder:
+    """Base: ``__call__`` maps a list of GroundingInput to one GroundingRow each, in order."""
+
+    method = ""
+    needs_image = True  # False: rows do not depend on the original image (user files)
+
+    def __init__(self, config: GroundingConfig):
+        self.config = config
+
+    def __call__(self, items: list[GroundingInput]) -> list[GroundingRow]:
+        raise NotImplementedError
+
+    def provenance_fields(self) -> dict:
+        raise NotImplementedError
+
+    def _rows_from_boxes(self, loaded: LoadedImage, boxes: np.ndarray, scores: np.ndarray, source: np.ndarray,
+                         query_index: np.ndarray, queries: list[str]) -> GroundingRow:
+        size = self.config.crop_size
+        pixels = np.stack([squash(crop_box(loaded.image, box), size) for box in boxes]) if len(boxes) else \
+            np.zeros((0, 3, size, size), np.uint8)
+        reason = "full" if len(boxes) >= MAX_CROPS else "few_found"
+        return GroundingRow(pixels, (boxes * np.float32(loaded.scale)).astype(np.float32).reshape(-1, 4),
+                            scores.astype(np.float32), source.astype(np.uint8), query_index.astype(np.int16),
+                            queries, reason)
+
+
+def tiny_owlv2_config(tokenizer):
+    """A two-layer, 32-wide OWLv2 on 64x64 inputs (16 patches = 16 candidate boxes): --random-init runs."""
+    from transformers import Owlv2Config
+
+    from mner.features.hub import tokenizer_ids
+
+    ids = tokenizer_ids(tokenizer)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, **ids)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=64, patch_size=16)
+    return Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+
+
+@register_grounder("owlv2")
+class Owlv2Grounder(Grounder):
+    """OWLv2 queried with the posts' spans + entity types; boxes above ``threshold``, then the objectness fill."""
+
+    method = "owlv2"
+
+    def __init__(self, config: GroundingConfig):
+        super().__init__(config)
+        import torch
+        from transformers import AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetection, Owlv2ImageProcessor
+
+        from mner.features.hub import hub_pretrained, offline_tokenizer
+
+        if config.fill not in FILL_RULES:
+            raise ValueError(f"--grounding-fill {config.fill!r}; valid: {', '.join(FILL_RULES)}")
+        if config.query_rule not in QUERY_RULES:
+            raise ValueError(f"--grounding-queries {config.query_rule!r}; valid: {', '.join(QUERY_RULES)}")
+        if config.random_init:
+            self.tokenizer = offline_tokenizer()
+            self.model = Owlv2ForObjectDetection(tiny_owlv2_config(self.tokenizer))
+            self.processor = Owlv2ImageProcessor(size={"height": 64, "width": 64})
+            self.model_name = "transformers/Owlv2ForObjectDetection(tiny random: 2 layers, 32 wide, 64 px)"
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+            self.model = Owlv2ForObjectDetection.from_pretrained(config.model)
+            self.processor = AutoImageProcessor.from_pretrained(config.model)
+            self.model_name = f"transformers/Owlv2ForObjectDetection({config.model})"
+        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init)
+        self.model.eval().to(config.device)
+        self.max_length = self.model.config.text_config.max_position_embeddings
+        self._torch = torch
+
+    def provenance_fields(self) -> dict:
+        c = self.config
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "preprocessing": {"image": "Owlv2ImageProcessor (pad to square, resize)", "crops": f"squash to "
+                              f"{c.crop_size}x{c.crop_size} uint8 RGB", "query_rule": c.query_rule,
+                              "query_rule_text": "capitalised runs of tokens (#/@ stripped, RT/The/I/... never "
+                              "start one), each its own query" if c.query_rule == "spans" else
+                              "each capitalised token its own query", "entity_type_queries": list(c.entity_types),
+                              "max_text_queries": c.max_text_queries, "max_query_tokens": self.max_length},
+            "thresholds": {"score": c.threshold, "nms_iou": c.nms_iou, "fill": c.fill, "max_crops": MAX_CROPS},
+        }
+
+    def __call__(self, items: list[GroundingInput]) -> list[GroundingRow]:
+        rows: list[GroundingRow | None] = [None] * len(items)
+        queries = [image_queries(item.texts, self.config) for item in items]
+        todo = [i for i, item in enumerate(items) if item.loaded is not None and item.loaded.status == "ok"]
+        for i in set(range(len(items))) - set(todo):
+            rows[i] = GroundingRow.empty("no_image", self.config.crop_size, queries[i])
+        for start in range(0, len(todo), self.config.batch_size):
+            batch = todo[start:start + self.config.batch_size]
+            logits, boxes, objectness = self._forward([items[i].loaded.image for i in batch], [queries[i] for i in batch])
+            for b, i in enumerate(batch):
+                rows[i] = self._select(items[i].loaded, queries[i], logits[b], boxes[b], objectness[b])
+        return rows
+
+    def _forward(self, images: list[Image.Image], queries: list[list[str]]):
+        """-> per-query probabilities (B, P, Qmax), boxes (B, P, 4) cxcywh in the padded square, objectness (B, P)."""
+        torch = self._torch
+        width = max(1, max(len(q) for q in queries))
+        flat = [q[j] if j < len(q) else "" for q in queries for j in range(width)]
+        encoded = self.tokenizer(flat, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt")
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        padded = torch.tensor([j >= len(q) for q in queries for j in range(width)])
+        input_ids[padded] = 0  # OWLv2 masks queries whose first token is 0
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids.to(self.config.device), pixel_values=pixel_values.to(self.config.device),
+                             attention_mask=attention_mask.to(self.config.device))
+        probs = torch.sigmoid(out.logits.float()).cpu().numpy()  # (B, P, Qmax)
+        return probs, out.pred_boxes.float().cpu().numpy(), torch.sigmoid(out.objectness_logits.float()).cpu().numpy()
+
+    def _select(self, loaded: LoadedImage, queries: list[str], probs: np.ndarray, cxcywh: np.ndarray,
+                objectness: np.ndarray) -> GroundingRow:
+        image = loaded.image
+        side = float(max(image.width, image.height))  # OWLv2 pads bottom/right to a square
+        xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1) * side
+        xyxy = np.clip(xyxy, 0, [image.width, image.height, image.width, image.height]).astype(np.float32)
+        probs = probs[:, : len(queries)]  # (P, Q): padded queries dropped
+        if probs.shape[1]:
+            best_query, best = probs.argmax(1), probs.max(1)
+        else:
+            best_query, best = np.zeros(len(xyxy), np.int64), np.zeros(len(xyxy), np.float32)
+        chosen = greedy_pick(xyxy, best, limit=MAX_CROPS, iou=self.config.nms_iou, min_score=self.config.threshold)
+        source = [0] * len(chosen)
+        scores = [float(best[i]) for i in chosen]
+        query_index = [int(best_query[i]) for i in chosen]
+        if self.config.fill == "objectness" and len(chosen) < MAX_CROPS:
+            extra = greedy_pick(xyxy, objectness, limit=MAX_CROPS - len(chosen), iou=self.config.nms_iou,
+                                kept=xyxy[chosen])
+            chosen, source = chosen + extra, source + [1] * len(extra)
+            scores += [float(objectness[i]) for i in extra]
+            query_index += [-1] * len(extra)
+        return self._rows_from_boxes(loaded, xyxy[chosen].reshape(-1, 4), np.array(scores, np.float32),
+                                     np.array(source), np.array(query_index), queries)
+
+
+@register_grounder("detector")
+class DetectorGrounder(Grounder):
+    """The top three objects of the cache's object detector (``objects`` group); no text involved."""
+
+    method = "detector"
+
+    def provenance_fields(self) -> dict:
+        return {"model": f"objects group: {self.config.detector_model or 'detector'}",
+                "pretrained": "see the objects group", "preprocessing": {
+                    "crops": f"top {MAX_CROPS} objects by detector score, squashed to "
+                             f"{self.config.crop_size}x{self.config.crop_size} uint8 RGB"},
+                "thresholds": {"max_crops": MAX_CROPS, "nms": "the detector's own"}}
+
+    def __call__(self, items: list[GroundingInput]) -> list[GroundingRow]:
+        rows = []
+        for item in items:
+            if item.loaded is None or item.loaded.status != "ok":
+                rows.append(GroundingRow.empty("no_image", self.config.crop_size))
+                continue
+            boxes, scores = item.detections if item.detections is not None else (np.zeros((0, 4)), np.zeros(0))
+            order = np.argsort(-np.asarray(scores), kind="stable")[:MAX_CROPS]
+            boxes, scores = np.asarray(boxes, np.float32)[order].reshape(-1, 4), np.asarray(scores, np.float32)[order]
+            rows.append(self._rows_from_boxes(item.loaded, boxes, scores, np.full(len(order), 2),
+                                              np.full(len(order), -1), []))
+        return rows
+
+
+# --------------------------------------------------------------------------------- user-supplied crops
+
+
+@dataclass
+class CropMapping:
+    """image id -> crop files, read from HVPNeT ``*_dict.pth`` or JSON mappings (see ``load_crop_mapping``)."""
+
+    crops: dict[str, list[Path]]  # image id -> at most MAX_CROPS existing files, in mapping order
+    files: dict[str, str]  # absolute mapping path -> sha256 of its bytes
+    crops_sha256: str  # over the bytes of every crop file used, in image-id order
+    unmatched_keys: int  # mapping entries naming no image of the dataset (other splits, other data)
+    truncated: int  # images listing more than MAX_CROPS crops (the first ones are kept, as HVPNeT did)
+
+
+def _read_mapping(path: Path) -> dict:
+    if path.suffix in (".pth", ".pt"):
+        import torch
+
+        try:
+            mapping = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise DataFormatError(path, None, f"not a readable torch file ({type(error).__name__}: {error})",
+                                  "save the mapping with torch.save(dict) or write it as JSON") from None
+    elif path.suffix == ".json":
+        try:
+            mapping = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataFormatError(path, error.lineno, f"invalid JSON ({error.msg})",
+                                  'write {"<image file or id>": ["<crop file>", ...], ...}') from None
+    else:
+        raise DataFormatError(path, None, f"unknown mapping type {path.suffix!r}",
+                              "use an HVPNeT *_dict.pth file or a .json file")
+    if not isinstance(mapping, dict):
+        raise DataFormatError(path, None, f"expected a dict from image file name to crop files, got "
+                              f"{type(mapping).__name__}", 'write {"<image file or id>": ["<crop file>", ...]}')
+    return mapping
+
+
+def _image_id_of(key: str, ids: set[str]) -> str | None:
+    """"1015799.jpg" (HVPNeT keys are file names) or "1015799" -> the dataset's image id, else None."""
+    if key in ids:
+        return key
+    stem, suffix = os.path.splitext(key)
+    return stem if suffix in EXTENSIONS and stem in ids else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_crop_mapping(maps: list[str], crop_dirs: list[str], image_ids: list[str]) -> CropMapping:
+    """Validate user-supplied crops before any work: every problem names the mapping file and the entry.
+
+    A mapping is a dict ``{image file name or id: [crop file, ...]}``, in a ``.pth`` (HVPNeT's
+    ``twitter2015_train_dict.pth``, written with ``torch.save``) or a ``.json`` file. Crop files are
+    relative to the crops folder paired with the mapping (one folder for all mappings, one per mapping
+    in the same order, or none: relative to the mapping's own folder); absolute paths are used as is.
+    """
+    if not maps:
+        raise ValueError("--grounding files needs --grounding-map FILE (HVPNeT *_dict.pth or .json)")
+    if len(crop_dirs) not in (0, 1, len(maps)):
+        raise ValueError(f"--grounding-crops-dir given {len(crop_dirs)} times for {len(maps)} --grounding-map "
+                         "files: give one folder for all, or one per mapping in the same order")
+    ids = set(image_ids)
+    crops: dict[str, list[Path]] = {}
+    owner: dict[str, tuple[Path, str]] = {}
+    files: dict[str, str] = {}
+    unmatched = truncated = 0
+    for index, map_name in enumerate(maps):
+        path = Path(map_name)
+        if not path.is_file():
+            raise ValueError(f"--grounding-map {map_name}: no such file")
+        folder = Path(crop_dirs[index if len(crop_dirs) > 1 else 0]) if crop_dirs else path.parent
+        if not folder.is_dir():
+            raise ValueError(f"--grounding-crops-dir {folder}: no such folder (crops of {path})")
+        mapping = _read_mapping(path)
+        files[os.path.abspath(path)] = "sha256:" + _sha256(path)
+        missing: list[str] = []
+        for key, value in mapping.items():
+            if not isinstance(key, str):
+                raise DataFormatError(path, None, f"entry {key!r}: keys must be image file names or ids (strings)",
+                                      "rewrite the mapping with string keys")
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+                    not all(isinstance(name, str) and name for name in value):
+                raise DataFormatError(path, None, f"entry {key!r}: value must be a list of crop file names, got "
+                                      f"{value!r:.80}", 'write "<image>": ["<crop file>", ...] ([] for none)')
+            image_id = _image_id_of(key, ids)
+            if image_id is None:
+                unmatched += 1
+                continue
+            if image_id in owner and [str(p) for p in crops[image_id]] != [str(folder / n) for n in value[:MAX_CROPS]]:
+                first, first_key = owner[image_id]
+                raise DataFormatError(path, None, f"entry {key!r}: image {image_id} also listed with other crops in "
+                                      f"{first} (entry {first_key!r})", "keep one list per image")
+            resolved = [folder / name for name in value[:MAX_CROPS]]
+            missing += [f"{key!r} -> {p}" for p in resolved if not p.is_file()]
+            truncated += len(value) > MAX_CROPS
+            crops[image_id], owner[image_id] = resolved, (path, key)
+        if missing:
+            raise DataFormatError(path, None, f"{len(missing)} listed crop files do not exist, e.g. {missing[0]}",
+                                  "pass the crops folder with --grounding-crops-dir")
+    if ids and not crops:
+        raise ValueError(f"none of the entries of {', '.join(maps)} names an image of --data "
+                         f"(e.g. {next(iter(sorted(ids)))}); keys are image file names (1015799.jpg) or ids")
+    digest = hashlib.sha256()
+    for image_id in sorted(crops):
+        for crop in crops[image_id]:
+            digest.update(f"{image_id}\0{crop.name}\0{_sha256(crop)}\n".encode())
+    return CropMapping(crops, files, "sha256:" + digest.hexdigest(), unmatched, truncated)
+
+
+@register_grounder("files")
+class FileGrounder(Grounder):
+    """User-supplied crops (HVPNeT layout); the original image is never needed."""
+
+    method = "files"
+    needs_image = False
+
+    def __init__(self, config: GroundingConfig, mapping: CropMapping | None = None):
+        super().__init__(config)
+        self.mapping = mapping
+
+    def bind(self, image_ids: list[str]) -> None:
+        """Read and validate the mappings against the run's image ids (fails before any compute)."""
+        self.mapping = load_crop_mapping(self.config.maps, self.config.crop_dirs, image_ids)
+
+    def provenance_fields(self) -> dict:
+        mapping = self.mapping
+        return {"model": "user-supplied crops", "pretrained": mapping.crops_sha256,
+                "preprocessing": {"crops": f"squashed to {self.config.crop_size}x{self.config.crop_size} uint8 RGB",
+                                  "mappings": mapping.files,
+                                  "crop_dirs": [os.path.abspath(d) for d in self.config.crop_dirs],
+                                  "unmatched_entries": mapping.unmatched_keys,
+                                  "images_over_three_crops_truncated": mapping.truncated},
+                "thresholds": {"max_crops": MAX_CROPS}}
+
+    def __call__(self, items: list[GroundingInput]) -> list[GroundingRow]:
+        size = self.config.crop_size
+        rows = []
+        for item in items:
+            files = self.mapping.crops.get(item.image_id)
+            if files is None:
+                rows.append(GroundingRow.empty("not_in_mapping", size))
+                continue
+            pixels = []
+            for path in files:
+                try:
+                    with Image.open(path) as opened:
+                        pixels.append(squash(opened, size))
+                except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
+                    raise DataFormatError(path, None, f"crop of image {item.image_id} is unreadable "
+                                          f"({type(error).__name__}: {error})", "replace or remove the file") from None
+            k = len(pixels)
+            rows.append(GroundingRow(np.stack(pixels) if k else np.zeros((0, 3, size, size), np.uint8),
+                                     np.zeros((k, 4), np.float32), np.ones(k, np.float32), np.full(k, 3, np.uint8),
+                                     np.full(k, -1, np.int16), [], "full" if k >= MAX_CROPS else "few_found"))
+        return rows
+
+
+def group_texts(dataset) -> dict[str, list[list[str]]]:
+    """image id -> tokens of every post showing it (dataset order): the owlv2 grounder's text input."""
+    texts: dict[str, list[list[str]]] = {}
+    for posts in dataset.splits.values():
+        for post in posts:
+            if post.image_id is not None:
+                texts.setdefault(post.image_id, []).append(list(post.tokens))
+    return texts
+

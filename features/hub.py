@@ -1,0 +1,62 @@
+"""Shared by the transformers-based producers (grounding, captions): exact provenance and an offline tokenizer.
+
+``--random-init`` runs of OWLv2 and BLIP must work with no network, but their tokenizers are downloaded
+files. ``offline_tokenizer`` builds a small word-piece tokenizer in memory instead (letters, digits,
+punctuation and a few caption words), so any query or caption round-trips through real token ids.
+Its ``[SEP]`` is the highest id: CLIP-style text towers (OWLv2) pool at ``argmax(input_ids)``, which
+is the end-of-text token of the real CLIP vocabulary, and so it is here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+from pathlib import Path
+
+CAPTION_WORDS = (
+    "a", "an", "the", "of", "in", "on", "with", "and", "at", "man", "woman", "people", "person", "dog",
+    "cat", "car", "street", "building", "city", "sign", "logo", "shirt", "group", "standing", "sitting",
+    "holding", "playing", "game", "field", "stage", "crowd", "picture", "photo", "text", "screen",
+)
+
+
+def offline_tokenizer():
+    """An in-memory BERT-style word-piece tokenizer; nothing is read from disk or the network."""
+    from transformers import BertTokenizerFast
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[MASK]"]
+    pieces += list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces += ["##" + c for c in string.ascii_lowercase + string.digits]
+    pieces += list(CAPTION_WORDS) + ["[SEP]"]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True)
+
+
+def tokenizer_ids(tokenizer) -> dict[str, int]:
+    """Special-token ids a tiny random config must agree with."""
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id}
+
+
+def _weights_hash(folder: Path) -> str | None:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            digest = hashlib.sha256()
+            with open(folder / name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            return f"sha256:{digest.hexdigest()}"
+    return None
+
+
+def hub_pretrained(source: str, model, *, random_init: bool) -> str:
+    """The provenance ``pretrained`` tag: "random", the hub commit hash that was loaded, or a local file hash."""
+    if random_init:
+        return "random"
+    folder = Path(source)
+    if folder.is_dir():
+        found = _weights_hash(folder)
+        return f"{os.path.abspath(folder)} {found}" if found else os.path.abspath(folder)
+    revision = getattr(model.config, "_commit_hash", None)
+    return f"{source}@{revision}" if revision else f"{source}@unknown-revision"

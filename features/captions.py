@@ -27,7 +27,8 @@ from typing import Callable
 from mner.features.images import EXTENSIONS, LoadedImage
 from mner.pipeline.data import DataFormatError
 
-REASON_NAMES = ("ok", "empty", "no_image", "not_in_file")  # captions/reason codes, per image
+# captions/reason codes, per image; 0 = "no_image" so the zero row the loop gives an image that is not ok says so
+REASON_NAMES = ("no_image", "ok", "empty", "not_in_file")
 BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 
 CAPTIONERS: dict[str, Callable[..., "Captioner"]] = {}

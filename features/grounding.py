@@ -38,7 +38,8 @@ from mner.pipeline.data import DataFormatError
 CROP_SIZE = 128  # MGIPS-CL: 128x128 crops, 4x4 patches of 32
 MAX_CROPS = 3  # MGIPS-CL / HVPNeT: three grounding crops per image
 SOURCE_NAMES = ("query", "objectness", "detector", "file")  # grounding/source codes: why a crop was chosen
-REASON_NAMES = ("full", "few_found", "no_image", "not_in_mapping")  # grounding/reason codes, per image
+# grounding/reason codes, per image; 0 = "no_image" so the zero row the loop gives an image that is not ok says so
+REASON_NAMES = ("no_image", "full", "few_found", "not_in_mapping")
 # One query per entity type (PER, LOC, ORG, MISC): lets an image without capitalised words still ground.
 ENTITY_TYPE_QUERIES = ("a person", "a place", "an organization logo", "an object")
 QUERY_RULES = ("spans", "words")
@@ -113,18 +114,20 @@ class GroundingRow:
                             list(queries or []), reason)
 
 
-def stack_rows(rows: list[GroundingRow]) -> dict[str, np.ndarray | list[str]]:
-    """Rows of a chunk -> flat arrays: per image ``counts``/``reason``/``queries``, per crop the rest."""
+def stack_rows(rows: list[GroundingRow]) -> dict[str, np.ndarray | list[bytes]]:
+    """Rows of a chunk -> flat arrays: ``counts`` and ``reason`` per image, the rest per crop.
+
+    ``query`` is the UTF-8 text of the query that found each crop (b"" when no query chose it).
+    """
     size = rows[0].pixels.shape[-1] if rows else CROP_SIZE
     return {
         "counts": np.array([len(r.scores) for r in rows], np.int64),
         "reason": np.array([REASON_NAMES.index(r.reason) for r in rows], np.uint8),
-        "queries": ["\n".join(r.queries) for r in rows],
         "pixels": np.concatenate([r.pixels for r in rows]) if rows else np.zeros((0, 3, size, size), np.uint8),
         "boxes": np.concatenate([r.boxes for r in rows]).reshape(-1, 4).astype(np.float32),
         "scores": np.concatenate([r.scores for r in rows]).astype(np.float32),
         "source": np.concatenate([r.source for r in rows]).astype(np.uint8),
-        "query_index": np.concatenate([r.query_index for r in rows]).astype(np.int16),
+        "query": [(r.queries[q] if q >= 0 else "").encode("utf-8") for r in rows for q in r.query_index],
     }
 
 

@@ -108,7 +108,10 @@ def test_owlv2_tiny_random_rows_and_images_that_are_not_ok():
         assert ((row.boxes[:, 2:] >= row.boxes[:, :2]).all())
     stacked = stack_rows(rows)
     assert stacked["counts"][1] == stacked["counts"][3] == 0
-    assert stacked["pixels"].shape[0] == stacked["counts"].sum() == len(stacked["source"])
+    assert stacked["pixels"].shape[0] == stacked["counts"].sum() == len(stacked["source"]) == len(stacked["query"])
+    assert stacked["reason"][1] == stacked["reason"][3] == 0  # "no_image" is code 0: the loop's zero rows
+    found = [q.decode() for q in stacked["query"]]
+    assert all(q in rows[0].queries + rows[2].queries or q == "" for q in found)
     assert grounder.provenance_fields()["pretrained"] == "random"
 
 

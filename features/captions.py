@@ -113,21 +113,24 @@ class BlipCaptioner(Captioner):
         import torch
         from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessor
 
-        from mner.features.hub import hub_pretrained, offline_tokenizer
+        from mner.features.hub import hub_pretrained, offline_tokenizer, pin_revision
 
         if config.max_new_tokens < 1 or config.num_beams < 1 or config.batch_size < 1:
             raise ValueError("--caption-max-tokens, --caption-beams and --batch-size must be at least 1")
+        commit = None
         if config.random_init:
             self.tokenizer = offline_tokenizer()
             self.model = BlipForConditionalGeneration(tiny_blip_config(self.tokenizer))
             self.processor = BlipImageProcessor(size={"height": 32, "width": 32})
             self.model_name = "transformers/BlipForConditionalGeneration(tiny random: 2 layers, 32 wide, 32 px)"
         else:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-            self.model = BlipForConditionalGeneration.from_pretrained(config.model)
-            self.processor = BlipImageProcessor.from_pretrained(config.model)
+            revision, commit = pin_revision(config.model)
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=revision)
+            self.model = BlipForConditionalGeneration.from_pretrained(config.model, revision=revision)
+            self.processor = BlipImageProcessor.from_pretrained(config.model, revision=revision)
             self.model_name = f"transformers/BlipForConditionalGeneration({config.model})"
-        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init)
+        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init,
+                                         commit=commit)
         self.model.eval().to(config.device)
         self._torch = torch
 

@@ -270,23 +270,26 @@ class Owlv2Grounder(Grounder):
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetection, Owlv2ImageProcessor
 
-        from mner.features.hub import hub_pretrained, offline_tokenizer
+        from mner.features.hub import hub_pretrained, offline_tokenizer, pin_revision
 
         if config.fill not in FILL_RULES:
             raise ValueError(f"--grounding-fill {config.fill!r}; valid: {', '.join(FILL_RULES)}")
         if config.query_rule not in QUERY_RULES:
             raise ValueError(f"--grounding-queries {config.query_rule!r}; valid: {', '.join(QUERY_RULES)}")
+        commit = None
         if config.random_init:
             self.tokenizer = offline_tokenizer()
             self.model = Owlv2ForObjectDetection(tiny_owlv2_config(self.tokenizer))
             self.processor = Owlv2ImageProcessor(size={"height": 64, "width": 64})
             self.model_name = "transformers/Owlv2ForObjectDetection(tiny random: 2 layers, 32 wide, 64 px)"
         else:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-            self.model = Owlv2ForObjectDetection.from_pretrained(config.model)
-            self.processor = AutoImageProcessor.from_pretrained(config.model)
+            revision, commit = pin_revision(config.model)
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=revision)
+            self.model = Owlv2ForObjectDetection.from_pretrained(config.model, revision=revision)
+            self.processor = AutoImageProcessor.from_pretrained(config.model, revision=revision)
             self.model_name = f"transformers/Owlv2ForObjectDetection({config.model})"
-        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init)
+        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init,
+                                         commit=commit)
         self.model.eval().to(config.device)
         self.max_length = self.model.config.text_config.max_position_embeddings
         self._torch = torch

@@ -47,16 +47,19 @@ class ClipGroundingStates:
         import torch
         from transformers import CLIPVisionModel
 
-        from mner.features.hub import hub_pretrained
+        from mner.features.hub import hub_pretrained, pin_revision
 
         self.config = config
+        commit = None
         if config.random_init:
             self.model = CLIPVisionModel(tiny_clip_vision_config())
             self.model_name = "transformers/CLIPVisionModel(tiny random: 12 layers, 32 wide, patch 32)"
         else:
-            self.model = CLIPVisionModel.from_pretrained(config.model)
+            revision, commit = pin_revision(config.model)
+            self.model = CLIPVisionModel.from_pretrained(config.model, revision=revision)
             self.model_name = f"transformers/CLIPVisionModel({config.model})"
-        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init)
+        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init,
+                                         commit=commit)
         depth = self.model.config.num_hidden_layers
         bad = [layer for layer in config.layers if not 0 <= layer <= depth]
         if bad or not config.layers:

@@ -50,13 +50,29 @@ def _weights_hash(folder: Path) -> str | None:
     return None
 
 
-def hub_pretrained(source: str, model, *, random_init: bool) -> str:
-    """The provenance ``pretrained`` tag: "random", the hub commit hash that was loaded, or a local file hash."""
+def pin_revision(source: str):
+    """(revision to pass to every ``from_pretrained`` of one model, the commit hash it names or None).
+
+    Resolving once and loading weights, tokenizer and processor at that revision means all three come from
+    one repository state, and the commit recorded in provenance is the one that was loaded.
+    """
+    if Path(source).is_dir():
+        return None, None
+    try:
+        from transformers.utils.hub import resolve_revision
+    except ImportError:  # transformers 4.x: the loaded config carries _commit_hash instead
+        return None, None
+    revision = resolve_revision(source)
+    return revision, getattr(revision, "resolved", None)
+
+
+def hub_pretrained(source: str, model, *, random_init: bool, commit: str | None = None) -> str:
+    """The provenance ``pretrained`` tag: "random", ``<hub name>@<commit>``, or a local folder and its weights hash."""
     if random_init:
         return "random"
     folder = Path(source)
     if folder.is_dir():
         found = _weights_hash(folder)
         return f"{os.path.abspath(folder)} {found}" if found else os.path.abspath(folder)
-    revision = getattr(model.config, "_commit_hash", None)
-    return f"{source}@{revision}" if revision else f"{source}@unknown-revision"
+    commit = commit or getattr(model.config, "_commit_hash", None)
+    return f"{source}@{commit}" if commit else f"{source}@unresolved-revision"

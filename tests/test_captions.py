@@ -82,3 +82,14 @@ def test_tiny_random_blip_batches_and_skips_images_that_are_not_ok():
     assert alone[0].text == rows[4].text  # batch mates do not change a caption
     fields = captioner.provenance_fields()
     assert fields["pretrained"] == "random" and fields["thresholds"]["num_beams"] == 1
+
+
+def test_blip_from_a_local_folder(tmp_path):
+    torch.manual_seed(0)
+    tiny = create_captioner("blip", CaptionConfig(random_init=True, num_beams=1, max_new_tokens=4))
+    for part in (tiny.model, tiny.tokenizer, tiny.processor):
+        part.save_pretrained(tmp_path / "blip")
+    loaded = create_captioner("blip", CaptionConfig(model=str(tmp_path / "blip"), num_beams=1, max_new_tokens=4))
+    image = LoadedImage("a", "ok", image=Image.new("RGB", (20, 30), (10, 200, 30)))
+    assert loaded([("a", image)]) == tiny([("a", image)])
+    assert " sha256:" in loaded.provenance_fields()["pretrained"]

@@ -213,3 +213,23 @@ def test_clip_grounding_states_layers_shape_and_batch_independence():
     np.testing.assert_allclose(states(pixels[:1])[0, 0], direct[0].numpy(), atol=2e-3)
     with pytest.raises(ValueError, match="each must be in 0..12"):
         ClipGroundingStates(ClipGroundingConfig(random_init=True, layers=(13,)))
+
+
+def test_real_loading_path_from_a_local_folder_records_the_weights_hash(tmp_path):
+    """The non-random path (Auto* from_pretrained of weights, tokenizer, processor) runs offline from a folder."""
+    from mner.features.grounding_clip import ClipGroundingConfig, ClipGroundingStates
+
+    torch.manual_seed(0)
+    tiny = create_grounder("owlv2", GroundingConfig(random_init=True))
+    folder = tmp_path / "owlv2"
+    for part in (tiny.model, tiny.tokenizer, tiny.processor):
+        part.save_pretrained(folder)
+    loaded_grounder = create_grounder("owlv2", GroundingConfig(model=str(folder), threshold=0.0))
+    pretrained = loaded_grounder.provenance_fields()["pretrained"]
+    assert pretrained.startswith(str(folder.resolve())) and " sha256:" in pretrained
+    item = GroundingInput("a", loaded("a"), [["Paris"]])
+    np.testing.assert_array_equal(loaded_grounder([item])[0].boxes, tiny([item])[0].boxes)  # same weights
+    clip = ClipGroundingStates(ClipGroundingConfig(random_init=True))
+    clip.model.save_pretrained(tmp_path / "clip")
+    again = ClipGroundingStates(ClipGroundingConfig(model=str(tmp_path / "clip")))
+    assert " sha256:" in again.pretrained and again.model_name.endswith(f"({tmp_path / 'clip'})")

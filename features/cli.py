@@ -10,6 +10,9 @@ from typing import List, Optional
 
 import typer
 
+_COMMAND: list[str] = []  # the command line main() was given (recorded in provenance)
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -33,7 +36,10 @@ app = typer.Typer(
 @app.command()
 def extract(
     data: str = typer.Option(..., help="dataset folder (train/valid/test.txt) or one file"),
-    images: str = typer.Option(..., help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no extension)"),
+    images: Optional[str] = typer.Option(None, help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no "
+                                         "extension); a missing or empty folder is an error"),
+    no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
+                                   "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
     detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2"),
     encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
@@ -60,6 +66,8 @@ def extract(
     max_image_side: int = typer.Option(2048, help="huge images are downscaled to this before the models"),
     missing_image: str = typer.Option("placeholder", help="placeholder (gray image's features) | zeros | "
                                       "error (list bad images, exit 2 before any compute)"),
+    max_bad_images: Optional[float] = typer.Option(None, help="share of images (0..1) allowed to be missing or "
+                                                   "unreadable; more is an error (exit 2)"),
     chunk_size: int = typer.Option(64, help="images per resumable chunk"),
     shard: Optional[str] = typer.Option(None, help="i/n: this process's share (default: RANK/WORLD_SIZE or "
                                         "SLURM_ARRAY_TASK_ID/COUNT); writes <out stem>.shard<i>of<n>.h5"),
@@ -74,6 +82,7 @@ def extract(
       --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
+    from mner.pipeline.feature_cache import CacheError
 
     try:
         opts = ExtractOptions(
@@ -84,14 +93,15 @@ def extract(
             resnet_weights=resnet_weights, swin_model=swin_model, crop_max_side=crop_max_side,
             crop_quality=crop_quality, max_image_side=max_image_side, missing_image=missing_image,
             chunk_size=chunk_size, shard=parse_shard(shard) if shard else None, overwrite=overwrite,
-            progress=progress,
+            no_images=no_images, max_bad_images=max_bad_images, progress=progress, command=list(_COMMAND),
         )
+        opts.validate()
         _check_names(opts)
         summary = run_extraction(opts)
     except ImageError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, CacheError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(str(summary))
@@ -142,6 +152,7 @@ def _check_names(opts) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``mner-features``; returns the exit code (tests call ``main([...])``)."""
+    _COMMAND[:] = ["mner-features", *(sys.argv[1:] if argv is None else argv)]
     try:
         app(args=argv, prog_name="mner-features")
     except SystemExit as exit_:

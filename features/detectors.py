@@ -63,25 +63,31 @@ class Detector:
 
     model_name = ""
     class_names: list[str] = []
+    checkpoint: dict | None = None  # library weights: enum name, file loaded, its sha256 (features/weights.py)
 
     def __init__(self, config: DetectorConfig):
         self.config = config
 
     @property
     def pretrained(self) -> str:
+        from mner.features.weights import pretrained_tag
+
         if self.config.random_init:
             return "random"
         if self.config.weights:
             return sha256_file(self.config.weights)
-        return "COCO (library default)"
+        return pretrained_tag(self.checkpoint or {}) or "unknown library weights"
 
     def provenance_fields(self) -> dict:
-        return {
+        fields = {
             "model": self.model_name,
             "pretrained": self.pretrained,
             "preprocessing": {"min_size": self.config.min_size, "one_image_per_forward": True},
             "thresholds": {"top_k": self.config.top_k, "score_threshold": self.config.score_threshold},
         }
+        if self.checkpoint and not self.config.random_init and not self.config.weights:
+            fields["checkpoint"] = self.checkpoint
+        return fields
 
     def __call__(self, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         boxes, scores, classes = self._detect(image)
@@ -117,6 +123,10 @@ class TorchvisionDetector(Detector):
         if config.weights and not config.random_init:
             state = torch.load(config.weights, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        if use_library_weights:
+            from mner.features.weights import torchvision_checkpoint
+
+            self.checkpoint = torchvision_checkpoint(weights_enum.DEFAULT)
         self.model.eval().to(config.device)
 
     @torch.inference_mode()
@@ -171,6 +181,7 @@ class Detectron2Detector(Detector):
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = config.score_threshold
         cfg.TEST.DETECTIONS_PER_IMAGE = max(config.top_k, 1)
         self.model_name = f"detectron2/{detectron2_config}"
+        self.checkpoint = {"weights": cfg.MODEL.WEIGHTS}
         self.class_names = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", []))
         self.predictor = DefaultPredictor(cfg)
 

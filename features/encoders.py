@@ -70,16 +70,24 @@ class Encoder:
         self.config = config
         self.device = torch.device(config.device)
 
+    random_weights = False  # set by an encoder that built its model without loading weights (test variants)
+    checkpoint: dict | None = None  # what was loaded: weights enum / tag / hub revision, file, sha256
+
     def pretrained(self) -> str:
-        if self.config.random_init:
+        from mner.features.weights import pretrained_tag
+
+        if self.config.random_init or self.random_weights:
             return "random"
         if self.config.weights:
             return sha256_file(self.config.weights) if Path(self.config.weights).is_file() else str(self.config.weights)
-        return "library default"
+        return pretrained_tag(self.checkpoint or {}) or "unknown library weights"
 
     def provenance_fields(self) -> dict:
-        return {"model": self.model_name, "pretrained": self.pretrained(), "preprocessing": self.preprocessing,
-                "thresholds": {}}
+        fields = {"model": self.model_name, "pretrained": self.pretrained(), "preprocessing": self.preprocessing,
+                  "thresholds": {}}
+        if self.checkpoint and self.pretrained() != "random":
+            fields["checkpoint"] = self.checkpoint
+        return fields
 
     def attrs(self) -> dict:
         return {}
@@ -110,6 +118,10 @@ class ClipEncoder(Encoder):
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             config.clip_model, pretrained=pretrained, device=self.device)
         self.model.eval()
+        if pretrained and not Path(pretrained).is_file():
+            from mner.features.weights import open_clip_checkpoint
+
+            self.checkpoint = open_clip_checkpoint(config.clip_model, pretrained)
         self.tokenizer = open_clip.get_tokenizer(config.clip_model)
         self.model_name = f"open_clip/{config.clip_model}"
         visual = self.model.visual
@@ -187,8 +199,12 @@ class ResNetEncoder(Encoder):
         from torchvision.models.resnet import Bottleneck, ResNet
 
         if self.blocks == (3, 8, 36, 3) and not config.random_init and not config.weights:
+            from mner.features.weights import torchvision_checkpoint
+
             self.model = models.resnet152(weights="DEFAULT")
+            self.checkpoint = torchvision_checkpoint(models.ResNet152_Weights.DEFAULT)
         else:
+            self.random_weights = not config.weights  # the test variant has no pretrained weights
             # random init: each residual block starts as the identity (zero last-BN gamma); with default
             # init and eval-mode BN the 50 blocks of ResNet-152 compound until float16 overflows (~1e8)
             self.model = ResNet(Bottleneck, list(self.blocks), zero_init_residual=config.random_init)
@@ -250,9 +266,13 @@ class SwinEncoder(Encoder):
 
         if self.name == "swin" and not config.random_init:
             source = config.weights or config.swin_model
+            from mner.features.weights import hf_revision
+
             self.model = SwinModel.from_pretrained(source)
             self.model_name = f"transformers/{source}"
+            self.checkpoint = hf_revision(self.model)
         else:
+            self.random_weights = True  # built from a config: random weights, whatever the options say
             s = self.shape
             self.model = SwinModel(SwinConfig(image_size=s.image_size, patch_size=4, embed_dim=s.embed_dim,
                                               depths=list(s.depths), num_heads=list(s.num_heads),
@@ -267,9 +287,10 @@ class SwinEncoder(Encoder):
                               "grid": "last_hidden_state (after the final layer norm)"}
 
     def pretrained(self) -> str:
-        if self.config.random_init:
+        if self.config.random_init or self.random_weights:
             return "random"
-        return self.config.weights or self.config.swin_model
+        revision = (self.checkpoint or {}).get("revision")
+        return f"{self.config.weights or self.config.swin_model}@{revision}"
 
     @torch.inference_mode()
     def encode_images(self, images):

@@ -78,6 +78,8 @@ class ExtractOptions:
     no_images: bool = False  # build over the id list without any picture (every image "missing"), on purpose
     max_bad_images: float | None = None  # share of non-ok images above which the run is an error
     progress: bool = True
+    grounding: object | None = None  # GroundingOptions (features/grounding_captions.py): --grounding ...
+    captions: object | None = None  # CaptionOptions: --captions blip | FILE
     command: list[str] | None = None  # the command line as typed (default sys.argv), recorded with absolute paths
 
     def validate(self) -> None:
@@ -276,7 +278,8 @@ class Extraction:
         self.groups_now = {p.group: p for p in self.producers}
         config = {k: v for k, v in asdict(opts).items()
                   if k not in ("num_workers", "progress", "out", "shard", "max_bad_images", "command")}
-        config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest())
+        config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
+                      inputs={p.group: p.input_fingerprint for p in self.producers if hasattr(p, "input_fingerprint")})
         self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.parts = self.parts_root / self.config_hash
         self.decode = any(p.needs_pixels for p in self.producers)
@@ -451,6 +454,13 @@ class Extraction:
             if kind not in owned:
                 counts[kind] = self._cached_counts(kind, rows)
         for producer in self.producers:
+            if getattr(producer, "every_image", False):  # rows independent of the picture (user files)
+                batch = self._batch(producer, loaded, rows, list(range(len(loaded))), outputs, counts)
+                with self._timed(producer.group):
+                    outputs[producer.group] = producer.produce(batch)
+                if producer.owns:
+                    counts[producer.owns] = outputs[producer.group]["counts"]
+                continue
             batch = self._batch(producer, ok_items, [rows[i] for i in computed_ok], computed_ok, outputs, counts)
             with self._timed(producer.group):
                 produced = producer.produce(batch) if len(batch) else self._empty(producer)
@@ -472,9 +482,10 @@ class Extraction:
         return sorted({layout.rows for p in self.producers for layout in p.datasets().values()} - {"image"})
 
     def _cached_counts(self, kind: str, rows: list[int]) -> np.ndarray:
-        if kind != "object":
+        index = {"object": "objects/offsets", "grounding": "grounding/offsets"}.get(kind)
+        if index is None or self.cache is None or not self.cache.has(index):
             raise ValueError(f"rows of kind {kind!r} need their owner group in the cache or in this run")
-        offsets = self.cache._offsets("objects/offsets")
+        offsets = self.cache._offsets(index)
         return np.diff(offsets[rows[0]:rows[-1] + 2]).astype(np.int64)
 
     def _batch(self, producer: Producer, items: list[LoadedImage], rows: list[int], positions: list[int],
@@ -517,6 +528,10 @@ class Extraction:
         out = {"counts": own_counts} if producer.owns else {}
         for key, layout in producer.datasets().items():
             values = produced[key]
+            if layout.rows == "image" and layout.ragged_bytes:  # one bytes value per image (text)
+                out[key] = [values[j] if k == "ok" else template[key][0] if k == "placeholder" else b""
+                            for k, j in kinds]
+                continue
             if layout.rows == "image":
                 full = np.zeros((len(kinds), *layout.shape), np.dtype(layout.dtype))
                 for i, (k, j) in enumerate(kinds):

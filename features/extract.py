@@ -40,7 +40,8 @@ from mner.features.parts import (
 from mner.features.producers import ChunkBatch, Producer
 from mner.pipeline.feature_cache import STATUS_NAMES, CacheWriter, FeatureCache, make_provenance
 
-OK, PLACEHOLDER = STATUS_NAMES.index("ok"), STATUS_NAMES.index("placeholder")
+OK = STATUS_NAMES.index("ok")
+OFFSETS_OF = {"object": "objects/offsets", "grounding": "grounding/offsets"}  # ragged row kind -> its offsets
 
 
 class ImageError(RuntimeError):
@@ -447,6 +448,7 @@ class Extraction:
                  ("placeholder", 0) if item.status == "placeholder" else ("none", 0)
                  for i, item in enumerate(loaded)]
         outputs: dict[str, dict] = {}  # group -> key -> full-chunk rows (this run's groups)
+        shared: dict = {}  # one scratch dict for every producer of this chunk (decoded/resized crops, ...)
         counts: dict[str, np.ndarray] = {}  # ragged row kind -> per-image counts in this chunk
         ok_items = [loaded[i] for i in computed_ok]
         owned = {p.owns for p in self.producers if p.owns}
@@ -462,6 +464,7 @@ class Extraction:
                     counts[producer.owns] = outputs[producer.group]["counts"]
                 continue
             batch = self._batch(producer, ok_items, [rows[i] for i in computed_ok], computed_ok, outputs, counts)
+            batch.shared = shared
             with self._timed(producer.group):
                 produced = producer.produce(batch) if len(batch) else self._empty(producer)
             template = self._placeholder_template(rows, loaded) if any(k == "placeholder" for k, _ in kinds) else {}
@@ -482,10 +485,12 @@ class Extraction:
         return sorted({layout.rows for p in self.producers for layout in p.datasets().values()} - {"image"})
 
     def _cached_counts(self, kind: str, rows: list[int]) -> np.ndarray:
-        index = {"object": "objects/offsets", "grounding": "grounding/offsets"}.get(kind)
-        if index is None or self.cache is None or not self.cache.has(index):
-            raise ValueError(f"rows of kind {kind!r} need their owner group in the cache or in this run")
-        offsets = self.cache._offsets(index)
+        """Per-image counts of a ragged row kind whose owner group is in the cache (not computed now)."""
+        path = OFFSETS_OF.get(kind)
+        if self.cache is None or path is None or not self.cache.has(path):
+            raise ValueError(f"rows of kind {kind!r} need their owner group ({path or kind}) in the cache or in "
+                             "this run")
+        offsets = self.cache._offsets(path)
         return np.diff(offsets[rows[0]:rows[-1] + 2]).astype(np.int64)
 
     def _batch(self, producer: Producer, items: list[LoadedImage], rows: list[int], positions: list[int],
@@ -528,7 +533,7 @@ class Extraction:
         out = {"counts": own_counts} if producer.owns else {}
         for key, layout in producer.datasets().items():
             values = produced[key]
-            if layout.rows == "image" and layout.ragged_bytes:  # one bytes value per image (text)
+            if layout.rows == "image" and layout.ragged_bytes:  # per-image bytes (e.g. caption text)
                 out[key] = [values[j] if k == "ok" else template[key][0] if k == "placeholder" else b""
                             for k, j in kinds]
                 continue

@@ -121,7 +121,12 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
                 if opened.format == "JPEG" and max(width, height) > 2 * max_side:
                     opened.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster
                 opened.load()
-                image = _to_rgb(opened, notes)
+                oriented = opened
+                if opened.getexif().get(0x0112, 1) != 1:  # phones store rotated pixels + an EXIF flag
+                    oriented = ImageOps.exif_transpose(opened)
+                    notes.append("exif orientation applied")
+                    width, height = oriented.size
+                image = _to_rgb(oriented, notes)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return LoadedImage(image_id, "unreadable", detail=f"{path}: decompression bomb: {error}",

@@ -7,7 +7,6 @@ the CLIP model that made the cache's CLIP embeddings, or refused with the option
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from mner.features.detectors import DetectorConfig, create_detector
 from mner.features.encoders import EncoderConfig, create_encoder
@@ -35,33 +34,21 @@ def build_encoder(opts, name: str):
         device=opts.device))
 
 
-def expected_clip_pretrained(opts) -> str:
-    """The provenance ``pretrained`` value the options select (what the ClipEncoder would record)."""
-    from mner.features.detectors import sha256_file
-
-    if opts.random_init:
-        return "random"
-    if Path(opts.clip_pretrained).is_file():
-        return sha256_file(opts.clip_pretrained)
-    return opts.clip_pretrained
-
-
-def check_clip_matches(cache, opts) -> None:
+def check_clip_matches(cache, clip) -> None:
     """Text embeddings must come from the CLIP that made the cached image/crop embeddings."""
     stored = cache.provenance("encoders/clip")
     model, pretrained = stored.get("model", ""), stored.get("pretrained", "")
-    wanted_model, wanted_pretrained = f"open_clip/{opts.clip_model}", expected_clip_pretrained(opts)
-    if model == wanted_model and pretrained == wanted_pretrained:
+    if model == clip.model_name and pretrained == clip.pretrained():
         return
-    arch = model.split("/", 1)[-1]
+    arch = stored.get("clip_model") or model.split("/", 1)[-1]
     if pretrained == "random":
         use = f"--clip-model {arch} --random-init"
     elif pretrained.startswith("sha256:"):
         use = f"--clip-model {arch} --clip-pretrained <the checkpoint file with {pretrained}>"
     else:
-        use = f"--clip-model {arch} --clip-pretrained {pretrained}"
+        use = f"--clip-model {arch} --clip-pretrained {stored.get('clip_pretrained') or pretrained}"
     raise ValueError(f"{cache.path}: its CLIP embeddings come from {model} ({pretrained}), but the prompt sets "
-                     f"would be encoded with {wanted_model} ({wanted_pretrained}); use {use} "
+                     f"would be encoded with {clip.model_name} ({clip.pretrained()}); use {use} "
                      "(or --overwrite to rebuild every group with the new model)")
 
 
@@ -87,8 +74,9 @@ def plan_producers(extraction, existing: set[str]) -> tuple[list[Producer], list
     encoders = {}
     for name in dict.fromkeys(opts.encoders):
         if f"encoders/{name}" not in existing:
+            chosen = {"clip_model": opts.clip_model, "clip_pretrained": opts.clip_pretrained} if name == "clip" else {}
             encoders[name] = EncoderProducer(name, lambda name=name: build_encoder(opts, name),
-                                             batch_size=opts.batch_size)
+                                             batch_size=opts.batch_size, options=chosen)
             producers.append(encoders[name])
     new_sets = [s for name, s in prompt_sets.items() if f"prompts/{name}" not in existing]
     if new_sets:
@@ -101,13 +89,11 @@ def plan_producers(extraction, existing: set[str]) -> tuple[list[Producer], list
             def logit_scale():
                 return clip.encoder.logit_scale
         elif "encoders/clip" in existing:
-            check_clip_matches(cache, opts)
-            built = {}
+            built = build_encoder(opts, "clip")  # needed for the text tower anyway; checked before any other model
+            check_clip_matches(cache, built)
 
             def clip_encoder():
-                if "clip" not in built:
-                    built["clip"] = build_encoder(opts, "clip")
-                return built["clip"]
+                return built
 
             def logit_scale():
                 return float(cache.feature_spec(["encoders/clip/image_embed"]).attrs["encoders/clip"]["logit_scale"])

@@ -18,6 +18,8 @@ The contract, in the order the loop uses it:
 - ``load()``: build models; called once, only when the run has rows to compute.
 - ``produce(batch) -> {key: array or list[bytes]}``: rows for ``batch``'s images, which are all
   usable (ok, or the one placeholder image: the loop computes placeholders once and copies them).
+  ``batch.shared`` is one dict for all producers of a chunk: what one computes for the same images
+  (decoded crops, device tensors, a crop bank) the next one reuses.
 - ``global_datasets()``, ``attrs()``, ``provenance()``: written once when the group is assembled.
   ``provenance()`` returns model, pretrained (tag | "sha256:..." | "random"), preprocessing,
   thresholds and any extra fields.
@@ -52,16 +54,16 @@ class ChunkBatch:
     scales: list[float]  # original pixels per loaded pixel (boxes are stored in original pixels)
     crops: list[list[bytes]] | None = None  # JPEG crops per image (``needs_crops``)
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # ``reads`` path -> value per image
-    _decoded: list | None = None
+    shared: dict = field(default_factory=dict)  # scratch shared by all producers of one chunk (same images)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def crop_images(self) -> list:
-        """Every crop decoded once per batch (shared by all encoders), flattened in image order."""
-        if self._decoded is None:
-            self._decoded = [decode_jpeg(crop) for crops in (self.crops or []) for crop in crops]
-        return self._decoded
+        """Every crop decoded once per chunk (shared by all encoders), flattened in image order."""
+        if "crop_images" not in self.shared:
+            self.shared["crop_images"] = [decode_jpeg(crop) for crops in (self.crops or []) for crop in crops]
+        return self.shared["crop_images"]
 
 
 class Producer:
@@ -165,10 +167,10 @@ class ObjectsProducer(Producer):
 class EncoderProducer(Producer):
     """A registered image encoder: per-image arrays from the picture, per-object arrays from the crops."""
 
-    def __init__(self, name: str, build_encoder: Callable, *, batch_size: int, layout: dict | None = None):
+    def __init__(self, name: str, build_encoder: Callable, *, batch_size: int, options: dict | None = None):
         self.group, self.name, self._build, self.batch_size = f"encoders/{name}", name, build_encoder, batch_size
         self.encoder = None
-        self._layout = layout
+        self.options = options or {}  # the options that select the model (recorded: a later run can match them)
 
     def load(self) -> None:
         self.encoder = self._build()
@@ -201,7 +203,7 @@ class EncoderProducer(Producer):
 
     def provenance(self) -> dict:
         return dict(self.encoder.provenance_fields(), encoder=self.name,
-                    crop_source="objects/crop_jpeg (decoded)")
+                    crop_source="objects/crop_jpeg (decoded)", **self.options)
 
 
 # --------------------------------------------------------------------------------------------- prompts

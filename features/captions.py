@@ -27,7 +27,7 @@ from typing import Callable
 from mner.features.images import EXTENSIONS, LoadedImage
 from mner.pipeline.data import DataFormatError
 
-# captions/reason codes, per image; 0 = "no_image" so the zero row the loop gives an image that is not ok says so
+# captions/reason codes per image; 0 = "no_image": the zero row the loop gives an image that is not ok says so
 REASON_NAMES = ("no_image", "ok", "empty", "not_in_file")
 BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 
@@ -162,7 +162,8 @@ class BlipCaptioner(Captioner):
         with torch.inference_mode():
             generated = self.model.generate(pixel_values=pixel_values, max_new_tokens=self.config.max_new_tokens,
                                             num_beams=self.config.num_beams, **kwargs)
-        return [" ".join(text.split()) for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
 
 
 # ------------------------------------------------------------------------------------- the user file
@@ -208,7 +209,7 @@ def read_captions_file(path: str | Path) -> CaptionFile:
                                       'write {"image_id": "...", "caption": "..."} per line') from None
             if not isinstance(record, dict) or not isinstance(record.get("image_id"), (str, int)) \
                     or not isinstance(record.get("caption"), str):
-                raise DataFormatError(path, number, "each line needs a string \"image_id\" and a string \"caption\"",
+                raise DataFormatError(path, number, 'each line needs a string "image_id" and a string "caption"',
                                       'write {"image_id": "...", "caption": "..."} ("" for no caption)')
             image_id, caption = str(record["image_id"]), record["caption"]
         else:
@@ -256,7 +257,8 @@ class FileCaptioner(Captioner):
 
     def provenance_fields(self) -> dict:
         return {"model": f"user file {self.file.path}", "pretrained": self.file.sha256,
-                "preprocessing": {"format": self.file.format, "file": self.file.path, "lines": len(self.file.captions),
+                "preprocessing": {"format": self.file.format, "file": self.file.path,
+                                  "lines": len(self.file.captions),
                                   "whitespace": "runs collapsed to one space",
                                   "ids_not_in_data": self.unused,
                                   "images_without_caption": getattr(self, "missing", None)},

@@ -15,30 +15,25 @@ its own query to a one-stage grounding model. Three ways to make them:
               mapping from image file name to crop files (see ``load_crop_mapping``).
 
 Every crop is squashed (no aspect-preserving crop, as the image encoders do) to ``crop_size`` squared
-and stored as channel-first uint8 RGB pixels (3, S, S), so the trainer never opens the original image, never decodes a JPEG
-and reads one fixed-shape slice per image. Images with fewer than three crops simply have fewer rows;
-the batcher pads to three and masks. ``reason`` says why an image has fewer than three.
+and stored as channel-first uint8 RGB pixels (3, S, S), so the trainer never opens the original image,
+never decodes a JPEG and reads one fixed-shape slice per image. Images with fewer than three crops
+simply have fewer rows; the batcher pads and masks. ``reason`` says why an image has fewer than three.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from mner.features.images import EXTENSIONS, LoadedImage, crop_box
-from mner.pipeline.data import DataFormatError
+from mner.features.images import LoadedImage, crop_box
 
 CROP_SIZE = 128  # MGIPS-CL: 128x128 crops, 4x4 patches of 32
 MAX_CROPS = 3  # MGIPS-CL / HVPNeT: three grounding crops per image
 SOURCE_NAMES = ("query", "objectness", "detector", "file")  # grounding/source codes: why a crop was chosen
-# grounding/reason codes, per image; 0 = "no_image" so the zero row the loop gives an image that is not ok says so
+# grounding/reason codes per image; 0 = "no_image": the zero row the loop gives an image that is not ok says so
 REASON_NAMES = ("no_image", "full", "few_found", "not_in_mapping")
 # One query per entity type (PER, LOC, ORG, MISC): lets an image without capitalised words still ground.
 ENTITY_TYPE_QUERIES = ("a person", "a place", "an organization logo", "an object")
@@ -316,13 +311,14 @@ class Owlv2Grounder(Grounder):
             rows[i] = GroundingRow.empty("no_image", self.config.crop_size, queries[i])
         for start in range(0, len(todo), self.config.batch_size):
             batch = todo[start:start + self.config.batch_size]
-            logits, boxes, objectness = self._forward([items[i].loaded.image for i in batch], [queries[i] for i in batch])
+            images = [items[i].loaded.image for i in batch]
+            logits, boxes, objectness = self._forward(images, [queries[i] for i in batch])
             for b, i in enumerate(batch):
                 rows[i] = self._select(items[i].loaded, queries[i], logits[b], boxes[b], objectness[b])
         return rows
 
     def _forward(self, images: list[Image.Image], queries: list[list[str]]):
-        """-> per-query probabilities (B, P, Qmax), boxes (B, P, 4) cxcywh in the padded square, objectness (B, P)."""
+        """-> query probabilities (B, P, Qmax), boxes (B, P, 4) cxcywh in the padded square, objectness (B, P)."""
         torch = self._torch
         width = max(1, max(len(q) for q in queries))
         flat = [q[j] if j < len(q) else "" for q in queries for j in range(width)]
@@ -333,10 +329,12 @@ class Owlv2Grounder(Grounder):
         input_ids[padded] = 0  # OWLv2 masks queries whose first token is 0
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids.to(self.config.device), pixel_values=pixel_values.to(self.config.device),
-                             attention_mask=attention_mask.to(self.config.device))
+            device = self.config.device
+            out = self.model(input_ids=input_ids.to(device), pixel_values=pixel_values.to(device),
+                             attention_mask=attention_mask.to(device))
         probs = torch.sigmoid(out.logits.float()).cpu().numpy()  # (B, P, Qmax)
-        return probs, out.pred_boxes.float().cpu().numpy(), torch.sigmoid(out.objectness_logits.float()).cpu().numpy()
+        objectness = torch.sigmoid(out.objectness_logits.float()).cpu().numpy()  # (B, P)
+        return probs, out.pred_boxes.float().cpu().numpy(), objectness
 
     def _select(self, loaded: LoadedImage, queries: list[str], probs: np.ndarray, cxcywh: np.ndarray,
                 objectness: np.ndarray) -> GroundingRow:
@@ -384,172 +382,10 @@ class DetectorGrounder(Grounder):
                 continue
             boxes, scores = item.detections if item.detections is not None else (np.zeros((0, 4)), np.zeros(0))
             order = np.argsort(-np.asarray(scores), kind="stable")[:MAX_CROPS]
-            boxes, scores = np.asarray(boxes, np.float32)[order].reshape(-1, 4), np.asarray(scores, np.float32)[order]
+            boxes = np.asarray(boxes, np.float32)[order].reshape(-1, 4)
+            scores = np.asarray(scores, np.float32)[order]
             rows.append(self._rows_from_boxes(item.loaded, boxes, scores, np.full(len(order), 2),
                                               np.full(len(order), -1), []))
-        return rows
-
-
-# --------------------------------------------------------------------------------- user-supplied crops
-
-
-@dataclass
-class CropMapping:
-    """image id -> crop files, read from HVPNeT ``*_dict.pth`` or JSON mappings (see ``load_crop_mapping``)."""
-
-    crops: dict[str, list[Path]]  # image id -> at most MAX_CROPS existing files, in mapping order
-    files: dict[str, str]  # absolute mapping path -> sha256 of its bytes
-    crops_sha256: str  # over the bytes of every crop file used, in image-id order
-    unmatched_keys: int  # mapping entries naming no image of the dataset (other splits, other data)
-    truncated: int  # images listing more than MAX_CROPS crops (the first ones are kept, as HVPNeT did)
-
-
-def _read_mapping(path: Path) -> dict:
-    if path.suffix in (".pth", ".pt"):
-        import torch
-
-        try:
-            mapping = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
-            raise DataFormatError(path, None, f"not a readable torch file ({type(error).__name__}: {error})",
-                                  "save the mapping with torch.save(dict) or write it as JSON") from None
-    elif path.suffix == ".json":
-        try:
-            mapping = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DataFormatError(path, error.lineno, f"invalid JSON ({error.msg})",
-                                  'write {"<image file or id>": ["<crop file>", ...], ...}') from None
-    else:
-        raise DataFormatError(path, None, f"unknown mapping type {path.suffix!r}",
-                              "use an HVPNeT *_dict.pth file or a .json file")
-    if not isinstance(mapping, dict):
-        raise DataFormatError(path, None, f"expected a dict from image file name to crop files, got "
-                              f"{type(mapping).__name__}", 'write {"<image file or id>": ["<crop file>", ...]}')
-    return mapping
-
-
-def _image_id_of(key: str, ids: set[str]) -> str | None:
-    """"1015799.jpg" (HVPNeT keys are file names) or "1015799" -> the dataset's image id, else None."""
-    if key in ids:
-        return key
-    stem, suffix = os.path.splitext(key)
-    return stem if suffix in EXTENSIONS and stem in ids else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_crop_mapping(maps: list[str], crop_dirs: list[str], image_ids: list[str]) -> CropMapping:
-    """Validate user-supplied crops before any work: every problem names the mapping file and the entry.
-
-    A mapping is a dict ``{image file name or id: [crop file, ...]}``, in a ``.pth`` (HVPNeT's
-    ``twitter2015_train_dict.pth``, written with ``torch.save``) or a ``.json`` file. Crop files are
-    relative to the crops folder paired with the mapping (one folder for all mappings, one per mapping
-    in the same order, or none: relative to the mapping's own folder); absolute paths are used as is.
-    """
-    if not maps:
-        raise ValueError("--grounding files needs --grounding-map FILE (HVPNeT *_dict.pth or .json)")
-    if len(crop_dirs) not in (0, 1, len(maps)):
-        raise ValueError(f"--grounding-crops-dir given {len(crop_dirs)} times for {len(maps)} --grounding-map "
-                         "files: give one folder for all, or one per mapping in the same order")
-    ids = set(image_ids)
-    crops: dict[str, list[Path]] = {}
-    owner: dict[str, tuple[Path, str]] = {}
-    files: dict[str, str] = {}
-    unmatched = truncated = 0
-    for index, map_name in enumerate(maps):
-        path = Path(map_name)
-        if not path.is_file():
-            raise ValueError(f"--grounding-map {map_name}: no such file")
-        folder = Path(crop_dirs[index if len(crop_dirs) > 1 else 0]) if crop_dirs else path.parent
-        if not folder.is_dir():
-            raise ValueError(f"--grounding-crops-dir {folder}: no such folder (crops of {path})")
-        mapping = _read_mapping(path)
-        files[os.path.abspath(path)] = "sha256:" + _sha256(path)
-        missing: list[str] = []
-        for key, value in mapping.items():
-            if not isinstance(key, str):
-                raise DataFormatError(path, None, f"entry {key!r}: keys must be image file names or ids (strings)",
-                                      "rewrite the mapping with string keys")
-            if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
-                    not all(isinstance(name, str) and name for name in value):
-                raise DataFormatError(path, None, f"entry {key!r}: value must be a list of crop file names, got "
-                                      f"{value!r:.80}", 'write "<image>": ["<crop file>", ...] ([] for none)')
-            image_id = _image_id_of(key, ids)
-            if image_id is None:
-                unmatched += 1
-                continue
-            if image_id in owner and [str(p) for p in crops[image_id]] != [str(folder / n) for n in value[:MAX_CROPS]]:
-                first, first_key = owner[image_id]
-                raise DataFormatError(path, None, f"entry {key!r}: image {image_id} also listed with other crops in "
-                                      f"{first} (entry {first_key!r})", "keep one list per image")
-            resolved = [folder / name for name in value[:MAX_CROPS]]
-            missing += [f"{key!r} -> {p}" for p in resolved if not p.is_file()]
-            truncated += len(value) > MAX_CROPS
-            crops[image_id], owner[image_id] = resolved, (path, key)
-        if missing:
-            raise DataFormatError(path, None, f"{len(missing)} listed crop files do not exist, e.g. {missing[0]}",
-                                  "pass the crops folder with --grounding-crops-dir")
-    if ids and not crops:
-        raise ValueError(f"none of the entries of {', '.join(maps)} names an image of --data "
-                         f"(e.g. {next(iter(sorted(ids)))}); keys are image file names (1015799.jpg) or ids")
-    digest = hashlib.sha256()
-    for image_id in sorted(crops):
-        for crop in crops[image_id]:
-            digest.update(f"{image_id}\0{crop.name}\0{_sha256(crop)}\n".encode())
-    return CropMapping(crops, files, "sha256:" + digest.hexdigest(), unmatched, truncated)
-
-
-@register_grounder("files")
-class FileGrounder(Grounder):
-    """User-supplied crops (HVPNeT layout); the original image is never needed."""
-
-    method = "files"
-    needs_image = False
-
-    def __init__(self, config: GroundingConfig, mapping: CropMapping | None = None):
-        super().__init__(config)
-        self.mapping = mapping
-
-    def bind(self, image_ids: list[str]) -> None:
-        """Read and validate the mappings against the run's image ids (fails before any compute)."""
-        self.mapping = load_crop_mapping(self.config.maps, self.config.crop_dirs, image_ids)
-
-    def provenance_fields(self) -> dict:
-        mapping = self.mapping
-        return {"model": "user-supplied crops", "pretrained": mapping.crops_sha256,
-                "preprocessing": {"crops": f"squashed to {self.config.crop_size}x{self.config.crop_size} uint8 RGB",
-                                  "mappings": mapping.files,
-                                  "crop_dirs": [os.path.abspath(d) for d in self.config.crop_dirs],
-                                  "unmatched_entries": mapping.unmatched_keys,
-                                  "images_over_three_crops_truncated": mapping.truncated},
-                "thresholds": {"max_crops": MAX_CROPS}}
-
-    def __call__(self, items: list[GroundingInput]) -> list[GroundingRow]:
-        size = self.config.crop_size
-        rows = []
-        for item in items:
-            files = self.mapping.crops.get(item.image_id)
-            if files is None:
-                rows.append(GroundingRow.empty("not_in_mapping", size))
-                continue
-            pixels = []
-            for path in files:
-                try:
-                    with Image.open(path) as opened:
-                        pixels.append(squash(opened, size))
-                except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
-                    raise DataFormatError(path, None, f"crop of image {item.image_id} is unreadable "
-                                          f"({type(error).__name__}: {error})", "replace or remove the file") from None
-            k = len(pixels)
-            rows.append(GroundingRow(np.stack(pixels) if k else np.zeros((0, 3, size, size), np.uint8),
-                                     np.zeros((k, 4), np.float32), np.ones(k, np.float32), np.full(k, 3, np.uint8),
-                                     np.full(k, -1, np.int16), [], "full" if k >= MAX_CROPS else "few_found"))
         return rows
 
 
@@ -562,3 +398,5 @@ def group_texts(dataset) -> dict[str, list[list[str]]]:
                 texts.setdefault(post.image_id, []).append(list(post.tokens))
     return texts
 
+
+from mner.features import grounding_files  # noqa: E402,F401 - registers --grounding files

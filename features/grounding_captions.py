@@ -21,7 +21,8 @@ import numpy as np
 from mner.features.captions import REASON_NAMES as CAPTION_REASONS
 from mner.features.captions import CAPTIONERS, CaptionConfig, create_captioner, is_caption_file
 from mner.features.grounding import (
-    CROP_SIZE, FILL_RULES, GROUNDERS, QUERY_RULES, GroundingConfig, GroundingInput, GroundingRow, create_grounder, group_texts, stack_rows,
+    CROP_SIZE, FILL_RULES, GROUNDERS, QUERY_RULES, GroundingConfig, GroundingInput, GroundingRow, create_grounder,
+    group_texts, stack_rows,
 )
 from mner.features.grounding_clip import DEFAULT_LAYERS, ClipGroundingConfig, ClipGroundingStates
 from mner.features.images import LoadedImage
@@ -105,7 +106,8 @@ class GroundingProducer(Producer):
 
     def datasets(self) -> dict[str, Layout]:
         size = self.config.crop_size
-        return {"pixels": Layout("grounding", "uint8", (3, size, size)), "boxes": Layout("grounding", "float32", (4,)),
+        return {"pixels": Layout("grounding", "uint8", (3, size, size)),
+                "boxes": Layout("grounding", "float32", (4,)),
                 "scores": Layout("grounding", "float32"), "source": Layout("grounding", "uint8"),
                 "query": Layout("grounding", "uint8", ragged_bytes=True), "reason": Layout("image", "uint8")}
 
@@ -153,8 +155,9 @@ class ClipGroundingProducer(Producer):
         return {"states": Layout("grounding", "float16", self.states.row_shape(self.crop_size))}
 
     def produce(self, batch: ChunkBatch) -> dict:
-        pixels = [np.asarray(p).reshape(-1, 3, self.crop_size, self.crop_size) for p in batch.inputs["grounding/pixels"]]
-        flat = np.concatenate(pixels) if pixels else np.zeros((0, 3, self.crop_size, self.crop_size), np.uint8)
+        shape = (-1, 3, self.crop_size, self.crop_size)
+        pixels = [np.asarray(p).reshape(shape) for p in batch.inputs["grounding/pixels"]]  # per image (k, 3, S, S)
+        flat = np.concatenate(pixels) if pixels else np.zeros((0, *shape[1:]), np.uint8)
         return {"states": self.states(flat)}
 
     def attrs(self) -> dict:
@@ -205,8 +208,8 @@ def check_grounding_options(grounding: GroundingOptions) -> None:
         raise ValueError("--grounding-map / --grounding-crops-dir are read only with --grounding files")
 
 
-def plan_grounding_captions(extraction, existing: set[str], built: list[Producer]) -> tuple[list[Producer], list[str]]:
-    """Producers for --grounding / --grounding-clip / --captions (after ``built``, the other groups); kept groups.
+def plan_grounding_captions(extraction, existing: set[str], built: list[Producer]):
+    """(producers for --grounding / --grounding-clip / --captions, groups kept from the cache); ``built``: the others.
 
     User files are read and checked here, so a malformed mapping or captions line fails before any compute.
     """
@@ -219,10 +222,10 @@ def plan_grounding_captions(extraction, existing: set[str], built: list[Producer
     skipped: list[str] = []
     if grounding is not None:
         check_grounding_options(grounding)
-        grounding_config = GroundingConfig(model=grounding.model, random_init=opts.random_init, threshold=grounding.threshold,
-                                 fill=grounding.fill, query_rule=grounding.queries, maps=list(grounding.maps),
-                                 crop_dirs=list(grounding.crop_dirs), batch_size=opts.batch_size, device=opts.device,
-                                 detector_model=opts.detector)
+        grounding_config = GroundingConfig(
+            model=grounding.model, random_init=opts.random_init, threshold=grounding.threshold, fill=grounding.fill,
+            query_rule=grounding.queries, maps=list(grounding.maps), crop_dirs=list(grounding.crop_dirs),
+            batch_size=opts.batch_size, device=opts.device, detector_model=opts.detector)
         if grounding.method == "":
             if "grounding" not in existing:
                 raise ValueError("--grounding-clip encodes grounding crops: add --grounding owlv2 | detector | files")
@@ -264,9 +267,9 @@ def plan_grounding_captions(extraction, existing: set[str], built: list[Producer
         if "captions" in existing:
             skipped.append("captions")
         else:
-            caption_config = CaptionConfig(model=captions.model, random_init=opts.random_init, max_new_tokens=captions.max_tokens,
-                                   num_beams=captions.beams, prompt=captions.prompt, batch_size=opts.batch_size,
-                                   device=opts.device)
+            caption_config = CaptionConfig(
+                model=captions.model, random_init=opts.random_init, max_new_tokens=captions.max_tokens,
+                num_beams=captions.beams, prompt=captions.prompt, batch_size=opts.batch_size, device=opts.device)
             if is_caption_file(captions.source):
                 captioner = create_captioner(captions.source, caption_config)  # malformed lines fail here
                 captioner.bind(extraction.dataset.image_ids())  # all of --data: the same provenance in every shard

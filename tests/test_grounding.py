@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from mner.features.grounding import (
-    MAX_CROPS, CropMapping, GroundingConfig, GroundingInput, Owlv2Grounder, create_grounder, crop_mask,
-    greedy_pick, image_queries, load_crop_mapping, post_queries, stack_rows,
+    MAX_CROPS, GroundingConfig, GroundingInput, Owlv2Grounder, create_grounder, crop_mask, greedy_pick,
+    image_queries, post_queries, stack_rows,
 )
+from mner.features.grounding_files import CropMapping, load_crop_mapping
 from mner.features.images import LoadedImage
 from mner.pipeline.data import DataFormatError
 

@@ -1,6 +1,6 @@
 """Peak memory of ``mner-features extract`` at two dataset sizes 8x apart: bounded by a chunk, not the data.
 
-    OMP_NUM_THREADS=1 python bench/bench_extract_memory.py --images 24 [--factor 8] [--encoder resnet152-test]
+    OMP_NUM_THREADS=1 python bench/bench_extract_memory.py --images 24 [--factor 8] [--encoder clip-test]
 
 Generates noise images (640x480: their JPEG crops are large, the worst case for crop bytes), runs the
 extraction once per size in a fresh subprocess (random-init detector, top-10 crops at score threshold 0,
@@ -19,20 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # bench_extract (also when imported from elsewhere)
+
 import numpy as np
 from PIL import Image
 
 
 def make_corpus(root: Path, count: int) -> tuple[Path, Path]:
-    images, data = root / "images", root / "data"
-    images.mkdir(parents=True)
-    data.mkdir()
+    """bench_extract's posts and images, the images replaced by noise: large JPEG crops, the worst case."""
+    from bench_extract import make_corpus as posts_and_images
+
+    data, images = posts_and_images(root, count)
     rng = np.random.default_rng(0)
-    posts = []
     for i in range(count):
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(images / f"{i}.jpg", quality=90)
-        posts.append(f"IMGID:{i}\nJohn\tB-PER\nin\tO\nParis\tB-LOC\n")
-    (data / "test.txt").write_text("\n".join(posts) + "\n")
     return data, images
 
 
@@ -60,13 +60,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=24, help="the smaller dataset")
     parser.add_argument("--factor", type=int, default=8, help="the larger dataset has this many times more")
-    parser.add_argument("--detector", default="fasterrcnn")
+    parser.add_argument("--detector", default="fasterrcnn-test")
     parser.add_argument("--detector-min-size", type=int, default=96)
-    parser.add_argument("--encoder", action="append", default=None, help="repeatable (default resnet152-test)")
+    parser.add_argument("--encoder", action="append", default=None, help="repeatable (default clip-test)")
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.encoder = args.encoder or ["resnet152-test"]
+    args.encoder = args.encoder or ["clip-test"]
     if args.child is not None:
         child(args)
         return

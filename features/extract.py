@@ -17,6 +17,7 @@ that made its embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,14 +35,12 @@ from tqdm import tqdm
 from mner.features.images import (
     MAX_SIDE, MISSING_POLICIES, LoadedImage, apply_missing_policy, file_fingerprint, load_image, placeholder_image,
 )
-from mner.features.parts import (
-    GroupStream, chunk_key, chunk_paths, folder_bytes, host_pid, iter_chunks, pack_bytes, save_chunk, unpack_bytes,
-)
-from mner.features.producers import ChunkBatch, Producer
-from mner.pipeline.feature_cache import STATUS_NAMES, CacheWriter, FeatureCache, make_provenance
+from mner.features.parts import chunk_key, chunk_paths, folder_bytes, iter_chunks, pack_bytes, save_chunk, unpack_bytes
+from mner.features.producers import ChunkBatch, Producer, check_layouts
+from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
+from mner.pipeline.cache.specs import index_path
 
 OK = STATUS_NAMES.index("ok")
-OFFSETS_OF = {"object": "objects/offsets", "grounding": "grounding/offsets"}  # ragged row kind -> its offsets
 
 
 class ImageError(RuntimeError):
@@ -285,10 +284,9 @@ class Extraction:
         self.parts = self.parts_root / self.config_hash
         self.decode = any(p.needs_pixels for p in self.producers)
 
-    def _lock(self):
-        from mner.features.lock import cache_lock
-
-        return cache_lock(self.out)
+    def _lock(self) -> CacheLock:
+        """Held from planning to the final rename; covers <out> and <out>.parts (the writer re-enters it)."""
+        return CacheLock(self.out)
 
     # checks before any model runs --------------------------------------------------------------------
     def check_images(self) -> list[LoadedImage]:
@@ -325,8 +323,8 @@ class Extraction:
 
     def _stored_fingerprints(self) -> list[str] | None:
         if not self.cache.has("images/content_sha256"):
-            return None
-        return [bytes(v).decode() for v in self.cache._h5()["images/content_sha256"][()]]
+            return None  # a cache from before fingerprints: statuses are compared instead
+        return [bytes(self.cache.read("images/content_sha256", row)).decode() for row in range(len(self.ids))]
 
     # main loop ------------------------------------------------------------------------------------
     def run(self) -> Summary:
@@ -355,6 +353,7 @@ class Extraction:
         for producer in self.producers:
             with self._timed(f"load {producer.group}"):
                 producer.load()
+            check_layouts(producer)
         self._template: dict[str, dict] | None = None
         self.parts.mkdir(parents=True, exist_ok=True)
         chunks = [self.ids[s:s + opts.chunk_size] for s in range(0, len(self.ids), opts.chunk_size)]
@@ -486,12 +485,11 @@ class Extraction:
 
     def _cached_counts(self, kind: str, rows: list[int]) -> np.ndarray:
         """Per-image counts of a ragged row kind whose owner group is in the cache (not computed now)."""
-        path = OFFSETS_OF.get(kind)
-        if self.cache is None or path is None or not self.cache.has(path):
-            raise ValueError(f"rows of kind {kind!r} need their owner group ({path or kind}) in the cache or in "
-                             "this run")
-        offsets = self.cache._offsets(path)
-        return np.diff(offsets[rows[0]:rows[-1] + 2]).astype(np.int64)
+        group = next(p.group for p in self.producers if any(l.rows == kind for l in p.datasets().values()))
+        index = index_path(group, kind)
+        if self.cache is None or not self.cache.has(index):
+            raise ValueError(f"{group}: rows of kind {kind!r} need {index} in the cache or computed in this run")
+        return np.array([self.cache.count(index, row) for row in rows], np.int64)
 
     def _batch(self, producer: Producer, items: list[LoadedImage], rows: list[int], positions: list[int],
                outputs: dict, counts: dict) -> ChunkBatch:
@@ -595,75 +593,57 @@ class Extraction:
         kinds = self._ragged_kinds()
         small = ["images::status", "images::width", "images::height", "images::detail", "images::fingerprint",
                  "images::cause"] + [f"rows::{kind}" for kind in kinds]
-        byte_keys = [chunk_key(p.group, k) + "::lengths" for p in self.producers
-                     for k, layout in p.datasets().items() if layout.ragged_bytes]
         table: dict[str, list] = defaultdict(list)
-        for chunk in iter_chunks(paths, small + byte_keys):  # pass 1: the small per-row arrays
+        for chunk in iter_chunks(paths, small):  # pass 1: the small per-row arrays
             for key, values in chunk.items():
                 table[key].append(values)
         table = {key: np.concatenate(values) for key, values in table.items()}
         offsets = {kind: _segments(table[f"rows::{kind}"]) for kind in kinds}
-        totals = {"image": len(self.ids)} | {kind: int(offsets[kind][-1]) for kind in kinds}
         if self.decode:
             status = table["images::status"]
             self.status_counts = Counter(STATUS_NAMES[s] for s in status)
             self.bad_causes = Counter(c.decode() for s, c in zip(status, table["images::cause"]) if s != OK)
-        self.num_objects = totals.get("object", 0)
-        with CacheWriter(self.out, overwrite=opts.overwrite) as writer:
+        self.num_objects = int(offsets["object"][-1]) if "object" in offsets else 0
+        with CacheWriter(self.out, overwrite=opts.overwrite) as writer, contextlib.ExitStack() as groups:
             if self.decode:
                 writer.write_images(self.ids, table["images::status"],
                                     [d.decode("utf-8") for d in table["images::detail"]],
-                                    table["images::width"], table["images::height"])
-                self._write_fingerprints(writer, table["images::fingerprint"])
+                                    table["images::width"], table["images::height"],
+                                    content_sha256=[f.decode() for f in table["images::fingerprint"]])
             writer.write_posts(self.dataset)
             streams = {}
-            for producer in self.producers:
-                byte_totals = {k: int(table[chunk_key(producer.group, k) + "::lengths"].sum())
-                               for k, layout in producer.datasets().items() if layout.ragged_bytes}
-                streams[producer.group] = GroupStream(writer.file, producer.group, producer.datasets(), totals,
-                                                      byte_totals)
-            cursors: dict[str, int] = defaultdict(int)
-            for path in paths:  # pass 2: one chunk at a time, dataset by dataset
-                with np.load(path, allow_pickle=False) as chunk:
-                    sizes = {"image": len(chunk["rows::image"])} | {kind: int(chunk[f"rows::{kind}"].sum())
-                                                                     for kind in kinds}
-                    for producer in self.producers:
-                        for key, layout in producer.datasets().items():
-                            name = chunk_key(producer.group, key)
-                            cursor = f"{name}::bytes" if layout.ragged_bytes else layout.rows
-                            values = chunk[name]
-                            streams[producer.group].write(key, cursors[cursor], values)
-                            if layout.ragged_bytes:
-                                cursors[cursor] += len(values)
-                    for kind, size in sizes.items():
-                        cursors[kind] += size
-            for producer in self.producers:
-                group_offsets = {}
-                if producer.owns:
-                    group_offsets["offsets"] = (offsets[producer.owns], "image")
-                for key, layout in producer.datasets().items():
-                    if layout.ragged_bytes:
-                        lengths = table[chunk_key(producer.group, key) + "::lengths"]
-                        group_offsets[f"{key}_offsets"] = (_segments(lengths), layout.rows)
-                streams[producer.group].finish(offsets=group_offsets, globals_=producer.global_datasets(),
-                                               attrs=producer.attrs(), provenance=self._provenance(producer))
+            for producer in self.producers:  # owners first: their index fixes the rows of the others
+                indexes = {"offsets": offsets[producer.owns]} if producer.owns else {}
+                streams[producer.group] = groups.enter_context(writer.group(
+                    producer.group, self._provenance(producer), producer.attrs(), indexes=indexes))
+                globals_ = producer.global_datasets()
+                if globals_:
+                    streams[producer.group].append(globals_)
+            started: set[str] = set()
+            for chunk in iter_chunks(paths):  # pass 2: one chunk at a time
+                for producer in self.producers:
+                    rows = {}
+                    for key, layout in producer.datasets().items():
+                        name = chunk_key(producer.group, key)
+                        if not layout.ragged_bytes:
+                            rows[key] = chunk[name]
+                        elif len(chunk[name + "::lengths"]) or name not in started:  # nothing to add: skip
+                            rows[key] = unpack_bytes(chunk[name], chunk[name + "::lengths"])
+                        started.add(name)
+                    streams[producer.group].append(rows)
+                del chunk
         self.cache_bytes = os.path.getsize(self.out)
-
-    def _write_fingerprints(self, writer: CacheWriter, fingerprints: np.ndarray) -> None:
-        group = writer.file["images"]
-        if "content_sha256" not in group:
-            dataset = group.create_dataset("content_sha256", data=np.asarray(fingerprints, dtype="S64"))
-            dataset.attrs["rows"] = "image"
 
     def _provenance(self, producer: Producer) -> dict:
         fields = dict(producer.provenance())
         index, count = self.shard
         core = {k: fields.pop(k) for k in ("model", "pretrained", "preprocessing", "thresholds")}
-        extra = dict(fields, shard=f"{index}/{count}", random_init=core["pretrained"] == "random",
+        extra = dict(fields, random_init=core["pretrained"] == "random",
                      missing_image=self.opts.missing_image, max_image_side=self.opts.max_image_side,
                      images=os.path.abspath(self.opts.images) if self.opts.images else "none (--no-images)",
                      command=absolute_command(self.opts.command or sys.argv), cwd=os.getcwd())
-        return make_provenance(producer.group, image_ids=self.ids, extra=extra, **core)
+        return make_provenance(producer.group, image_ids=self.ids, extra=extra,
+                               shard=shard_record(index, count, self.dataset.image_ids()), **core)
 
     def _summary(self) -> Summary:
         counts = getattr(self, "status_counts", None)

@@ -92,6 +92,25 @@ class Producer:
         raise NotImplementedError
 
 
+def check_layouts(producer: Producer) -> None:
+    """A producer's layouts must agree with its group's declared spec (checked before any chunk runs)."""
+    from mner.pipeline.cache import get_group
+
+    spec = get_group(producer.group)
+    layouts = producer.datasets()
+    for key, layout in layouts.items():
+        declared = spec.dataset(key)
+        if (declared.per_image_kind, declared.dtype, declared.ragged_values) != \
+                (layout.rows, layout.dtype, layout.ragged_bytes):
+            raise ValueError(f"producer of {producer.group}/{key}: rows {layout.rows}, dtype {layout.dtype}, "
+                             f"ragged {layout.ragged_bytes} disagree with the declared spec ({declared.rows}, "
+                             f"{declared.dtype}, encoding {declared.encoding})")
+    missing = [d.name for d in spec.datasets if d.required and d.rows not in ("global", "index")
+               and d.name not in layouts and d.name not in producer.global_datasets()]
+    if missing:
+        raise ValueError(f"producer of {producer.group} makes no {', '.join(missing)}, which its spec requires")
+
+
 PRODUCERS: dict[str, Callable[..., Producer]] = {}
 
 

@@ -47,23 +47,25 @@ def run(data, images, out, *extra, capsys=None) -> int:
 
 
 def no_parts(folder: Path) -> bool:
-    return not list(folder.glob("*.parts")) and not list(folder.glob("*.lock"))
+    return not list(folder.glob("*.parts")) and not list(folder.glob("*.lock")) and not list(folder.glob("*.tmp-*"))
 
 
 # ------------------------------------------------------------------------------------ one writer per cache
 
 
 def test_second_writer_is_refused_naming_the_holder(corpus, capsys):
-    from mner.features.lock import cache_lock
-
+    """Another live writer (here: pid 1 on this host, always alive) holds the cache: nothing is written."""
     root, data, images = corpus
     out = root / "locked.h5"
-    with cache_lock(str(out)):
-        assert run(data, images, out, "--prompts", "vcrmner") == 1
+    Path(f"{out}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 1,
+                                               "started": "2026-01-01T00:00:00+00:00", "token": "other"}))
+    assert run(data, images, out, "--prompts", "vcrmner") == 1
     err = capsys.readouterr().err
-    assert f"host {socket.gethostname()} pid {os.getpid()}" in err and "since" in err
+    assert f"pid 1 on host {socket.gethostname()}, started 2026-01-01T00:00:00+00:00" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+    Path(f"{out}.lock").unlink()  # the holder is gone: the run goes through
+    assert run(data, images, out, "--prompts", "vcrmner") == 0 and not Path(f"{out}.lock").exists()
 
 
 def test_chunk_temp_names_carry_host_and_pid(tmp_path, monkeypatch):
@@ -242,6 +244,9 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
             tracemalloc.stop()
 
     monkeypatch.setattr(extract_module.Extraction, "_assemble", traced)
+    # the writer fingerprints each dataset in reads of HASH_BLOCK bytes (16 MiB: a constant, not the data's
+    # size); shrink it so this small test sees what grows with the data
+    monkeypatch.setattr("mner.pipeline.cache.base.HASH_BLOCK", 1 << 16)
     options = extract_module.ExtractOptions(
         data=str(data), images=str(tmp_path / "images"), out=str(tmp_path / "s.h5"), detector="fasterrcnn-test", encoders=[],
         random_init=True, score_threshold=0.0, top_k=3, detector_min_size=64, chunk_size=1, batch_size=4,

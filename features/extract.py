@@ -38,7 +38,7 @@ from mner.features.images import (
 from mner.features.parts import chunk_key, chunk_paths, folder_bytes, iter_chunks, pack_bytes, save_chunk, unpack_bytes
 from mner.features.producers import ChunkBatch, Producer, check_layouts
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
-from mner.pipeline.cache.specs import index_path
+from mner.pipeline.cache.specs import get_group, index_path
 
 OK = STATUS_NAMES.index("ok")
 
@@ -629,6 +629,8 @@ class Extraction:
                             rows[key] = chunk[name]
                         elif len(chunk[name + "::lengths"]) or name not in started:  # nothing to add: skip
                             rows[key] = unpack_bytes(chunk[name], chunk[name + "::lengths"])
+                            if get_group(producer.group).dataset(key).encoding == "utf-8":  # text (captions)
+                                rows[key] = [value.decode("utf-8") for value in rows[key]]
                         started.add(name)
                     streams[producer.group].append(rows)
                 del chunk

@@ -51,7 +51,7 @@ def extract(
         "with the posts' capitalised spans + entity-type phrases) | detector (top 3 objects of --detector) | files "
         "(your HVPNeT-style crops: --grounding-map, --grounding-crops-dir). See docs/grounding-captions.md"),
     grounding_model: str = typer.Option("google/owlv2-base-patch16-ensemble", help="owlv2: hub name or local folder"),
-    grounding_threshold: float = typer.Option(0.1, help="owlv2: query probability a box needs (0..1)"),
+    grounding_threshold: float = typer.Option(0.1, help="owlv2: a box needs a query probability above this (0..1)"),
     grounding_fill: str = typer.Option("objectness", help="owlv2: objectness (top up to 3 crops with OWLv2's most "
                                        "object-like boxes, query-free) | none"),
     grounding_queries: str = typer.Option("spans", help="owlv2: spans (each run of capitalised tokens is one query) "

@@ -66,7 +66,7 @@ def create_grounder(name: str, config: "GroundingConfig") -> "Grounder":
 class GroundingConfig:
     model: str = OWLV2_DEFAULT  # owlv2: hub name or local folder
     random_init: bool = False  # owlv2: tiny random OWLv2 + in-memory tokenizer, nothing downloaded
-    threshold: float = 0.1  # owlv2: sigmoid score a query box needs
+    threshold: float = 0.1  # owlv2: a query box needs a probability above this (as HF's post-processing)
     nms_iou: float = 0.3  # boxes overlapping a kept one by more are dropped (owlv2 and the fill)
     fill: str = "objectness"  # owlv2: objectness (top up to three with query-free boxes) | none
     query_rule: str = "spans"  # spans (capitalised runs, one query each) | words (one query per word)
@@ -195,11 +195,11 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def greedy_pick(boxes: np.ndarray, scores: np.ndarray, *, limit: int, iou: float,
                 kept: np.ndarray | None = None, min_score: float = -np.inf) -> list[int]:
     """Indices of at most ``limit`` boxes, best score first (ties: lower index), each overlapping neither a
-    kept box nor an earlier pick by more than ``iou``; boxes below ``min_score`` or with no area are skipped."""
+    kept box nor an earlier pick by more than ``iou``; boxes not above ``min_score`` or with no area are skipped."""
     chosen: list[int] = []
     taken = np.zeros((0, 4), np.float32) if kept is None else kept.reshape(-1, 4)
     for index in np.argsort(-scores, kind="stable"):
-        if len(chosen) >= limit or scores[index] < min_score:
+        if len(chosen) >= limit or scores[index] <= min_score:
             break
         box = boxes[index:index + 1]
         if box[0, 2] - box[0, 0] <= 0 or box[0, 3] - box[0, 1] <= 0:

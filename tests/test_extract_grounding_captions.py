@@ -232,3 +232,30 @@ def test_bad_grounding_options_list_valid_values(corpus, tmp_path, capsys):
     assert run(corpus, out, "--grounding", "files", "--grounding-map", str(broken)) == 1
     assert f"{broken}: entry '100.jpg': value must be a list" in capsys.readouterr().err
     assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
+def test_zero_crops_and_detector_crops_through_the_batcher(corpus, base, tmp_path):
+    from mner.trainer.visual import VisualBatcher
+
+    none = copy_of(base, "base.h5", tmp_path / "none")
+    assert run(corpus, none, "--grounding", "owlv2", "--grounding-threshold", "1", "--grounding-fill", "none",
+               "--grounding-clip") == 0
+    cache = FeatureCache(none)
+    with h5py.File(none, "r") as handle:
+        assert not handle["grounding/offsets"][()].any() and handle["grounding/pixels"].shape == (0, 3, 128, 128)
+        assert handle["encoders/clip_grounding/states"].shape == (0, 2, 17, 32)
+        assert set(handle["grounding/reason"][()]) == {0, 2}  # no_image (105) and few_found
+    visual = VisualBatcher(cache, ["grounding/pixels", "encoders/clip_grounding/states"])([0, 1, 5, None])
+    assert visual["grounding/pixels"].shape == (4, 1, 3, 128, 128) and not visual["grounding/mask"].any()
+
+    detector = copy_of(base, "base.h5", tmp_path / "detector")
+    assert run(corpus, detector, "--grounding", "detector") == 0
+    cache = FeatureCache(detector)
+    row = cache.row_of("100")
+    boxes, scores = cache.read("objects/boxes", row), cache.read("objects/scores", row)
+    np.testing.assert_allclose(cache.read("grounding/boxes", row), boxes[np.argsort(-scores, kind="stable")][:3],
+                               atol=1e-3)
+    assert cache.read("grounding/source", row).tolist() == [2] * len(boxes)
+    visual = VisualBatcher(cache, ["grounding/pixels"])([row, cache.row_of("105")])
+    assert visual["grounding/pixels"].dtype == torch.uint8
+    assert visual["grounding/mask"].sum(1).tolist() == [len(boxes), 0]

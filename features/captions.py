@@ -93,14 +93,12 @@ def tiny_blip_config(tokenizer):
     """A two-layer, 32-wide BLIP on 32x32 inputs: --random-init runs (random words, often empty)."""
     from transformers import BlipConfig
 
-    from mner.features.hub import tokenizer_ids
+    from mner.features.hub import TINY_TOWER, tokenizer_ids
 
     ids = tokenizer_ids(tokenizer)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=32,
+    text = dict(TINY_TOWER, vocab_size=len(tokenizer), max_position_embeddings=64, encoder_hidden_size=32,
                 sep_token_id=ids["eos_token_id"], **ids)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=16)
+    vision = dict(TINY_TOWER, image_size=32, patch_size=16)
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
@@ -111,26 +109,17 @@ class BlipCaptioner(Captioner):
     def __init__(self, config: CaptionConfig):
         super().__init__(config)
         import torch
-        from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessor
+        from transformers import BlipForConditionalGeneration, BlipImageProcessor
 
-        from mner.features.hub import hub_pretrained, offline_tokenizer, pin_revision
+        from mner.features.hub import load_parts
 
         if config.max_new_tokens < 1 or config.num_beams < 1 or config.batch_size < 1:
             raise ValueError("--caption-max-tokens, --caption-beams and --batch-size must be at least 1")
-        commit = None
-        if config.random_init:
-            self.tokenizer = offline_tokenizer()
-            self.model = BlipForConditionalGeneration(tiny_blip_config(self.tokenizer))
-            self.processor = BlipImageProcessor(size={"height": 32, "width": 32})
-            self.model_name = "transformers/BlipForConditionalGeneration(tiny random: 2 layers, 32 wide, 32 px)"
-        else:
-            revision, commit = pin_revision(config.model)
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=revision)
-            self.model = BlipForConditionalGeneration.from_pretrained(config.model, revision=revision)
-            self.processor = BlipImageProcessor.from_pretrained(config.model, revision=revision)
-            self.model_name = f"transformers/BlipForConditionalGeneration({config.model})"
-        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init,
-                                         commit=commit)
+        parts = load_parts(BlipForConditionalGeneration, BlipImageProcessor, config.model,
+                           random_init=config.random_init, tiny_config=tiny_blip_config, tiny_image_size=32,
+                           tiny_label="2 layers, 32 wide, 32 px")
+        self.tokenizer, self.model, self.processor = parts.tokenizer, parts.model, parts.processor
+        self.model_name, self.pretrained = parts.model_name, parts.pretrained
         self.model.eval().to(config.device)
         self._torch = torch
 

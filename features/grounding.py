@@ -244,13 +244,10 @@ def tiny_owlv2_config(tokenizer):
     """A two-layer, 32-wide OWLv2 on 64x64 inputs (16 patches = 16 candidate boxes): --random-init runs."""
     from transformers import Owlv2Config
 
-    from mner.features.hub import tokenizer_ids
+    from mner.features.hub import TINY_TOWER, tokenizer_ids
 
-    ids = tokenizer_ids(tokenizer)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=16, **ids)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=64, patch_size=16)
+    text = dict(TINY_TOWER, vocab_size=len(tokenizer), max_position_embeddings=16, **tokenizer_ids(tokenizer))
+    vision = dict(TINY_TOWER, image_size=64, patch_size=16)
     return Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
 
 
@@ -263,28 +260,18 @@ class Owlv2Grounder(Grounder):
     def __init__(self, config: GroundingConfig):
         super().__init__(config)
         import torch
-        from transformers import AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetection, Owlv2ImageProcessor
+        from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessor
 
-        from mner.features.hub import hub_pretrained, offline_tokenizer, pin_revision
+        from mner.features.hub import load_parts
 
         if config.fill not in FILL_RULES:
             raise ValueError(f"--grounding-fill {config.fill!r}; valid: {', '.join(FILL_RULES)}")
         if config.query_rule not in QUERY_RULES:
             raise ValueError(f"--grounding-queries {config.query_rule!r}; valid: {', '.join(QUERY_RULES)}")
-        commit = None
-        if config.random_init:
-            self.tokenizer = offline_tokenizer()
-            self.model = Owlv2ForObjectDetection(tiny_owlv2_config(self.tokenizer))
-            self.processor = Owlv2ImageProcessor(size={"height": 64, "width": 64})
-            self.model_name = "transformers/Owlv2ForObjectDetection(tiny random: 2 layers, 32 wide, 64 px)"
-        else:
-            revision, commit = pin_revision(config.model)
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=revision)
-            self.model = Owlv2ForObjectDetection.from_pretrained(config.model, revision=revision)
-            self.processor = AutoImageProcessor.from_pretrained(config.model, revision=revision)
-            self.model_name = f"transformers/Owlv2ForObjectDetection({config.model})"
-        self.pretrained = hub_pretrained(config.model, self.model, random_init=config.random_init,
-                                         commit=commit)
+        parts = load_parts(Owlv2ForObjectDetection, Owlv2ImageProcessor, config.model, random_init=config.random_init,
+                           tiny_config=tiny_owlv2_config, tiny_image_size=64, tiny_label="2 layers, 32 wide, 64 px")
+        self.tokenizer, self.model, self.processor = parts.tokenizer, parts.model, parts.processor
+        self.model_name, self.pretrained = parts.model_name, parts.pretrained
         self.model.eval().to(config.device)
         self.max_length = self.model.config.text_config.max_position_embeddings
         self._torch = torch

@@ -36,8 +36,10 @@ def tiny_clip_vision_config():
     """12 layers (so the default layers 6 and 12 exist), 32 wide, patch 32 on a 224 grid like ViT-B/32."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=2,
-                            image_size=224, patch_size=32, projection_dim=32)
+    from mner.features.hub import TINY_TOWER
+
+    return CLIPVisionConfig(**dict(TINY_TOWER, num_hidden_layers=12), image_size=224, patch_size=32,
+                            projection_dim=32)
 
 
 class ClipGroundingStates:

@@ -12,13 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 CAPTION_WORDS = (
     "a", "an", "the", "of", "in", "on", "with", "and", "at", "man", "woman", "people", "person", "dog",
     "cat", "car", "street", "building", "city", "sign", "logo", "shirt", "group", "standing", "sitting",
     "holding", "playing", "game", "field", "stage", "crowd", "picture", "photo", "text", "screen",
 )
+
+
+# Every tiny random tower (--random-init): two layers, 32 wide; callers override what differs.
+TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def offline_tokenizer():
@@ -76,3 +82,37 @@ def hub_pretrained(source: str, model, *, random_init: bool, commit: str | None 
         return f"{os.path.abspath(folder)} {found}" if found else os.path.abspath(folder)
     commit = commit or getattr(model.config, "_commit_hash", None)
     return f"{source}@{commit}" if commit else f"{source}@unresolved-revision"
+
+
+@dataclass
+class HubParts:
+    """A transformers model with its tokenizer and image processor, and what provenance records of it."""
+
+    tokenizer: object
+    model: object
+    processor: object
+    model_name: str  # "transformers/<Class>(<source>)" or "(tiny random: ...)"
+    pretrained: str  # "random", "<hub name>@<commit>", or "<folder> sha256:<weights hash>"
+
+
+def load_parts(model_class, processor_class, source: str, *, random_init: bool, tiny_config: Callable,
+               tiny_image_size: int, tiny_label: str) -> HubParts:
+    """Weights, tokenizer and processor from one hub revision or folder; with ``random_init`` a tiny random
+    config (``tiny_config(tokenizer)``) with the in-memory tokenizer, nothing read from disk or network."""
+    from transformers import AutoTokenizer
+
+    commit = None
+    if random_init:
+        tokenizer = offline_tokenizer()
+        model = model_class(tiny_config(tokenizer))
+        processor = processor_class(size={"height": tiny_image_size, "width": tiny_image_size})
+        model_name = f"transformers/{model_class.__name__}(tiny random: {tiny_label})"
+    else:
+        revision, commit = pin_revision(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = model_class.from_pretrained(source, revision=revision)
+        processor = processor_class.from_pretrained(source, revision=revision)
+        model_name = f"transformers/{model_class.__name__}({source})"
+    return HubParts(tokenizer, model, processor, model_name,
+                    hub_pretrained(source, model, random_init=random_init, commit=commit))
+

@@ -22,24 +22,9 @@ from mner.features.grounding_files import FileGrounder
 from mner.pipeline.feature_cache import STATUS_NAMES, FeatureCache
 
 IDS = ["100", "101", "102", "103", "104", "105"]  # 105 has no picture in --images
-TINY = [
-    "--random-init",
-    "--detector",
-    "fasterrcnn",
-    "--score-threshold",
-    "0",
-    "--top-k",
-    "2",
-    "--detector-min-size",
-    "64",
-    "--encoder",
-    "resnet152-test",
-    "--chunk-size",
-    "2",
-    "--batch-size",
-    "2",
-    "--no-progress",
-]
+TINY = ["--random-init", "--detector", "fasterrcnn", "--score-threshold", "0", "--top-k", "2",
+        "--detector-min-size", "64", "--encoder", "resnet152-test", "--chunk-size", "2", "--batch-size", "2",
+        "--no-progress"]
 
 
 def write_corpus(root: Path) -> tuple[Path, Path]:
@@ -49,8 +34,7 @@ def write_corpus(root: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     for image_id in IDS[:-1]:
         Image.fromarray(rng.integers(0, 255, (48 + int(image_id) % 3 * 8, 64, 3), dtype=np.uint8)).save(
-            images / f"{image_id}.jpg"
-        )
+            images / f"{image_id}.jpg")
     posts = [f"IMGID:{i}\nRT\tO\n@John\tB-PER\nSmith\tI-PER\nin\tO\nNew\tB-LOC\nYork\tI-LOC\n" for i in IDS]
     (data / "train.txt").write_text("\n".join(posts[:4]) + "\n")
     (data / "valid.txt").write_text("\n".join(posts[4:]) + "\n")
@@ -62,13 +46,8 @@ def write_user_files(root: Path) -> dict[str, Path]:
     """HVPNeT-style crops + mapping (.pth) and a captions TSV; 105's crops exist although its picture does not."""
     crops = root / "aux" / "crops"
     crops.mkdir(parents=True)
-    mapping = {
-        "100.jpg": ["100_0.png", "100_1.png", "100_2.png"],
-        "101.jpg": ["101_0.png"],
-        "102.jpg": [],
-        "105.jpg": ["105_0.png", "105_1.png"],
-        "999.jpg": ["100_0.png"],
-    }  # 103, 104: not listed
+    mapping = {"100.jpg": ["100_0.png", "100_1.png", "100_2.png"], "101.jpg": ["101_0.png"], "102.jpg": [],
+               "105.jpg": ["105_0.png", "105_1.png"], "999.jpg": ["100_0.png"]}  # 103, 104: not listed
     rng = np.random.default_rng(1)
     for name in {n for names in mapping.values() for n in names}:
         Image.fromarray(rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(crops / name)
@@ -109,29 +88,16 @@ def run(corpus, out, *extra) -> int:
 
 def user_flags(corpus) -> list[str]:
     files = corpus[3]
-    return [
-        "--grounding",
-        "files",
-        "--grounding-map",
-        str(files["map"]),
-        "--grounding-crops-dir",
-        str(files["crops"]),
-        "--captions",
-        str(files["captions"]),
-    ]
+    return ["--grounding", "files", "--grounding-map", str(files["map"]), "--grounding-crops-dir",
+            str(files["crops"]), "--captions", str(files["captions"])]
 
 
 def groups_bytes(path, *groups) -> dict:
     out = {}
     with h5py.File(path, "r") as handle:
         for group in groups:
-            handle[group].visititems(
-                lambda name, obj: (
-                    out.__setitem__(f"{group}/{name}", obj[()].tobytes())
-                    if isinstance(obj, h5py.Dataset)
-                    else None
-                )
-            )
+            handle[group].visititems(lambda name, obj: out.__setitem__(f"{group}/{name}", obj[()].tobytes())
+                                     if isinstance(obj, h5py.Dataset) else None)
     return out
 
 
@@ -156,10 +122,7 @@ def test_owlv2_blip_random_init_offline_end_to_end(corpus, tmp_path):
     for group in ("grounding", "encoders/clip_grounding", "captions"):
         assert cache.provenance(group)["pretrained"] == "random"
     provenance = cache.provenance("grounding")
-    assert (
-        provenance["preprocessing"]["query_rule"] == "spans"
-        and provenance["thresholds"]["fill"] == "objectness"
-    )
+    assert provenance["preprocessing"]["query_rule"] == "spans" and provenance["thresholds"]["fill"] == "objectness"
 
 
 def test_user_files_status_provenance_and_zero_crops(corpus, base, tmp_path):
@@ -176,26 +139,14 @@ def test_user_files_status_provenance_and_zero_crops(corpus, base, tmp_path):
     assert by_id == {"100": (3, 1), "101": (1, 2), "102": (0, 2), "103": (0, 3), "104": (0, 3), "105": (2, 2)}
     assert STATUS_NAMES[cache.status[cache.row_of("105")]] == "placeholder"
     first = np.asarray(Image.open(files["crops"] / "105_0.png").resize((128, 128), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(
-        cache.read("grounding/pixels", cache.row_of("105"))[0], first.transpose(2, 0, 1)
-    )
+    np.testing.assert_array_equal(cache.read("grounding/pixels", cache.row_of("105"))[0], first.transpose(2, 0, 1))
     captions = {i: cache.read("captions/text", cache.row_of(i)) for i in IDS}
-    assert captions == {
-        "100": "a man on a stage",
-        "101": "",
-        "102": "a dog",
-        "103": "",
-        "104": "",
-        "105": "a crowd",
-    }
+    assert captions == {"100": "a man on a stage", "101": "", "102": "a dog", "103": "", "104": "", "105": "a crowd"}
     assert [int(caption_reasons[cache.row_of(i)]) for i in IDS] == [1, 2, 1, 3, 3, 1]
     grounding, caption = cache.provenance("grounding"), cache.provenance("captions")
     assert grounding["pretrained"].startswith("sha256:") and grounding["grounding"] == "files"
     assert grounding["preprocessing"]["unmatched_entries"] == 1
-    assert (
-        caption["pretrained"].startswith("sha256:")
-        and caption["preprocessing"]["images_without_caption"] == 2
-    )
+    assert caption["pretrained"].startswith("sha256:") and caption["preprocessing"]["images_without_caption"] == 2
 
 
 def test_user_files_resume_after_an_interrupted_run(corpus, base, tmp_path, monkeypatch):
@@ -233,18 +184,8 @@ def test_user_files_shards_merge_equals_single_run(corpus, base, tmp_path):
         copy_of(base, f"s.shard{index}of2.h5", tmp_path)
         assert run(corpus, out, *user_flags(corpus), "--shard", f"{index}/2") == 0
     merged = tmp_path / "merged.h5"
-    assert (
-        main(
-            [
-                "merge",
-                str(tmp_path / "s.shard0of2.h5"),
-                str(tmp_path / "s.shard1of2.h5"),
-                "--out",
-                str(merged),
-            ]
-        )
-        == 0
-    )
+    assert main(["merge", str(tmp_path / "s.shard0of2.h5"), str(tmp_path / "s.shard1of2.h5"),
+                 "--out", str(merged)]) == 0
     groups = ("grounding", "captions")
     assert groups_bytes(merged, *groups) == groups_bytes(single, *groups)
 
@@ -260,20 +201,14 @@ def test_clip_states_added_later_equal_one_run(corpus, base, tmp_path):
     a, b = groups_bytes(grown, "encoders/clip_grounding"), groups_bytes(once, "encoders/clip_grounding")
     assert a.keys() == b.keys()
     key = "encoders/clip_grounding/states"
-    np.testing.assert_allclose(
-        np.frombuffer(a[key], np.float16).astype(np.float32),
-        np.frombuffer(b[key], np.float16).astype(np.float32),
-        atol=2e-3,
-    )
+    np.testing.assert_allclose(np.frombuffer(a[key], np.float16).astype(np.float32),
+                               np.frombuffer(b[key], np.float16).astype(np.float32), atol=2e-3)
 
 
-@pytest.mark.parametrize(
-    "content, where",
-    [
-        ("100\ta man\n101 no tab\n", ":2: no tab"),
-        ("100\ta\n100\tb\n", ":2: image 100 already has another caption"),
-    ],
-)
+@pytest.mark.parametrize("content, where", [
+    ("100\ta man\n101 no tab\n", ":2: no tab"),
+    ("100\ta\n100\tb\n", ":2: image 100 already has another caption"),
+])
 def test_malformed_captions_fail_with_file_and_line(corpus, tmp_path, capsys, content, where):
     bad = tmp_path / "bad.tsv"
     bad.write_text(content)
@@ -307,28 +242,11 @@ def test_zero_crops_and_detector_crops_through_the_batcher(corpus, base, tmp_pat
     from mner.trainer.visual import VisualBatcher
 
     none = copy_of(base, "base.h5", tmp_path / "none")
-    assert (
-        run(
-            corpus,
-            none,
-            "--grounding",
-            "owlv2",
-            "--grounding-threshold",
-            "1",
-            "--grounding-fill",
-            "none",
-            "--grounding-clip",
-        )
-        == 0
-    )
+    assert run(corpus, none, "--grounding", "owlv2", "--grounding-threshold", "1", "--grounding-fill", "none",
+               "--grounding-clip") == 0
     cache = FeatureCache(none)
     with h5py.File(none, "r") as handle:
-        assert not handle["grounding/offsets"][()].any() and handle["grounding/pixels"].shape == (
-            0,
-            3,
-            128,
-            128,
-        )
+        assert not handle["grounding/offsets"][()].any() and handle["grounding/pixels"].shape == (0, 3, 128, 128)
         assert handle["encoders/clip_grounding/states"].shape == (0, 2, 17, 32)
         assert set(handle["grounding/reason"][()]) == {0, 2}  # no_image (105) and few_found
     visual = VisualBatcher(cache, ["grounding/pixels", "encoders/clip_grounding/states"])([0, 1, 5, None])
@@ -339,9 +257,8 @@ def test_zero_crops_and_detector_crops_through_the_batcher(corpus, base, tmp_pat
     cache = FeatureCache(detector)
     row = cache.row_of("100")
     boxes, scores = cache.read("objects/boxes", row), cache.read("objects/scores", row)
-    np.testing.assert_allclose(
-        cache.read("grounding/boxes", row), boxes[np.argsort(-scores, kind="stable")][:3], atol=1e-3
-    )
+    np.testing.assert_allclose(cache.read("grounding/boxes", row), boxes[np.argsort(-scores, kind="stable")][:3],
+                               atol=1e-3)
     assert cache.read("grounding/source", row).tolist() == [2] * len(boxes)
     visual = VisualBatcher(cache, ["grounding/pixels"])([row, cache.row_of("105")])
     assert visual["grounding/pixels"].dtype == torch.uint8

@@ -196,7 +196,7 @@ def test_clip_states_added_later_equal_one_run(corpus, base, tmp_path):
     grown = copy_of(base, "base.h5", tmp_path / "grown")
     assert run(corpus, grown, *user_flags(corpus)[:6]) == 0
     before = groups_bytes(grown, "grounding", "objects")
-    assert run(corpus, grown, *user_flags(corpus)[:6], "--grounding-clip") == 0
+    assert run(corpus, grown, "--grounding-clip") == 0  # the crops come from the cache
     assert groups_bytes(grown, "grounding", "objects") == before
     a, b = groups_bytes(grown, "encoders/clip_grounding"), groups_bytes(once, "encoders/clip_grounding")
     assert a.keys() == b.keys()
@@ -227,6 +227,10 @@ def test_bad_grounding_options_list_valid_values(corpus, tmp_path, capsys):
     assert "valid: objectness, none" in capsys.readouterr().err
     assert run(corpus, out, "--grounding", "files") == 1
     assert "--grounding-map" in capsys.readouterr().err
+    assert run(corpus, out, "--grounding-clip") == 1
+    assert "--grounding-clip encodes grounding crops: add --grounding" in capsys.readouterr().err
+    assert run(corpus, out, "--grounding", "owlv2", "--grounding-clip", "--grounding-clip-layers", "6,x") == 1
+    assert "expected comma-separated integers" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text('{"100.jpg": "100_0.png"}')
     assert run(corpus, out, "--grounding", "files", "--grounding-map", str(broken)) == 1

@@ -40,6 +40,32 @@ def extract(
                                       "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
     prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
+    grounding: Optional[str] = typer.Option(
+        None, help="grounding crops for mgipscl (3 per image, 128x128 pixels): owlv2 (text-conditioned OWLv2 queried "
+        "with the posts' capitalised spans + entity-type phrases) | detector (top 3 objects of --detector) | files "
+        "(your HVPNeT-style crops: --grounding-map, --grounding-crops-dir). See docs/grounding-captions.md"),
+    grounding_model: str = typer.Option("google/owlv2-base-patch16-ensemble", help="owlv2: hub name or local folder"),
+    grounding_threshold: float = typer.Option(0.1, help="owlv2: a box needs a query probability above this (0..1)"),
+    grounding_fill: str = typer.Option("objectness", help="owlv2: objectness (top up to 3 crops with OWLv2's most "
+                                       "object-like boxes, query-free) | none"),
+    grounding_queries: str = typer.Option("spans", help="owlv2: spans (each run of capitalised tokens is one query) "
+                                          "| words (each capitalised word is one query)"),
+    grounding_map: List[str] = typer.Option([], "--grounding-map", help="files, repeatable: HVPNeT *_dict.pth or "
+                                            ".json mapping {image file or id: [crop files]}"),
+    grounding_crops_dir: List[str] = typer.Option([], "--grounding-crops-dir", help="files, repeatable: the crops "
+                                                  "folder, one for all mappings or one per --grounding-map in order"),
+    grounding_clip: bool = typer.Option(False, "--grounding-clip", help="also cache frozen CLIP vision states of "
+                                        "every crop (encoders/clip_grounding: mgipscl's frozen mode)"),
+    grounding_clip_model: str = typer.Option("openai/clip-vit-base-patch32", help="--grounding-clip: "
+                                             "CLIPVisionModel hub name or local folder"),
+    grounding_clip_layers: str = typer.Option("6,12", help="--grounding-clip: hidden states kept (0 = embeddings, "
+                                              "i = output of layer i)"),
+    captions: Optional[str] = typer.Option(None, help="captions for espvr: blip | FILE.jsonl "
+                                           '({"image_id": ..., "caption": ...} a line) | FILE.tsv (id<TAB>caption)'),
+    caption_model: str = typer.Option("Salesforce/blip-image-captioning-base", help="blip: hub name or local folder"),
+    caption_max_tokens: int = typer.Option(30, help="blip: longest caption in tokens"),
+    caption_beams: int = typer.Option(3, help="blip: beam width (1 = greedy)"),
+    caption_prompt: str = typer.Option("", help='blip: conditional captioning prefix, e.g. "a picture of"'),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
                                      "(offline smoke runs; recorded in provenance, the trainer warns)"),
     device: str = typer.Option("auto", help="auto (the LOCAL_RANK GPU under torchrun, cuda:0, else cpu) | cpu | "
@@ -76,8 +102,16 @@ def extract(
 
       mner-features extract --data data/twitter2015 --images imgs --out cache/t15.h5 --random-init
       --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
+
+    Grounding crops and captions (MGIPS-CL, ESPVR; docs/grounding-captions.md):
+
+      mner-features extract ... --grounding owlv2 --grounding-clip --captions blip [--random-init]
+
+      mner-features extract ... --grounding files --grounding-map t15_train_dict.pth
+      --grounding-crops-dir aux/train/crops --captions captions.tsv
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
+    from mner.features.grounding_captions import caption_options, grounding_options
     from mner.pipeline.cache import CacheError
 
     try:
@@ -90,6 +124,10 @@ def extract(
             crop_quality=crop_quality, max_image_side=max_image_side, missing_image=missing_image,
             chunk_size=chunk_size, shard=parse_shard(shard) if shard else None, overwrite=overwrite,
             no_images=no_images, max_bad_images=max_bad_images, progress=progress, command=list(_COMMAND),
+            grounding=grounding_options(grounding, grounding_model, grounding_threshold, grounding_fill,
+                                        grounding_queries, grounding_map, grounding_crops_dir, grounding_clip,
+                                        grounding_clip_model, grounding_clip_layers),
+            captions=caption_options(captions, caption_model, caption_max_tokens, caption_beams, caption_prompt),
         )
         opts.validate()
         _check_names(opts)

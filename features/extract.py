@@ -40,7 +40,7 @@ from mner.features.producers import ChunkBatch, Producer, check_layouts, resolve
 from mner.features.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
 from mner.features.stages import BackgroundWriter, ImageStages
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
-from mner.pipeline.cache.specs import index_path
+from mner.pipeline.cache.specs import get_group, index_path
 
 OK = STATUS_NAMES.index("ok")
 
@@ -80,6 +80,8 @@ class ExtractOptions:
     no_images: bool = False  # build over the id list without any picture (every image "missing"), on purpose
     max_bad_images: float | None = None  # share of non-ok images above which the run is an error
     progress: bool = True
+    grounding: object | None = None  # GroundingOptions (features/grounding_captions.py): --grounding ...
+    captions: object | None = None  # CaptionOptions: --captions blip | FILE
     command: list[str] | None = None  # the command line as typed (default sys.argv), recorded with absolute paths
 
     def validate(self) -> None:
@@ -655,6 +657,8 @@ class Extraction:
                             rows[key] = chunk[name]
                         elif len(chunk[name + "::lengths"]) or name not in started:  # nothing to add: skip
                             rows[key] = unpack_bytes(chunk[name], chunk[name + "::lengths"])
+                            if get_group(producer.group).dataset(key).encoding == "utf-8":  # text (captions)
+                                rows[key] = [value.decode("utf-8") for value in rows[key]]
                         started.add(name)
                     streams[producer.group].append(rows)
                 del chunk

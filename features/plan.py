@@ -102,4 +102,7 @@ def plan_producers(extraction, existing: set[str]) -> tuple[list[Producer], list
             raise ValueError(f"--prompts {' '.join(s.name for s in new_sets)} needs CLIP embeddings: "
                              "add --encoder clip")
         producers += [PromptsProducer(s, clip_encoder, logit_scale) for s in new_sets]
-    return producers, skipped
+    from mner.features.grounding_captions import plan_grounding_captions  # --grounding, --captions
+
+    more, kept = plan_grounding_captions(extraction, existing, producers)
+    return producers + more, skipped + kept

@@ -187,6 +187,7 @@ def evaluate_run(
     Writes ``eval/<split>-<data hash[:8]>.json`` plus CoNLL and Parquet predictions into the run.
     """
     from mner.trainer.batching import Collator
+    from mner.trainer.segments import second_segment_for
     from mner.trainer.train import load_posts, load_run, log, make_post_dataset, predict_tags
 
     run_dir = Path(run_dir)
@@ -203,7 +204,9 @@ def evaluate_run(
     labels = run_config["labels"]
     post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
                                  visual=visual, split=split)
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None)
+    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
+                        second_segment=second_segment_for(type(model), model.config, tokenizer,
+                                                          run_config["train_config"]["max_length"]))
     predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
                                batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
     scores = entity_scores([list(p.tags) for p in posts], predictions)
@@ -228,6 +231,7 @@ def predict_run(
     """Tag unlabelled posts (every split found in ``data``); ``.parquet`` out -> Parquet, else CoNLL."""
     from mner.pipeline.data import load_dataset
     from mner.trainer.batching import Collator
+    from mner.trainer.segments import second_segment_for
     from mner.trainer.train import SPLITS, load_run, log, make_post_dataset, predict_tags
 
     run_dir = Path(run_dir)
@@ -236,7 +240,9 @@ def predict_run(
     posts = [post for split in SPLITS for post in dataset.splits.get(split, [])]
     post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
                                  visual=visual, split="predict")
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None)
+    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
+                        second_segment=second_segment_for(type(model), model.config, tokenizer,
+                                                          run_config["train_config"]["max_length"]))
     predictions = predict_tags(model, post_set, collator, labels=run_config["labels"], device=torch_device,
                                batch_size=run_config["train_config"]["eval_batch_size"], desc="predict")
     out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from mner.pipeline.data import Dataset, Post, load_dataset
 from mner.trainer.batching import Collator, LengthGroupedBatchSampler, PostDataset
+from mner.trainer.segments import second_segment_for
 from mner.trainer.config import ConfigError, TrainConfig, resolve_configs
 from mner.trainer.evaluate import entity_scores, format_scores, write_conll, write_json, write_parquet
 from mner.trainer.models import get_model_class
@@ -317,14 +318,16 @@ def train(
     eval_sets = {split: make_post_dataset(dataset.splits[split], split=split, **common)
                  for split in ("dev", "test") if dataset.splits.get(split)}
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
-                        visual_batcher=visual.batcher if visual is not None else None)
+                        visual_batcher=visual.batcher if visual is not None else None,
+                        second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
 
     net = build_model(model_cls, model_config, labels=labels, text_encoder=config.text_encoder,
                       tokenizer=tokenizer, visual=visual).to(device)
     train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
                                num_workers=config.num_workers, seed=config.seed,
                                group_by_length=config.group_by_length)
-    optimizer = torch.optim.AdamW(parameter_groups(net, config))
+    groups = net.parameter_groups(config) if hasattr(net, "parameter_groups") else parameter_groups(net, config)
+    optimizer = torch.optim.AdamW(groups)  # a model with its own tower (mgipscl's CLIP) owns its groups
     from transformers import get_linear_schedule_with_warmup
 
     total_steps = max(1, len(train_loader) * config.epochs)

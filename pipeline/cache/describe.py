@@ -209,7 +209,7 @@ def schema_tables() -> str:
             batch = {
                 "float": "float32",
                 "jpeg": f"uint8 {d.pixels}x{d.pixels}x3 (decoded)",
-                "pixels": f"uint8 {d.pixels}x{d.pixels}x3",
+                "pixels": "uint8 " + "x".join(str(n) for n in d.shape),  # the stored row, as stored
                 "text": "strings / token ids",
                 None: "-",
             }[d.collate]

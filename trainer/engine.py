@@ -10,11 +10,13 @@ communication; only process 0 writes the run folder.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import resource
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +74,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_copy(tree, buffers: dict | None = None, path: tuple = ()):
+    """Tensors of a (nested) state dict copied to CPU memory, so later steps cannot change them.
+
+    ``buffers`` keeps the copies between calls and refills them in place: allocating and first
+    touching a few hundred MB each epoch costs more than copying them."""
+    if isinstance(tree, torch.Tensor):
+        tensor = tree.detach()
+        buffer = None if buffers is None else buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = tensor.to("cpu", copy=True)
+            if buffers is not None:
+                buffers[path] = buffer
+            return buffer
+        return buffer.copy_(tensor)
+    if isinstance(tree, dict):
+        return {key: cpu_copy(value, buffers, (*path, key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(value, buffers, (*path, i)) for i, value in enumerate(tree))
+    return copy.deepcopy(tree)
+
+
+class BackgroundWriter:
+    """One checkpoint write at a time in a thread, overlapping the next epoch; ``wait`` re-raises its error."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="mner-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 class Engine:
     """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
 
@@ -97,6 +147,8 @@ class Engine:
         self.grad_accum = grad_accum
         self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
         self._kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
+        self.writer = BackgroundWriter()
+        self._buffers: dict = {}  # CPU copies reused by every snapshot
 
     # ------------------------------------------------------------------ facts about the processes
     @property
@@ -169,27 +221,38 @@ class Engine:
         return float(accelerator.reduce(mean, "mean")) if self.world_size > 1 else float(mean)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, folder: Path, model, optimizer, scheduler, *, write_rest: Callable[[], None]) -> None:
-        """Every process writes its RNG state into ``folder``; process 0 writes the model, optimiser,
-        scheduler, scaler and (via ``write_rest``) the trainer state, which marks the checkpoint complete."""
-        from safetensors.torch import save_model
+    def snapshot(self, model, optimizer, scheduler) -> dict | None:
+        """A CPU copy of everything a checkpoint holds (process 0; None elsewhere), taken between two
+        steps so that writing it can overlap the next epoch. RNG states come from every process."""
+        from accelerate.utils import gather_object
 
-        self.wait()  # process 0 created an empty folder
-        torch.save(rng_state(), folder / f"rng-{self.accelerator.process_index}.pt")
-        self.wait()
-        if self.is_main:
-            save_model(self.unwrap(model), str(folder / "model.safetensors"))
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            if self.accelerator.scaler is not None:
-                torch.save(self.accelerator.scaler.state_dict(), folder / "scaler.pt")
-            write_rest()
-        self.wait()
+        rngs = gather_object([rng_state()]) if self.world_size > 1 else [rng_state()]
+        if not self.is_main:
+            return None
+        self.writer.wait()  # the previous write has finished with the buffers
+        snapshot = {"model": cpu_copy(self.unwrap(model).state_dict(), self._buffers, ("model",)),
+                    "optimizer": cpu_copy(optimizer.state_dict(), self._buffers, ("optimizer",)),
+                    "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": rngs}
+        if self.accelerator.scaler is not None:
+            snapshot["scaler"] = copy.deepcopy(self.accelerator.scaler.state_dict())
+        return snapshot
+
+    @staticmethod
+    def write_snapshot(snapshot: dict, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(snapshot["model"], str(folder / "model.safetensors"))
+        torch.save(snapshot["optimizer"], folder / "optimizer.pt")
+        torch.save(snapshot["scheduler"], folder / "scheduler.pt")
+        if "scaler" in snapshot:
+            torch.save(snapshot["scaler"], folder / "scaler.pt")
+        for rank, state in enumerate(snapshot["rng"]):
+            torch.save(state, folder / f"rng-{rank}.pt")
 
     def load_checkpoint(self, folder: Path, model, optimizer, scheduler) -> None:
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
-        load_model(self.unwrap(model), str(folder / "model.safetensors"), device=self.device_name)
+        self.unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors"), device=self.device_name))
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
@@ -201,5 +264,6 @@ class Engine:
         set_rng_state(torch.load(rng_file, weights_only=True))
 
     def end(self) -> None:
+        self.writer.wait()
         with contextlib.suppress(Exception):
             self.accelerator.end_training()

@@ -8,6 +8,7 @@ once on the longest post of every split, all before the run folder is created (s
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -533,16 +534,19 @@ def train(
         run_epochs(engine, state, net, optimizer, scheduler, train_loader, sampler, config=config, out=out,
                    eval_set=eval_sets["dev"], collator=collator, labels=label_list)
     except KeyboardInterrupt:
+        engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
         raise RunInterrupted(
             f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
             f"mner-train --out {out} --resume"
         ) from None
 
     # ---- the best epoch's weights on dev and test
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
+    engine.writer.wait()
+    engine.wait()
     final = latest_checkpoint(out)
-    load_model(engine.unwrap(net), str(final / "best_model.safetensors"), device=engine.device_name)
+    engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
     engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
         "model": model, "preset": invocation["preset"], "best_epoch": state.best_epoch, "epochs_run": state.epoch,
@@ -584,18 +588,19 @@ def train(
     return out
 
 
-def _write_best_and_state(engine: Engine, net, state: TrainerState, staging: Path, previous: Path | None,
-                          improved: bool) -> None:
-    """The best-so-far weights (rewritten only when this epoch improved), then the trainer state, whose
-    presence marks the checkpoint complete."""
-    from safetensors.torch import save_model
-
+def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epochs: int) -> None:
+    """Stage, complete and swap in one epoch's checkpoint (runs in the engine's background writer).
+    The best-so-far weights are this epoch's model when it improved, else the previous checkpoint's
+    best (hard links: no rewrite); the trainer state goes last and marks the checkpoint complete."""
+    previous = latest_checkpoint(out)
+    staging = checkpoint_staging(out)
+    Engine.write_snapshot(snapshot, staging)
     best = staging / "best_model.safetensors"
-    if improved or previous is None:
-        save_model(engine.unwrap(net), str(best))
-    else:
-        link_or_copy(previous / "best_model.safetensors", best)
-    write_json_atomic(staging / STATE_FILE, dataclasses.asdict(state))
+    link_or_copy(staging / "model.safetensors" if improved or previous is None
+                 else previous / "best_model.safetensors", best)
+    write_json_atomic(staging / STATE_FILE, state)
+    commit_checkpoint(out)
+    write_marker(out, status="unfinished", epochs=epochs, epochs_done=state["epoch"])
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
@@ -626,18 +631,12 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         eval_seconds = time.time() - epoch_start - train_seconds
 
         checkpoint_start = time.time()
-        previous = latest_checkpoint(out)
-        staging = checkpoint_staging(out) if engine.is_main else out / "checkpoint.tmp"
-
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
                               "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None})
-        write_rest = functools.partial(_write_best_and_state, engine, net, state, staging, previous, improved)
-        engine.save_checkpoint(staging, net, optimizer, scheduler, write_rest=write_rest)
+        snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
-            commit_checkpoint(out)
-            write_marker(out, status="unfinished", epochs=config.epochs, epochs_done=epoch)
-        engine.wait()
-        # timings of this epoch go into the next checkpoint's history (they are known only now)
+            engine.writer.submit(functools.partial(
+                write_checkpoint, out, snapshot, copy.deepcopy(dataclasses.asdict(state)), improved, config.epochs))
         state.history[-1].update(checkpoint_seconds=round(time.time() - checkpoint_start, 2),
                                  seconds=round(time.time() - epoch_start, 2))
         epoch_bar.set_postfix(loss=f"{loss:.3f}", dev_f1=f"{100 * dev_f1:.2f}",

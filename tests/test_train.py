@@ -191,12 +191,12 @@ def register_visual_test_model():
 def tiny_cache(tiny_data, tmp_path_factory) -> Path:
     import numpy as np
     from mner.pipeline.data import load_dataset
-    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+    from mner.pipeline.cache import CacheWriter, make_provenance
 
     dataset = load_dataset(tiny_data)
     ids = sorted(set(dataset.image_ids()) - {"5"})  # image 5 is absent from the cache
     path = tmp_path_factory.mktemp("cache") / "tiny.h5"
-    with CacheWriter(path) as writer:
+    with CacheWriter(path, partial=True) as writer:
         writer.write_images(ids, [0] * len(ids), [""] * len(ids), [64] * len(ids), [48] * len(ids))
         writer.write_posts(dataset)
         embed = np.random.default_rng(0).standard_normal((len(ids), 16)).astype(np.float16)
@@ -272,12 +272,12 @@ def test_text_encoder_alias_missing_package_says_pip_install(monkeypatch):
 
 def test_visual_run_refuses_a_cache_without_the_posts_images(tiny_data, tiny_bert, tmp_path, capsys):
     import numpy as np
-    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+    from mner.pipeline.cache import CacheWriter, make_provenance
 
     register_visual_test_model()
     foreign = tmp_path / "foreign.h5"  # built from other posts: none of tiny_data's image ids
     ids = ["x1", "x2"]
-    with CacheWriter(foreign) as writer:
+    with CacheWriter(foreign, partial=True) as writer:
         writer.write_images(ids, [0, 0], ["", ""], [64, 64], [48, 48])
         embed = np.zeros((2, 16), dtype=np.float16)
         provenance = make_provenance("encoder", model="ViT-B-32", pretrained="random", preprocessing=None,
@@ -293,7 +293,7 @@ def test_visual_run_refuses_a_cache_without_the_posts_images(tiny_data, tiny_ber
     assert main([*args, "--out", str(tmp_path / "allowed"), "--allow-missing-images"]) == 0
     metrics = json.loads((tmp_path / "allowed" / "metrics.json").read_text())
     assert metrics["image_coverage"]["train"]["not_in_cache"] == 49 and metrics["image_coverage"]["train"]["ok"] == 0
-    assert set(metrics["cache"]["groups"]) == {"encoders/clip"} and metrics["cache"]["fingerprint"]
+    assert {"images", "encoders/clip"} <= set(metrics["cache"]["groups"]) and metrics["cache"]["fingerprint"]
 
 
 def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_data, tiny_cache, tiny_bert, tmp_path,
@@ -301,7 +301,7 @@ def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_dat
     import shutil
 
     import numpy as np
-    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+    from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 
     register_visual_test_model()
     cache = shutil.copy(tiny_cache, tmp_path / "cache.h5")
@@ -320,12 +320,12 @@ def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_dat
     assert "without --features" in json.loads(first.read_text())["warnings"][0]
 
     # the cache changes in place: the evaluation says so, and gets a file of its own
-    with CacheWriter(cache) as writer:
-        ids = writer.file["images/ids"][()] if "images/ids" in writer.file else None
-        n = len(ids)
-        provenance = make_provenance("encoder", model="extra", pretrained="random", preprocessing=None,
-                                     thresholds=None, image_ids=[x.decode() if isinstance(x, bytes) else x for x in ids])
-        writer.write_group("encoders/extra", {"image_embed": (np.zeros((n, 4), np.float16), "image")}, provenance)
+    ids = FeatureCache(cache).image_ids
+    with CacheWriter(cache, partial=True) as writer:
+        provenance = make_provenance("encoder", model="clip-test", pretrained="random", preprocessing=None,
+                                     thresholds=None, image_ids=ids)
+        embed = np.zeros((len(ids), 4), np.float16)
+        writer.write_group("encoders/clip-test", {"image_embed": (embed, "image")}, provenance)
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     assert "changed since the run trained on it" in capsys.readouterr().err
     results = sorted((run / "eval").glob("test-*.json"))

@@ -180,7 +180,7 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
     ``--features`` wins; otherwise the training run's cache. Either way the cache is named, compared
     with the one the run trained on (path and fingerprint), and its coverage of ``posts`` checked like
     at training time. Returns ``(path or None, record or None, warnings)``."""
-    from mner.pipeline.feature_cache import FeatureCache
+    from mner.pipeline.cache import FeatureCache
     from mner.trainer.models import get_model_class
     from mner.trainer.run_record import cache_record, check_coverage
 

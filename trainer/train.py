@@ -94,15 +94,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, dict):
-            moved[key] = to_device(value, device)
-        else:
-            moved[key] = value
-    return moved
+    """Decoding batches (training batches arrive on the device through the engine's prepared loader)."""
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -525,6 +520,7 @@ def train(
     record = {
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
         "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
     }

@@ -8,9 +8,10 @@ Runs in one process, alternating, the same training (same seed, same batches) tw
 - B: the same run with checkpoints switched off for every epoch but the last (the last one is
   needed to finish the run).
 
-The overhead is (A - B) / B over the epoch wall times of the middle epochs (the first epoch warms
-caches; the last differs by construction), plus the blocking share: snapshot seconds / epoch
-seconds of A. Both are ratios measured in the same process, minutes apart.
+The overhead is (A - B) / B over the middle epochs (the first epoch warms caches; the last differs
+by construction), in wall time and in process CPU time (all threads: the background write is
+counted; CPU time is the steadier figure on a shared machine), plus the blocking share: snapshot
+seconds / epoch seconds of A. All are ratios measured in the same process, minutes apart.
 
     OMP_NUM_THREADS=1 python bench/bench_resume.py --data sample/twitter_sample --text-encoder minilm-l6
 """
@@ -64,19 +65,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
 
-    a_epochs, b_epochs, blocking = [], [], []
+    a_epochs, b_epochs, blocking, a_cpu, b_cpu = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for checkpoints in (True, False):
                 history = train_once(args, Path(tmp) / f"run-{repeat}-{checkpoints}", checkpoints=checkpoints)
                 middle = history[1:-1]
                 (a_epochs if checkpoints else b_epochs).extend(h["seconds"] for h in middle)
+                (a_cpu if checkpoints else b_cpu).extend(h["cpu_seconds"] for h in middle)
                 if checkpoints:
                     blocking.extend(h["checkpoint_seconds"] / h["seconds"] for h in middle)
     a, b = statistics.mean(a_epochs), statistics.mean(b_epochs)
     result = {
         "epoch_seconds_with_checkpoints": round(a, 3), "epoch_seconds_without": round(b, 3),
         "overhead_share": round((a - b) / b, 4), "blocking_share": round(statistics.mean(blocking), 4),
+        "epoch_cpu_seconds_with_checkpoints": round(statistics.mean(a_cpu), 3),
+        "epoch_cpu_seconds_without": round(statistics.mean(b_cpu), 3),
+        "cpu_overhead_share": round(statistics.mean(a_cpu) / statistics.mean(b_cpu) - 1, 4),
         "epochs_compared": len(a_epochs), "command": "bench/bench_resume.py " + " ".join(argv or []),
     }
     print(json.dumps(result, indent=2))

@@ -14,7 +14,7 @@ import pytest
 from mner.trainer.cli import main
 from test_train import write_generated_splits
 
-TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds", "checkpoint_seconds")
+TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds", "checkpoint_seconds", "cpu_seconds")
 
 
 @pytest.fixture(scope="module")

@@ -607,7 +607,7 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
     for epoch in epoch_bar:
         if state.stopped_early:
             break
-        epoch_start = time.time()
+        epoch_start, cpu_start = time.time(), time.process_time()
         sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
@@ -628,13 +628,15 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
 
         checkpoint_start = time.time()
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
-                              "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None})
+                              "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
+                              "cpu_seconds": None})
         snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
             engine.writer.submit(functools.partial(
                 write_checkpoint, out, snapshot, copy.deepcopy(dataclasses.asdict(state)), improved, config.epochs))
         state.history[-1].update(checkpoint_seconds=round(time.time() - checkpoint_start, 2),
-                                 seconds=round(time.time() - epoch_start, 2))
+                                 seconds=round(time.time() - epoch_start, 2),
+                                 cpu_seconds=round(time.process_time() - cpu_start, 2))  # all threads
         epoch_bar.set_postfix(loss=f"{loss:.3f}", dev_f1=f"{100 * dev_f1:.2f}",
                               best=f"{100 * state.best_f1:.2f}@{state.best_epoch}")
         log(f"epoch {epoch}: loss {loss:.4f}  dev F1 {100 * dev_f1:.2f}{'  (best)' if improved else ''}  "

@@ -60,6 +60,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_data, tiny_ber
     assert "unfinished run" in err and "--resume" in err and "--overwrite" in err and str(killed) in err
     assert main(["evaluate", str(killed)]) == 2  # not a finished run yet: says how to finish it
     assert f"mner-train --out {killed} --resume" in capsys.readouterr().err
+    assert main(["--out", str(killed), "--resume", "--epochs", "5"]) == 2  # other options: refused, named
+    assert "was started with other options: epochs (run: 3, now: 5)" in capsys.readouterr().err
 
     codes, logs = run_forked([["--out", str(killed), "--resume"]], tmp_path)
     assert codes == [0], logs
@@ -96,7 +98,7 @@ def test_ctrl_c_leaves_a_resumable_run(small_data, tiny_bert, tmp_path, monkeypa
     shutil.rmtree(encoder)
     assert main(["evaluate", str(out), "--split", "dev", "--device", "cpu"]) == 0, capsys.readouterr().err
 
-    # --resume of a finished run, and --resume with other options, are refused with the fix
+    # --resume of a finished run is refused with the fix
     assert main(["--out", str(out), "--resume"]) == 2
     assert "already finished" in capsys.readouterr().err
 

@@ -39,14 +39,16 @@ from mner.trainer.labels import (
 from mner.trainer.models import check_parameter_groups, default_parameter_groups, get_model_class
 from mner.trainer.run_folder import (
     STATE_FILE,
-    RunFolderError,
     check_out,
     checkpoint_staging,
     commit_checkpoint,
+    invocation_record,
     latest_checkpoint,
     link_or_copy,
+    options_for_resume,
     remove_checkpoints,
     require_finished,
+    resume_differences,
     write_json_atomic,
     write_marker,
 )
@@ -317,57 +319,6 @@ class TrainerState:
     resumes: list = dataclasses.field(default_factory=list)  # when and at which epoch the run was resumed
 
 
-INVOCATION_KEYS = ("model", "data", "features", "preset", "sets", "flags", "labels", "allow_missing_images")
-RESUME_MAY_CHANGE = ("device", "num_workers")  # do not change results
-
-
-def _invocation(**given) -> dict:
-    inv = dict(given)
-    for key in ("data", "features"):
-        if inv.get(key) is not None:
-            inv[key] = str(Path(inv[key]).resolve())
-    inv["sets"] = list(inv.get("sets") or [])
-    inv["flags"] = {k: v for k, v in (inv.get("flags") or {}).items() if v is not None}
-    return inv
-
-
-def _merge_for_resume(out: Path, given: dict) -> dict:
-    """The stored invocation with the options given now on top (only what was given)."""
-    try:
-        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))["invocation"]
-    except (OSError, ValueError, KeyError):
-        raise RunFolderError(f"{out} has no readable config.json with the run's options; it cannot be resumed: "
-                             "start it again with --overwrite") from None
-    merged = dict(stored)
-    for key in ("model", "data", "features", "preset", "labels"):
-        if given.get(key) is not None:
-            merged[key] = given[key]
-    if given.get("sets"):
-        merged["sets"] = given["sets"]
-    merged["flags"] = {**stored.get("flags", {}), **given.get("flags", {})}
-    merged["allow_missing_images"] = stored.get("allow_missing_images") or given.get("allow_missing_images")
-    return merged
-
-
-def _config_differences(stored: dict, now: dict) -> list[str]:
-    differ = []
-    for section in ("model_config", "train_config"):
-        for key in sorted(set(stored[section]) | set(now[section])):
-            if key in RESUME_MAY_CHANGE:
-                continue
-            old, new = stored[section].get(key), now[section].get(key)
-            if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
-                differ.append(f"{key} (run: {old!r}, now: {new!r})")
-    for key in ("model", "labels"):
-        if stored[key] != now[key]:
-            differ.append(f"{key} (run: {stored[key]!r}, now: {now[key]!r})")
-    if stored["data"]["hash"] != now["data"]["hash"]:
-        differ.append(f"data (the files changed since the run started: {now['data']['path']})")
-    if (stored.get("features") or {}).get("fingerprint") != (now.get("features") or {}).get("fingerprint"):
-        differ.append("features (the cache is another one or has changed)")
-    return differ
-
-
 def train(
     *,
     out: str | Path,
@@ -390,10 +341,10 @@ def train(
     """
     started = time.time()
     out = Path(out)
-    given = _invocation(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
+    given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
                         labels=labels, allow_missing_images=allow_missing_images)
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
-    invocation = _merge_for_resume(out, given) if mode == "resume" else given
+    invocation = options_for_resume(out, given) if mode == "resume" else given
     model = invocation["model"] = invocation["model"] or "bert_crf"
     model_cls = get_model_class(model)
     model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
@@ -493,7 +444,7 @@ def train(
     state = TrainerState()
     if mode == "resume":
         stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        differ = _config_differences(stored, run_config)
+        differ = resume_differences(stored, run_config)
         if differ:
             raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(differ)}; resume with "
                               "the run's own options (`mner-train --out RUN --resume` is enough) or start a new run")

@@ -126,6 +126,9 @@ def invocation_record(**given) -> dict:
             inv[key] = str(Path(inv[key]).resolve())
     inv["sets"] = list(inv.get("sets") or [])
     inv["flags"] = {k: v for k, v in (inv.get("flags") or {}).items() if v is not None}
+    encoder = inv["flags"].get("text_encoder")
+    if encoder is not None and Path(encoder).expanduser().is_dir():  # a folder: resumable from any directory
+        inv["flags"]["text_encoder"] = str(Path(encoder).expanduser().resolve())
     return inv
 
 

@@ -342,7 +342,7 @@ def train(
     started = time.time()
     out = Path(out)
     given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
-                        labels=labels, allow_missing_images=allow_missing_images)
+                              labels=labels, allow_missing_images=allow_missing_images)
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
     invocation = options_for_resume(out, given) if mode == "resume" else given
     model = invocation["model"] = invocation["model"] or "bert_crf"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import register_model
@@ -130,9 +131,13 @@ class VCRMNER(nn.Module):
             nn.init.normal_(self.null_cue, std=0.02)
 
     def visual_cues(self, visual: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """eq. 6: cue_v = v_i * max_j w_sim_ij, projected to the text width. Returns cues, object mask."""
+        """eq. 6: cue_v = v_i * max_j w_sim_ij, projected to the text width. Returns cues, object mask.
+
+        v_i is eq. 4's L2-normalised crop embedding (the vector the weights were computed from), so
+        the relative weight of two crops is their relevance alone, not also their raw CLIP norms.
+        """
         m = self.config.max_objects  # slots keep stage 1's score order: the first m are the top-m objects
-        crops = visual[self.crop_path][:, :m]  # (B, K, D), K <= m
+        crops = F.normalize(visual[self.crop_path][:, :m].float(), dim=-1)  # v_i = v'_i / ||v'_i|| (B, K, D), eq. 4
         mask = visual["objects/mask"][:, :m].bool()  # (B, K)
         if self.config.use_visual_evaluation:
             relevance = visual[self.weight_path][:, :m].max(dim=-1).values  # max_j w_sim_ij (B, K)

@@ -114,20 +114,29 @@ class FusionBlock(nn.Module):
 class PMNER(nn.Module):
     Config = PMNERConfig
 
-    # Sec. 4.1: BERT, max length 128, batch 8, lr 0.005, "learning attenuation rate" 0.01 (read here as
-    # weight decay). NOTE: lr 0.005 is ~100x the usual BERT fine-tuning rate and is recorded as the
-    # paper states it; override with --set encoder_lr=5e-5 --set head_lr=1e-3 if training diverges.
+    # Sec. 4.1: BERT, max length 128, batch 8, "learning attenuation rate" 0.01 (read here as weight
+    # decay); the model with the best dev F1 is reported, so the paper rows train every epoch
+    # (patience 0) and keep the best dev checkpoint. Sec. 3.4's loss is cross-entropy per word (eq. 11)
+    # with no CRF, so the paper rows decode by argmax; the rows without prompt learning put linear
+    # emissions where the verbalizer was and keep the same loss and decoding, so "OURS" and
+    # "T+FRR+TCFM" differ only in the prompt-learning module, as Table 3 says.
+    # The printed lr 0.005 diverges when fine-tuning a BERT encoder (docs/models/pmner.md records the
+    # run); it is kept behind its own name ("full lr 0.005"); the paper rows use 5e-5 / 1e-3.
     _PAPER_TRAINING: ClassVar[dict] = {
         "text_encoder": "bert-base-cased",
-        "encoder_lr": 5e-3,
-        "head_lr": 5e-3,
+        "encoder_lr": 5e-5,
+        "head_lr": 1e-3,
         "weight_decay": 0.01,
         "batch_size": 8,
         "max_length": 128,
+        "patience": 0,
+        "prompt_mode": "template",
+        "decoder": "argmax",
     }
     PRESETS: ClassVar[dict[str, dict]] = {
         "full": {**_PAPER_TRAINING},  # OURS 79.43 / 91.31
         "paper": {**_PAPER_TRAINING},  # alias of "full"
+        "full lr 0.005": {**_PAPER_TRAINING, "encoder_lr": 5e-3, "head_lr": 5e-3},  # sec. 4.1's printed rate
         "T+V": {**_PAPER_TRAINING, "use_frr": False, "use_tcfm": False, "use_prompt": False},  # 72.31 / 84.33
         "T+V+TCFM": {**_PAPER_TRAINING, "use_frr": False, "use_prompt": False},  # 73.35 / 85.41
         "T+FRR+TCFM": {**_PAPER_TRAINING, "use_prompt": False},  # 75.14 / 86.02

@@ -289,3 +289,41 @@ def test_every_model_trains_on_a_zero_piece_begin_word(tiny_bert):
     torch.manual_seed(0)
     model = cls(cls.Config(), labels=LABELS, text_encoder=str(tiny_bert))
     assert float(model(batch)["loss"]) < 1000
+
+
+# -- 6. stage-1 settings declared by the models ------------------------------------------------------
+
+
+def test_models_declare_the_stage1_settings_of_their_papers():
+    from mner.trainer.models.stage1 import extract_command, stage1_mismatches
+
+    def provenance(detector="maskrcnn", score=0.0, top_k=4, clip="open_clip/ViT-B-32"):
+        groups = {
+            "objects": {"detector": detector, "thresholds": {"score_threshold": score, "top_k": top_k}},
+            "encoders/resnet152": {"model": "torchvision/resnet152"},
+            "encoders/clip": {"model": clip},
+            "prompts/vcrmner": {"model": clip},
+            "prompts/promptmner_kb": {"model": clip},
+        }
+        return groups.get
+
+    def settings(name, **config):
+        cls = get_model_class(name)
+        return cls.stage1_settings(cls.Config(**config))
+
+    pmner = settings("pmner")
+    lines = stage1_mismatches(pmner, provenance())
+    assert len(lines) == 3 and "fasterrcnn" in lines[0] and "0.95" in lines[1] and ">= 5" in lines[2]
+    assert stage1_mismatches(pmner, provenance("fasterrcnn", 0.95, 10)) == []
+    assert stage1_mismatches(settings("pmner", use_frr=False), provenance()) == []  # grid rows: no detector
+    assert len(stage1_mismatches(settings("vcrmner"), provenance())) == 2  # crop and prompt CLIP
+    assert stage1_mismatches(settings("vcrmner"), provenance(clip="open_clip/ViT-B-16")) == []
+    assert stage1_mismatches(settings("vcrmner", use_visual_evaluation=False), provenance(clip="open_clip/ViT-B-16")) == []
+    assert stage1_mismatches(settings("promptmner", prompts="kb"), provenance(clip="open_clip/RN50")) == []
+    assert len(stage1_mismatches(settings("promptmner"), provenance())) == 1
+    assert settings("bert_crf") == []
+    # the hint's command carries the paper's settings
+    base = "mner-features extract --data d --images i --out c.h5 --detector maskrcnn --encoder resnet152"
+    assert extract_command(base, pmner) == (
+        "mner-features extract --data d --images i --out c.h5 --detector fasterrcnn --encoder resnet152 "
+        "--score-threshold 0.95 --top-k 5")

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import register_model
+from mner.trainer.models.stage1 import Stage1Setting
 from mner.trainer.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder
 from torch import nn
 
@@ -145,6 +146,22 @@ class PMNER(nn.Module):
     @staticmethod
     def required_features(config: PMNERConfig) -> list[str]:
         return [CROP_POOLED] if config.use_frr else [GRID]
+
+    @staticmethod
+    def stage1_settings(config: PMNERConfig) -> list[Stage1Setting]:
+        """Sec. 3.2 / 4.1: Faster R-CNN objects with score > 0.95, the first five, ResNet-152 features."""
+        resnet = Stage1Setting("encoders/resnet152", "model", "torchvision/resnet152", "--encoder resnet152",
+                               "P-MNER sec. 3.2: pre-trained 152-layer ResNet")
+        if not config.use_frr:
+            return [resnet]
+        return [
+            Stage1Setting("objects", "detector", "fasterrcnn", "--detector fasterrcnn", "P-MNER sec. 3.2: Faster R-CNN"),
+            Stage1Setting("objects", "thresholds.score_threshold", 0.95, "--score-threshold 0.95",
+                          "P-MNER sec. 4.1: objects with a probability above 0.95", match="at_least"),
+            Stage1Setting("objects", "thresholds.top_k", config.max_objects, f"--top-k {config.max_objects}",
+                          "P-MNER sec. 4.1: the first five objects", match="at_least"),
+            resnet,
+        ]
 
     def __init__(
         self, config: PMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None

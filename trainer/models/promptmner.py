@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from mner.trainer.layers import gather_first_pieces, init_linear
 from mner.trainer.models import register_model
+from mner.trainer.models.stage1 import Stage1Setting
 from mner.trainer.text_encoder import load_encoder
 from torch import nn
 
@@ -245,6 +246,15 @@ class PromptMNER(nn.Module):
             return [CLIP_IMAGE_EMBED]
         group = f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
         return [f"{group}/image_relevance", f"{group}/prompt_embed"]
+
+    @staticmethod
+    def stage1_settings(config: PromptMNERConfig) -> list[Stage1Setting]:
+        """Sec. 2.3: "the convolutional neural network-based image encoder of CLIP" (a ResNet CLIP;
+        the paper does not say which, RN50 is the smallest)."""
+        _check_prompts(config.prompts)
+        group = "encoders/clip" if config.prompts == "continuous" else f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
+        return [Stage1Setting(group, "model", r"open_clip/RN[\w-]*", "--clip-model RN50",
+                              "PromptMNER sec. 2.3: CLIP's CNN image encoder", match="pattern")]
 
     def __init__(
         self, config: PromptMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None

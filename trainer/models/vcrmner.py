@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import register_model
+from mner.trainer.models.stage1 import Stage1Setting
 from mner.trainer.text_encoder import load_encoder
 
 CROP_EMBED = "encoders/clip/crop_embed"
@@ -95,6 +96,20 @@ class VCRMNER(nn.Module):
         if config.use_visual_evaluation:
             paths.append(f"prompts/{config.prompt_set}/crop_weights")
         return paths
+
+    @staticmethod
+    def stage1_settings(config: VCRMNERConfig) -> list[Stage1Setting]:
+        """Sec. 3.1: Mask R-CNN objects; CLIP ViT base with 16x16 patches encodes crops and prompts."""
+        clip = r"open_clip/ViT-B-16(-quickgelu)?"
+        settings = [
+            Stage1Setting("objects", "detector", "maskrcnn", "--detector maskrcnn", "VCRMNER sec. 3.1: Mask R-CNN"),
+            Stage1Setting(f"encoders/{config.clip_group}", "model", clip, "--clip-model ViT-B-16",
+                          "VCRMNER sec. 3.1 / 4.1: clip-vit base, 16x16 patches", match="pattern"),
+        ]
+        if config.use_visual_evaluation:
+            settings.append(Stage1Setting(f"prompts/{config.prompt_set}", "model", clip, "--clip-model ViT-B-16",
+                                          "VCRMNER eq. 1-5: the same CLIP scores crops and prompts", match="pattern"))
+        return settings
 
     def __init__(self, config: VCRMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None):
         super().__init__()

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 import numpy as np
-from mner.pipeline.feature_cache import CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 
 TARGET = 5000.0
 PATHS = (  # what VCRMNER + P-MNER read per image

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from mner.pipeline.data import load_dataset
-from mner.pipeline.feature_cache import CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 from mner.trainer.batching import Collator, PostDataset
 from mner.trainer.models import available_models, get_model_class
 from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder

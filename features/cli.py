@@ -100,7 +100,7 @@ def extract(
 @app.command()
 def info(path: str = typer.Argument(..., help="cache file")) -> None:
     """Print groups, shapes, provenance and per-image status counts of a cache."""
-    from mner.pipeline.feature_cache import CacheError, describe
+    from mner.pipeline.cache import CacheError, describe
 
     try:
         typer.echo(describe(path))
@@ -115,7 +115,7 @@ def merge(
     out: str = typer.Option(..., help="merged cache"),
 ) -> None:
     """Merge the shards of one extraction into the cache a single process would have written."""
-    from mner.pipeline.feature_cache import CacheError, merge_caches
+    from mner.pipeline.cache import CacheError, merge_caches
 
     try:
         merge_caches(shards, out)

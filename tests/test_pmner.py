@@ -96,7 +96,7 @@ def test_presets_are_table_3_rows_and_name_their_cache_groups():
         True,
         False,
     )
-    assert cls.PRESETS["full"]["encoder_lr"] == 5e-3 and cls.PRESETS["full"]["batch_size"] == 8
+    assert cls.PRESETS["full lr 0.005"]["encoder_lr"] == 5e-3 and cls.PRESETS["full"]["batch_size"] == 8
 
 
 @pytest.mark.parametrize("preset", ["full", "T+V", "T+V+TCFM", "T+FRR+TCFM"])

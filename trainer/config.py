@@ -33,6 +33,7 @@ class TrainConfig:
     group_by_length: bool = True  # batch posts of similar length together (less padding, faster)
     use_placeholder_features: bool = False  # feed placeholder images' stand-in features (default: mask them like missing)
     train_fraction: float = 1.0  # keep this fraction of training posts (low-resource runs; seeded)
+    stage1_mismatch: str = "error"  # error | warn: cache extracted with other stage-1 settings than the model's paper
 
 
 class ConfigError(ValueError):

@@ -25,6 +25,12 @@ from mner.trainer.batching import Collator, LengthGroupedBatchSampler, PostDatas
 from mner.trainer.config import ConfigError, TrainConfig, resolve_configs
 from mner.trainer.evaluate import entity_scores, format_scores, write_conll, write_json, write_parquet
 from mner.trainer.models import get_model_class
+from mner.trainer.models.stage1 import (
+    check_cache_settings,
+    extract_command,
+    missing_features_message,
+    model_stage1_settings,
+)
 from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -105,14 +111,18 @@ class VisualInputs:
 
     def __init__(
         self, features: str | Path, required: list[str], model_name: str, *,
-        max_objects: int | None = None, use_placeholders: bool = False,
+        max_objects: int | None = None, use_placeholders: bool = False, stage1_settings: list | None = None,
     ):
         from mner.pipeline.cache import FeatureCache
         from mner.trainer.visual import VisualBatcher  # lazy: text-only runs never touch it
 
         self.path = str(Path(features).resolve())
         self.cache = FeatureCache(features)
-        self.cache.require(required, model_name)
+        missing = [path for path in required if not self.cache.has(path)]
+        if missing:
+            from mner.pipeline.cache import MissingFeaturesError
+
+            raise MissingFeaturesError(missing_features_message(model_name, self.cache, missing, stage1_settings))
         self.required = list(required)
         self.spec = self.cache.feature_spec(required)
         # read and pad only the objects the model attends to (its top-m), not every cached detection
@@ -142,16 +152,18 @@ def open_visual_inputs(
     required = list(model_cls.required_features(model_config))
     if not required:
         return None
+    settings = model_stage1_settings(model_cls, model_config)  # the paper's stage-1 settings
     if features is None:
         from mner.pipeline.cache import extract_command_hint
 
         raise ConfigError(
             f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
-            f"--features CACHE.h5. Build one with: {extract_command_hint(required)}"
+            f"--features CACHE.h5. Build one with: {extract_command(extract_command_hint(required), settings)}"
         )
     max_objects = getattr(model_config, "max_objects", None)
     return VisualInputs(
-        features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders
+        features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders,
+        stage1_settings=settings,
     )
 
 
@@ -297,13 +309,21 @@ def train(
             f"the feature cache {visual.path} holds features from RANDOMLY INITIALISED weights "
             f"({', '.join(visual.random_init)}): fine for smoke tests, meaningless for results"
         )
+    stage1_mismatches = []
+    if visual is not None:  # the cache must come from the stage-1 settings the model's paper assumes
+        stage1_mismatches = check_cache_settings(model, model_stage1_settings(model_cls, model_config), visual.cache,
+                                                 on_mismatch=config.stage1_mismatch)
+        if stage1_mismatches:
+            warn_loudly("stage-1 settings differ from the model's paper (--set stage1_mismatch=warn):\n  "
+                        + "\n  ".join(stage1_mismatches))
     cache_info = None
     if features is not None:
         from mner.pipeline.cache import FeatureCache
 
         cache_info = {"path": str(Path(features).resolve()),
                       "required": visual.required if visual is not None else [],
-                      "provenance": cache_summary(visual.cache if visual is not None else FeatureCache(features))}
+                      "provenance": cache_summary(visual.cache if visual is not None else FeatureCache(features)),
+                      "stage1_mismatches": stage1_mismatches}
 
     tokenizer = load_tokenizer(config.text_encoder)
     train_posts = dataset.splits["train"]
@@ -411,6 +431,7 @@ def train(
     }
     if visual is not None:
         metrics["random_init_features"] = visual.random_init
+        metrics["stage1_mismatches"] = stage1_mismatches
     metrics["history"] = history
     metrics["seconds"] = round(time.time() - started, 1)
     write_json(tmp / "metrics.json", metrics)

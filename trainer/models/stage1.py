@@ -88,3 +88,43 @@ def extract_command(base_command: str, settings: Iterable[Stage1Setting]) -> str
         else:
             words += [name, value] if value else [name]
     return " ".join(words)
+
+
+ON_MISMATCH = ("error", "warn")
+
+
+def model_stage1_settings(model_cls, model_config) -> list[Stage1Setting]:
+    """The model's declared settings (a model without the method assumes nothing)."""
+    declare = getattr(model_cls, "stage1_settings", None)
+    return list(declare(model_config)) if declare is not None else []
+
+
+def missing_features_message(model_name: str, cache, missing: list[str], settings: list[Stage1Setting]) -> str:
+    return (
+        f"model {model_name!r} needs {', '.join(missing)}, which {cache.path} lacks "
+        f"(groups present: {', '.join(cache.groups()) or 'none'}). Add them (existing groups are kept) "
+        f"with:\n  {extract_command(cache.hint(missing), settings)}"
+    )
+
+
+def check_cache_settings(model_name: str, settings: list[Stage1Setting], cache, *, on_mismatch: str) -> list[str]:
+    """Mismatch lines between the model's paper settings and the cache's provenance.
+
+    ``on_mismatch="error"`` raises ``ConfigError`` naming each one, the extract command that fixes
+    them and the override; ``"warn"`` returns them (the trainer warns and records them in the run).
+    """
+    from mner.trainer.config import ConfigError
+
+    if on_mismatch not in ON_MISMATCH:
+        raise ConfigError(f"--set stage1_mismatch={on_mismatch}: valid values: {', '.join(ON_MISMATCH)}")
+    groups = set(cache.groups())
+    lines = stage1_mismatches(settings, lambda group: cache.provenance(group) if group in groups else None)
+    if lines and on_mismatch == "error":
+        command = extract_command(cache.hint([s.group for s in settings]), settings)
+        raise ConfigError(
+            f"{cache.path} was not extracted with the stage-1 settings model {model_name!r} assumes:\n  - "
+            + "\n  - ".join(lines)
+            + f"\nRe-extract (into a new file) with:\n  {command} --overwrite\n"
+            "or pass --set stage1_mismatch=warn to train on this cache anyway (recorded in the run's files)."
+        )
+    return lines

@@ -6,10 +6,12 @@ ResNet-152 (cached ``encoders/resnet152/crop_pooled`` (K, 2048)), projected to t
 then visual self-attention (eq. 3) -> V (m rows). Without FRR ("T+V" rows) the m regions are the
 cached 7x7 ResNet-152 grid of the whole image (``encoders/resnet152/grid``).
 Sec. 3.3, TCFM: visual queries over text (eq. 4-5) + LN/FFN (eq. 6-7) -> P (m rows, "text
-features based on visual objects"); text queries over V -> q ("text-based visual objects");
-re-fusion, text queries over P -> C; ``H = T + V + C`` (eq. 8).
-Sec. 3.4, prompt learning: the encoder's pretrained MLM head on H at each word's first piece, a
-verbalizer from vocabulary scores to BIO tags (eq. 9-10), cross-entropy over tags (eq. 11).
+features based on visual objects"); "similar to the description above", text queries over V -> q
+and re-fusion, text queries over P -> C, each through the same eq. 4-7 block; ``H = T + V + C`` (eq. 8).
+Sec. 3.1 + 3.4, prompt learning: each word w is wrapped as "<sentence>, the word of <w> is <mask>."
+(template mode, the paper's reading), encoded and fused; the encoder's MLM head at <mask> and a
+verbalizer turn vocabulary scores into BIO tag scores (eq. 9-10); cross-entropy over tags (eq. 11)
+and argmax, or the same scores through a BIO CRF (``decoder``).
 
 How we read the places the paper leaves open (see docs/models/pmner.md):
 
@@ -23,14 +25,16 @@ How we read the places the paper leaves open (see docs/models/pmner.md):
   the raw vectors nor a per-row LayerNorm let the fusion see what tells images apart.
 - eq. 2/3 write the attention output alone; we keep a residual + LayerNorm around both
   self-attentions (as TCFM's eq. 6 does), so T starts as the encoder's R.
-- The template "<sentence>, the word of <entity> is <mask>" would need one encoder pass per word;
-  we score every word in one pass by applying the MLM head to each word's fused state h_i, as
-  if that position were the <mask>.
+- The template's <entity> is read as every word of the sentence in turn (one wrapped input per
+  word, template <= 20 pieces, input <= 256 pieces as sec. 4.1 states). ``prompt_mode="word"`` is a
+  cheaper variant (the default): one pass per post, the MLM head on each word's fused state h_i,
+  as if that position were the <mask>.
 - Verbalizer: O -> "none"; B-X -> mean of the scores of "begin" and X's word; I-X -> "inside" and
   X's word (PER "person", LOC "location", ORG "organization", MISC "other"; other types their
   lower-cased name). A word the vocabulary splits is the mean of its pieces; a word with an
   unknown piece falls back to a learned label embedding (with a warning).
-- Posts without visual features (missing image, zero objects) use H = T.
+- Posts without visual features (missing image, zero objects): the attention terms of q and C are
+  zeroed and the rest of their blocks runs on T, so H does not depend on padded slots.
 """
 
 from __future__ import annotations

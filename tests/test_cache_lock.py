@@ -28,8 +28,9 @@ with CacheWriter(sys.argv[1]) as writer:
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     path = tmp_path / "c.h5"
     write_tiny_cache(path, ["objects"])
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         temp = holder.stdout.readline().strip()
         assert temp.endswith(f".tmp-{socket.gethostname()}-{holder.pid}")  # temp names carry host and pid
@@ -50,8 +51,16 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 def _write_lock(path, **record) -> str:
     lock = f"{path}.lock"
     with open(lock, "w") as handle:
-        json.dump({"host": socket.gethostname(), "pid": 1, "started": "2026-01-01T00:00:00+00:00",
-                   "token": "t", **record}, handle)
+        json.dump(
+            {
+                "host": socket.gethostname(),
+                "pid": 1,
+                "started": "2026-01-01T00:00:00+00:00",
+                "token": "t",
+                **record,
+            },
+            handle,
+        )
     return lock
 
 

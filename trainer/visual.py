@@ -50,8 +50,14 @@ class VisualBatcher:
     """
 
     def __init__(
-        self, cache: FeatureCache, paths: list[str], *, max_objects: int | None = None,
-        use_placeholders: bool = False, tokenizer: Callable | None = None, max_text_length: int = 64,
+        self,
+        cache: FeatureCache,
+        paths: list[str],
+        *,
+        max_objects: int | None = None,
+        use_placeholders: bool = False,
+        tokenizer: Callable | None = None,
+        max_text_length: int = 64,
     ):
         if max_objects is not None and max_objects < 1:
             raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
@@ -105,8 +111,11 @@ class VisualBatcher:
         if self.collate[path] == "jpeg":
             if isinstance(value, (bytes, bytearray)):
                 return decode_pixels(value, self.pixels[path])
-            return np.stack([decode_pixels(v, self.pixels[path]) for v in value]) if len(value) else \
-                self._empty(path, (0,))
+            return (
+                np.stack([decode_pixels(v, self.pixels[path]) for v in value])
+                if len(value)
+                else self._empty(path, (0,))
+            )
         return np.asarray(value)
 
     def __call__(self, image_rows: list[int | None]) -> dict:
@@ -123,8 +132,9 @@ class VisualBatcher:
             if self.tokenizer is None:
                 visual[path] = texts
             else:
-                encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length,
-                                         return_tensors="pt")
+                encoded = self.tokenizer(
+                    texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+                )
                 visual[f"{path}/input_ids"] = encoded["input_ids"]  # (B, L)
                 visual[f"{path}/attention_mask"] = encoded["attention_mask"]  # (B, L)
         for index, paths in self.ragged.items():

@@ -16,6 +16,13 @@ import numpy as np
 # per-image text, per-group fingerprints. Version 1 files are refused with the re-extract command.
 SCHEMA_VERSION = 2
 STATUS_NAMES = ("ok", "missing", "unreadable", "placeholder")
+STATUS_MEANINGS = {  # docs/cache-schema.md's status table is generated from this
+    "ok": "decoded; every feature of the row was computed from the image",
+    "missing": "no file for the id (detail: the path looked for); features are zeros, no objects",
+    "unreadable": "a file that does not decode (truncated, not an image; detail: the error); zeros, no objects",
+    "placeholder": "missing or unreadable (detail says which and why), and extracted with `--missing-image "
+    "placeholder`: its features are those of a fixed gray stand-in image, not of the post's image",
+}
 LIBRARIES = ("torch", "torchvision", "open_clip_torch", "transformers", "h5py", "numpy", "mner")
 HASH_BLOCK = 1 << 24  # bytes per read when fingerprinting a dataset
 
@@ -77,7 +84,9 @@ def decode_ids(array: np.ndarray) -> list[str]:
 def open_cache_file(path, mode: str = "r") -> h5py.File:
     """h5py.File with an error that names the file and says how to make a valid one."""
     if mode == "r" and not os.path.isfile(path):
-        raise CacheError(f"{path}: no such cache file; make one with `mner-features extract ... --out {path}`")
+        raise CacheError(
+            f"{path}: no such cache file; make one with `mner-features extract ... --out {path}`"
+        )
     try:
         return h5py.File(path, mode)
     except OSError as error:
@@ -122,7 +131,9 @@ def attrs_dict(obj: h5py.HLObject) -> dict[str, Any]:
 
 def walk_datasets(group: h5py.Group) -> dict[str, h5py.Dataset]:
     found: dict[str, h5py.Dataset] = {}
-    group.visititems(lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None)
+    group.visititems(
+        lambda name, obj: found.__setitem__(name, obj) if isinstance(obj, h5py.Dataset) else None
+    )
     return found
 
 
@@ -142,7 +153,9 @@ def feature_groups(handle: h5py.File) -> list[str]:
     """Groups carrying a provenance attr (objects, encoders/clip, prompts/vcrmner, ...)."""
     names: list[str] = []
     handle.visititems(
-        lambda name, obj: names.append(name) if isinstance(obj, h5py.Group) and "provenance" in obj.attrs else None
+        lambda name, obj: (
+            names.append(name) if isinstance(obj, h5py.Group) and "provenance" in obj.attrs else None
+        )
     )
     return sorted(names)
 
@@ -166,7 +179,9 @@ def group_fingerprint(group: h5py.Group) -> str:
     record: dict[str, Any] = {"datasets": {}, "attrs": {}}
     for name, dataset in sorted(walk_datasets(group).items()):
         digest = hashlib.sha256()
-        rows_per_block = max(1, HASH_BLOCK // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:] or (1,)))))
+        rows_per_block = max(
+            1, HASH_BLOCK // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:] or (1,))))
+        )
         if dataset.shape == ():
             digest.update(np.asarray(dataset[()]).tobytes())
         else:

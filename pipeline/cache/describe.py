@@ -11,9 +11,16 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
-    SCHEMA_VERSION, STATUS_NAMES, CacheError, attrs_dict, check_version, feature_groups, open_cache_file,
+    STATUS_MEANINGS,
+    STATUS_NAMES,
+    CacheError,
+    attrs_dict,
+    check_version,
+    feature_groups,
+    open_cache_file,
 )
 from mner.pipeline.cache.specs import all_groups, get_group, split_path
+from mner.pipeline.cache.writer import spec_problems
 
 
 def extract_command_hint(
@@ -38,8 +45,13 @@ def extract_command_hint(
         if option and option not in options:
             options.append(option)
     return " ".join(
-        ["mner-features extract", f"--data {data or '<data folder>'}", f"--images {images or '<image folder>'}",
-         f"--out {out or '<cache.h5>'}", *options]
+        [
+            "mner-features extract",
+            f"--data {data or '<data folder>'}",
+            f"--images {images or '<image folder>'}",
+            f"--out {out or '<cache.h5>'}",
+            *options,
+        ]
     )
 
 
@@ -55,7 +67,9 @@ def describe(path: str | os.PathLike) -> str:
         )
         if "images" in handle:
             status = handle["images/status"][()]
-            counts = ", ".join(f"{name} {int((status == code).sum())}" for code, name in enumerate(STATUS_NAMES))
+            counts = ", ".join(
+                f"{name} {int((status == code).sum())}" for code, name in enumerate(STATUS_NAMES)
+            )
             lines.append(f"images: {len(status)} ({counts})")
             not_ok = np.flatnonzero(status != 0)
             if len(not_ok) and "images/detail" in handle:
@@ -88,9 +102,13 @@ def describe(path: str | os.PathLike) -> str:
 
 def _indexes(handle: h5py.File) -> list[str]:
     found: list[str] = []
-    handle.visititems(lambda name, obj: found.append(name)
-                      if isinstance(obj, h5py.Dataset) and "defines" in obj.attrs and obj.attrs["defines"] != "token"
-                      else None)
+    handle.visititems(
+        lambda name, obj: (
+            found.append(name)
+            if isinstance(obj, h5py.Dataset) and "defines" in obj.attrs and obj.attrs["defines"] != "token"
+            else None
+        )
+    )
     return sorted(found)
 
 
@@ -98,12 +116,13 @@ def _describe_group(handle: h5py.File, group: str) -> list[str]:
     node = handle[group]
     fingerprint = str(node.attrs.get("fingerprint", "none"))[:16]
     try:
-        spec = get_group(group)
-        declared = {d.name for d in spec.datasets}
-        present = {k for k in node if not (k.endswith("_offsets") and k[: -len("_offsets")] in declared)}
-        missing = [d.name for d in spec.datasets if d.required and d.name not in node]
-        check = "matches its spec" if not missing and present <= declared else (
-            f"DIFFERS from its spec: missing {missing}, undeclared {sorted(present - declared)}")
+        problems = spec_problems(node, get_group(group), partial=True)
+        missing = [d.name for d in get_group(group).datasets if d.required and d.name not in node]
+        check = (
+            "matches its spec"
+            if not problems and not missing
+            else (f"DIFFERS from its spec: {'; '.join(problems + [f'lacks {m}' for m in missing])}")
+        )
     except CacheError:
         check = "NOT DECLARED in this mner (no GroupSpec)"
     lines = [f"/{group}   fingerprint {fingerprint}, {check}"]
@@ -113,13 +132,21 @@ def _describe_group(handle: h5py.File, group: str) -> list[str]:
         warn = "  <-- RANDOM WEIGHTS (smoke test only)" if pretrained == "random" else ""
         lines.append(f"    provenance: model {p.get('model')}, pretrained {pretrained}{warn}")
         shard = p.get("shard")
-        shard_text = f"shard {shard.get('index')}/{shard.get('count')}" if isinstance(shard, dict) else f"shard {shard}"
+        shard_text = (
+            f"shard {shard.get('index')}/{shard.get('count')}"
+            if isinstance(shard, dict)
+            else f"shard {shard}"
+        )
         lines.append(
             f"      created {p.get('created')}, torch {p.get('versions', {}).get('torch')}, "
             f"images {p.get('num_images')} (hash {str(p.get('image_list_hash'))[:12]}...), {shard_text}"
         )
         if p.get("merge"):
-            partial = "  <-- PARTIAL: shards missing " + str(p["merge"]["missing"]) if p["merge"].get("missing") else ""
+            partial = (
+                "  <-- PARTIAL: shards missing " + str(p["merge"]["missing"])
+                if p["merge"].get("missing")
+                else ""
+            )
             lines.append(f"      merged from {len(p['merge']['shards'])} shards{partial}")
         if p.get("thresholds"):
             lines.append(f"      thresholds {json.dumps(p['thresholds'])}")
@@ -145,57 +172,48 @@ def _shape_text(spec) -> str:
         count = lead.get(spec.rows, spec.shape[0] if spec.shape else "Q")
         return f"flat + offsets ({count}+1,)"
     dims = [str(d) for d in spec.shape]
-    if spec.rows == "global":
-        return f"({', '.join(dims)})"
-    return f"({', '.join([lead[spec.rows], *dims])})"
+    if spec.rows != "global":
+        dims = [lead[spec.rows], *dims]
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 
 def schema_tables() -> str:
-    """The per-group tables of docs/cache-schema.md, generated from the registered specs."""
-    out: list[str] = []
-    for group in all_groups():
-        option = group.option or "every extraction"
+    """The status and per-group tables of docs/cache-schema.md, generated from the registered specs."""
+    out: list[str] = ["### Status codes (`/images/status`)\n", "| code | name | meaning |", "|---|---|---|"]
+    out += [f"| {code} | {name} | {STATUS_MEANINGS[name]} |" for code, name in enumerate(STATUS_NAMES)]
+    out.append("")
+    groups = all_groups()
+    for position, group in enumerate(groups):
+        option = (group.option or "every extraction").replace("{name}", "<name>")
         out.append(f"### `/{group.name}`\n")
         out.append(f"{group.doc} Produced by: `{option}`.\n")
+        twin = next((g for g in groups[:position] if g.datasets == group.datasets), None)
+        if twin is not None:
+            out.append(f"Same datasets as `/{twin.name}`.\n")
+            continue
         if group.dims:
             out.append("Dims: " + "; ".join(f"`{k}` {v}" for k, v in group.dims.items()) + ".\n")
         if group.provenance:
-            out.append("Provenance fields beyond the common ones: " + ", ".join(f"`{p}`" for p in group.provenance)
-                       + ".\n")
+            out.append(
+                "Provenance fields beyond the common ones: "
+                + ", ".join(f"`{p}`" for p in group.provenance)
+                + ".\n"
+            )
         out.append("| dataset | rows | shape | dtype | batch | required | meaning |")
         out.append("|---|---|---|---|---|---|---|")
         for d in group.datasets:
             dtype = f"{d.encoding} bytes" if d.encoding else ("fixed bytes" if d.dtype == "S" else d.dtype)
-            batch = {"float": "float32", "jpeg": f"uint8 {d.pixels}x{d.pixels}x3 (decoded)",
-                     "pixels": f"uint8 {d.pixels}x{d.pixels}x3", "text": "strings / token ids",
-                     None: "-"}[d.collate]
+            batch = {
+                "float": "float32",
+                "jpeg": f"uint8 {d.pixels}x{d.pixels}x3 (decoded)",
+                "pixels": f"uint8 {d.pixels}x{d.pixels}x3",
+                "text": "strings / token ids",
+                None: "-",
+            }[d.collate]
             rows = f"index of `{d.indexes}`" if d.rows == "index" else d.rows
-            out.append(f"| `{d.name}` | {rows} | {_shape_text(d)} | {dtype} | {batch} | "
-                       f"{'yes' if d.required else 'no'} | {d.doc} |")
+            out.append(
+                f"| `{d.name}` | {rows} | {_shape_text(d)} | {dtype} | {batch} | "
+                f"{'yes' if d.required else 'no'} | {d.doc} |"
+            )
         out.append("")
     return "\n".join(out)
-
-
-SCHEMA_TABLES_BEGIN = "<!-- BEGIN GENERATED: python -m mner.pipeline.cache.describe -->"
-SCHEMA_TABLES_END = "<!-- END GENERATED -->"
-
-
-def main() -> None:
-    """Print the generated tables (paste between the markers of docs/cache-schema.md, or use --write)."""
-    import sys
-
-    tables = schema_tables()
-    if "--write" in sys.argv:
-        target = sys.argv[sys.argv.index("--write") + 1]
-        with open(target, encoding="utf-8") as handle:
-            text = handle.read()
-        head, rest = text.split(SCHEMA_TABLES_BEGIN)
-        _, tail = rest.split(SCHEMA_TABLES_END)
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(f"{head}{SCHEMA_TABLES_BEGIN}\n\n{tables}\n{SCHEMA_TABLES_END}{tail}")
-    else:
-        print(tables)
-
-
-if __name__ == "__main__":
-    main()

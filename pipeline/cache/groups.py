@@ -1,6 +1,6 @@
 """Every feature group that exists today, declared as data (docs/cache-schema.md is generated from here).
 
-To add a group: declare a ``GroupSpec`` here (or in the producer's own module for stage-1 plug-ins),
+To add a group: declare a ``GroupSpec`` here (both stages import this package, never each other),
 write its producer in ``mner.features`` and the model that reads it (docs/architecture.md).
 """
 
@@ -109,8 +109,8 @@ def _prompt_group(name: str) -> GroupSpec:
         name=f"prompts/{name}", option="--prompts {name}", provenance=("prompt_set",),
         attrs=("category_names", "logit_scale"),
         dims={"Q": "prompts in the set", "C": "entity categories (4)", "D": "CLIP width"},
-        doc="A prompt set embedded with the cache's CLIP model; needs encoders/clip. attrs category_names, "
-            "logit_scale.",
+        doc="A prompt set embedded with the cache's CLIP model (needs encoders/clip): a bundled set or a "
+            "--prompts FILE.json named after the file. attrs category_names, logit_scale.",
         datasets=(
             D("prompt_text", "global", "uint8", ("Q",), encoding="utf-8", collate=None, doc="the prompts"),
             D("prompt_category", "global", "int16", ("Q",), collate=None, doc="category of each prompt"),
@@ -119,7 +119,7 @@ def _prompt_group(name: str) -> GroupSpec:
               doc="mean prompt embedding per category (VCRMNER eq. 2)"),
             D("crop_weights", "object", "float16", ("C",),
               doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)"),
-            D("image_relevance", "image", "float16", ("Q",), doc="p(prompt | image) (PromptMNER eq. 1)"),
+            D("image_relevance", "image", "float16", ("Q",), doc="p(prompt given the image) (PromptMNER eq. 1)"),
         ),
     )
 

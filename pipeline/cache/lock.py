@@ -86,15 +86,23 @@ def read_holder(lock_path: str) -> dict | None:
 
 
 def describe_holder(record: dict) -> str:
-    return (f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')} "
-            f"(last heartbeat {record.get('age_s', 0):.0f} s ago)")
+    return (
+        f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')} "
+        f"(last heartbeat {record.get('age_s', 0):.0f} s ago)"
+    )
 
 
 class CacheLock:
     """``with CacheLock(cache_path):`` -- exclusive right to write ``cache_path`` and ``cache_path.parts``."""
 
-    def __init__(self, cache_path: str | os.PathLike, *, timeout_s: float = 0.0,
-                 heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+    def __init__(
+        self,
+        cache_path: str | os.PathLike,
+        *,
+        timeout_s: float = 0.0,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_after_s: float = STALE_AFTER_S,
+    ):
         self.cache_path = os.path.abspath(os.fspath(cache_path))
         self.path = f"{self.cache_path}.lock"
         self.timeout_s = timeout_s
@@ -137,8 +145,9 @@ class CacheLock:
         self._depth = 1
         with _HELD_GUARD:
             _HELD[self.cache_path] = self
-        self._thread = threading.Thread(target=self._beat, name=f"mner-lock-{os.path.basename(self.path)}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"mner-lock-{os.path.basename(self.path)}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -188,8 +197,13 @@ class CacheLock:
     # internals ---------------------------------------------------------------------------------------
     def _try_create(self) -> bool:
         self.token = secrets.token_hex(16)
-        self.record = {"host": host_name(), "pid": os.getpid(), "started": utc_now(), "token": self.token,
-                       "cache": self.cache_path}
+        self.record = {
+            "host": host_name(),
+            "pid": os.getpid(),
+            "started": utc_now(),
+            "token": self.token,
+            "cache": self.cache_path,
+        }
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -16,8 +16,16 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
-    CacheError, cache_fingerprint, check_version, decode_ids, feature_groups, group_fingerprint, id_list_hash,
-    open_cache_file, stored_groups, walk_datasets,
+    CacheError,
+    cache_fingerprint,
+    check_version,
+    decode_ids,
+    feature_groups,
+    group_fingerprint,
+    id_list_hash,
+    open_cache_file,
+    stored_groups,
+    walk_datasets,
 )
 from mner.pipeline.cache.lock import CacheLock, temp_suffix
 from mner.pipeline.cache.provenance import SHARD_KEYS, utc_now
@@ -99,15 +107,19 @@ def check_shard_set(paths: list[str], handles: list[h5py.File], merged_ids: list
     for path, handle in zip(paths, handles):
         found = {_shard_of(json.loads(handle[g].attrs["provenance"])) for g in feature_groups(handle)}
         if len(found) != 1 or None in next(iter(found))[:2]:
-            problems.append(f"{path} records no single shard i/n in its provenance ({sorted(map(str, found))})")
+            problems.append(
+                f"{path} records no single shard i/n in its provenance ({sorted(map(str, found))})"
+            )
             continue
         records.append((path, *next(iter(found))))
     if problems:
         return problems
     counts = {count for _, _, count, _ in records}
     if len(counts) != 1:
-        return [f"shards come from extractions split {sorted(counts)} ways: " +
-                ", ".join(f"{p} is {i}/{n}" for p, i, n, _ in records)]
+        return [
+            f"shards come from extractions split {sorted(counts)} ways: "
+            + ", ".join(f"{p} is {i}/{n}" for p, i, n, _ in records)
+        ]
     count = counts.pop()
     seen: dict[int, str] = {}
     for path, index, _, _ in records:
@@ -116,18 +128,24 @@ def check_shard_set(paths: list[str], handles: list[h5py.File], merged_ids: list
         seen[index] = path
     missing = [i for i in range(count) if i not in seen]
     if missing:
-        problems.append(f"missing shard(s) {', '.join(f'{i}/{count}' for i in missing)} (have "
-                        f"{', '.join(f'{i}/{count}' for i in sorted(seen))})")
+        problems.append(
+            f"missing shard(s) {', '.join(f'{i}/{count}' for i in missing)} (have "
+            f"{', '.join(f'{i}/{count}' for i in sorted(seen))})"
+        )
     hashes = {h for *_, h in records if h is not None}
     if len(hashes) > 1:
         problems.append("shards were cut from different image lists (id-list hashes differ)")
     elif hashes and not missing and hashes.pop() != id_list_hash(merged_ids):
-        problems.append(f"the shards' {len(merged_ids)} images are not the id list they were cut from "
-                        "(id-list hash differs): a shard was extracted from other data")
+        problems.append(
+            f"the shards' {len(merged_ids)} images are not the id list they were cut from "
+            "(id-list hash differs): a shard was extracted from other data"
+        )
     return problems
 
 
-def merge_caches(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_partial: bool = False) -> str:
+def merge_caches(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_partial: bool = False
+) -> str:
     """Merge shards (disjoint image subsets of one extraction) into the cache one process would write."""
     paths = [os.fspath(p) for p in paths]
     out = os.fspath(out)
@@ -171,9 +189,12 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
     merged_ids = sorted(owner)
     problems = check_shard_set(paths, handles, merged_ids)
     if problems and not allow_partial:
-        raise CacheError("incomplete shard set: " + "; ".join(problems)
-                         + ". Merge every shard of the extraction, or pass --allow-partial to merge these "
-                           "anyway (recorded in the merged cache's provenance)")
+        raise CacheError(
+            "incomplete shard set: "
+            + "; ".join(problems)
+            + ". Merge every shard of the extraction, or pass --allow-partial to merge these "
+            "anyway (recorded in the merged cache's provenance)"
+        )
     for group in groups:
         reference = _comparable(json.loads(first[group].attrs["provenance"]))
         for handle, path in zip(handles[1:], paths[1:]):
@@ -207,12 +228,26 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
                 shards = [json.loads(h[group].attrs["provenance"]) for h in handles]
                 full = _shard_of(provenance)[2]
                 provenance.update(
-                    image_list_hash=id_list_hash(merged_ids), num_images=len(merged_ids),
-                    shard={"index": 0, "count": 1, "id_list_hash": full if not problems else id_list_hash(merged_ids)},
-                    merge={"command": list(sys.argv), "cwd": os.getcwd(), "created": utc_now(),
-                           "missing": problems,
-                           "shards": [{"path": os.path.abspath(path), **{k: p.get(k) for k in SHARD_KEYS if k != "merge"}}
-                                      for path, p in zip(paths, shards)]},
+                    image_list_hash=id_list_hash(merged_ids),
+                    num_images=len(merged_ids),
+                    shard={
+                        "index": 0,
+                        "count": 1,
+                        "id_list_hash": full if not problems else id_list_hash(merged_ids),
+                    },
+                    merge={
+                        "command": list(sys.argv),
+                        "cwd": os.getcwd(),
+                        "created": utc_now(),
+                        "missing": problems,
+                        "shards": [
+                            {
+                                "path": os.path.abspath(path),
+                                **{k: p.get(k) for k in SHARD_KEYS if k != "merge"},
+                            }
+                            for path, p in zip(paths, shards)
+                        ],
+                    },
                 )
                 target[group].attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
             prints = {}
@@ -238,7 +273,9 @@ def _ragged_indexes(handle: h5py.File) -> list[str]:
 def _check_same_group(a: h5py.Group, b: h5py.Group, path_a: str, path_b: str) -> None:
     names_a, names_b = walk_datasets(a), walk_datasets(b)
     if set(names_a) != set(names_b) or not all(_same_dataset(names_a[n], names_b[n]) for n in names_a):
-        raise CacheError(f"{a.name} differs between {path_a} and {path_b}: shards must come from the same data")
+        raise CacheError(
+            f"{a.name} differs between {path_a} and {path_b}: shards must come from the same data"
+        )
 
 
 def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of) -> None:
@@ -251,7 +288,10 @@ def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of)
         if other != keys:
             raise CacheError(f"{group}: datasets differ between {paths[0]} ({keys}) and {path} ({other})")
         for key in keys:
-            if source[key].shape[1:] != sources[0][key].shape[1:] or source[key].dtype != sources[0][key].dtype:
+            if (
+                source[key].shape[1:] != sources[0][key].shape[1:]
+                or source[key].dtype != sources[0][key].dtype
+            ):
                 raise CacheError(f"{group}/{key}: row shape/dtype differs between {paths[0]} and {path}")
 
     def row_runs(attrs):

@@ -11,8 +11,17 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
-    STATUS_NAMES, CacheError, MissingFeaturesError, attrs_dict, check_version, decode_ids, feature_groups,
-    open_cache_file, stored_groups, unpack_text, walk_datasets,
+    STATUS_NAMES,
+    CacheError,
+    MissingFeaturesError,
+    attrs_dict,
+    check_version,
+    decode_ids,
+    feature_groups,
+    open_cache_file,
+    stored_groups,
+    unpack_text,
+    walk_datasets,
 )
 
 COVERAGE_KEYS = (*STATUS_NAMES, "not_in_cache", "no_image")
@@ -22,9 +31,13 @@ COVERAGE_KEYS = (*STATUS_NAMES, "not_in_cache", "no_image")
 class FeatureSpec:
     """What a model needs to size itself from the cache without reading rows."""
 
-    shapes: dict[str, tuple] = field(default_factory=dict)  # path -> shape of one row (whole shape for globals)
+    shapes: dict[str, tuple] = field(
+        default_factory=dict
+    )  # path -> shape of one row (whole shape for globals)
     globals: dict[str, np.ndarray] = field(default_factory=dict)  # "global" datasets, read whole
-    attrs: dict[str, dict] = field(default_factory=dict)  # group -> its attrs (provenance parsed, logit_scale, ...)
+    attrs: dict[str, dict] = field(
+        default_factory=dict
+    )  # group -> its attrs (provenance parsed, logit_scale, ...)
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,9 @@ def _scan(handle: h5py.File) -> dict[str, _Meta]:
             index = datasets[offsets].attrs.get("index")
             if rows == "image" and encoding == "utf-8":
                 rows = "text"
-        meta[name] = _Meta(rows, tuple(ds.shape), ds.dtype, None if index is None else str(index), offsets, encoding)
+        meta[name] = _Meta(
+            rows, tuple(ds.shape), ds.dtype, None if index is None else str(index), offsets, encoding
+        )
     return meta
 
 
@@ -71,10 +86,15 @@ class FeatureCache:
             self.status = handle["images/status"][()]
             self._meta = _scan(handle)
             self._group_attrs = {name: attrs_dict(handle[name]) for name in feature_groups(handle)}
-            self._fingerprints = {name: str(handle[name].attrs["fingerprint"]) for name in stored_groups(handle)
-                                  if "fingerprint" in handle[name].attrs}
+            self._fingerprints = {
+                name: str(handle[name].attrs["fingerprint"])
+                for name in stored_groups(handle)
+                if "fingerprint" in handle[name].attrs
+            }
             self._fingerprint = str(handle.attrs.get("fingerprint", ""))
-            self._data_files = handle["posts"].attrs.get("data_files_json", "{}") if "posts" in handle else "{}"
+            self._data_files = (
+                handle["posts"].attrs.get("data_files_json", "{}") if "posts" in handle else "{}"
+            )
             # ragged-set offsets are small: kept in memory, shared by every dataset they slice
             self._index = {m.index: handle[m.index][()] for m in self._meta.values() if m.index}
         self._row_of: dict[str, int] | None = None
@@ -123,11 +143,14 @@ class FeatureCache:
     def ok(self) -> np.ndarray:
         return self.status == 0
 
-    def row_of(self, image_id: str) -> int:
+    def _rows(self) -> dict[str, int]:
         if self._row_of is None:
             self._row_of = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        return self._row_of
+
+    def row_of(self, image_id: str) -> int:
         try:
-            return self._row_of[image_id]
+            return self._rows()[image_id]
         except KeyError:
             raise KeyError(f"image id {image_id!r} is not in {self.path}") from None
 
@@ -138,9 +161,7 @@ class FeatureCache:
         """How a list of posts' image ids is covered: ok / missing / unreadable / placeholder rows,
         ids with no row at all (``not_in_cache``) and posts with no image (``no_image``, ids None or "")."""
         counts = dict.fromkeys(COVERAGE_KEYS, 0)
-        if self._row_of is None:
-            self.row_of(self.image_ids[0]) if self.num_images else None
-        row_of = self._row_of or {}
+        row_of = self._rows()
         for image_id in image_ids:
             if not image_id:
                 counts["no_image"] += 1
@@ -176,7 +197,9 @@ class FeatureCache:
             raise CacheError(f"{self.path}: no feature group {group!r}; groups: {self.groups()}") from None
 
     def random_init_groups(self) -> list[str]:
-        return [g for g, attrs in self._group_attrs.items() if attrs["provenance"].get("pretrained") == "random"]
+        return [
+            g for g, attrs in self._group_attrs.items() if attrs["provenance"].get("pretrained") == "random"
+        ]
 
     def rows_kind(self, path: str) -> str:
         """image | object | grounding | global | text | offsets | post | token (variable-length values
@@ -324,11 +347,20 @@ class FeatureCache:
             lo, hi = int(token_offsets[p]), int(token_offsets[p + 1])
             tags = tuple(tag_names[t] for t in tag_ids[lo:hi]) if labelled[p] else None
             splits[split_names[splits_of[p]]].append(
-                Post(post_id=post_id, tokens=tuple(tokens[lo:hi]), tags=tags, image_id=image_ids[p] or None,
-                     split=split_names[splits_of[p]], source=sources[p])
+                Post(
+                    post_id=post_id,
+                    tokens=tuple(tokens[lo:hi]),
+                    tags=tags,
+                    image_id=image_ids[p] or None,
+                    split=split_names[splits_of[p]],
+                    source=sources[p],
+                )
             )
         splits = {name: posts for name, posts in splits.items() if posts}
         return Dataset(
-            splits=splits, data_hash=group.attrs["data_hash"], files=json.loads(group.attrs["data_files_json"]),
-            orphan_i=json.loads(group.attrs["orphan_i_json"]), notes=json.loads(group.attrs["notes_json"]),
+            splits=splits,
+            data_hash=group.attrs["data_hash"],
+            files=json.loads(group.attrs["data_files_json"]),
+            orphan_i=json.loads(group.attrs["orphan_i_json"]),
+            notes=json.loads(group.attrs["notes_json"]),
         )

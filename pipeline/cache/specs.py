@@ -35,8 +35,18 @@ RAGGED_KINDS = ("object", "grounding", "token")  # sliced per image (per post fo
 GROUNDING_MAX = 3  # grounding crops per image at most
 COLLATIONS = ("float", "pixels", "jpeg", "text", None)  # None: not a batch tensor (ids, indexes, globals)
 ENCODINGS = ("utf-8", "jpeg", "bytes", None)  # None: a fixed-shape numeric or fixed-bytes array
-COMMON_PROVENANCE = ("component", "model", "pretrained", "preprocessing", "thresholds", "versions",
-                     "image_list_hash", "num_images", "command", "created")
+COMMON_PROVENANCE = (
+    "component",
+    "model",
+    "pretrained",
+    "preprocessing",
+    "thresholds",
+    "versions",
+    "image_list_hash",
+    "num_images",
+    "command",
+    "created",
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,9 @@ class GroupSpec:
 
     name: str  # path in the file; one segment may be "*" ("prompts/*": any prompt set)
     datasets: tuple[DatasetSpec, ...]
-    option: str | None = None  # stage-1 option producing it ("--encoder clip", "--prompts {name}"); None: always
+    option: str | None = (
+        None  # stage-1 option producing it ("--encoder clip", "--prompts {name}"); None: always
+    )
     provenance: tuple[str, ...] = ()  # fields recorded beyond COMMON_PROVENANCE
     attrs: tuple[str, ...] = ()  # group attrs the writer requires (logit_scale, category_names)
     dims: dict = field(default_factory=dict)  # symbolic dim -> meaning with the usual value (docs)
@@ -155,7 +167,7 @@ def get_group(name: str) -> GroupSpec:
 
 
 def split_path(path: str) -> tuple[str, str]:
-    """"encoders/clip/crop_embed" -> ("encoders/clip", "crop_embed"), using the registry to find the group."""
+    """ "encoders/clip/crop_embed" -> ("encoders/clip", "crop_embed"), using the registry to find the group."""
     path = path.strip("/")
     parts = path.split("/")
     for cut in range(len(parts) - 1, 0, -1):

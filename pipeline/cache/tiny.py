@@ -80,16 +80,31 @@ def tiny_group(writer: CacheWriter, name: str, *, seed: int = 0) -> dict[str, ob
         if ds.rows != "index":
             written[ds.name] = _values(ds, totals.get(ds.per_image_kind, 0), dims, rng, salt)
     extra = {field: f"tiny {field}" for field in spec.provenance}
-    provenance = make_provenance(name, model="tiny", pretrained="random", preprocessing={}, thresholds={},
-                                 image_ids=decode_ids(writer.file["images/ids"][()]), extra=extra)
-    attrs = {key: [f"{key[:-6]}{i}" for i in range(dims.get("C", 4))] if key.endswith("_names") else 10.0
-             for key in spec.attrs}
+    provenance = make_provenance(
+        name,
+        model="tiny",
+        pretrained="random",
+        preprocessing={},
+        thresholds={},
+        image_ids=decode_ids(writer.file["images/ids"][()]),
+        extra=extra,
+    )
+    attrs = {
+        key: [f"{key[:-6]}{i}" for i in range(dims.get("C", 4))] if key.endswith("_names") else 10.0
+        for key in spec.attrs
+    }
     writer.write_group(name, written, provenance if spec.feature else None, attrs)
     return written
 
 
-def write_tiny_cache(path: str | os.PathLike, groups: list[str] | None = None, *, num_images: int = 6,
-                     status: list[str] | None = None, seed: int = 0) -> dict[str, dict[str, object]]:
+def write_tiny_cache(
+    path: str | os.PathLike,
+    groups: list[str] | None = None,
+    *,
+    num_images: int = 6,
+    status: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, object]]:
     """A cache with ``groups`` (default: every registered feature group), and any group whose ragged
     index they need. Returns ``{group: {dataset: values}}``."""
     names = groups if groups is not None else [instance_name(g) for g in all_groups() if g.feature]
@@ -104,7 +119,9 @@ def write_tiny_cache(path: str | os.PathLike, groups: list[str] | None = None, *
     ids = [f"img{i:03d}" for i in range(num_images)]
     written = {}
     with CacheWriter(path, overwrite=True) as writer:
-        writer.write_images(ids, status or ["ok"] * num_images, width=[64] * num_images, height=[48] * num_images)
+        writer.write_images(
+            ids, status or ["ok"] * num_images, width=[64] * num_images, height=[48] * num_images
+        )
         for k, name in enumerate(ordered):
             written[name] = tiny_group(writer, name, seed=seed + k)
     return written

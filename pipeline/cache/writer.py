@@ -21,11 +21,29 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
-    SCHEMA_VERSION, STATUS_NAMES, CacheError, cache_fingerprint, check_version, decode_ids, feature_groups,
-    fixed_bytes, group_fingerprint, id_list_hash, library_versions, open_cache_file, stored_groups,
+    SCHEMA_VERSION,
+    STATUS_NAMES,
+    CacheError,
+    cache_fingerprint,
+    check_version,
+    decode_ids,
+    feature_groups,
+    fixed_bytes,
+    group_fingerprint,
+    id_list_hash,
+    library_versions,
+    open_cache_file,
+    stored_groups,
 )
 from mner.pipeline.cache.lock import CacheLock, temp_suffix
-from mner.pipeline.cache.specs import COMMON_PROVENANCE, RAGGED_KINDS, DatasetSpec, GroupSpec, get_group, index_path
+from mner.pipeline.cache.specs import (
+    COMMON_PROVENANCE,
+    RAGGED_KINDS,
+    DatasetSpec,
+    GroupSpec,
+    get_group,
+    index_path,
+)
 
 LEGACY_ROWS = {"offsets": "index"}  # the (values, rows) tuples of schema 1 callers
 FLAT_CHUNK = 1 << 20  # bytes per HDF5 chunk of a streamed (resizable) flat byte dataset
@@ -49,8 +67,14 @@ class CacheWriter:
     only for tests and benches that need a few datasets. ``lock_timeout_s`` waits for another writer.
     """
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, partial: bool = False,
-                 lock_timeout_s: float = 0.0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        partial: bool = False,
+        lock_timeout_s: float = 0.0,
+    ):
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self.partial = partial
@@ -84,8 +108,8 @@ class CacheWriter:
             return
         try:
             handle = self.file
-            prints = {name: str(handle[name].attrs["fingerprint"]) for name in stored_groups(handle)
-                      if "fingerprint" in handle[name].attrs}
+            self._finish_groups(handle)
+            prints = {name: str(handle[name].attrs["fingerprint"]) for name in stored_groups(handle)}
             handle.attrs["fingerprint"] = cache_fingerprint(prints)
             handle.flush()
             handle.close()
@@ -98,6 +122,20 @@ class CacheWriter:
             self._discard()
             raise
         self.lock.release()
+
+    def _finish_groups(self, handle: h5py.File) -> None:
+        """Groups written around the GroupWriter (straight through ``writer.file``) are checked against
+        their specs and fingerprinted here; /images and /posts are re-fingerprinted (small, and a
+        producer may add a dataset such as images/content_sha256 after write_images)."""
+        for name in ["images", "posts", *feature_groups(handle)]:
+            if name not in handle:
+                continue
+            node = handle[name]
+            if "fingerprint" not in node.attrs or name in ("images", "posts"):
+                problems = spec_problems(node, get_group(name), partial=self.partial)
+                if problems:
+                    raise CacheError(f"group {name} does not match its spec: {'; '.join(problems)}")
+                node.attrs["fingerprint"] = group_fingerprint(node)
 
     def _discard(self) -> None:
         handle, self._file = self._file, None
@@ -148,8 +186,12 @@ class CacheWriter:
         if any(a >= b for a, b in itertools.pairwise(ids)):
             raise CacheError("image ids must be sorted and unique (pass sorted(set(ids)))")
         count = len(ids)
-        status_codes = np.zeros(count, np.uint8) if status is None else np.array(
-            [STATUS_NAMES.index(s) if isinstance(s, str) else int(s) for s in status], dtype=np.uint8
+        status_codes = (
+            np.zeros(count, np.uint8)
+            if status is None
+            else np.array(
+                [STATUS_NAMES.index(s) if isinstance(s, str) else int(s) for s in status], dtype=np.uint8
+            )
         )
         if status_codes.shape != (count,) or (status_codes >= len(STATUS_NAMES)).any():
             raise CacheError(f"status must be {count} codes in 0..3 or names in {STATUS_NAMES}")
@@ -199,28 +241,38 @@ class CacheWriter:
         tag_names = sorted({tag for post in posts for tag in (post.tags or ())})
         tag_index = {tag: i for i, tag in enumerate(tag_names)}
         tag_ids = np.array(
-            [tag_index[tag] if post.tags is not None else -1 for post in posts
-             for tag in (post.tags if post.tags is not None else [None] * len(post.tokens))],
+            [
+                tag_index[tag] if post.tags is not None else -1
+                for post in posts
+                for tag in (post.tags if post.tags is not None else [None] * len(post.tokens))
+            ],
             dtype=np.int16,
         ).reshape(-1)
         token_offsets = np.zeros(len(posts) + 1, dtype=np.int64)
         np.cumsum([len(p.tokens) for p in posts], out=token_offsets[1:])
         attrs = {
-            "data_hash": dataset.data_hash, "data_files_json": json.dumps(dataset.files),
+            "data_hash": dataset.data_hash,
+            "data_files_json": json.dumps(dataset.files),
             "orphan_i_json": json.dumps(getattr(dataset, "orphan_i", {})),
             "notes_json": json.dumps(list(getattr(dataset, "notes", []))),
-            "split_names_json": json.dumps(split_names), "tag_names_json": json.dumps(tag_names),
+            "split_names_json": json.dumps(split_names),
+            "tag_names_json": json.dumps(tag_names),
         }
-        self.write_group("posts", {
-            "post_id": fixed_bytes([post.post_id for post in posts]),
-            "split": np.array([split_names.index(p.split) for p in posts], np.uint8),
-            "image_id": fixed_bytes([post.image_id or "" for post in posts]),
-            "labelled": np.array([post.tags is not None for post in posts], np.uint8),
-            "source": [post.source for post in posts],
-            "token_offsets": token_offsets,
-            "token_text": [token for post in posts for token in post.tokens],
-            "tag_ids": tag_ids,
-        }, None, attrs)
+        self.write_group(
+            "posts",
+            {
+                "post_id": fixed_bytes([post.post_id for post in posts]),
+                "split": np.array([split_names.index(p.split) for p in posts], np.uint8),
+                "image_id": fixed_bytes([post.image_id or "" for post in posts]),
+                "labelled": np.array([post.tags is not None for post in posts], np.uint8),
+                "source": [post.source for post in posts],
+                "token_offsets": token_offsets,
+                "token_text": [token for post in posts for token in post.tokens],
+                "tag_ids": tag_ids,
+            },
+            None,
+            attrs,
+        )
 
     def write_group(
         self,
@@ -240,13 +292,21 @@ class CacheWriter:
         for key, value in datasets.items():
             if spec.dataset(key).rows == "index":
                 indexes[key] = value[0] if isinstance(value, tuple) else value
-        with self.group(name, provenance, attrs, indexes=indexes, overwrite=overwrite,
-                        num_images=num_images) as group:
+        with self.group(
+            name, provenance, attrs, indexes=indexes, overwrite=overwrite, num_images=num_images
+        ) as group:
             group.append({k: v for k, v in datasets.items() if k not in indexes})
 
-    def group(self, name: str, provenance: dict | None, attrs: dict | None = None, *,
-              indexes: dict[str, Any] | None = None, overwrite: bool = False,
-              num_images: int | None = None) -> GroupWriter:
+    def group(
+        self,
+        name: str,
+        provenance: dict | None,
+        attrs: dict | None = None,
+        *,
+        indexes: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        num_images: int | None = None,
+    ) -> GroupWriter:
         """Stream a group: ``with writer.group(...) as g: g.append({...rows of the next images...})``.
 
         ``indexes`` gives the group's own index datasets (``objects/offsets``) whole, up front: they fix
@@ -277,11 +337,64 @@ class CacheWriter:
             raise CacheError(f"group {name}: provenance lacks {missing} (declared in its GroupSpec)")
 
 
+def spec_problems(node: h5py.Group, spec: GroupSpec, *, partial: bool = False) -> list[str]:
+    """How a stored group differs from its declaration (empty when it matches)."""
+    problems: list[str] = []
+    declared = {d.name: d for d in spec.datasets}
+    dims: dict[str, int] = {}
+    for key, dataset in node.items():
+        if not isinstance(dataset, h5py.Dataset):
+            continue
+        if key.endswith("_offsets") and key[: -len("_offsets")] in declared:
+            continue
+        ds = declared.get(key)
+        if ds is None:
+            problems.append(f"undeclared dataset {key}")
+            continue
+        if ds.ragged_values or ds.rows == "index":
+            continue
+        stored_rows = str(dataset.attrs.get("rows", ""))
+        if stored_rows != ds.per_image_kind:
+            problems.append(f"{key}: rows {stored_rows!r}, declared {ds.per_image_kind!r}")
+        if (
+            ds.dtype == "S"
+            and dataset.dtype.kind != "S"
+            or ds.dtype != "S"
+            and dataset.dtype != np.dtype(ds.dtype)
+        ):
+            problems.append(f"{key}: dtype {dataset.dtype}, declared {ds.dtype}")
+        row_shape = tuple(dataset.shape) if ds.rows == "global" else tuple(dataset.shape[1:])
+        if len(row_shape) != len(ds.shape):
+            problems.append(f"{key}: per-row shape {row_shape}, declared {ds.shape}")
+            continue
+        for got, want in zip(row_shape, ds.shape):
+            if (
+                isinstance(want, str)
+                and dims.setdefault(want, got) != got
+                or isinstance(want, int)
+                and want != got
+            ):
+                problems.append(f"{key}: per-row shape {row_shape}, declared {ds.shape} (dims {dims})")
+    if not partial:
+        problems += [
+            f"missing required dataset {d.name}" for d in spec.datasets if d.required and d.name not in node
+        ]
+    return problems
+
+
 class GroupWriter:
     """Writes one group's datasets chunk by chunk, in image order, validating each against its spec."""
 
-    def __init__(self, writer: CacheWriter, name: str, spec: GroupSpec, provenance: dict | None, attrs: dict,
-                 indexes: dict[str, Any], num_images: int):
+    def __init__(
+        self,
+        writer: CacheWriter,
+        name: str,
+        spec: GroupSpec,
+        provenance: dict | None,
+        attrs: dict,
+        indexes: dict[str, Any],
+        num_images: int,
+    ):
         self.writer, self.name, self.spec = writer, name, spec
         self.provenance, self.attrs = provenance, attrs
         self.dims: dict[str, int] = {}
@@ -318,13 +431,19 @@ class GroupWriter:
         expected = self.totals.get(parent)
         if spec.indexes == "token":  # posts: the index fixes the post count too
             expected = self.totals["post"] = len(offsets) - 1
-        if offsets.ndim != 1 or offsets.shape[0] != expected + 1 or (len(offsets) and offsets[0] != 0) \
-                or (np.diff(offsets) < 0).any() or offsets.dtype.kind not in "iu":
+        if (
+            offsets.ndim != 1
+            or offsets.shape[0] != expected + 1
+            or (len(offsets) and offsets[0] != 0)
+            or (np.diff(offsets) < 0).any()
+            or offsets.dtype.kind not in "iu"
+        ):
             raise CacheError(f"{where}: offsets must be ({expected + 1},) integers non-decreasing from 0")
         limit = spec.max_per_image or (3 if spec.indexes == "grounding" else None)
         if limit is not None and len(offsets) > 1 and int(np.diff(offsets).max()) > limit:
-            raise CacheError(f"{where}: at most {limit} {spec.indexes} rows per image, found "
-                             f"{int(np.diff(offsets).max())}")
+            raise CacheError(
+                f"{where}: at most {limit} {spec.indexes} rows per image, found {int(np.diff(offsets).max())}"
+            )
         dataset = self.group.create_dataset(spec.name, data=offsets.astype(np.int64))
         dataset.attrs["rows"] = "offsets"
         dataset.attrs["indexes"] = parent
@@ -380,7 +499,12 @@ class GroupWriter:
 
     def _append_fixed(self, spec: DatasetSpec, values: Any) -> None:
         where = f"{self.name}/{spec.name}"
-        if isinstance(values, (list, tuple)) and values and isinstance(values[0], (bytes, str)) and spec.dtype != "S":
+        if (
+            isinstance(values, (list, tuple))
+            and values
+            and isinstance(values[0], (bytes, str))
+            and spec.dtype != "S"
+        ):
             raise CacheError(f"{where}: declared {spec.dtype} arrays, got a list of strings/bytes")
         array = np.asarray(values)
         if array.dtype == object or array.dtype.kind in "OUV":
@@ -402,7 +526,9 @@ class GroupWriter:
         start = self.cursor.get(spec.name, 0)
         total = self._total(spec, rows)
         if start + rows > total:
-            raise CacheError(f"{where}: first axis {start + rows} rows but the cache has {total} {spec.rows} rows")
+            raise CacheError(
+                f"{where}: first axis {start + rows} rows but the cache has {total} {spec.rows} rows"
+            )
         if spec.name not in self.group:
             if rows == total:
                 self._create(spec, data=array)
@@ -424,8 +550,10 @@ class GroupWriter:
         if want.kind == "f" and array.dtype.kind == "f" and want.itemsize < array.dtype.itemsize:
             limit = np.finfo(want).max
             if array.size and np.isfinite(array).all() and np.abs(array).max() > limit:
-                raise CacheError(f"{where}: values beyond {want} range ({float(np.abs(array).max()):.3g}); "
-                                 "scale or clip them before writing (no silent inf)")
+                raise CacheError(
+                    f"{where}: values beyond {want} range ({float(np.abs(array).max()):.3g}); "
+                    "scale or clip them before writing (no silent inf)"
+                )
         if want.kind in "iu" and array.size and array.dtype.kind in "iu":
             info = np.iinfo(want)
             if array.min() < info.min or array.max() > info.max:
@@ -442,9 +570,13 @@ class GroupWriter:
 
     def _append_ragged(self, spec: DatasetSpec, values: Any) -> None:
         where = f"{self.name}/{spec.name}"
-        if not isinstance(values, (list, tuple)) or (values and not isinstance(values[0], (bytes, str, np.ndarray))):
-            raise CacheError(f"{where}: declared {spec.encoding} values: pass a list of "
-                             f"{'str' if spec.encoding == 'utf-8' else 'bytes'}")
+        if not isinstance(values, (list, tuple)) or (
+            values and not isinstance(values[0], (bytes, str, np.ndarray))
+        ):
+            raise CacheError(
+                f"{where}: declared {spec.encoding} values: pass a list of "
+                f"{'str' if spec.encoding == 'utf-8' else 'bytes'}"
+            )
         if spec.encoding == "utf-8" and values and not isinstance(values[0], str):
             raise CacheError(f"{where}: declared UTF-8 text, got {type(values[0]).__name__}")
         chunks = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
@@ -464,8 +596,11 @@ class GroupWriter:
         offsets_key = f"{spec.name}_offsets"
         if spec.name not in self.group:
             whole = len(chunks) == total
-            data = self._create(spec, data=flat) if whole else self._create(
-                spec, shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(FLAT_CHUNK,))
+            data = (
+                self._create(spec, data=flat)
+                if whole
+                else self._create(spec, shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(FLAT_CHUNK,))
+            )
             data.attrs["rows"] = "flat"
             data.attrs["offsets"] = offsets_key
             data.attrs["encoding"] = spec.encoding
@@ -494,13 +629,17 @@ class GroupWriter:
             written = self.cursor.get(spec.name)
             if written is None:
                 if spec.required and not self.writer.partial:
-                    raise CacheError(f"group {self.name}: dataset {spec.name} is required by its spec but was "
-                                     "not written (CacheWriter(partial=True) is for tests only)")
+                    raise CacheError(
+                        f"group {self.name}: dataset {spec.name} is required by its spec but was "
+                        "not written (CacheWriter(partial=True) is for tests only)"
+                    )
                 continue
             if spec.rows not in ("global", "index"):
                 total = self.totals.get(spec.per_image_kind)
                 if written != total:
-                    raise CacheError(f"{self.name}/{spec.name}: {written} of {total} {spec.rows} rows written")
+                    raise CacheError(
+                        f"{self.name}/{spec.name}: {written} of {total} {spec.rows} rows written"
+                    )
         group = self.group
         for key, value in self.attrs.items():
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value

@@ -31,7 +31,7 @@ for model in ("bert_crf", "vcrmner", "promptmner", "pmner"):
     metrics = json.loads((Path(sys.argv[1]) / model / "metrics.json").read_text())
     history = metrics["history"]
     best = max(history, key=lambda h: h["dev_f1"])
-    seconds = "-".join(f"{h['seconds']:.0f}" for h in history)
+    seconds = "-".join(f"{h['train_seconds'] + h.get('eval_seconds', 0):.0f}" for h in history)
     print(f"| {model} | {100 * metrics['test']['micro']['f1']:.2f} | {100 * best['dev_f1']:.2f} ({best['epoch']}) "
           f"| {len(history)} | {seconds} |")
 EOF

@@ -96,7 +96,7 @@ def test_presets_are_table_3_rows_and_name_their_cache_groups():
         True,
         False,
     )
-    assert cls.PRESETS["full"]["encoder_lr"] == 5e-3 and cls.PRESETS["full"]["batch_size"] == 8
+    assert cls.PRESETS["full lr 0.005"]["encoder_lr"] == 5e-3 and cls.PRESETS["full"]["batch_size"] == 8
 
 
 @pytest.mark.parametrize("preset", ["full", "T+V", "T+V+TCFM", "T+FRR+TCFM"])
@@ -113,9 +113,11 @@ def test_every_row_trains_and_decodes_valid_bio(preset, tiny_bert):
     assert "visual_projection.weight" in reached and "text_attention.in_proj_weight" in reached
     if model.config.use_tcfm:
         assert {
-            "visual_to_text.in_proj_weight",
-            "text_to_visual.in_proj_weight",
-            "refusion.in_proj_weight",
+            "visual_to_text.attention.in_proj_weight",
+            "text_to_visual.attention.in_proj_weight",
+            "refusion.attention.in_proj_weight",
+            "text_to_visual.ffn.0.weight",
+            "refusion.ffn_norm.weight",
         } <= reached
     if model.config.use_prompt:
         assert "verbalizer.piece_bias" in reached and any(n.startswith("mlm_head.") for n in reached)

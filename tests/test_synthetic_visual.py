@@ -37,7 +37,8 @@ MULTIMODAL = {
     "pmner": ["--set", "num_heads=2", "--set", "dropout=0.0", "--epochs", "20", "--head-lr", "1e-2"],
 }
 COMMON = ["--epochs", "15", "--batch-size", "8", "--encoder-lr", "1e-3", "--head-lr", "3e-3", "--crf-lr", "5e-2",
-          "--patience", "0", "--seed", "13", "--device", "cpu", "--max-length", "24"]
+          "--patience", "0", "--seed", "13", "--device", "cpu", "--max-length", "24",
+          "--set", "stage1_mismatch=warn"]  # a tiny random-init cache, not the papers' detectors / CLIPs
 MIN_GAP = 0.2  # F1 points (0..1) a multimodal model must be ahead of bert_crf
 
 

@@ -36,6 +36,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA only): autocast dtype
     grad_accum: int = 1  # batches whose gradients are summed before one optimiser step
     max_missing_images: float = 0.05  # refuse a split when more than this share of its posts has no cache row
+    stage1_mismatch: str = "error"  # error | warn: cache extracted with other stage-1 settings than the model's paper
 
 
 class ConfigError(ValueError):

@@ -39,11 +39,26 @@ class BIOConstrainedCRF(CRF):
         transition_penalty, start_penalty = bio_transition_penalties(labels)
         self.register_buffer("transition_penalty", transition_penalty, persistent=False)
         self.register_buffer("start_penalty", start_penalty, persistent=False)
+        index = {label: i for i, label in enumerate(labels)}
+        begin_of = [index.get(f"B-{label[2:]}", i) if label.startswith("I-") else i for i, label in enumerate(labels)]
+        self.register_buffer("begin_of", torch.tensor(begin_of, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for name in ("start_transitions", "end_transitions", "transitions"):
             nn.init.uniform_(self._parameters[name], -0.1, 0.1)
+
+    def repair_gold(self, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Packed gold (B, W) -> the same tags with every forbidden I-X (first tag, or after a tag
+        other than B-X / I-X) turned into B-X. A B- word that tokenised to zero pieces is dropped by
+        packing and leaves such an orphan; scored as is, it would add the -10000 penalty to the loss.
+        """
+        begin_of = self._buffers["begin_of"]  # (T,) I-X -> B-X, others -> themselves
+        previous = torch.cat([labels.new_full((labels.size(0), 1), -1), labels[:, :-1]], dim=1)  # (B, W)
+        forbidden_start = self._buffers["start_penalty"][labels] < 0  # (B, W)
+        forbidden_step = self._buffers["transition_penalty"][previous.clamp(min=0), labels] < 0  # (B, W)
+        orphan = torch.where(previous < 0, forbidden_start, forbidden_step) & mask.bool()  # (B, W)
+        return torch.where(orphan, begin_of[labels], labels)
 
     def _penalised(self, name: str, penalty: str) -> torch.Tensor:
         if name not in self._parameters or penalty not in self._buffers:
@@ -112,6 +127,7 @@ def crf_loss_and_decode(
     has_words = packed_mask[:, 0]  # (B,)
     loss = None
     if packed_labels is not None:
+        packed_labels = crf.repair_gold(packed_labels, packed_mask)  # (B, W) no orphan I- left by packing
         if has_words.any():
             log_likelihood = crf(
                 packed_emissions[has_words], packed_labels[has_words], packed_mask[has_words], reduction="sum"

@@ -38,6 +38,12 @@ from mner.trainer.labels import (
     unseen_types,
 )
 from mner.trainer.models import check_parameter_groups, default_parameter_groups, get_model_class
+from mner.trainer.models.stage1 import (
+    check_cache_settings,
+    extract_command,
+    missing_features_message,
+    model_stage1_settings,
+)
 from mner.trainer.run_folder import (
     STATE_FILE,
     check_out,
@@ -138,14 +144,18 @@ class VisualInputs:
 
     def __init__(
         self, features: str | Path, required: list[str], model_name: str, *,
-        max_objects: int | None = None, use_placeholders: bool = False,
+        max_objects: int | None = None, use_placeholders: bool = False, stage1_settings: list | None = None,
     ):
         from mner.pipeline.cache import FeatureCache
         from mner.trainer.visual import VisualBatcher  # lazy: text-only runs never touch it
 
         self.path = str(Path(features).resolve())
         self.cache = FeatureCache(features)
-        self.cache.require(required, model_name)
+        missing = [path for path in required if not self.cache.has(path)]
+        if missing:
+            from mner.pipeline.cache import MissingFeaturesError
+
+            raise MissingFeaturesError(missing_features_message(model_name, self.cache, missing, stage1_settings or []))
         self.required = list(required)
         self.spec = self.cache.feature_spec(required)
         # read and pad only the objects the model attends to (its top-m), not every cached detection
@@ -175,16 +185,18 @@ def open_visual_inputs(
     required = list(model_cls.required_features(model_config))
     if not required:
         return None
+    settings = model_stage1_settings(model_cls, model_config)  # the paper's stage-1 settings
     if features is None:
         from mner.pipeline.cache import extract_command_hint
 
         raise ConfigError(
             f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
-            f"--features CACHE.h5. Build one with: {extract_command_hint(required)}"
+            f"--features CACHE.h5. Build one with: {extract_command(extract_command_hint(required), settings)}"
         )
     max_objects = getattr(model_config, "max_objects", None)
     return VisualInputs(
-        features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders
+        features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders,
+        stage1_settings=settings,
     )
 
 
@@ -379,6 +391,13 @@ def train(
     # ---- the feature cache: fingerprints and per-split coverage, refused when too many images are absent
     visual = open_visual_inputs(invocation["features"], model_cls, model_config, model,
                                 use_placeholders=config.use_placeholder_features)
+    stage1_mismatches = []
+    if visual is not None:  # the cache must come from the stage-1 settings the model's paper assumes
+        stage1_mismatches = check_cache_settings(model, model_stage1_settings(model_cls, model_config), visual.cache,
+                                                 on_mismatch=config.stage1_mismatch)
+        if stage1_mismatches:
+            warn_loudly("stage-1 settings differ from the model's paper (--set stage1_mismatch=warn):\n  "
+                        + "\n  ".join(stage1_mismatches))
     cache_info = None
     if invocation["features"] is not None:
         from mner.pipeline.cache import FeatureCache
@@ -387,6 +406,7 @@ def train(
         cache_info = cache_record(cache, {s: p for s, p in dataset.splits.items() if s in SPLITS})
         cache_info["required"] = visual.required if visual is not None else []
         cache_info["provenance"] = cache_summary(cache)
+        cache_info["stage1_mismatches"] = stage1_mismatches
         if visual is not None:
             check_coverage(cache_info["coverage"], cache_path=cache_info["path"], max_share=config.max_missing_images,
                            what="or raise the share with --max-missing-images")
@@ -522,6 +542,7 @@ def train(
         metrics["image_coverage"] = cache_info["coverage"]
     if visual is not None:
         metrics["random_init_features"] = visual.random_init
+        metrics["stage1_mismatches"] = stage1_mismatches
     metrics["history"] = state.history
     metrics["run"] = {**record, "resumes": state.resumes, "epoch_seconds": [h["seconds"] for h in state.history],
                       "seconds_this_process": round(time.time() - started, 1), "peak_memory": engine.peak_memory_mb()}

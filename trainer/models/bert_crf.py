@@ -28,6 +28,10 @@ class BertCRF(nn.Module):
     def required_features(config: BertCRF.Config) -> list[str]:
         return []
 
+    @staticmethod
+    def stage1_settings(config: BertCRF.Config) -> list:
+        return []  # text only: no stage-1 assumption
+
     def __init__(self, config: BertCRF.Config, *, labels: list[str], text_encoder: str, tokenizer=None,
                  features=None):
         super().__init__()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from mner.trainer.layers import gather_first_pieces, init_linear
 from mner.trainer.models import default_parameter_groups, register_model
+from mner.trainer.models.stage1 import Stage1Setting
 from mner.trainer.text_encoder import load_encoder
 from torch import nn
 
@@ -152,20 +153,24 @@ class ModalityAwareLayer(nn.Module):
         return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, h, S, d)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
-        # x: (B, S, H); attention_mask: (B, S) bool keys to attend; is_visual: (B, S) bool modality
+        # x: (B, S, H); attention_mask: (B, S) bool keys to attend; is_visual: (B, S) bool modality,
+        # laid out as eq. 2 builds the input: the text's N_t columns first, then the clue columns
         keys = self.split_heads(self.key(x))  # (B, h, S, d)
         values = self.split_heads(self.value(x))  # (B, h, S, d)
         scale = 1.0 / math.sqrt(keys.size(-1))
         if self.use_mas:
-            score = {
-                pair: self.split_heads(self.queries[pair](x)) @ keys.transpose(-1, -2) * scale  # (B, h, S, S)
-                for pair in self.PAIRS
-            }
-            key_visual = is_visual[:, None, None, :]  # (B, 1, 1, S)
-            query_visual = is_visual[:, None, :, None]  # (B, 1, S, 1)
-            from_text = torch.where(key_visual, score["w2v"], score["w2w"])  # (B, h, S, S)
-            from_visual = torch.where(key_visual, score["v2v"], score["v2w"])  # (B, h, S, S)
-            scores = torch.where(query_visual, from_visual, from_text)  # (B, h, S, S)
+            # Each query block meets each key block with its own projection: every (query, key)
+            # score is computed once, as in plain attention (not four full S x S score maps).
+            split = _text_columns(is_visual)  # N_t
+            text, clues = x[:, :split], x[:, split:]  # (B, N_t, H), (B, N_v, H)
+            text_keys, clue_keys = keys[:, :, :split], keys[:, :, split:]  # (B, h, N_t, d), (B, h, N_v, d)
+
+            def block(pair: str, queries: torch.Tensor, block_keys: torch.Tensor) -> torch.Tensor:
+                return self.split_heads(self.queries[pair](queries)) @ block_keys.transpose(-1, -2)
+
+            from_text = torch.cat([block("w2w", text, text_keys), block("w2v", text, clue_keys)], dim=-1)  # (B, h, N_t, S)
+            from_clues = torch.cat([block("v2w", clues, text_keys), block("v2v", clues, clue_keys)], dim=-1)  # (B, h, N_v, S)
+            scores = torch.cat([from_text, from_clues], dim=2) * scale  # (B, h, S, S)
         else:
             scores = (
                 self.split_heads(self.queries["shared"](x)) @ keys.transpose(-1, -2) * scale
@@ -175,6 +180,15 @@ class ModalityAwareLayer(nn.Module):
         context = (weights @ values).transpose(1, 2).flatten(2)  # (B, S, H)
         attended = self.attention_output(context, x)  # (B, S, H)
         return self.output(self.intermediate(attended), attended)  # (B, S, H)
+
+
+def _text_columns(is_visual: torch.Tensor) -> int:
+    """N_t of a [text | clues] layout; any other layout is a caller bug (MAS blocks assume it)."""
+    columns = is_visual[0]  # (S,)
+    split = int((~columns).sum())
+    if bool(columns[:split].any()) or not bool(columns[split:].all()) or bool((is_visual != columns).any()):
+        raise ValueError("ModalityAwareLayer expects every row laid out as [text pieces | clue tokens]")
+    return split
 
 
 def _copy_linear(linear: nn.Linear) -> nn.Linear:
@@ -193,11 +207,13 @@ class PromptMNER(nn.Module):
     Config = PromptMNERConfig
 
     # Table 1 rows. Sec. 3.1: RoBERTa, K = 12, AdamW lr 1e-4 with linear warmup, batch 32, dropout 0.5.
+    # The whole schedule is trained and the best dev checkpoint kept (patience 0: no early stop).
     _PAPER_TRAINING: ClassVar[dict] = {
         "text_encoder": "roberta-base",
         "encoder_lr": 1e-4,
         "head_lr": 1e-4,
         "batch_size": 32,
+        "patience": 0,
     }
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {**_PAPER_TRAINING, "prompts": "continuous", "num_continuous_prompts": 100},  # 78.60 / 90.27
@@ -230,6 +246,15 @@ class PromptMNER(nn.Module):
             return [CLIP_IMAGE_EMBED]
         group = f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
         return [f"{group}/image_relevance", f"{group}/prompt_embed"]
+
+    @staticmethod
+    def stage1_settings(config: PromptMNERConfig) -> list[Stage1Setting]:
+        """Sec. 2.3: "the convolutional neural network-based image encoder of CLIP" (a ResNet CLIP;
+        the paper does not say which, RN50 is the smallest)."""
+        _check_prompts(config.prompts)
+        group = "encoders/clip" if config.prompts == "continuous" else f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
+        return [Stage1Setting(group, "model", r"open_clip/RN[\w-]*", "--clip-model RN50",
+                              "PromptMNER sec. 2.3: CLIP's CNN image encoder", match="pattern")]
 
     def __init__(
         self, config: PromptMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None
@@ -317,48 +342,58 @@ class PromptMNER(nn.Module):
 
     # -- sec. 2.4 ---------------------------------------------------------------------------------
 
-    def embed(self, batch: dict, clues: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Eq. 2: [CLS] w_1..w_N [SEP] w_hat_1..w_hat_Q [SEP] + positions + segments, LayerNorm."""
-        input_ids, text_mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L)
-        batch_size, num_clues = clues.size(0), clues.size(1)
-        embeddings = self.text_encoder["embeddings"]
-        words = embeddings.word_embeddings(input_ids)  # (B, L, H)
-        sep = embeddings.word_embeddings.weight[self.sep_token_id].expand(batch_size, 1, -1)  # (B, 1, H)
-        visual = torch.cat([self.clue_projection(clues), sep], dim=1)  # (B, Q + 1, H)
-        if not self.has_segment_b:
-            visual = visual + self.visual_segment
-        tokens = torch.cat([words, visual], dim=1)  # (B, S, H), S = L + Q + 1
+    def embed(
+        self, batch: dict, clues: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 2: [CLS] w_1..w_N [SEP] w_hat_1..w_hat_Q [SEP] + positions + segments, LayerNorm.
 
-        text_length = text_mask.sum(dim=1, keepdim=True)  # (B, 1)
-        text_positions = torch.arange(input_ids.size(1), device=input_ids.device)[None].expand(batch_size, -1)
-        visual_positions = (
-            text_length + torch.arange(num_clues + 1, device=input_ids.device)[None]
-        )  # (B, Q + 1)
-        positions = torch.cat([text_positions, visual_positions], dim=1) + self.position_offset  # (B, S)
+        ``clues`` (B, Q, D) or None when no post of the batch has a usable image: then the input is
+        the text alone. The clue tokens of a post without a usable image are masked out as keys, so
+        its words see exactly what they would see in a text-only model.
+        """
+        input_ids, text_mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L)
+        batch_size, text_columns = input_ids.shape
+        embeddings = self.text_encoder["embeddings"]
+        tokens = embeddings.word_embeddings(input_ids)  # (B, L, H)
+        positions = torch.arange(text_columns, device=input_ids.device)[None].expand(batch_size, -1)  # (B, L)
+        attention_mask = text_mask  # (B, L)
+        if clues is not None:
+            num_clues = clues.size(1)
+            sep = embeddings.word_embeddings.weight[self.sep_token_id].expand(batch_size, 1, -1)  # (B, 1, H)
+            visual = torch.cat([self.clue_projection(clues), sep], dim=1)  # (B, Q + 1, H)
+            if not self.has_segment_b:
+                visual = visual + self.visual_segment
+            tokens = torch.cat([tokens, visual], dim=1)  # (B, S, H), S = L + Q + 1
+            text_length = text_mask.sum(dim=1, keepdim=True)  # (B, 1) clue positions follow the real text
+            clue_positions = text_length + torch.arange(num_clues + 1, device=input_ids.device)[None]  # (B, Q + 1)
+            positions = torch.cat([positions, clue_positions], dim=1)  # (B, S)
+            has_image = _image_ok(batch["visual"], batch_size, input_ids.device)  # (B,)
+            attention_mask = torch.cat([text_mask, has_image[:, None].expand(-1, num_clues + 1)], dim=1)  # (B, S)
+        positions = positions + self.position_offset  # (B, S)
         if int(positions.max()) >= self.max_positions:
             if not self._warned_positions:
                 warnings.warn(
-                    f"promptmner: {input_ids.size(1)} text pieces + {num_clues + 1} clue tokens exceed the encoder's "
-                    f"{self.max_positions} positions; the last positions are shared (lower max_length or prompts)",
+                    f"promptmner: {text_columns} text pieces + {tokens.size(1) - text_columns} clue tokens exceed "
+                    f"the encoder's {self.max_positions} positions; the last positions are shared "
+                    "(lower max_length or prompts)",
                     stacklevel=2,
                 )
                 self._warned_positions = True
             positions = positions.clamp(max=self.max_positions - 1)
 
         is_visual = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (B, S)
-        is_visual[:, input_ids.size(1) :] = True
+        is_visual[:, text_columns:] = True
         segments = is_visual.long() if self.has_segment_b else torch.zeros_like(is_visual, dtype=torch.long)
         hidden = embeddings(
             inputs_embeds=tokens, position_ids=positions, token_type_ids=segments
         )  # (B, S, H)
-        attention_mask = torch.cat(
-            [text_mask, torch.ones_like(is_visual[:, input_ids.size(1) :])], dim=1
-        )  # (B, S)
         return hidden, attention_mask, is_visual
 
     def word_states(self, batch: dict) -> torch.Tensor:
         """Last MAS layer's states at each word's first piece (the h_i of sec. 2.4). (B, W, H)"""
-        hidden, attention_mask, is_visual = self.embed(batch, self.visual_clues(batch["visual"]))
+        has_image = _image_ok(batch["visual"], batch["input_ids"].size(0), batch["input_ids"].device)
+        clues = self.visual_clues(batch["visual"]) if bool(has_image.any()) else None  # (B, Q, D) or None
+        hidden, attention_mask, is_visual = self.embed(batch, clues)
         for layer in self.text_encoder["layers"]:
             hidden = layer(hidden, attention_mask, is_visual)  # (B, S, H)
         return gather_first_pieces(hidden, batch["word_index"])  # (B, W, H)
@@ -417,6 +452,13 @@ class PromptMNER(nn.Module):
             tags = decode_spans(probs[row], starts, ends, count, self.entity_types)
             paths.append([self.label_id.get(tag, self.label_id.get("O", 0)) for tag in tags])
         return paths
+
+
+def _image_ok(visual: dict[str, torch.Tensor], batch_size: int, device) -> torch.Tensor:
+    """(B,) bool: the post has a usable image (all True when the batch carries no ``images/ok``)."""
+    if IMAGE_OK in visual:
+        return visual[IMAGE_OK].bool().to(device)
+    return torch.ones(batch_size, dtype=torch.bool, device=device)
 
 
 def _check_prompts(prompts: str) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import default_parameter_groups, register_model
+from mner.trainer.models.stage1 import Stage1Setting
 from mner.trainer.text_encoder import load_encoder
 
 CROP_EMBED = "encoders/clip/crop_embed"
@@ -76,11 +78,12 @@ def _ffn(width: int, mult: int, dropout: float) -> nn.Sequential:
 class VCRMNER(nn.Module):
     Config = VCRMNERConfig
     # Paper sec. 4.1 hyper-parameters; the ablation rows of Table 3 are named exactly as printed.
-    # Fields that are not VCRMNERConfig fields belong to the trainer's TrainConfig.
+    # Fields that are not VCRMNERConfig fields belong to the trainer's TrainConfig. The 40 epochs run
+    # to the end of the linear decay and the best dev checkpoint is kept (patience 0: no early stop).
     PRESETS = {
         "paper": dict(
             text_encoder="roberta-base", encoder_lr=4e-5, head_lr=4e-5, crf_lr=1e-4, warmup_ratio=0.01,
-            num_heads=8, num_blocks=3, max_length=70, epochs=40, batch_size=18,
+            num_heads=8, num_blocks=3, max_length=70, epochs=40, batch_size=18, patience=0,
         ),
     }
     PRESETS["w/o inter-former"] = {**PRESETS["paper"], "use_inter_former": False}
@@ -93,6 +96,20 @@ class VCRMNER(nn.Module):
         if config.use_visual_evaluation:
             paths.append(f"prompts/{config.prompt_set}/crop_weights")
         return paths
+
+    @staticmethod
+    def stage1_settings(config: VCRMNERConfig) -> list[Stage1Setting]:
+        """Sec. 3.1: Mask R-CNN objects; CLIP ViT base with 16x16 patches encodes crops and prompts."""
+        clip = r"open_clip/ViT-B-16(-quickgelu)?"
+        settings = [
+            Stage1Setting("objects", "detector", "maskrcnn", "--detector maskrcnn", "VCRMNER sec. 3.1: Mask R-CNN"),
+            Stage1Setting(f"encoders/{config.clip_group}", "model", clip, "--clip-model ViT-B-16",
+                          "VCRMNER sec. 3.1 / 4.1: clip-vit base, 16x16 patches", match="pattern"),
+        ]
+        if config.use_visual_evaluation:
+            settings.append(Stage1Setting(f"prompts/{config.prompt_set}", "model", clip, "--clip-model ViT-B-16",
+                                          "VCRMNER eq. 1-5: the same CLIP scores crops and prompts", match="pattern"))
+        return settings
 
     def __init__(self, config: VCRMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None):
         super().__init__()
@@ -130,9 +147,13 @@ class VCRMNER(nn.Module):
             nn.init.normal_(self.null_cue, std=0.02)
 
     def visual_cues(self, visual: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """eq. 6: cue_v = v_i * max_j w_sim_ij, projected to the text width. Returns cues, object mask."""
+        """eq. 6: cue_v = v_i * max_j w_sim_ij, projected to the text width. Returns cues, object mask.
+
+        v_i is eq. 4's L2-normalised crop embedding (the vector the weights were computed from), so
+        the relative weight of two crops is their relevance alone, not also their raw CLIP norms.
+        """
         m = self.config.max_objects  # slots keep stage 1's score order: the first m are the top-m objects
-        crops = visual[self.crop_path][:, :m]  # (B, K, D), K <= m
+        crops = F.normalize(visual[self.crop_path][:, :m].float(), dim=-1)  # v_i = v'_i / ||v'_i|| (B, K, D), eq. 4
         mask = visual["objects/mask"][:, :m].bool()  # (B, K)
         if self.config.use_visual_evaluation:
             relevance = visual[self.weight_path][:, :m].max(dim=-1).values  # max_j w_sim_ij (B, K)

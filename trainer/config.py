@@ -32,7 +32,8 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     group_by_length: bool = True  # batch posts of similar length together (less padding, faster)
     use_placeholder_features: bool = False  # feed placeholder images' stand-in features (default: mask them like missing)
-    train_fraction: float = 1.0  # keep this fraction of training posts (low-resource runs; seeded)
+    train_fraction: float = 1.0  # keep this fraction of training posts (low-resource runs; nested subsets per seed)
+    fast_ablation: bool = False  # freeze the text encoder and cache its outputs once (not the papers' protocol)
 
 
 class ConfigError(ValueError):

@@ -307,10 +307,10 @@ def train(
 
     tokenizer = load_tokenizer(config.text_encoder)
     train_posts = dataset.splits["train"]
-    if config.train_fraction < 1.0:
-        keep = sorted(random.Random(config.seed).sample(range(len(train_posts)),
-                                                        max(1, round(config.train_fraction * len(train_posts)))))
-        train_posts = [train_posts[i] for i in keep]
+    if config.train_fraction < 1.0:  # low-resource: nested subsets per seed (10% inside 20% ...)
+        from mner.trainer.protocols import train_subset
+
+        train_posts = [train_posts[i] for i in train_subset(len(train_posts), config.train_fraction, config.seed)]
     common = {"tokenizer": tokenizer, "label_to_id": label_to_id, "max_length": config.max_length, "visual": visual}
     train_set = make_post_dataset(train_posts, split="train", repair=True, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
@@ -321,6 +321,11 @@ def train(
 
     net = build_model(model_cls, model_config, labels=labels, text_encoder=config.text_encoder,
                       tokenizer=tokenizer, visual=visual).to(device)
+    if config.fast_ablation:  # not the papers' protocol: frozen encoder, outputs computed once
+        from mner.trainer.fast_text import use_cached_text_encoder
+
+        use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=device,
+                                batch_size=config.eval_batch_size)
     train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
                                num_workers=config.num_workers, seed=config.seed,
                                group_by_length=config.group_by_length)

@@ -145,6 +145,32 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     assert config["model_config"]["use_visual_evaluation"] is False and config["train_config"]["seed"] == 2
     assert "ETA" in capsys.readouterr().err
 
+    # the report: mean +/- std over the 2 seeds, paper columns, flags, PNGs, paired bootstrap
+    report_dir = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(report_dir), "--bootstrap", "200",
+                 "--compare", "sample/vcrmner/default+full", "--compare", "sample/vcrmner/default+wo-ev"]) == 0
+    results = report_dir / "results.md"
+    text = results.read_text()
+    clean, flagged = text.split("## Flagged configurations")
+    assert "paper P / R / F1" in clean and "`sample/bert_crf/default+d0` | in-domain | 2 |" in clean
+    assert "vcrmner" not in clean  # random-init / low-coverage runs never sit beside real ones
+    assert "random-init features" in flagged and "low image coverage (75% < 90%)" in flagged
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rows = pq.read_table(report_dir / "results.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["n_seeds"] == 2 for r in rows)
+    row = next(r for r in rows if r["config"] == "sample/bert_crf/default+d3")
+    f1s = [100 * json.loads((out / f"sample/bert_crf/default+d3/s{s}/metrics.json").read_text())["test"]["micro"]["f1"]
+           for s in (1, 2)]
+    assert row["F1_mean"] == pytest.approx(sum(f1s) / 2) and row["F1_std"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2 ** 0.5)
+    assert (report_dir / "results.csv").read_text().splitlines()[0].startswith('"config","model"')
+    for name in ("dev_f1.png", "per_type_f1.png"):
+        with Image.open(report_dir / name) as image:
+            assert image.format == "PNG" and image.size[0] > 400
+    significance = json.loads((report_dir / "significance.json").read_text())
+    assert significance["seeds_a"] == 2 and 0.0 <= significance["p_value"] <= 1.0
+
     launched.clear()  # a third call has nothing to do
     assert main(["sweep", str(grid_file), "--out", str(out)]) == 0 and launched == []
     # a finished folder made with other settings is never silently reused

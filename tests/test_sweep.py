@@ -251,3 +251,27 @@ fractions = [0.25]
     assert main(["sweep", str(grid_file), "--out", str(out)]) == 0
     metrics = json.loads((out / "d-frac0.25/bert_crf/default/s1/metrics.json").read_text())
     assert metrics["alignment"]["train"]["words"] == 10 * 6  # 10 of 40 posts, 6 words each
+
+
+def test_a_killed_process_counts_as_dead_even_before_it_is_reaped():
+    """A SIGKILLed trainer whose parent has not waited for it yet must not block its run as 'running'."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mner.trainer.sweep import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        for _ in range(100):  # wait until the kernel has turned it into a zombie (not reaped: no wait())
+            if not _pid_alive(child.pid):
+                break
+            time.sleep(0.02)
+        assert not _pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()

@@ -265,13 +265,18 @@ def select_task(runs: list[RunSpec], task: str | None) -> list[RunSpec]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a killed process that its parent has not reaped yet (a zombie) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust kill()
+    return "\nState:\tZ" not in status and "\nState:\tX" not in status
 
 
 def _temp_dirs(run_dir: Path) -> list[Path]:

@@ -30,8 +30,13 @@ def test_cached_encoder_gives_the_frozen_encoders_outputs_without_running_it(tin
     reference = cls(cls.Config(dropout=0.0), labels=labels, text_encoder=str(tiny_bert))
     reference.load_state_dict(model.state_dict())
     reference.eval()
+    from mner.trainer import fast_text
+
+    fast_text._SHARED_TABLES.clear()
     encoded = use_cached_text_encoder(model, list(sets.values()), device=torch.device("cpu"), batch_size=4)
     assert encoded == len({tuple(a.input_ids) for s in sets.values() for a in s.aligned})
+    again = cls(cls.Config(dropout=0.0), labels=labels, text_encoder=str(tiny_bert))
+    assert use_cached_text_encoder(again, list(sets.values()), device=torch.device("cpu")) == 0  # shared in-process
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
 
     def must_not_run(*args, **kwargs):

@@ -58,15 +58,30 @@ def encode_posts(encoder, id_rows: Sequence[tuple[int, ...]], *, device: torch.d
     return table
 
 
+# Outputs already computed in this process, per encoder identity: the runs of one sweep process
+# (seeds, switches, training fractions) encode every post once in all.
+_SHARED_TABLES: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
+
+
+@torch.no_grad()
+def encoder_identity(encoder, device: torch.device) -> str:
+    """Name, device and a checksum of the weights: two loads of the same frozen encoder share outputs."""
+    checksum = sum(float(p.double().sum()) for p in encoder.parameters())
+    return f"{encoder.config._name_or_path}|{device}|{sum(p.numel() for p in encoder.parameters())}|{checksum!r}"
+
+
 def use_cached_text_encoder(model: torch.nn.Module, datasets: Sequence, *, device: torch.device,
                             batch_size: int = 64) -> int:
     """Freeze ``model.text_encoder``, encode every post of ``datasets`` once, and make the encoder's
-    forward a lookup. Returns the number of distinct posts encoded."""
+    forward a lookup. Returns the number of distinct posts encoded now (earlier runs of the same
+    encoder in this process already hold the rest)."""
     encoder = _encoder_of(model)
     encoder.requires_grad_(False)  # no optimiser group, no gradient: the weights stay pretrained
     encoder.eval()
     id_rows = [tuple(aligned.input_ids) for dataset in datasets for aligned in dataset.aligned]
-    table = encode_posts(encoder, id_rows, device=device, batch_size=max(1, batch_size))
+    table = _SHARED_TABLES.setdefault(encoder_identity(encoder, device), {})
+    missing = list(dict.fromkeys(ids for ids in id_rows if ids not in table))
+    table.update(encode_posts(encoder, missing, device=device, batch_size=max(1, batch_size)))
     config = encoder.config
 
     def cached_forward(input_ids=None, attention_mask=None, **kwargs):
@@ -88,4 +103,4 @@ def use_cached_text_encoder(model: torch.nn.Module, datasets: Sequence, *, devic
         return BaseModelOutput(last_hidden_state=hidden)
 
     encoder.forward = cached_forward  # instance attribute: nn.Module.__call__ dispatches to it
-    return len(table)
+    return len(missing)

@@ -254,7 +254,8 @@ def plot_dev_curves(records: list[RunRecord], rows: list[dict], path: Path) -> P
         std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
         (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=_label(config_id, flags.get(config_id, "")),
                           linestyle="--" if flags.get(config_id) else "-")
-        ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
+                        alpha=0.15)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("dev F1 (%)")

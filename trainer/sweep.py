@@ -298,6 +298,13 @@ def run_state(run_dir: Path) -> str:
     return "todo"
 
 
+def engine_can_resume() -> bool:
+    """Whether the training engine continues an unfinished run (``train(..., resume=True)``)."""
+    from mner.trainer.train import train
+
+    return "resume" in inspect.signature(train).parameters
+
+
 def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, resume: bool,
                     device: str | None) -> None:
     """Train one run through the ordinary ``train`` entry point: the one place a sweep starts training.
@@ -310,7 +317,7 @@ def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEnt
     source = datasets[spec.train_on]
     flags: dict[str, Any] = {"seed": spec.seed, "train_fraction": spec.fraction, "device": device}
     kwargs: dict[str, Any] = {}
-    if "resume" in inspect.signature(train).parameters:
+    if engine_can_resume():
         kwargs["resume"] = resume
     elif resume:
         import shutil
@@ -440,7 +447,9 @@ def run_sweep(grid: Grid, runs: list[RunSpec], *, device: str | None = None) -> 
     for number, (spec, state) in enumerate(todo, 1):
         run_dir = grid.out / spec.run_id
         started = time.time()
-        _log(f"[{number}/{len(todo)}] {spec.run_id}" + (f" ({state}: resuming)" if state != "todo" else ""))
+        how = {"todo": "", "trained": " (trained: finishing)",
+               "unfinished": " (unfinished: resuming)" if engine_can_resume() else " (unfinished: restarting)"}
+        _log(f"[{number}/{len(todo)}] {spec.run_id}{how[state]}")
         try:
             if state != "trained":
                 launch_training(spec, run_dir, grid.datasets, resume=state == "unfinished", device=device)

@@ -33,6 +33,9 @@ def test_rows_hold_mean_std_over_seeds_beside_the_paper_numbers():
     assert (paper["paper_P"], paper["paper_R"], paper["paper_F1"]) == (75.48, 78.23, 76.83)  # VCRMNER Table 1
     assert paper["delta_F1"] == pytest.approx(72.0 - 76.83) and paper["flags"] == ""
     assert rows["t15/vcrmner/wo-ev"]["paper_F1"] == 75.42  # Table 3, w/o ev
+    mixed = [record("t15/vcrmner/paper", s, 0.7) for s in (1, 2)]
+    mixed[1].test_hash = "another release"
+    assert "different test data" in aggregate(mixed)[0]["flags"]
     text = markdown(list(rows.values()))
     clean, flagged = text.split("## Flagged configurations")
     assert "| 72.00 ± 2.00 |" in clean and "75.48 / 78.23 / 76.83" in clean

@@ -220,6 +220,11 @@ cross_domain = [["t15", "t17"]]
     assert scores["micro"]["gold"] == 9  # t17's test split (one entity per post), not t15's 12
     assert not any("OTHER" in label for label in json.loads((run / "config.json").read_text())["labels"])
     assert "OTHER" not in scores["per_type"]
+    from mner.trainer.report import aggregate, find_runs, load_run
+
+    (row,) = aggregate([load_run(r, min_coverage=0.9) for r in find_runs([out])])
+    assert (row["config"], row["protocol"], row["setting"]) == ("t15-to-t17/bert_crf/default", "cross-domain", "t15-to-t17")
+    assert row["F1_mean"] == pytest.approx(100 * scores["micro"]["f1"])  # the other dataset's scores, not t15's
 
 
 def test_low_resource_subsets_are_nested_per_seed_and_deterministic():

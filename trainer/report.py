@@ -40,6 +40,7 @@ class RunRecord:
     test_predictions: Path | None  # CoNLL token/gold/pred of the scored test posts
     history: list[dict]
     flags: list[str] = field(default_factory=list)
+    test_hash: str | None = None  # sha256 of the data files the test scores came from
 
 
 def _read_json(path: Path) -> dict:
@@ -123,6 +124,7 @@ def load_run(run: Path, *, min_coverage: float) -> RunRecord:
         rec = RunRecord(run, f"{data}/{config['model']}/{setting}", int(train_config.get("seed", 0)), config["model"],
                         config.get("preset"), protocol, data_name, data_name, fraction, data_name,
                         metrics.get("test"), run / "predictions" / "test.conll", metrics.get("history", []))
+    rec.test_hash = rec.test.get("data_hash") or metrics.get("data_hash")
     if not rec.test:
         raise ConfigError(f"{run}: metrics.json has no test scores; the run had no test split")
     random_init = metrics.get("random_init_features") or []
@@ -174,7 +176,10 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
             row[f"paper_{entity_type}_F1"] = (paper or {}).get("per_type", {}).get(entity_type)
         row["paper_source"] = paper["source"] if paper else None
         row["delta_F1"] = row["F1_mean"] - paper["F1"] if paper else None
-        row["flags"] = "; ".join(dict.fromkeys(flag for r in runs for flag in r.flags))
+        flags = [flag for r in runs for flag in r.flags]
+        if len({r.test_hash for r in runs}) > 1:  # e.g. a label-corrected release for some seeds
+            flags.append("seeds scored on different test data (data hashes differ)")
+        row["flags"] = "; ".join(dict.fromkeys(flags))
         rows.append(row)
     return rows
 

@@ -242,7 +242,12 @@ def test_low_resource_subsets_are_nested_per_seed_and_deterministic():
     assert mean == 72.0 and std == pytest.approx(2.0)
 
 
-def test_low_resource_run_trains_on_the_nested_subset(tmp_path, tiny_bert):
+def test_low_resource_run_trains_on_the_nested_subset(tmp_path, tiny_bert, monkeypatch):
+    from mner.trainer import protocols
+
+    calls = []
+    real_subset = protocols.train_subset
+    monkeypatch.setattr(protocols, "train_subset", lambda *args: calls.append(args) or real_subset(*args))
     data = write_dataset(tmp_path / "data", seed=3, sizes=(40, 6, 6))
     grid_file = write_grid(tmp_path / "g.toml", f"""
 [datasets.d]
@@ -256,6 +261,7 @@ fractions = [0.25]
     assert main(["sweep", str(grid_file), "--out", str(out)]) == 0
     metrics = json.loads((out / "d-frac0.25/bert_crf/default/s1/metrics.json").read_text())
     assert metrics["alignment"]["train"]["words"] == 10 * 6  # 10 of 40 posts, 6 words each
+    assert calls == [(40, 0.25, 1)]  # the trainer draws the nested subset of protocols.train_subset
 
 
 def test_a_killed_process_counts_as_dead_even_before_it_is_reaped():

@@ -25,8 +25,14 @@ def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed
     from mner.trainer.config import resolve_configs
     from mner.trainer.models import get_model_class
     from mner.trainer.text_encoder import load_tokenizer
-    from mner.trainer.train import (build_model, make_loader, make_post_dataset, open_visual_inputs,
-                                    parameter_groups, seed_everything)
+    from mner.trainer.train import (
+        build_model,
+        make_loader,
+        make_post_dataset,
+        open_visual_inputs,
+        parameter_groups,
+        seed_everything,
+    )
 
     cls = get_model_class(model_name)
     model_config, config = resolve_configs(cls, flags={"text_encoder": text_encoder, "batch_size": 8, "seed": seed,
@@ -44,9 +50,8 @@ def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed
     net = build_model(cls, model_config, labels=labels, text_encoder=text_encoder, tokenizer=tokenizer, visual=visual)
     setup = 0.0
     if fast:
-        from mner.trainer.fast_text import use_cached_text_encoder
-
         from mner.trainer import fast_text
+        from mner.trainer.fast_text import use_cached_text_encoder
 
         fast_text._SHARED_TABLES.clear()  # measure the one-off encoding, not a lookup of an earlier model's
         start = time.perf_counter()

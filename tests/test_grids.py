@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mner.trainer.grid import load_grid
 from mner.trainer.models import available_models, get_model_class
 from mner.trainer.paper_results import PAPER_RESULTS
-from mner.trainer.sweep import load_grid
 
 GRIDS = sorted((Path(__file__).resolve().parent.parent / "grids").glob("*.toml"))
 # Models whose files land with another branch: their grid rows are checked once they are registered.

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from mner.trainer.cli import main
 from mner.trainer.paper_results import PAPER_RESULTS, paper_result
-from mner.trainer.report import FAST_FLAG, aggregate, markdown, paired_bootstrap, post_counts, RunRecord
+from mner.trainer.report import FAST_FLAG, RunRecord, aggregate, markdown
+from mner.trainer.significance import paired_bootstrap, post_counts
 
 
 def scores(f1: float, per_type: dict[str, float]) -> dict:
@@ -87,7 +88,7 @@ def test_report_cli_errors_name_the_fix(tmp_path, capsys):
 
 def test_low_resource_curve_plot(tmp_path):
     """Runs of several fractions (and the full-data run) become one curve with error bars."""
-    from mner.trainer.report import low_resource_curves, plot_low_resource
+    from mner.trainer.report_plots import low_resource_curves, plot_low_resource
     from PIL import Image
 
     records = []

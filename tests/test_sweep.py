@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from experiment_helpers import SAMPLE, sample_image_ids, write_dataset, write_ra
 from mner.trainer import sweep as sweep_module
 from mner.trainer.cli import main
 from mner.trainer.config import ConfigError
+from mner.trainer.grid import load_grid, select_task
 from mner.trainer.protocols import mean_std, train_subset
-from mner.trainer.sweep import load_grid, select_task
 
 FAST = {"epochs": 1, "batch_size": 8, "max_length": 32, "patience": 0, "device": "cpu", "eval_batch_size": 32}
 
@@ -232,7 +233,7 @@ def test_low_resource_subsets_are_nested_per_seed_and_deterministic():
     for seed in range(1, 6):
         subsets = [set(train_subset(4000, f, seed)) for f in fractions]
         assert [len(s) for s in subsets] == [400, 800, 1200, 1600, 2000, 4000]
-        assert all(small < large for small, large in zip(subsets, subsets[1:]))  # 10% inside 20% inside ...
+        assert all(small < large for small, large in itertools.pairwise(subsets))  # 10% inside 20% inside ...
     assert train_subset(4000, 0.1, 1) == train_subset(4000, 0.1, 1)
     assert train_subset(4000, 0.1, 1) != train_subset(4000, 0.1, 2)
     assert train_subset(10, 0.3, 7) == [0, 3, 5]  # fixed across runs and platforms (string-seeded)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from mner.trainer.config import ConfigError
+from mner.trainer.grid import slug
 from mner.trainer.paper_results import TYPES, paper_result
 from mner.trainer.protocols import mean_std
 
@@ -87,12 +88,6 @@ def image_coverage(run: Path, config: dict, predictions: Path | None, cache_path
     return usable / len(images) if images else math.nan
 
 
-def _slug(text: str) -> str:
-    from mner.trainer.sweep import slug
-
-    return slug(text)
-
-
 def load_run(run: Path, *, min_coverage: float) -> RunRecord:
     metrics = _read_json(run / "metrics.json")
     config = _read_json(run / "config.json")
@@ -118,8 +113,8 @@ def load_run(run: Path, *, min_coverage: float) -> RunRecord:
         fraction = float(train_config.get("train_fraction", 1.0))
         protocol = "low-resource" if fraction < 1.0 else "in-domain"
         data = data_name if fraction >= 1.0 else f"{data_name}-frac{fraction:.2f}"
-        setting = _slug(config.get("preset") or "default") + \
-            (f"+{_slug(','.join(config['sets']))}" if config.get("sets") else "")
+        setting = slug(config.get("preset") or "default") + \
+            (f"+{slug(','.join(config['sets']))}" if config.get("sets") else "")
         test_cache = (config.get("features") or {}).get("path")
         rec = RunRecord(run, f"{data}/{config['model']}/{setting}", int(train_config.get("seed", 0)), config["model"],
                         config.get("preset"), protocol, data_name, data_name, fraction, data_name,
@@ -201,10 +196,10 @@ def markdown(rows: list[dict]) -> str:
 
     clean = [r for r in rows if not r["flags"]]
     flagged = [r for r in rows if r["flags"]]
-    parts = ["# Results", "",
-             "Test scores in %, mean ± sample std over seeds (entity-level micro P/R/F1 and per-type F1, "
+    intro = ("Test scores in %, mean ± sample std over seeds (entity-level micro P/R/F1 and per-type F1, "
              "seqeval/conlleval chunking). Paper columns: the number the paper reports for the same model, "
-             "preset and dataset (trainer/paper_results.py); Δ F1 = ours − paper.", ""]
+             "preset and dataset (trainer/paper_results.py); Δ F1 = ours − paper.")
+    parts = ["# Results", "", intro, ""]
     if clean:
         parts += [header, rule, *map(line, clean), ""]
     else:
@@ -218,8 +213,8 @@ def markdown(rows: list[dict]) -> str:
 
 def write_tables(rows: list[dict], out: Path) -> list[Path]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0]) if rows else []
@@ -228,184 +223,6 @@ def write_tables(rows: list[dict], out: Path) -> list[Path]:
     pq.write_table(table, out / "results.parquet")
     (out / "results.md").write_text(markdown(rows) + "\n", encoding="utf-8")
     return [out / "results.csv", out / "results.parquet", out / "results.md"]
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _label(row_or_id: str, flags: str) -> str:
-    return row_or_id + (" [FLAGGED]" if flags else "")
-
-
-def plot_dev_curves(records: list[RunRecord], rows: list[dict], path: Path) -> Path:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    flags = {r["config"]: r["flags"] for r in rows}
-    curves: dict[str, list[list[float]]] = defaultdict(list)
-    for rec in records:
-        curves[rec.config_id].append([100 * h["dev_f1"] for h in rec.history if "dev_f1" in h])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for config_id, runs in sorted(curves.items()):
-        length = max((len(r) for r in runs), default=0)
-        if not length:
-            continue
-        epochs = np.arange(1, length + 1)
-        values = [[r[e] for r in runs if len(r) > e] for e in range(length)]
-        mean = np.array([np.mean(v) for v in values])
-        std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
-        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=_label(config_id, flags.get(config_id, "")),
-                          linestyle="--" if flags.get(config_id) else "-")
-        ax.fill_between(epochs, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color=line.get_color(),
-                        alpha=0.15)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("dev F1 (%)")
-    ax.set_title("Dev F1 per epoch (mean ± std over seeds; dashed = flagged)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_per_type(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [r for r in rows if r["protocol"] != "low-resource"][:12]
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(TYPES) + 0.5 * len(shown)), 5.2 + 0.18 * len(shown)))
-    width = 0.8 / max(1, len(shown))
-    x = np.arange(len(TYPES))
-    for n, row in enumerate(shown):
-        offset = x - 0.4 + width * (n + 0.5)
-        means = [row[f"{t}_F1_mean"] for t in TYPES]
-        stds = [row[f"{t}_F1_std"] for t in TYPES]
-        ax.bar(offset, means, width, yerr=stds, capsize=2, label=_label(row["config"], row["flags"]),
-               hatch="//" if row["flags"] else None, edgecolor="black", linewidth=0.4)
-        papers = [row[f"paper_{t}_F1"] for t in TYPES]
-        if any(p is not None for p in papers):
-            ax.scatter(offset, [p if p is not None else np.nan for p in papers], marker="_", s=200, color="black",
-                       zorder=3, label="paper" if n == 0 else None)
-    ax.set_xticks(x, TYPES)
-    ax.set_ylabel("test F1 (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Per-type test F1 (mean ± std over seeds; black bars = paper; hatched = flagged)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def low_resource_curves(rows: list[dict]) -> dict[str, list[dict]]:
-    """(dataset, model, setting) -> rows by fraction; the in-domain full-data row is the 100% point."""
-    curves: dict[str, list[dict]] = defaultdict(list)
-    has_fractions = {(r["train_on"], r["config"].split("/", 1)[1]) for r in rows if r["protocol"] == "low-resource"}
-    for row in rows:
-        key = (row["train_on"], row["config"].split("/", 1)[1])
-        if key in has_fractions and row["protocol"] in ("low-resource", "in-domain"):
-            curves[f"{key[0]}/{key[1]}"].append(row)
-    return {k: sorted(v, key=lambda r: r["fraction"]) for k, v in curves.items()}
-
-
-def plot_low_resource(rows: list[dict], path: Path) -> Path | None:
-    curves = low_resource_curves(rows)
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in sorted(curves.items()):
-        flagged = any(p["flags"] for p in points)
-        ax.errorbar([100 * p["fraction"] for p in points], [p["F1_mean"] for p in points],
-                    yerr=[p["F1_std"] for p in points], marker="o", capsize=3, label=_label(name, flagged),
-                    linestyle="--" if flagged else "-")
-    ax.set_xlabel("training data used (%)")
-    ax.set_ylabel("test F1 (%)")
-    ax.set_xticks([10, 20, 30, 40, 50, 100])
-    ax.set_title("Low-resource: test F1 vs training fraction (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- significance
-
-
-def post_counts(predictions: Path) -> tuple[np.ndarray, list[list[str]]]:
-    """Per test post: (gold entities, predicted entities, correct ones) as an int array (posts, 3)."""
-    from mner.trainer.evaluate import extract_entities, read_conll_predictions
-
-    gold, pred = read_conll_predictions(predictions)
-    counts = np.zeros((len(gold), 3), dtype=np.int64)
-    for n, (gold_tags, pred_tags) in enumerate(zip(gold, pred)):
-        gold_set, pred_set = set(extract_entities(gold_tags)), set(extract_entities(pred_tags))
-        counts[n] = (len(gold_set), len(pred_set), len(gold_set & pred_set))
-    return counts, gold
-
-
-def _f1(sums: np.ndarray) -> np.ndarray:
-    """Micro F1 from summed (gold, pred, correct) counts: 2c / (g + p)."""
-    denominator = sums[..., 0] + sums[..., 1]
-    return np.where(denominator > 0, 2 * sums[..., 2] / np.maximum(denominator, 1), 0.0)
-
-
-def paired_bootstrap(records: list[RunRecord], config_a: str, config_b: str, *, samples: int = 1000,
-                     seed: int = 0) -> dict:
-    """Paired bootstrap over test posts (Koehn 2004; Berg-Kirkpatrick et al. 2012).
-
-    Each sample draws test posts with replacement, the same draw for both configurations, and
-    computes each configuration's F1 averaged over its seeds. ``p`` is the share of samples in
-    which the configuration that is better on the full test set is not better.
-    """
-    runs = {c: [r for r in records if r.config_id == c] for c in (config_a, config_b)}
-    known = sorted({r.config_id for r in records})
-    counts = {}
-    reference = None
-    for config_id, config_runs in runs.items():
-        if not config_runs:
-            raise ConfigError(f"--compare {config_id!r}: no such configuration; valid values: {', '.join(known)}")
-        per_seed = []
-        for rec in config_runs:
-            if rec.test_predictions is None or not rec.test_predictions.is_file():
-                raise ConfigError(f"{rec.path}: no test predictions ({rec.test_predictions}) for the bootstrap")
-            seed_counts, gold = post_counts(rec.test_predictions)
-            if reference is None:
-                reference = gold
-            elif gold != reference:
-                raise ConfigError(f"{rec.path}: scored on other test posts than {config_a}; a paired test "
-                                  "needs the same test set")
-            per_seed.append(seed_counts)
-        counts[config_id] = np.stack(per_seed)  # (seeds, posts, 3)
-    posts = counts[config_a].shape[1]
-    rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, posts, posts), minlength=posts) for _ in range(samples)])  # (S, P)
-
-    def sample_f1(c: np.ndarray) -> np.ndarray:
-        sums = np.einsum("sp,rpk->rsk", weights, c)  # (seeds, S, 3)
-        return _f1(sums).mean(axis=0)  # (S,) mean over seeds
-
-    observed = 100 * (_f1(counts[config_a].sum(1)).mean() - _f1(counts[config_b].sum(1)).mean())
-    deltas = 100 * (sample_f1(counts[config_a]) - sample_f1(counts[config_b]))
-    p_value = float(np.mean(deltas <= 0) if observed > 0 else np.mean(deltas >= 0))
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return {"a": config_a, "b": config_b, "seeds_a": len(runs[config_a]), "seeds_b": len(runs[config_b]),
-            "test_posts": posts, "samples": samples, "delta_f1": float(observed),
-            "ci95": [float(low), float(high)], "p_value": p_value}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -424,6 +241,9 @@ def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min
     rows = aggregate(records)
     out = Path(out)
     written = write_tables(rows, out)
+    from mner.trainer.report_plots import plot_dev_curves, plot_low_resource, plot_per_type
+    from mner.trainer.significance import paired_bootstrap
+
     written.append(plot_dev_curves(records, rows, out / "dev_f1.png"))
     written.append(plot_per_type(rows, out / "per_type_f1.png"))
     low_resource = plot_low_resource(rows, out / "low_resource.png")

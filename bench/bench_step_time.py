@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from mner.pipeline.data import load_dataset
-from mner.pipeline.feature_cache import CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 from mner.trainer.batching import Collator, PostDataset
 from mner.trainer.models import available_models, get_model_class
 from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder
@@ -67,7 +67,7 @@ def write_synthetic_cache(path: Path, image_ids: list[str], *, max_objects: int,
     rows = {"image": len(ids), "object": int(offsets[-1])}
     provenance = make_provenance("bench", model="synthetic", pretrained="random", preprocessing={},
                                  thresholds={}, image_ids=ids, extra={"note": "bench_step_time.py random values"})
-    with CacheWriter(path, overwrite=True) as writer:
+    with CacheWriter(path, overwrite=True, partial=True) as writer:  # only the datasets read
         writer.write_images(ids, ["ok"] * len(ids))
         scores = np.sort(rng.uniform(0.5, 1.0, rows["object"]).astype(np.float32))[::-1].copy()
         writer.write_group("objects", {"offsets": (offsets, "offsets"), "scores": (scores, "object")}, provenance)

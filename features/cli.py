@@ -1,6 +1,8 @@
 """``mner-features``: extract visual features once into an HDF5 cache; inspect and merge caches.
 
-The typer functions only parse arguments; the work is in ``extract.run_extraction``.
+The typer functions only parse arguments; the work is in ``extract.run_extraction``. Nothing at module
+level imports torch: ``info`` and ``merge`` answer in a fraction of a second (torch loads only in
+``extract``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ def _cuda() -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu (decided when extracting, so other commands skip torch)."""
+    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
 
 
 app = typer.Typer(
@@ -42,7 +49,7 @@ def extract(
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
                                      "(offline smoke runs; recorded in provenance, the trainer warns)"),
-    device: str = typer.Option("cuda" if _cuda() else "cpu", help="torch device"),
+    device: str = typer.Option("auto", help="torch device; auto: cuda when available, else cpu"),
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
     num_workers: int = typer.Option(0, help="DataLoader workers decoding images"),
     top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
@@ -75,6 +82,8 @@ def extract(
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
 
+    device = resolve_device(device)
+
     try:
         opts = ExtractOptions(
             data=data, images=images, out=out, detector=detector, encoders=list(encoder), prompts=list(prompts),
@@ -99,8 +108,12 @@ def extract(
 
 @app.command()
 def info(path: str = typer.Argument(..., help="cache file")) -> None:
-    """Print groups, shapes, provenance and per-image status counts of a cache."""
-    from mner.pipeline.feature_cache import CacheError, describe
+    """Print groups (checked against their specs), shapes, fingerprints, provenance and per-image status
+    counts with their causes. Exits 1 on a file that is not an mner cache.
+
+    Example: mner-features info cache/t15.h5
+    """
+    from mner.pipeline.cache import CacheError, describe
 
     try:
         typer.echo(describe(path))
@@ -113,12 +126,19 @@ def info(path: str = typer.Argument(..., help="cache file")) -> None:
 def merge(
     shards: List[str] = typer.Argument(..., help="shard caches (e.g. cache/t15.shard*.h5)"),
     out: str = typer.Option(..., help="merged cache"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="merge even when shards of the "
+                                       "extraction are missing (recorded in the merged cache's provenance)"),
 ) -> None:
-    """Merge the shards of one extraction into the cache a single process would have written."""
-    from mner.pipeline.feature_cache import CacheError, merge_caches
+    """Merge the shards of one extraction into the cache a single process would have written.
+
+    Refuses an incomplete shard set (every shard i/n of the same id list must be given).
+
+    Example: mner-features merge cache/t15.shard0of2.h5 cache/t15.shard1of2.h5 --out cache/t15.h5
+    """
+    from mner.pipeline.cache import CacheError, merge_caches
 
     try:
-        merge_caches(shards, out)
+        merge_caches(shards, out, allow_partial=allow_partial)
     except (CacheError, ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)

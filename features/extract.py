@@ -35,7 +35,7 @@ from mner.features.images import (
     load_image, placeholder_image,
 )
 from mner.features.prompts import load_prompt_set, prompt_features
-from mner.pipeline.feature_cache import STATUS_NAMES, CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.cache import STATUS_NAMES, CacheWriter, FeatureCache, make_provenance
 
 SEP = "::"  # key separator inside chunk .npz files ("encoders::clip::image_embed")
 

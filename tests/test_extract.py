@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mner.features.cli import main
-from mner.pipeline.feature_cache import STATUS_NAMES, FeatureCache
+from mner.pipeline.cache import STATUS_NAMES, FeatureCache
 
 from test_images import write_bad_images
 

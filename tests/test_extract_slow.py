@@ -17,7 +17,7 @@ from PIL import Image
 
 from mner.features.cli import main
 from mner.features.extract import shard_of
-from mner.pipeline.feature_cache import FeatureCache
+from mner.pipeline.cache import FeatureCache
 
 from test_extract import datasets_of, write_dataset
 

@@ -9,10 +9,10 @@ import pickle
 import h5py
 import numpy as np
 import pytest
-from mner.pipeline import feature_cache
+from mner.pipeline.cache import merge as merge_module
+from mner.pipeline.cache import shard_record
 from mner.pipeline.data import Dataset, Post
-from mner.pipeline.feature_cache import (
-    ROW_KINDS,
+from mner.pipeline.cache import (
     SCHEMA_VERSION,
     CacheError,
     CacheWriter,
@@ -25,6 +25,8 @@ from mner.pipeline.feature_cache import (
     merge_caches,
 )
 
+# Stored `rows` attrs: the spec's row kinds, plus "flat"/"offsets" for variable-length values.
+STORED_ROWS = ("image", "object", "grounding", "global", "flat", "offsets")
 CLIP_DIM, PATCHES, CATEGORIES, PROMPTS = 8, 5, 4, 6
 PROMPT_TEXTS = [f"a photo of {w}" for w in ("a person", "a place", "a company", "a thing", "ümlaut", "x")]
 
@@ -69,13 +71,20 @@ def make_posts(ids: list[str]) -> Dataset:
                    orphan_i={"train": 1}, notes=["renamed 2 OTHER tags to MISC"])
 
 
-def provenance(component: str, model: str, ids: list[str], pretrained: str = "random") -> dict:
+GROUP_FIELDS = {"detector": {"detector": "maskrcnn", "crops": {"format": "JPEG"}}, "encoder": {"encoder": "x"},
+                "prompts": {"prompt_set": "vcrmner"}}
+
+
+def provenance(component: str, model: str, ids: list[str], pretrained: str = "random", shard=None) -> dict:
     return make_provenance(component, model=model, pretrained=pretrained, preprocessing={"size": 224},
-                           thresholds={"score": 0.5, "top_k": 3}, image_ids=ids)
+                           thresholds={"score": 0.5, "top_k": 3}, image_ids=ids, shard=shard,
+                           extra=GROUP_FIELDS.get(component))
 
 
 def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects", "clip", "vcrmner"),
-                overwrite: bool = False) -> None:
+                overwrite: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
+    record = shard_record(*shard, posts_ids)  # every group records which shard of the id list it is
+
     records = [image_record(i) for i in ids]
     counts = [len(r["scores"]) for r in records]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -91,13 +100,13 @@ def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects"
                 "scores": (stack("scores", (0,)), "object"),
                 "class_ids": (stack("class_ids", (0,)).astype(np.int32), "object"),
                 "crop_jpeg": ([c for r in records for c in r["crops"]], "object"),
-            }, provenance("detector", "maskrcnn", ids, "torchvision:COCO_V1"))
+            }, provenance("detector", "maskrcnn", ids, "torchvision:COCO_V1", shard=record))
         if "clip" in groups:
             writer.write_group("encoders/clip", {
                 "image_embed": (np.stack([r["image_embed"] for r in records]), "image"),
                 "patch_tokens": (np.stack([r["patch_tokens"] for r in records]), "image"),
                 "crop_embed": (stack("crop_embed", (0, CLIP_DIM)), "object"),
-            }, provenance("encoder", "ViT-B-32", ids), attrs={"logit_scale": 100.0})
+            }, provenance("encoder", "ViT-B-32", ids, shard=record), attrs={"logit_scale": 100.0})
         if "vcrmner" in groups:
             rng = np.random.default_rng(7)
             writer.write_group("prompts/vcrmner", {
@@ -107,11 +116,13 @@ def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects"
                 "centroids": (rng.standard_normal((CATEGORIES, CLIP_DIM)), "global"),
                 "crop_weights": (stack("crop_weights", (0, CATEGORIES)), "object"),
                 "image_relevance": (np.stack([r["image_relevance"] for r in records]), "image"),
-            }, provenance("prompts", "ViT-B-32", ids), attrs={"category_names": ["PER", "LOC", "ORG", "MISC"]})
+            }, provenance("prompts", "ViT-B-32", ids, shard=record),
+                attrs={"category_names": ["PER", "LOC", "ORG", "MISC"], "logit_scale": 100.0})
         if "resnet" in groups:
             writer.write_group("encoders/resnet152", {
+                "grid": (np.ones((len(ids), 2, 2, 16)), "image"),
                 "crop_pooled": (np.ones((int(offsets[-1]), 16)), "object"),
-            }, provenance("encoder", "resnet152", ids))
+            }, provenance("encoder", "resnet152", ids, shard=record))
 
 
 def snapshot(path, groups=None) -> dict:
@@ -196,7 +207,7 @@ def test_dtypes_no_vlen_and_provenance_everywhere(cache_path):
             assert h5py.check_vlen_dtype(dataset.dtype) is None, name
             string = h5py.check_string_dtype(dataset.dtype)
             assert string is None or string.length is not None, name  # fixed-length bytes only
-            kinds = ("post", "token", "offsets", "flat") if name.startswith("posts/") else ROW_KINDS
+            kinds = ("post", "token", "offsets", "flat") if name.startswith("posts/") else STORED_ROWS
             assert dataset.attrs["rows"] in kinds, name
         for name in ("encoders/clip/image_embed", "encoders/clip/patch_tokens", "encoders/clip/crop_embed",
                      "prompts/vcrmner/crop_weights", "prompts/vcrmner/image_relevance"):
@@ -252,6 +263,7 @@ def test_adding_a_group_keeps_others_byte_identical(cache_path):
     before = snapshot(cache_path)
     write_cache(cache_path, IDS, IDS, groups=("resnet",))  # same ids and posts: images/posts kept as they are
     after = snapshot(cache_path)
+    assert after["/"].pop("fingerprint") != before["/"].pop("fingerprint")  # the cache's contents changed
     assert {k: v for k, v in after.items() if not k.startswith("encoders/resnet152")} == before
     assert "encoders/resnet152/crop_pooled" in after
     with CacheWriter(cache_path) as writer:
@@ -259,8 +271,10 @@ def test_adding_a_group_keeps_others_byte_identical(cache_path):
         with pytest.raises(CacheError, match="exists"):
             writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image")},
                                provenance("encoder", "clip", IDS))
-        writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image")},
-                           provenance("encoder", "clip", IDS), overwrite=True)
+        objects = int(writer.file["objects/offsets"][-1])
+        writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image"),
+                                             "crop_embed": (np.zeros((objects, 2)), "object")},
+                           provenance("encoder", "clip", IDS), attrs={"logit_scale": 1.0}, overwrite=True)
     final = snapshot(cache_path)
     assert FeatureCache(cache_path).row_shape("encoders/clip/image_embed") == (2,)
     assert {k: v for k, v in final.items() if k.startswith("objects")} == {
@@ -269,18 +283,18 @@ def test_adding_a_group_keeps_others_byte_identical(cache_path):
 
 def test_failing_writer_leaves_original_and_no_temp(cache_path):
     before = snapshot(cache_path)
-    stale = f"{cache_path}.tmp-999999999"  # a temp of a dead process
+    stale = f"{cache_path}.tmp-otherhost-999999999"  # a temp of a dead writer (we hold the lock: none is alive)
     with open(stale, "wb") as handle:
         handle.write(b"junk")
     with pytest.raises(RuntimeError, match="boom"), CacheWriter(cache_path) as writer:
-        writer.write_group("encoders/resnet152", {"crop_pooled": (np.ones((3, 2)), "global")},
-                           provenance("encoder", "resnet152", IDS))
+        writer.write_group("encoders/swin", {"grid": (np.ones((len(IDS), 2, 2, 3)), "image")},
+                           provenance("encoder", "swin", IDS))
         raise RuntimeError("boom")
     assert snapshot(cache_path) == before
     assert [p.name for p in cache_path.parent.iterdir()] == [cache_path.name]
     # a wrong row count is a clear error, file untouched
-    with pytest.raises(CacheError, match="first axis"), CacheWriter(cache_path) as writer:
-        writer.write_group("encoders/swin", {"grid": (np.ones((3, 2)), "image")}, provenance("e", "s", IDS))
+    with pytest.raises(CacheError, match="3 of 40 image rows"), CacheWriter(cache_path) as writer:
+        writer.write_group("encoders/swin", {"grid": (np.ones((3, 2, 2, 1)), "image")}, provenance("encoder", "s", IDS))
     assert snapshot(cache_path) == before
     with pytest.raises(CacheError, match="sorted"), CacheWriter(cache_path, overwrite=True) as writer:
         writer.write_images(["b", "a"])
@@ -328,22 +342,23 @@ def _shard_ids(count: int) -> list[list[str]]:
 @pytest.mark.parametrize("shards,in_memory", [(2, True), (3, False)])
 def test_merge_equals_single_write(tmp_path, monkeypatch, shards, in_memory):
     if not in_memory:  # the run-by-run path used for datasets over MERGE_IN_MEMORY_BYTES
-        monkeypatch.setattr(feature_cache, "MERGE_IN_MEMORY_BYTES", 0)
+        monkeypatch.setattr(merge_module, "MERGE_IN_MEMORY_BYTES", 0)
     single = tmp_path / "single.h5"
     write_cache(single, IDS, IDS)
     paths = []
     for i, ids in enumerate(_shard_ids(shards)):
         paths.append(tmp_path / f"shard{i}.h5")
-        write_cache(paths[-1], ids, IDS)
+        write_cache(paths[-1], ids, IDS, shard=(i, shards))
     merged = tmp_path / "merged.h5"
     merge_caches(paths, merged)
     want, got = snapshot(single), snapshot(merged)
     for group in ("objects", "encoders/clip", "prompts/vcrmner"):
         want_prov, got_prov = want[group].pop("provenance"), got[group].pop("provenance")
-        got_prov = json.loads(got_prov)
-        assert got_prov["image_list_hash"] == json.loads(want_prov)["image_list_hash"]
-        assert len(got_prov["merge"]["shards"]) == shards
-    assert got == want
+        got_prov, want_prov = json.loads(got_prov), json.loads(want_prov)
+        assert got_prov["image_list_hash"] == want_prov["image_list_hash"]
+        assert got_prov["shard"] == want_prov["shard"]  # the merged cache is shard 0/1 of the same list
+        assert len(got_prov["merge"]["shards"]) == shards and not got_prov["merge"]["missing"]
+    assert got == want  # fingerprints included: the merge is the single write
     cache = FeatureCache(merged)
     assert cache.image_ids == IDS and cache.load_posts().splits == make_posts(IDS).splits
     assert f"merged from {shards} shards" in describe(merged)
@@ -352,11 +367,11 @@ def test_merge_equals_single_write(tmp_path, monkeypatch, shards, in_memory):
 def test_merge_refusals(tmp_path):
     a, b = _shard_ids(2)
     paths = {name: tmp_path / f"{name}.h5" for name in ("a", "b", "overlap", "fewer", "other_model")}
-    write_cache(paths["a"], a, IDS)
-    write_cache(paths["b"], b, IDS)
-    write_cache(paths["overlap"], sorted(b + a[:1]), IDS)
-    write_cache(paths["fewer"], b, IDS, groups=("objects", "clip"))
-    write_cache(paths["other_model"], b, IDS)
+    write_cache(paths["a"], a, IDS, shard=(0, 2))
+    write_cache(paths["b"], b, IDS, shard=(1, 2))
+    write_cache(paths["overlap"], sorted(b + a[:1]), IDS, shard=(1, 2))
+    write_cache(paths["fewer"], b, IDS, groups=("objects", "clip"), shard=(1, 2))
+    write_cache(paths["other_model"], b, IDS, shard=(1, 2))
     with h5py.File(paths["other_model"], "r+") as handle:
         prov = json.loads(handle["encoders/clip"].attrs["provenance"])
         prov["model"] = "ViT-L-14"
@@ -369,7 +384,7 @@ def test_merge_refusals(tmp_path):
     with pytest.raises(CacheError, match=r"provenance .* differs .*model"):
         merge_caches([paths["a"], paths["other_model"]], out)
     with h5py.File(paths["b"], "r+") as handle:
-        handle.attrs["mner_schema_version"] = 2
+        handle.attrs["mner_schema_version"] = 99
     with pytest.raises(SchemaVersionError):
         merge_caches([paths["a"], paths["b"]], out)
     assert not out.exists() and not list(tmp_path.glob("out.h5.tmp-*"))

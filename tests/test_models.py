@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mner.pipeline.feature_cache import FeatureSpec
+from mner.pipeline.cache import FeatureSpec
 from mner.trainer.models import available_models, get_model_class
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
@@ -211,7 +211,7 @@ def test_vcrmner_zero_object_posts_are_not_nan_and_see_no_cue(tiny_bert):
 
 
 def write_tiny_cache(path, *, object_counts: list[int], status: list[str], clip_width: int = 16) -> None:
-    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+    from mner.pipeline.cache import CacheWriter, make_provenance
 
     ids = [f"img{i}" for i in range(len(object_counts))]
     offsets = np.concatenate([[0], np.cumsum(object_counts)]).astype(np.int64)
@@ -220,7 +220,7 @@ def write_tiny_cache(path, *, object_counts: list[int], status: list[str], clip_
     provenance = make_provenance(
         "test", model="tiny", pretrained="random", preprocessing={}, thresholds={}, image_ids=ids
     )
-    with CacheWriter(path, overwrite=True) as writer:
+    with CacheWriter(path, overwrite=True, partial=True) as writer:
         writer.write_images(ids, status)
         writer.write_group("objects", {"offsets": (offsets, "offsets"), "scores": (1 - object_values / 100, "object")}, provenance)
         writer.write_group("encoders/clip", {
@@ -236,7 +236,7 @@ def write_tiny_cache(path, *, object_counts: list[int], status: list[str], clip_
 def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
     import pickle
 
-    from mner.pipeline.feature_cache import FeatureCache
+    from mner.pipeline.cache import FeatureCache
     from mner.trainer.visual import VisualBatcher
 
     path = tmp_path / "tiny.h5"
@@ -262,7 +262,7 @@ def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
 
 
 def test_visual_batcher_feeds_placeholders_only_when_asked(tmp_path):
-    from mner.pipeline.feature_cache import FeatureCache
+    from mner.pipeline.cache import FeatureCache
     from mner.trainer.visual import VisualBatcher
 
     path = tmp_path / "tiny.h5"

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from mner.pipeline.feature_cache import FeatureSpec
+from mner.pipeline.cache import FeatureSpec
 from mner.trainer.models import get_model_class
 from mner.trainer.models.pmner import RegionStandardizer, repair_bio_ids
 

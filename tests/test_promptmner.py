@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from mner.pipeline.feature_cache import FeatureSpec
+from mner.pipeline.cache import FeatureSpec
 from mner.trainer.models import get_model_class
 from mner.trainer.models.promptmner import (
     ModalityAwareLayer,

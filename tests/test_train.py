@@ -190,12 +190,12 @@ def register_visual_test_model():
 def tiny_cache(tiny_data, tmp_path_factory) -> Path:
     import numpy as np
     from mner.pipeline.data import load_dataset
-    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+    from mner.pipeline.cache import CacheWriter, make_provenance
 
     dataset = load_dataset(tiny_data)
     ids = sorted(set(dataset.image_ids()) - {"5"})  # image 5 is absent from the cache
     path = tmp_path_factory.mktemp("cache") / "tiny.h5"
-    with CacheWriter(path) as writer:
+    with CacheWriter(path, partial=True) as writer:
         writer.write_images(ids, [0] * len(ids), [""] * len(ids), [64] * len(ids), [48] * len(ids))
         writer.write_posts(dataset)
         embed = np.random.default_rng(0).standard_normal((len(ids), 16)).astype(np.float16)

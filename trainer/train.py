@@ -79,7 +79,7 @@ def load_posts(data: str | Path | None, features: str | Path | None, *, require_
         dataset = load_dataset(data, require_tags=require_tags)
         return dataset, {"source": "data", "path": str(Path(data).resolve())}
     if features is not None:
-        from mner.pipeline.feature_cache import FeatureCache
+        from mner.pipeline.cache import FeatureCache
 
         dataset = FeatureCache(features).load_posts()
         return dataset, {"source": "features", "path": str(Path(features).resolve())}
@@ -88,7 +88,7 @@ def load_posts(data: str | Path | None, features: str | Path | None, *, require_
 
 def cache_summary(cache) -> dict:
     """Short provenance of every feature group: enough to tell which weights made the features."""
-    from mner.pipeline.feature_cache import CacheError
+    from mner.pipeline.cache import CacheError
 
     summary = {}
     for group in sorted(cache.groups()):
@@ -107,7 +107,7 @@ class VisualInputs:
         self, features: str | Path, required: list[str], model_name: str, *,
         max_objects: int | None = None, use_placeholders: bool = False,
     ):
-        from mner.pipeline.feature_cache import FeatureCache
+        from mner.pipeline.cache import FeatureCache
         from mner.trainer.visual import VisualBatcher  # lazy: text-only runs never touch it
 
         self.path = str(Path(features).resolve())
@@ -143,7 +143,7 @@ def open_visual_inputs(
     if not required:
         return None
     if features is None:
-        from mner.pipeline.feature_cache import extract_command_hint
+        from mner.pipeline.cache import extract_command_hint
 
         raise ConfigError(
             f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
@@ -299,7 +299,7 @@ def train(
         )
     cache_info = None
     if features is not None:
-        from mner.pipeline.feature_cache import FeatureCache
+        from mner.pipeline.cache import FeatureCache
 
         cache_info = {"path": str(Path(features).resolve()),
                       "required": visual.required if visual is not None else [],

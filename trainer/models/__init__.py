@@ -6,7 +6,7 @@ A registered model is an ``nn.Module`` class with:
 - ``PRESETS``: ``{preset_name: {field: value}}`` -- the paper's main setting and ablation rows;
 - ``required_features(config) -> list[str]``: cache dataset paths it reads (empty for text-only);
 - ``__init__(self, config, *, labels, text_encoder, features)`` where ``features`` is a
-  :class:`mner.pipeline.feature_cache.FeatureSpec` (shapes + global arrays) or ``None``;
+  :class:`mner.pipeline.cache.FeatureSpec` (shapes + global arrays) or ``None``;
 - ``forward(batch) -> dict`` with ``"loss"`` when ``batch["labels"]`` is present;
 - ``decode(batch) -> list[list[int]]``: one label id per kept word of each post.
 """

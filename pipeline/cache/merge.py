@@ -1,0 +1,336 @@
+"""Merge the shards of one extraction into the cache a single process would have written.
+
+Refuses an incomplete shard set: every feature group's provenance records ``shard`` (index, count
+and the hash of the whole id list), so the shards present must be 0..count-1 and their ids must hash
+to the recorded list. ``allow_partial=True`` merges anyway and records the missing shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import h5py
+import numpy as np
+
+from mner.pipeline.cache.base import (
+    CacheError,
+    cache_fingerprint,
+    check_version,
+    decode_ids,
+    feature_groups,
+    group_fingerprint,
+    id_list_hash,
+    open_cache_file,
+    stored_groups,
+    walk_datasets,
+)
+from mner.pipeline.cache.lock import CacheLock, temp_suffix
+from mner.pipeline.cache.provenance import SHARD_KEYS, utc_now
+
+MERGE_IN_MEMORY_BYTES = 1 << 30  # merge gathers a dataset in memory below this size, run by run above
+
+
+def _runs_from_order(order: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(shard, src_row) per output row -> coalesced runs (shard, src_lo, src_hi, dst_lo)."""
+    runs: list[list[int]] = []
+    for dst, (shard, src) in enumerate(order):
+        if runs and runs[-1][0] == shard and runs[-1][2] == src:
+            runs[-1][2] += 1
+        else:
+            runs.append([shard, src, src + 1, dst])
+    return [tuple(run) for run in runs]
+
+
+def _derive_runs(runs, offsets_by_shard):
+    """Runs over R rows -> runs over the values those rows own, plus the merged (R+1,) offsets."""
+    derived, lengths, cursor = [], [], 0
+    for shard, lo, hi, _ in runs:
+        offsets = offsets_by_shard[shard]
+        start, stop = int(offsets[lo]), int(offsets[hi])
+        if stop > start:
+            derived.append((shard, start, stop, cursor))
+        lengths.append(np.diff(offsets[lo : hi + 1]))
+        cursor += stop - start
+    merged = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
+    if lengths:
+        np.cumsum(np.concatenate(lengths), out=merged[1:])
+    return derived, merged
+
+
+def _copy_attrs(source, target) -> None:
+    for attr, value in source.attrs.items():
+        target.attrs[attr] = value
+
+
+def _copy_runs(sources: list[h5py.Dataset], runs, total: int, out_group: h5py.Group, key: str) -> None:
+    template = sources[0]
+    out = out_group.create_dataset(key, shape=(total, *template.shape[1:]), dtype=template.dtype)
+    row_bytes = int(np.prod(template.shape[1:], dtype=np.int64)) * template.dtype.itemsize
+    if total * row_bytes <= MERGE_IN_MEMORY_BYTES:
+        loaded = [src[()] for src in sources]
+        buffer = np.empty(out.shape, out.dtype)
+        for shard, lo, hi, dst in runs:
+            buffer[dst : dst + hi - lo] = loaded[shard][lo:hi]
+        if total:
+            out[...] = buffer
+    else:
+        for shard, lo, hi, dst in runs:
+            out[dst : dst + hi - lo] = sources[shard][lo:hi]
+    _copy_attrs(template, out)
+
+
+def _same_dataset(a: h5py.Dataset, b: h5py.Dataset) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[()], b[()])
+
+
+def _comparable(provenance: dict) -> dict:
+    return {key: value for key, value in provenance.items() if key not in SHARD_KEYS}
+
+
+def _shard_of(provenance: dict) -> tuple[int | None, int | None, str | None]:
+    shard = provenance.get("shard")
+    if isinstance(shard, dict):
+        return shard.get("index"), shard.get("count"), shard.get("id_list_hash")
+    if isinstance(shard, str) and "/" in shard:  # "i/n" as written before the id-list hash was recorded
+        index, count = shard.split("/")
+        return int(index), int(count), None
+    return None, None, None
+
+
+def check_shard_set(paths: list[str], handles: list[h5py.File], merged_ids: list[str]) -> list[str]:
+    """Why this set of shards is not one complete extraction (empty when it is)."""
+    problems: list[str] = []
+    records = []
+    for path, handle in zip(paths, handles):
+        found = {_shard_of(json.loads(handle[g].attrs["provenance"])) for g in feature_groups(handle)}
+        if len(found) != 1 or None in next(iter(found))[:2]:
+            problems.append(
+                f"{path} records no single shard i/n in its provenance ({sorted(map(str, found))})"
+            )
+            continue
+        records.append((path, *next(iter(found))))
+    if problems:
+        return problems
+    counts = {count for _, _, count, _ in records}
+    if len(counts) != 1:
+        return [
+            f"shards come from extractions split {sorted(counts)} ways: "
+            + ", ".join(f"{p} is {i}/{n}" for p, i, n, _ in records)
+        ]
+    count = counts.pop()
+    seen: dict[int, str] = {}
+    for path, index, _, _ in records:
+        if index in seen:
+            problems.append(f"shard {index}/{count} twice: {seen[index]} and {path}")
+        seen[index] = path
+    missing = [i for i in range(count) if i not in seen]
+    if missing:
+        problems.append(
+            f"missing shard(s) {', '.join(f'{i}/{count}' for i in missing)} (have "
+            f"{', '.join(f'{i}/{count}' for i in sorted(seen))})"
+        )
+    hashes = {h for *_, h in records if h is not None}
+    if len(hashes) > 1:
+        problems.append("shards were cut from different image lists (id-list hashes differ)")
+    elif hashes and not missing and hashes.pop() != id_list_hash(merged_ids):
+        problems.append(
+            f"the shards' {len(merged_ids)} images are not the id list they were cut from "
+            "(id-list hash differs): a shard was extracted from other data"
+        )
+    return problems
+
+
+def merge_caches(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_partial: bool = False
+) -> str:
+    """Merge shards (disjoint image subsets of one extraction) into the cache one process would write."""
+    paths = [os.fspath(p) for p in paths]
+    out = os.fspath(out)
+    if not paths:
+        raise CacheError("merge needs at least one shard")
+    if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
+        raise CacheError(f"merge output {out} is also a shard; choose another --out")
+    handles = [open_cache_file(p, "r") for p in paths]
+    try:
+        with CacheLock(out):
+            _merge(paths, handles, out, allow_partial)
+    finally:
+        for handle in handles:
+            handle.close()
+    return out
+
+
+def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: bool) -> None:
+    for handle, path in zip(handles, paths):
+        check_version(handle, path)
+        if "images" not in handle:
+            raise CacheError(f"{path}: shard has no /images (an unfinished extraction?)")
+    first_path, first = paths[0], handles[0]
+    groups = feature_groups(first)
+    for handle, path in zip(handles[1:], paths[1:]):
+        if feature_groups(handle) != groups:
+            raise CacheError(
+                f"shards differ in feature groups: {first_path} has {groups}, {path} has "
+                f"{feature_groups(handle)}; finish every shard with the same flags before merging"
+            )
+    ids_by_shard = [decode_ids(h["images/ids"][()]) for h in handles]
+    owner: dict[str, tuple[int, int]] = {}
+    for shard, ids in enumerate(ids_by_shard):
+        for row, image_id in enumerate(ids):
+            if image_id in owner:
+                raise CacheError(
+                    f"image id {image_id!r} is in both {paths[owner[image_id][0]]} and {paths[shard]}: "
+                    "shards must hold disjoint images"
+                )
+            owner[image_id] = (shard, row)
+    merged_ids = sorted(owner)
+    problems = check_shard_set(paths, handles, merged_ids)
+    if problems and not allow_partial:
+        raise CacheError(
+            "incomplete shard set: "
+            + "; ".join(problems)
+            + ". Merge every shard of the extraction, or pass --allow-partial to merge these "
+            "anyway (recorded in the merged cache's provenance)"
+        )
+    for group in groups:
+        reference = _comparable(json.loads(first[group].attrs["provenance"]))
+        for handle, path in zip(handles[1:], paths[1:]):
+            other = _comparable(json.loads(handle[group].attrs["provenance"]))
+            if other != reference:
+                diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+                raise CacheError(
+                    f"group {group}: provenance of {path} differs from {first_path} in {diff}; "
+                    "shards must come from the same extraction settings and library versions"
+                )
+    image_runs = _runs_from_order([owner[i] for i in merged_ids])
+    runs_of: dict[str, tuple] = {}  # index path -> (runs over its rows, total rows)
+    for index in _ragged_indexes(first):
+        runs, merged = _derive_runs(image_runs, [h[index][()] for h in handles])
+        runs_of[index] = (runs, int(merged[-1]), merged)
+
+    temp = f"{out}.tmp-{temp_suffix()}"
+    try:
+        with h5py.File(temp, "w") as target:
+            for key, value in first.attrs.items():
+                target.attrs[key] = value
+            if "posts" in first:
+                for handle, path in zip(handles[1:], paths[1:]):
+                    _check_same_group(first["posts"], handle["posts"], first_path, path)
+                first.copy(first["posts"], target, "posts")
+            for group in ["images", *groups]:
+                _merge_group(group, handles, paths, target, image_runs, len(merged_ids), runs_of)
+            target["images"].attrs["id_list_hash"] = id_list_hash(merged_ids)
+            for group in groups:
+                provenance = json.loads(first[group].attrs["provenance"])
+                shards = [json.loads(h[group].attrs["provenance"]) for h in handles]
+                full = _shard_of(provenance)[2]
+                provenance.update(
+                    image_list_hash=id_list_hash(merged_ids),
+                    num_images=len(merged_ids),
+                    shard={
+                        "index": 0,
+                        "count": 1,
+                        "id_list_hash": full if not problems else id_list_hash(merged_ids),
+                    },
+                    merge={
+                        "command": list(sys.argv),
+                        "cwd": os.getcwd(),
+                        "created": utc_now(),
+                        "missing": problems,
+                        "shards": [
+                            {
+                                "path": os.path.abspath(path),
+                                **{k: p.get(k) for k in SHARD_KEYS if k != "merge"},
+                            }
+                            for path, p in zip(paths, shards)
+                        ],
+                    },
+                )
+                target[group].attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
+            prints = {}
+            for name in stored_groups(target):
+                target[name].attrs["fingerprint"] = prints[name] = group_fingerprint(target[name])
+            target.attrs["fingerprint"] = cache_fingerprint(prints)
+        os.replace(temp, out)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def _ragged_indexes(handle: h5py.File) -> list[str]:
+    """Offsets datasets that define a ragged per-image set (objects/offsets, grounding offsets)."""
+    found = []
+    for name, dataset in walk_datasets(handle).items():
+        if "defines" in dataset.attrs and dataset.attrs.get("indexes") == "image":
+            found.append(name)
+    return sorted(found)
+
+
+def _check_same_group(a: h5py.Group, b: h5py.Group, path_a: str, path_b: str) -> None:
+    names_a, names_b = walk_datasets(a), walk_datasets(b)
+    if set(names_a) != set(names_b) or not all(_same_dataset(names_a[n], names_b[n]) for n in names_a):
+        raise CacheError(
+            f"{a.name} differs between {path_a} and {path_b}: shards must come from the same data"
+        )
+
+
+def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of) -> None:
+    sources = [h[group] for h in handles]
+    out_group = target.require_group(group)
+    _copy_attrs(sources[0], out_group)
+    keys = sorted(k for k, v in sources[0].items() if isinstance(v, h5py.Dataset))
+    for source, path in zip(sources[1:], paths[1:]):
+        other = sorted(k for k, v in source.items() if isinstance(v, h5py.Dataset))
+        if other != keys:
+            raise CacheError(f"{group}: datasets differ between {paths[0]} ({keys}) and {path} ({other})")
+        for key in keys:
+            if (
+                source[key].shape[1:] != sources[0][key].shape[1:]
+                or source[key].dtype != sources[0][key].dtype
+            ):
+                raise CacheError(f"{group}/{key}: row shape/dtype differs between {paths[0]} and {path}")
+
+    def row_runs(attrs):
+        """Runs and total of the rows a dataset (or a flat dataset's offsets) is indexed by."""
+        if "index" in attrs:
+            runs, total, _ = runs_of[str(attrs["index"])]
+            return runs, total
+        if attrs.get("rows", attrs.get("indexes")) == "image" or attrs.get("indexes") == "image":
+            return image_runs, num_images
+        return None, None
+
+    def check_global(key):
+        for source, path in zip(sources[1:], paths[1:]):
+            if not _same_dataset(sources[0][key], source[key]):
+                raise CacheError(f"global dataset {group}/{key} differs between {paths[0]} and {path}")
+        sources[0].copy(sources[0][key], out_group, key)
+
+    for key in keys:
+        attrs = sources[0][key].attrs
+        rows = attrs.get("rows", "global")
+        if "defines" in attrs:  # a ragged set's index: merged offsets
+            dataset = out_group.create_dataset(key, data=runs_of[f"{group}/{key}"][2])
+            _copy_attrs(sources[0][key], dataset)
+        elif rows == "flat":
+            offsets_key = str(attrs["offsets"])
+            runs, _ = row_runs(sources[0][offsets_key].attrs)
+            if runs is None:
+                check_global(key)
+                check_global(offsets_key)
+                continue
+            value_runs, merged = _derive_runs(runs, [s[offsets_key][()] for s in sources])
+            _copy_runs([s[key] for s in sources], value_runs, int(merged[-1]), out_group, key)
+            index = out_group.create_dataset(offsets_key, data=merged)
+            _copy_attrs(sources[0][offsets_key], index)
+        elif rows == "offsets":
+            continue  # written with its flat values
+        else:
+            runs, total = row_runs(attrs)
+            if runs is None:
+                check_global(key)
+            else:
+                _copy_runs([s[key] for s in sources], runs, total, out_group, key)

@@ -16,7 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from mner.trainer.config import ConfigError
 from mner.trainer.grid import slug
 from mner.trainer.paper_results import TYPES, paper_result
@@ -74,18 +73,15 @@ def image_coverage(run: Path, config: dict, predictions: Path | None, cache_path
     if isinstance(recorded, (int, float)):
         return float(recorded)
     import pyarrow.parquet as pq
-    from mner.pipeline.feature_cache import FeatureCache
+    from mner.pipeline.cache import FeatureCache
 
     parquet = predictions.with_suffix(".parquet")
     if not parquet.is_file() or not Path(cache_path).is_file():
         return math.nan
     table = pq.read_table(parquet, columns=["post_id", "image_id"]).to_pydict()
     images = list(dict(zip(table["post_id"], table["image_id"])).values())  # one image id per post
-    cache = FeatureCache(cache_path)
-    ok = np.asarray(cache.ok, dtype=bool)
-    rows = {image_id: n for n, image_id in enumerate(cache.image_ids)}
-    usable = sum(1 for image in images if image is not None and image in rows and ok[rows[image]])
-    return usable / len(images) if images else math.nan
+    counts = FeatureCache(cache_path).image_coverage(images)
+    return counts["ok"] / counts["total"] if counts["total"] else math.nan
 
 
 def load_run(run: Path, *, min_coverage: float) -> RunRecord:

@@ -37,12 +37,10 @@ LOG_FILE = "sweep-log.jsonl"  # one line per run attempt (done / failed) in the 
 
 def _pid_alive(pid: int) -> bool:
     """True for a running process; a killed process that its parent has not reaped yet (a zombie) is dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    from mner.pipeline.cache.lock import pid_alive
+
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:

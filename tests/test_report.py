@@ -104,3 +104,15 @@ def test_low_resource_curve_plot(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG"
     json.dumps(rows)  # rows are plain data (CSV / Parquet / JSON)
+
+
+def test_coverage_comes_from_the_engines_record_when_present(tmp_path):
+    from mner.trainer.report import image_coverage
+
+    predictions = tmp_path / "test.conll"
+    recorded = {"image_coverage": {"train": {"ok": 9, "total": 9}, "test": {"ok": 3, "total": 12, "placeholder": 9}}}
+    assert image_coverage(recorded, predictions, "cache.h5") == 0.25
+    assert image_coverage(recorded, predictions, None) is None  # the run read no cache
+    import math
+
+    assert math.isnan(image_coverage({}, predictions, str(tmp_path / "gone.h5")))  # unknown: flagged as such

@@ -64,14 +64,24 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def image_coverage(run: Path, config: dict, predictions: Path | None, cache_path: str | None) -> float | None:
+def _coverage_share(counts: dict | None) -> float | None:
+    return counts["ok"] / counts["total"] if counts and counts.get("total") else None
+
+
+def image_coverage(scores: dict, predictions: Path | None, cache_path: str | None) -> float | None:
     """Share of scored test posts whose image has a usable (status ok) row in the cache; None when
-    the run read no cache. Placeholder and missing images do not count."""
+    the run read no cache. Placeholder, missing and unreadable images do not count.
+
+    The training engine records per-split coverage counts (``image_coverage: {split: {ok, total, ...}}``
+    in metrics.json and eval files); for runs without that record it is recomputed from the cache and
+    the scored posts' image ids (predictions/*.parquet)."""
     if not cache_path or predictions is None:
         return None
-    recorded = config.get("image_coverage")
-    if isinstance(recorded, (int, float)):
-        return float(recorded)
+    recorded = scores.get("image_coverage")
+    if isinstance(recorded, dict):
+        share = _coverage_share(recorded.get("test") if "test" in recorded else recorded)
+        if share is not None:
+            return share
     import pyarrow.parquet as pq
     from mner.pipeline.cache import FeatureCache
 
@@ -80,8 +90,8 @@ def image_coverage(run: Path, config: dict, predictions: Path | None, cache_path
         return math.nan
     table = pq.read_table(parquet, columns=["post_id", "image_id"]).to_pydict()
     images = list(dict(zip(table["post_id"], table["image_id"])).values())  # one image id per post
-    counts = FeatureCache(cache_path).image_coverage(images)
-    return counts["ok"] / counts["total"] if counts["total"] else math.nan
+    share = _coverage_share(FeatureCache(cache_path).image_coverage(images))
+    return math.nan if share is None else share
 
 
 def load_run(run: Path, *, min_coverage: float) -> RunRecord:
@@ -122,7 +132,8 @@ def load_run(run: Path, *, min_coverage: float) -> RunRecord:
     if random_init:
         rec.flags.append(f"random-init features ({', '.join(random_init)})")
     reads_images = bool((config.get("features") or {}).get("required"))  # text-only models read no image rows
-    coverage = image_coverage(run, metrics, rec.test_predictions, test_cache) if reads_images else None
+    scored_by = metrics if rec.test is metrics.get("test") else rec.test  # cross-domain: the eval file
+    coverage = image_coverage(scored_by, rec.test_predictions, test_cache) if reads_images else None
     if coverage is not None and math.isnan(coverage):
         rec.flags.append("image coverage unknown (cache or predictions not found)")
     elif coverage is not None and coverage < min_coverage:

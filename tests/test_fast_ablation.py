@@ -57,7 +57,8 @@ def test_fast_ablation_run_keeps_the_encoder_pretrained_and_is_recorded(tiny_ber
     data = write_dataset(tmp_path / "d", seed=5, sizes=(16, 4, 4))
     out = tmp_path / "run"
     assert main(["--data", str(data), "--model", "bert_crf", "--text-encoder", str(tiny_bert), "--epochs", "2",
-                 "--batch-size", "8", "--device", "cpu", "--out", str(out), "--set", "fast_ablation=true"]) == 0
+                 "--batch-size", "8", "--max-length", "32", "--device", "cpu", "--out", str(out),
+                 "--set", "fast_ablation=true"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train_config"]["fast_ablation"] is True
     saved = load_file(str(out / "model.safetensors"))

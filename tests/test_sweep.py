@@ -85,7 +85,7 @@ datasets = ["sample"]
 [[experiments]]
 model = "vcrmner"
 switches = {{full = [], wo-ev = ["use_visual_evaluation=false"]}}
-sets = ["num_blocks=1", "num_heads=2", "max_objects=2"]
+sets = ["num_blocks=1", "num_heads=2", "max_objects=2", "epochs=2"]
 datasets = ["sample"]
 """
 
@@ -104,18 +104,27 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     real_launch = sweep_module.launch_training
     launched: list[str] = []
 
-    def killed_after_four(spec, run_dir, datasets, *, resume, device):
-        if len(launched) == 4:  # the process dies mid-run: a half-written run folder stays behind
-            (run_dir.parent).mkdir(parents=True, exist_ok=True)
-            (run_dir.parent / f"{run_dir.name}.tmp-999999999").mkdir()
-            raise KeyboardInterrupt
+    def killed_in_the_fifth(spec, run_dir, datasets, *, state, device):  # the 5th run: vcrmner's first (2 epochs)
         launched.append(spec.run_id)
-        real_launch(spec, run_dir, datasets, resume=resume, device=device)
+        if len(launched) == 5:  # Ctrl-C / kill in epoch 2 of the fifth run, after epoch 1's checkpoint
+            import mner.trainer.train as train_module
 
-    monkeypatch.setattr(sweep_module, "launch_training", killed_after_four)
+            real_score, calls = train_module.score_split, []
+
+            def interrupted(*args):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt
+                return real_score(*args)
+
+            monkeypatch.setattr(train_module, "score_split", interrupted)
+        real_launch(spec, run_dir, datasets, state=state, device=device)
+
+    monkeypatch.setattr(sweep_module, "launch_training", killed_in_the_fifth)
     assert main(["sweep", str(grid_file), "--out", str(out)]) != 0  # interrupted
-    first = list(launched)
-    assert len(first) == 4
+    monkeypatch.undo()
+    first = launched[:4]
+    interrupted_run = launched[4]
     stamps = {run_id: (out / run_id / "metrics.json").stat().st_mtime_ns for run_id in first}
     capsys.readouterr()
     assert main(["sweep", str(grid_file), "--out", str(out), "--dry-run"]) == 0
@@ -123,19 +132,20 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     assert listing.count(" done ") == 4 and listing.count(" unfinished ") == 1 and listing.count(" todo ") == 3
 
     launched.clear()
-    resumed: list[bool] = []
+    states: list[str] = []
 
-    def record(spec, run_dir, datasets, *, resume, device):
+    def record(spec, run_dir, datasets, *, state, device):
         launched.append(spec.run_id)
-        resumed.append(resume)
-        real_launch(spec, run_dir, datasets, resume=resume, device=device)
+        states.append(state)
+        real_launch(spec, run_dir, datasets, state=state, device=device)
 
     monkeypatch.setattr(sweep_module, "launch_training", record)
     assert main(["sweep", str(grid_file), "--out", str(out)]) == 0
     assert len(launched) == 4 and not set(launched) & set(first)  # only the missing runs
-    assert resumed == [True, False, False, False]  # the interrupted one continues, the others start
+    assert launched[0] == interrupted_run and states == ["unfinished", "todo", "todo", "todo"]
+    resumes = json.loads((out / interrupted_run / "metrics.json").read_text())["run"]["resumes"]
+    assert [r["after_epoch"] for r in resumes] == [1]  # continued after its first epoch, not restarted
     assert all((out / run_id / "metrics.json").stat().st_mtime_ns == stamp for run_id, stamp in stamps.items())
-    assert not list(out.rglob("*.tmp-*"))  # the dead process's leftovers are gone
     done = sorted(str(p.parent.relative_to(out)) for p in out.rglob("sweep.json"))
     assert done == sorted(f"sample/{m}/default+{s}/s{seed}" for m, switches in
                           (("bert_crf", ("d0", "d3")), ("vcrmner", ("full", "wo-ev")))

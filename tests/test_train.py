@@ -62,7 +62,8 @@ def trained_run(tiny_data, tiny_bert, tmp_path_factory) -> Path:
 
 def test_run_directory_layout_and_metrics(trained_run, tiny_data):
     assert sorted(p.name for p in trained_run.iterdir()) == [
-        "config.json", "labels.json", "metrics.json", "model.safetensors", "predictions"]
+        "config.json", "labels.json", "metrics.json", "mner-run.json", "model.safetensors", "predictions",
+        "text_encoder"]
     assert not list(trained_run.parent.glob("*.tmp-*"))  # nothing half-written left behind
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for split in ("dev", "test"):
@@ -211,7 +212,8 @@ def test_train_from_cache_posts_with_visual_features(tiny_cache, tiny_bert, tmp_
     register_visual_test_model()
     out = tmp_path / "visual-run"
     code = main(["--features", str(tiny_cache), "--model", "test_visual_crf", "--text-encoder", str(tiny_bert),
-                 "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--device", "cpu", "--out", str(out)])
+                 "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--device", "cpu", "--out", str(out),
+                 "--max-missing-images", "0.1"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "RANDOMLY INITIALISED" in err and "not hold" in err  # loud warning; image 5 missing
@@ -235,7 +237,7 @@ def test_missing_features_name_the_extract_command(tiny_cache, tiny_bert, tmp_pa
         register_model("test_swin_crf")(type("SwinCRF", (BertCRF,), {
             "required_features": staticmethod(lambda config: ["encoders/swin/grid"])}))
     code = main(["--features", str(tiny_cache), "--model", "test_swin_crf", "--text-encoder", str(tiny_bert),
-                 "--out", str(tmp_path / "r")])
+                 "--max-length", "24", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "mner-features extract" in err and "swin" in err
     code = main(["--data", "/nonexistent", "--model", "test_swin_crf", "--out", str(tmp_path / "r")])
@@ -263,3 +265,75 @@ def test_text_encoder_alias_missing_package_says_pip_install(monkeypatch):
     with pytest.raises(text_encoder.TextEncoderError, match="pip install no-such-package"):
         text_encoder.resolve_text_encoder("nope-l6")
     assert text_encoder.resolve_text_encoder("bert-base-cased") == "bert-base-cased"  # hub names pass through
+
+
+# ----------------------------------------------------------------------------- the trainer's side of the cache contract
+
+
+def test_visual_run_refuses_a_cache_without_the_posts_images(tiny_data, tiny_bert, tmp_path, capsys):
+    import numpy as np
+    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+
+    register_visual_test_model()
+    foreign = tmp_path / "foreign.h5"  # built from other posts: none of tiny_data's image ids
+    ids = ["x1", "x2"]
+    with CacheWriter(foreign) as writer:
+        writer.write_images(ids, [0, 0], ["", ""], [64, 64], [48, 48])
+        embed = np.zeros((2, 16), dtype=np.float16)
+        provenance = make_provenance("encoder", model="ViT-B-32", pretrained="random", preprocessing=None,
+                                     thresholds=None, image_ids=ids)
+        writer.write_group("encoders/clip", {"image_embed": (embed, "image")}, provenance)
+    args = ["--data", str(tiny_data), "--features", str(foreign), "--model", "test_visual_crf", "--text-encoder",
+            str(tiny_bert), "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "train: 49 of 49 posts (100.0%) name an image that is not in" in err and "--allow-missing-images" in err
+    assert not (tmp_path / "refused").exists()
+
+    assert main([*args, "--out", str(tmp_path / "allowed"), "--allow-missing-images"]) == 0
+    metrics = json.loads((tmp_path / "allowed" / "metrics.json").read_text())
+    assert metrics["image_coverage"]["train"]["not_in_cache"] == 49 and metrics["image_coverage"]["train"]["ok"] == 0
+    assert set(metrics["cache"]["groups"]) == {"encoders/clip"} and metrics["cache"]["fingerprint"]
+
+
+def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_data, tiny_cache, tiny_bert, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    import numpy as np
+    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+
+    register_visual_test_model()
+    cache = shutil.copy(tiny_cache, tmp_path / "cache.h5")
+    run = tmp_path / "run"
+    assert main(["--features", str(cache), "--model", "test_visual_crf", "--text-encoder", str(tiny_bert),
+                 "--epochs", "1", "--max-length", "24", "--device", "cpu", "--max-missing-images", "0.1",
+                 "--out", str(run)]) == 0
+    trained = json.loads((run / "metrics.json").read_text())["cache"]["fingerprint"]
+
+    # other data without --features: said, and recorded
+    assert main(["evaluate", str(run), "--data", str(tiny_data), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"feature cache: {Path(cache).resolve()}" in err and "without --features" in err
+    (first,) = (run / "eval").glob("test-*.json")
+    assert first.name.endswith(f"-cache{trained.split(':')[-1][:8]}.json")
+    assert "without --features" in json.loads(first.read_text())["warnings"][0]
+
+    # the cache changes in place: the evaluation says so, and gets a file of its own
+    with CacheWriter(cache) as writer:
+        ids = writer.file["images/ids"][()] if "images/ids" in writer.file else None
+        n = len(ids)
+        provenance = make_provenance("encoder", model="extra", pretrained="random", preprocessing=None,
+                                     thresholds=None, image_ids=[x.decode() if isinstance(x, bytes) else x for x in ids])
+        writer.write_group("encoders/extra", {"image_embed": (np.zeros((n, 4), np.float16), "image")}, provenance)
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert "changed since the run trained on it" in capsys.readouterr().err
+    results = sorted((run / "eval").glob("test-*.json"))
+    assert len(results) == 2  # the first result was not overwritten
+    changed = [json.loads(p.read_text()) for p in results if p != first][0]
+    assert changed["cache"]["fingerprint"] != trained and "changed since" in changed["warnings"][0]
+
+    tagged = tmp_path / "tagged.conll"
+    assert main(["predict", str(run), "--data", str(tiny_data), "--out", str(tagged), "--device", "cpu"]) == 0
+    sidecar = json.loads((tmp_path / "tagged.conll.json").read_text())
+    assert sidecar["cache"]["path"] == str(Path(cache).resolve()) and len(sidecar["warnings"]) == 2

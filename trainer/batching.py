@@ -82,6 +82,10 @@ class LengthGroupedBatchSampler(Sampler):
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The order depends only on (seed, epoch): a resumed run sees the batches an uninterrupted one saw."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed * 1000003 + self.epoch)
         self.epoch += 1
@@ -94,6 +98,17 @@ class LengthGroupedBatchSampler(Sampler):
             batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
         rng.shuffle(batches)
         yield from batches
+
+
+class ShuffledBatchSampler(LengthGroupedBatchSampler):
+    """Plain random batches (``group_by_length`` off), ordered by (seed, epoch) like the grouped sampler."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed * 1000003 + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        yield from (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
 
 
 def _pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:

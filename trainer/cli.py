@@ -28,7 +28,7 @@ def train_command(
     features: Path | None = typer.Option(
         None, help="HDF5 feature cache from mner-features; its stored posts are used when --data is absent. "
         "Example: --features cache/t15.h5"),
-    model: str = typer.Option("bert_crf", help="Registered model name. Example: --model vcrmner"),
+    model: str | None = typer.Option(None, help="Registered model name (default bert_crf). Example: --model vcrmner"),
     text_encoder: str | None = typer.Option(
         None, help="Hugging Face hub name, local folder or alias (minilm-l6). Example: --text-encoder roberta-base"),
     out: Path | None = typer.Option(
@@ -46,19 +46,41 @@ def train_command(
     seed: int | None = typer.Option(None, help="Random seed. Example: --seed 1"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     num_workers: int | None = typer.Option(None, help="DataLoader workers. Example: --num-workers 2"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    precision: str | None = typer.Option(
+        None, help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA only). Example: --precision fp32"),
+    grad_accum: int | None = typer.Option(
+        None, help="Batches per optimiser step (gradient accumulation). Example: --grad-accum 4"),
+    labels: str | None = typer.Option(
+        None, help="Entity types to add to those of the training split. Example: --labels EVENT,PRODUCT"),
+    max_missing_images: float | None = typer.Option(
+        None, help="Largest share of a split's posts whose image may be absent from --features (default 0.05). "
+        "Example: --max-missing-images 0.2"),
+    allow_missing_images: bool = typer.Option(
+        False, "--allow-missing-images", help="Train even when posts' images are absent from --features "
+        "(their visual input is zeros; the coverage is recorded in metrics.json)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the unfinished run in --out from its last finished epoch "
+        "(`mner-train --out RUN --resume` is enough)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the mner run in --out (never a folder mner did not write)."),
 ) -> None:
-    """Train a model (the default command: `mner-train --data ...` means `mner-train train --data ...`)."""
+    """Train a model (the default command: `mner-train --data ...` means `mner-train train --data ...`).
+
+    Multi-GPU: `torchrun --nproc_per_node 4 -m mner.trainer.cli --data ...` (see docs/training.md)."""
     from mner.trainer.train import train
 
     flags = {"text_encoder": text_encoder, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
              "encoder_lr": encoder_lr, "head_lr": head_lr, "crf_lr": crf_lr, "patience": patience, "seed": seed,
-             "device": device, "num_workers": num_workers}
+             "device": device, "num_workers": num_workers, "precision": precision, "grad_accum": grad_accum,
+             "max_missing_images": max_missing_images}
     if out is None:
+        if resume:
+            raise click.BadParameter("--resume needs the run folder: --out RUN", param_hint="--out")
         source = data if data is not None else features
-        out = Path("runs") / f"{model}-{source.stem if source else 'data'}-s{seed if seed is not None else 'default'}"
-    train(out=out, model=model, data=data, features=features, preset=preset, sets=set_, flags=flags,
-          overwrite=overwrite)
+        out = (Path("runs") / f"{model or 'bert_crf'}-{source.stem if source else 'data'}"
+               f"-s{seed if seed is not None else 'default'}")
+    train(out=out, model=model, data=data, features=features, preset=preset, sets=set_, flags=flags, labels=labels,
+          allow_missing_images=allow_missing_images, overwrite=overwrite, resume=resume)
 
 
 @app.command("evaluate")
@@ -68,13 +90,16 @@ def evaluate_command(
     data: Path | None = typer.Option(None, help="Other data (cross-domain). Example: --data data/twitter2017"),
     features: Path | None = typer.Option(None, help="Cache for --data's images. Example: --features cache/t17.h5"),
     device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    allow_missing_images: bool = typer.Option(
+        False, "--allow-missing-images", help="Score even when posts' images are absent from the cache."),
 ) -> None:
-    """Score a trained run; writes <run>/eval/<split>-<datahash>.json, .conll and .parquet."""
+    """Score a trained run; writes <run>/eval/<split>-<datahash>[-cache<fingerprint>].json, .conll and .parquet."""
     from mner.trainer.evaluate import evaluate_run
 
     if split not in ("train", "dev", "test"):
         raise click.BadParameter(f"{split!r}; valid values: train, dev, test", param_hint="--split")
-    evaluate_run(run, split=split, data=data, features=features, device=device)
+    evaluate_run(run, split=split, data=data, features=features, device=device,
+                 allow_missing_images=allow_missing_images)
 
 
 @app.command("predict")
@@ -84,11 +109,14 @@ def predict_command(
     out: Path | None = typer.Option(None, help="Output .conll or .parquet. Example: --out tagged.conll"),
     features: Path | None = typer.Option(None, help="Cache holding --data's images (multimodal models)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    allow_missing_images: bool = typer.Option(
+        False, "--allow-missing-images", help="Tag even when posts' images are absent from the cache."),
 ) -> None:
-    """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present)."""
+    """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
+    <out>.json beside the output names the cache used and any warning about it."""
     from mner.trainer.evaluate import predict_run
 
-    predict_run(run, data=data, out=out, features=features, device=device)
+    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images)
 
 
 @app.command("sweep")
@@ -140,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     from mner.pipeline.data import DataFormatError
     from mner.pipeline.cache import CacheError
     from mner.trainer.config import ConfigError
+    from mner.trainer.run_folder import RunFolderError
     from mner.trainer.text_encoder import TextEncoderError
+    from mner.trainer.train import RunInterrupted
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):
@@ -150,9 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.ClickException as err:
         err.show()
         return err.exit_code
-    except click.exceptions.Abort:
-        return 1
-    except (ConfigError, CacheError, DataFormatError, TextEncoderError, FileExistsError, FileNotFoundError) as err:
+    except click.exceptions.Abort:  # click turns Ctrl-C outside training into Abort
+        print("mner-train: interrupted", file=sys.stderr)
+        return 130
+    except RunInterrupted as err:
+        print(f"mner-train: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("mner-train: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, CacheError, DataFormatError, TextEncoderError, RunFolderError, FileExistsError,
+            FileNotFoundError) as err:
         print(f"mner-train: error: {err}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown model name: the registry's message lists the valid ones

@@ -34,10 +34,83 @@ class TrainConfig:
     use_placeholder_features: bool = False  # feed placeholder images' stand-in features (default: mask them like missing)
     train_fraction: float = 1.0  # keep this fraction of training posts (low-resource runs; nested subsets per seed)
     fast_ablation: bool = False  # freeze the text encoder and cache its outputs once (not the papers' protocol)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA only): autocast dtype
+    grad_accum: int = 1  # batches whose gradients are summed before one optimiser step
+    max_missing_images: float = 0.05  # refuse a split when more than this share of its posts has no cache row
 
 
 class ConfigError(ValueError):
     pass
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# (field, test, what it must be): the checks every resolved TrainConfig passes before any data is read
+_TRAIN_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("grad_accum", lambda v: v >= 1, ">= 1"),
+    ("num_workers", lambda v: v >= 0, ">= 0"),
+    ("encoder_lr", lambda v: v >= 0, ">= 0"),
+    ("head_lr", lambda v: v >= 0, ">= 0"),
+    ("crf_lr", lambda v: v >= 0, ">= 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("max_length", lambda v: v >= 3, ">= 3 ([CLS], one piece, [SEP])"),
+    ("patience", lambda v: v >= 0, ">= 0 (0 disables early stopping)"),
+    ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("max_missing_images", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("precision", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    ("device", lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+     "one of auto, cpu, cuda, cuda:N"),
+]
+_FLAG_OF = {"batch_size": "--batch-size", "num_workers": "--num-workers", "max_length": "--max-length",
+            "encoder_lr": "--encoder-lr", "head_lr": "--head-lr", "crf_lr": "--crf-lr", "grad_accum": "--grad-accum",
+            "max_missing_images": "--max-missing-images"}
+
+
+def option_text(name: str, value: Any) -> str:
+    """How a user gives this value: ``--batch-size 0`` for fields with a flag, else ``--set name=value``."""
+    if name in _FLAG_OF or name in ("epochs", "patience", "seed", "device", "precision"):
+        return f"{_FLAG_OF.get(name, f'--{name}')} {value}"
+    return f"--set {name}={value}"
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    """Every train option in range, or a ConfigError naming the option, the value and the valid range."""
+    for name, ok, expected in _TRAIN_RULES:
+        value = getattr(config, name)
+        if not ok(value):
+            raise ConfigError(f"{option_text(name, value)}: must be {expected}")
+
+
+def validate_model_config(model_cls, model_config, *, text_width: int | None = None) -> None:
+    """Checks every model config gets from its field names (the conventions of the model files), then the
+    model's own ``check_config`` when it has one. ``text_width`` is the text encoder's hidden size."""
+    for f in dataclasses.fields(model_config):
+        value = getattr(model_config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if "dropout" in f.name and not 0 <= value < 1:
+            raise ConfigError(f"--set {f.name}={value}: dropout must be in [0, 1)")
+        if (f.name.startswith(("num_", "max_")) or f.name.endswith("_mult")) and value < 1:
+            raise ConfigError(f"--set {f.name}={value}: must be >= 1")
+    heads = getattr(model_config, "num_heads", None)
+    if text_width is not None and isinstance(heads, int) and text_width % heads:
+        divisors = [d for d in range(1, min(text_width, 64) + 1) if text_width % d == 0]
+        raise ConfigError(
+            f"--set num_heads={heads}: the text encoder's width {text_width} is not divisible by it; "
+            f"valid values include {', '.join(map(str, divisors))}"
+        )
+    try:
+        model_cls.required_features(model_config)  # models check their feature/prompt-set names here
+        check = getattr(model_cls, "check_config", None)
+        if check is not None:
+            check(model_config, text_width=text_width)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def field_names(cls) -> list[str]:
@@ -115,9 +188,16 @@ def resolve_configs(
                 f"unknown config key {key!r}; valid model keys: {', '.join(model_fields) or '(none)'}; "
                 f"valid train keys: {', '.join(train_fields)}"
             )
+    # convert every given value, also those an explicit flag overrides: `--set epochs=abc --epochs 3` is an error
+    for key, raw in values.items():
+        for cls, names in ((model_cls.Config, model_fields), (TrainConfig, train_fields)):
+            if key in names:
+                convert_value(cls, key, raw)
     values.update({k: v for k, v in (flags or {}).items() if v is not None})
     model_kwargs = {k: convert_value(model_cls.Config, k, v) for k, v in values.items() if k in model_fields}
     train_kwargs = {
         k: convert_value(TrainConfig, k, v) for k, v in values.items() if k in train_fields
     }
-    return model_cls.Config(**model_kwargs), TrainConfig(**train_kwargs)
+    config = TrainConfig(**train_kwargs)
+    validate_train_config(config)
+    return model_cls.Config(**model_kwargs), config

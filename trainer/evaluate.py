@@ -174,6 +174,53 @@ def read_conll_predictions(path: Path) -> tuple[list[list[str]], list[list[str]]
 # ----------------------------------------------------------------------------- finished runs
 
 
+def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allow_missing_images: bool = False):
+    """The cache evaluate/predict read images from, and the warnings to print and record.
+
+    ``--features`` wins; otherwise the training run's cache. Either way the cache is named, compared
+    with the one the run trained on (path and fingerprint), and its coverage of ``posts`` checked like
+    at training time. Returns ``(path or None, record or None, warnings)``."""
+    from mner.pipeline.feature_cache import FeatureCache
+    from mner.trainer.models import get_model_class
+    from mner.trainer.run_record import cache_record, check_coverage
+
+    model_cls = get_model_class(run_config["model"])
+    if not model_cls.required_features(model_cls.Config(**run_config["model_config"])):
+        return None, None, []  # text-only: images are never read
+    trained = run_config.get("features") or {}
+    warnings: list[str] = []
+    if features is None:
+        features = trained.get("path")
+        if features is None or not Path(features).exists():
+            from mner.trainer.config import ConfigError
+
+            raise ConfigError(f"the cache {run_dir} was trained with ({features}) is gone; pass --features CACHE.h5")
+        if data is not None:
+            warnings.append(f"--data {data} without --features: its images are looked up in the training cache "
+                            f"{features}; pass --features with the cache built for that data")
+    record = cache_record(FeatureCache(features), {"posts": posts})
+    if trained.get("path") and record["path"] != trained["path"]:
+        warnings.append(f"this cache ({record['path']}) is not the one the run trained with ({trained['path']})")
+    elif trained.get("fingerprint") and record["fingerprint"] != trained["fingerprint"]:
+        changed = sorted(g for g in set(record["groups"]) | set(trained.get("groups", {}))
+                         if record["groups"].get(g) != trained.get("groups", {}).get(g))
+        warnings.append(f"the cache {record['path']} changed since the run trained on it (fingerprint "
+                        f"{trained['fingerprint'][:12]} -> {record['fingerprint'][:12]}; groups {changed})")
+    max_share = 1.0 if allow_missing_images else run_config["train_config"].get("max_missing_images", 0.05)
+    check_coverage(record["coverage"], cache_path=record["path"], max_share=max_share, what="evaluate/predict")
+    return features, record, warnings
+
+
+def _announce(record: dict | None, warnings: list[str]) -> None:
+    from mner.trainer.train import log, warn_loudly
+
+    if record is not None:
+        log(f"feature cache: {record['path']} (fingerprint {record['fingerprint'][:12]}, image coverage "
+            f"{record['coverage']['posts']})")
+    for warning in warnings:
+        warn_loudly(warning)
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -181,35 +228,49 @@ def evaluate_run(
     data: str | Path | None = None,
     features: str | Path | None = None,
     device: str = "auto",
+    allow_missing_images: bool = False,
 ) -> dict:
     """Score a trained run on one split of its own data or of ``data`` (e.g. cross-domain 15 -> 17).
 
-    Writes ``eval/<split>-<data hash[:8]>.json`` plus CoNLL and Parquet predictions into the run.
+    Writes ``eval/<split>-<data hash[:8]>[-cache<fingerprint[:8]>].json`` plus CoNLL and Parquet
+    predictions into the run; the JSON names the cache used and any warning about it.
     """
     from mner.trainer.batching import Collator
-    from mner.trainer.train import load_posts, load_run, log, make_post_dataset, predict_tags
+    from mner.trainer.labels import describe_unseen, unseen_types
+    from mner.trainer.run_folder import require_finished
+    from mner.trainer.run_record import short_fingerprint
+    from mner.trainer.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
 
     run_dir = Path(run_dir)
-    model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=features, device=device)
-    if data is None and features is None:
+    require_finished(run_dir)
+    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    posts_data, posts_features = data, None
+    if data is None:
         source = run_config["data"]
-        data, features = (source["path"], None) if source["source"] == "data" else (None, source["path"])
-    dataset, data_info = load_posts(data, features)
+        posts_data, posts_features = (source["path"], None) if source["source"] == "data" else (None, source["path"])
+    dataset, data_info = load_posts(posts_data, posts_features)
     posts = dataset.splits.get(split) or []
     if not posts:
         from mner.trainer.config import ConfigError
 
         raise ConfigError(f"{data_info['path']}: no {split!r} posts; splits present: {sorted(dataset.splits)}")
+    cache_path, cache, warnings = choose_cache(run_dir, run_config, features=features, data=data, posts=posts,
+                                               allow_missing_images=allow_missing_images)
+    _announce(cache, warnings)
+    model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=cache_path, device=device)
     labels = run_config["labels"]
+    unseen = unseen_types(posts, labels)
+    if unseen:
+        warn_loudly(describe_unseen(split, unseen))
     post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
                                  visual=visual, split=split)
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None)
     predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
                                batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
     scores = entity_scores([list(p.tags) for p in posts], predictions)
-    stem = f"{split}-{dataset.data_hash[:8]}"
+    stem = f"{split}-{dataset.data_hash[:8]}" + (f"-cache{short_fingerprint(cache['fingerprint'])}" if cache else "")
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
-              "orphan_i": dataset.orphan_i, **scores}
+              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings, **scores}
     write_json(run_dir / "eval" / f"{stem}.json", result)
     write_conll(run_dir / "eval" / f"{stem}.conll", posts, predictions)
     write_parquet(run_dir / "eval" / f"{stem}.parquet", posts, predictions)
@@ -224,16 +285,24 @@ def predict_run(
     out: str | Path | None = None,
     features: str | Path | None = None,
     device: str = "auto",
+    allow_missing_images: bool = False,
 ) -> Path:
-    """Tag unlabelled posts (every split found in ``data``); ``.parquet`` out -> Parquet, else CoNLL."""
+    """Tag unlabelled posts (every split found in ``data``); ``.parquet`` out -> Parquet, else CoNLL.
+    ``<out>.json`` beside it names the run, the cache used and any warning about it."""
     from mner.pipeline.data import load_dataset
     from mner.trainer.batching import Collator
+    from mner.trainer.run_folder import require_finished
     from mner.trainer.train import SPLITS, load_run, log, make_post_dataset, predict_tags
 
     run_dir = Path(run_dir)
-    model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=features, device=device)
+    require_finished(run_dir)
+    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     dataset = load_dataset(data, require_tags=False)
     posts = [post for split in SPLITS for post in dataset.splits.get(split, [])]
+    cache_path, cache, warnings = choose_cache(run_dir, run_config, features=features, data=data, posts=posts,
+                                               allow_missing_images=allow_missing_images)
+    _announce(cache, warnings)
+    model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=cache_path, device=device)
     post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
                                  visual=visual, split="predict")
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None)
@@ -241,5 +310,8 @@ def predict_run(
                                batch_size=run_config["train_config"]["eval_batch_size"], desc="predict")
     out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"
     (write_parquet if out.suffix == ".parquet" else write_conll)(out, posts, predictions)
+    write_json(out.with_name(out.name + ".json"), {
+        "run": str(run_dir.resolve()), "data": str(Path(data).resolve()), "data_hash": dataset.data_hash,
+        "posts": len(posts), "cache": cache, "warnings": warnings})
     log(f"{len(posts)} posts tagged -> {out}")
     return out

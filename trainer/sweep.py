@@ -15,7 +15,6 @@ resumed (or restarted where the training engine cannot resume), a failing run is
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -53,51 +52,57 @@ def _temp_dirs(run_dir: Path) -> list[Path]:
 
 
 def run_state(run_dir: Path) -> str:
-    """done | trained (post-training steps missing) | running (a live process) | unfinished | todo."""
+    """The state of a run folder, which decides what the sweep does with it:
+
+    done (skip) | trained (finish the post-training steps) | running (a live process on this host
+    trains it: skip) | unfinished (resume it) | restart (leftovers that cannot be resumed: start it
+    again) | foreign (a folder mner did not write: the engine refuses it) | todo (start it).
+    """
+    from mner.pipeline.cache.lock import host_name
+    from mner.trainer.run_folder import read_marker
+
     if (run_dir / SPEC_FILE).is_file() and (run_dir / "metrics.json").is_file():
         return "done"
     if (run_dir / "metrics.json").is_file():
         return "trained"
-    for temp in _temp_dirs(run_dir):
+    marker = read_marker(run_dir)
+    if marker is not None:
+        pid = marker.get("pid")
+        if marker.get("host") == host_name() and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+            return "running"
+        # killed before its options were written (its first second): nothing to resume from
+        return "unfinished" if (run_dir / "config.json").is_file() else "restart"
+    for temp in _temp_dirs(run_dir):  # <out>.tmp-<pid>: written by the engine before resumable runs
         pid = temp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             return "running"
-    if run_dir.exists() or _temp_dirs(run_dir):
-        return "unfinished"
+    if _temp_dirs(run_dir):
+        return "restart"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        return "foreign"
     return "todo"
 
 
-def engine_can_resume() -> bool:
-    """Whether the training engine continues an unfinished run (``train(..., resume=True)``)."""
-    from mner.trainer.train import train
-
-    return "resume" in inspect.signature(train).parameters
-
-
-def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, resume: bool,
+def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, state: str,
                     device: str | None) -> None:
     """Train one run through the ordinary ``train`` entry point: the one place a sweep starts training.
 
-    With an engine whose ``train`` takes ``resume``, an unfinished run continues from its last
-    epoch; otherwise its leftovers (from a killed process) are removed and it starts again.
+    ``unfinished`` runs continue from their last finished epoch (``--resume``); ``restart`` ones are
+    started again (``--overwrite``, which the engine allows only on folders it marked as its own).
     """
     from mner.trainer.train import train
 
-    source = datasets[spec.train_on]
-    flags: dict[str, Any] = {"seed": spec.seed, "train_fraction": spec.fraction, "device": device}
-    kwargs: dict[str, Any] = {}
-    if engine_can_resume():
-        kwargs["resume"] = resume
-    elif resume:
+    if state == "restart":
         import shutil
 
-        for temp in _temp_dirs(run_dir):  # dead processes' half-written runs (run_state checked liveness)
+        for temp in _temp_dirs(run_dir):  # a dead process's half-written folder (run_state checked liveness)
             shutil.rmtree(temp, ignore_errors=True)
-        if run_dir.exists() and not (run_dir / "metrics.json").exists():
-            shutil.rmtree(run_dir)
+    source = datasets[spec.train_on]
+    flags: dict[str, Any] = {"seed": spec.seed, "train_fraction": spec.fraction, "device": device}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     train(out=run_dir, model=spec.model, data=source.data, features=source.features, preset=spec.preset,
-          sets=list(spec.sets), flags=flags, **kwargs)
+          sets=list(spec.sets), flags=flags, resume=state == "unfinished",
+          overwrite=state == "restart" and run_dir.exists())
 
 
 def finish_run(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, device: str | None,
@@ -189,6 +194,7 @@ def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
 
 def run_sweep(grid: Grid, runs: list[RunSpec], *, device: str | None = None) -> SweepResult:
     """Train every run of ``runs`` that is not done; record failures and go on."""
+    from mner.trainer.train import RunInterrupted
     from tqdm.auto import tqdm
 
     missing = check_inputs(grid, runs)
@@ -216,14 +222,14 @@ def run_sweep(grid: Grid, runs: list[RunSpec], *, device: str | None = None) -> 
     for number, (spec, state) in enumerate(todo, 1):
         run_dir = grid.out / spec.run_id
         started = time.time()
-        how = {"todo": "", "trained": " (trained: finishing)",
-               "unfinished": " (unfinished: resuming)" if engine_can_resume() else " (unfinished: restarting)"}
-        _log(f"[{number}/{len(todo)}] {spec.run_id}{how[state]}")
+        how = {"trained": " (trained: finishing)", "unfinished": " (unfinished: resuming)",
+               "restart": " (leftovers of a killed run: restarting)"}
+        _log(f"[{number}/{len(todo)}] {spec.run_id}{how.get(state, '')}")
         try:
             if state != "trained":
-                launch_training(spec, run_dir, grid.datasets, resume=state == "unfinished", device=device)
+                launch_training(spec, run_dir, grid.datasets, state=state, device=device)
             finish_run(spec, run_dir, grid.datasets, device=device, grid_path=grid.path)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RunInterrupted):
             _log(f"sweep interrupted during {spec.run_id}; rerun the same command to finish the missing runs")
             raise
         except Exception as err:  # noqa: BLE001 -- a failing run must not stop the sweep

@@ -1,12 +1,15 @@
-"""The stage-2 training loop: ``train(...) -> run directory``.
+"""The stage-2 training run: ``train(...) -> run directory``.
 
-A run directory is written as ``<out>.tmp-<pid>`` and renamed to ``<out>`` only when everything
-is in it, so a killed run never leaves a half-written run behind.
+Options are checked, the data, labels, text encoder and feature cache are read, and the model runs
+once on the longest post of every split, all before the run folder is created (see
+:mod:`mner.trainer.run_folder` for its layout, :mod:`mner.trainer.engine` for the loop's engine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,11 +24,40 @@ from typing import Any
 import numpy as np
 import torch
 from mner.pipeline.data import Dataset, Post, load_dataset
-from mner.trainer.batching import Collator, LengthGroupedBatchSampler, PostDataset
-from mner.trainer.config import ConfigError, TrainConfig, resolve_configs
-from mner.trainer.evaluate import entity_scores, format_scores, write_conll, write_json, write_parquet
-from mner.trainer.models import get_model_class
-from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder
+from mner.trainer.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
+from mner.trainer.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
+from mner.trainer.engine import Engine, check_device_and_precision
+from mner.trainer.evaluate import entity_scores, format_scores, write_conll, write_parquet
+from mner.trainer.labels import (
+    build_labels,
+    check_case_conflicts,
+    describe_unseen,
+    parse_label_types,
+    unseen_types,
+)
+from mner.trainer.models import check_parameter_groups, default_parameter_groups, get_model_class
+from mner.trainer.run_folder import (
+    STATE_FILE,
+    RunFolderError,
+    check_out,
+    checkpoint_staging,
+    commit_checkpoint,
+    latest_checkpoint,
+    link_or_copy,
+    remove_checkpoints,
+    require_finished,
+    write_json_atomic,
+    write_marker,
+)
+from mner.trainer.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.text_encoder import (
+    load_encoder_config,
+    load_tokenizer,
+    position_limit,
+    resolve_text_encoder,
+    save_encoder_skeleton,
+    weights_fingerprint,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -33,7 +65,9 @@ SPLITS = ("train", "dev", "test")
 
 
 def log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    """Progress and warnings on stderr, from the first process only when several train together."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(message, file=sys.stderr)
 
 
 def warn_loudly(message: str) -> None:
@@ -179,15 +213,14 @@ def make_post_dataset(posts, tokenizer, *, label_to_id, max_length, visual, spli
 
 def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int = 0, group_by_length: bool = False) -> DataLoader:
-    if shuffle and group_by_length:
+    """Training loaders draw batches from a sampler whose order depends only on (seed, epoch), so a
+    resumed run replays exactly the batches an uninterrupted one would have seen."""
+    if shuffle:
         lengths = [len(a.input_ids) for a in dataset.aligned]
-        return DataLoader(dataset, batch_sampler=LengthGroupedBatchSampler(lengths, batch_size, seed=seed),
+        sampler_cls = LengthGroupedBatchSampler if group_by_length else ShuffledBatchSampler
+        return DataLoader(dataset, batch_sampler=sampler_cls(lengths, batch_size, seed=seed),
                           collate_fn=collator, num_workers=num_workers)
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=num_workers,
-        generator=generator, persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -195,15 +228,17 @@ def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, sh
 
 @torch.no_grad()
 def predict_tags(model, dataset: PostDataset, collator: Collator, *, labels: list[str], device: torch.device,
-                 batch_size: int, num_workers: int = 0, desc: str = "decode") -> list[list[str]]:
-    """One tag per word of every post; words the model cannot see (word_mask False) are ``O``."""
+                 batch_size: int, num_workers: int = 0, desc: str = "decode", autocast=None) -> list[list[str]]:
+    """One tag per word of every post; words the model cannot see (word_mask False) are ``O``.
+    ``autocast`` is the training precision's context factory (None: full precision)."""
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     predictions: list[list[str]] = []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     for batch in bar:
         word_mask = batch["word_mask"]
-        paths = model.decode(to_device(batch, device))
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            paths = model.decode(to_device(batch, device))
         for row, path in enumerate(paths):
             n_words = len(dataset.posts[len(predictions)].tokens)
             kept = word_mask[row, :n_words].tolist()
@@ -222,231 +257,426 @@ def score_split(posts: Sequence[Post], predictions: list[list[str]]) -> dict:
 
 
 def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """Encoder / head / CRF learning rates; no weight decay on biases and norm weights (1-d tensors)."""
-    groups: dict[tuple[str, bool], list] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        part = "text_encoder" if name.startswith("text_encoder.") else "crf" if name.startswith("crf.") else "head"
-        groups.setdefault((part, param.ndim > 1), []).append(param)
-    lrs = {"text_encoder": config.encoder_lr, "head": config.head_lr, "crf": config.crf_lr}
-    return [
-        {"params": params, "lr": lrs[part], "weight_decay": config.weight_decay if decay else 0.0,
-         "name": f"{part}{'' if decay else '/no_decay'}"}
-        for (part, decay), params in sorted(groups.items())
-    ]
+    """The model's own groups (``parameter_groups``), checked to hold every trainable parameter once."""
+    groups = model.parameter_groups(config) if hasattr(model, "parameter_groups") else default_parameter_groups(model, config)
+    check_parameter_groups(model, groups)
+    return groups
 
 
-# ----------------------------------------------------------------------------- run directory
+# ----------------------------------------------------------------------------- checks before epoch 1
 
 
-def _temp_dir(out: Path) -> Path:
-    return out.parent / f"{out.name}.tmp-{os.getpid()}"
+def longest_post(dataset: PostDataset) -> int:
+    return max(range(len(dataset)), key=lambda i: (len(dataset.aligned[i].input_ids), len(dataset.posts[i].tokens)))
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} appeared while training; the finished run is kept in {tmp}")
-        old = out.parent / f"{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collator, *, label_to_id: dict[str, int],
+                        device: torch.device, autocast) -> None:
+    """One forward in train mode and one decode in eval mode on the longest post of every split, so a
+    shape problem surfaces in seconds instead of after the last epoch. Random state is left untouched."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for split, dataset in datasets.items():
+            index = longest_post(dataset)
+            post = dataset.posts[index]
+            item = dict(dataset[index])
+            item["labels"] = [label_to_id.get(tag, 0) for tag in post.tags] if post.tags is not None else None
+            batch = to_device(collator([item]), device)
+            try:
+                with autocast():
+                    net.train()
+                    if item["labels"] is not None:
+                        net(batch)
+                    net.eval()
+                    (path,) = net.decode(batch)
+            except (RuntimeError, ValueError, IndexError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(
+                    f"{split}: the model fails on the split's longest post ({post.source}, {len(post.tokens)} words, "
+                    f"{len(item['input_ids'])} pieces): {first[:200]}; lower --max-length or check the model options"
+                ) from None
+            finally:
+                net.train()
+            if len(path) != sum(item["word_mask"]):
+                raise ConfigError(f"{split}: the model decoded {len(path)} tags for {post.source}, which has "
+                                  f"{sum(item['word_mask'])} visible words: a model bug, not an option")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during training; the message says how to resume."""
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Everything the loop itself carries from epoch to epoch (saved in every checkpoint)."""
+
+    epoch: int = 0  # epochs finished
+    history: list = dataclasses.field(default_factory=list)
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    epochs_without_gain: int = 0
+    stopped_early: bool = False
+    resumes: list = dataclasses.field(default_factory=list)  # when and at which epoch the run was resumed
+
+
+INVOCATION_KEYS = ("model", "data", "features", "preset", "sets", "flags", "labels", "allow_missing_images")
+RESUME_MAY_CHANGE = ("device", "num_workers")  # do not change results
+
+
+def _invocation(**given) -> dict:
+    inv = dict(given)
+    for key in ("data", "features"):
+        if inv.get(key) is not None:
+            inv[key] = str(Path(inv[key]).resolve())
+    inv["sets"] = list(inv.get("sets") or [])
+    inv["flags"] = {k: v for k, v in (inv.get("flags") or {}).items() if v is not None}
+    return inv
+
+
+def _merge_for_resume(out: Path, given: dict) -> dict:
+    """The stored invocation with the options given now on top (only what was given)."""
+    try:
+        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))["invocation"]
+    except (OSError, ValueError, KeyError):
+        raise RunFolderError(f"{out} has no readable config.json with the run's options; it cannot be resumed: "
+                             "start it again with --overwrite") from None
+    merged = dict(stored)
+    for key in ("model", "data", "features", "preset", "labels"):
+        if given.get(key) is not None:
+            merged[key] = given[key]
+    if given.get("sets"):
+        merged["sets"] = given["sets"]
+    merged["flags"] = {**stored.get("flags", {}), **given.get("flags", {})}
+    merged["allow_missing_images"] = stored.get("allow_missing_images") or given.get("allow_missing_images")
+    return merged
+
+
+def _config_differences(stored: dict, now: dict) -> list[str]:
+    differ = []
+    for section in ("model_config", "train_config"):
+        for key in sorted(set(stored[section]) | set(now[section])):
+            if key in RESUME_MAY_CHANGE:
+                continue
+            old, new = stored[section].get(key), now[section].get(key)
+            if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
+                differ.append(f"{key} (run: {old!r}, now: {new!r})")
+    for key in ("model", "labels"):
+        if stored[key] != now[key]:
+            differ.append(f"{key} (run: {stored[key]!r}, now: {now[key]!r})")
+    if stored["data"]["hash"] != now["data"]["hash"]:
+        differ.append(f"data (the files changed since the run started: {now['data']['path']})")
+    if (stored.get("features") or {}).get("fingerprint") != (now.get("features") or {}).get("fingerprint"):
+        differ.append("features (the cache is another one or has changed)")
+    return differ
 
 
 def train(
     *,
     out: str | Path,
-    model: str = "bert_crf",
+    model: str | None = None,
     data: str | Path | None = None,
     features: str | Path | None = None,
     preset: str | None = None,
     sets: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    labels: str | list[str] | None = None,
+    allow_missing_images: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Train one model and return its finished run directory.
 
     ``flags`` holds explicit command-line values for TrainConfig fields (None = not given); they
-    override the preset and ``--set`` (see :mod:`mner.trainer.config`).
+    override the preset and ``--set`` (see :mod:`mner.trainer.config`). ``resume`` continues the
+    unfinished run in ``out`` with its stored options; options given again must agree with them.
     """
-    from safetensors.torch import load_model, save_model
-
     started = time.time()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"run directory {out} exists; pass --overwrite to replace it or choose another --out")
+    given = _invocation(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
+                        labels=labels, allow_missing_images=allow_missing_images)
+    mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
+    invocation = _merge_for_resume(out, given) if mode == "resume" else given
+    model = invocation["model"] = invocation["model"] or "bert_crf"
     model_cls = get_model_class(model)
-    model_config, config = resolve_configs(model_cls, preset=preset, sets=sets, flags=flags)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
+    model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
+                                           flags=invocation["flags"])
+    extra_types = parse_label_types(invocation["labels"])
+    check_device_and_precision(config.device, config.precision)
+    if invocation["allow_missing_images"]:
+        config.max_missing_images = 1.0
 
-    dataset, data_info = load_posts(data, features)
+    # ---- data and labels (from the training split only)
+    dataset, data_info = load_posts(invocation["data"], invocation["features"])
     for split in ("train", "dev"):
         if not dataset.splits.get(split):
             raise ConfigError(f"{data_info['path']}: no {split} posts; training needs train and dev splits")
-    labels = dataset.labels
-    label_to_id = {label: i for i, label in enumerate(labels)}
-    visual = open_visual_inputs(
-        features, model_cls, model_config, model, use_placeholders=config.use_placeholder_features
-    )
+    check_case_conflicts(dataset.splits, extra_types)
+    train_posts = dataset.splits["train"]
+    label_list = build_labels(train_posts, extra_types)
+    label_to_id = {label: i for i, label in enumerate(label_list)}
+    unseen = {split: found for split in ("dev", "test") if dataset.splits.get(split)
+              if (found := unseen_types(dataset.splits[split], label_list))}
+
+    # ---- the text encoder: reachable, and max_length within its positions; model options in range
+    tokenizer = load_tokenizer(config.text_encoder)
+    encoder_config = load_encoder_config(config.text_encoder)
+    limit = position_limit(config.text_encoder, tokenizer)
+    if config.max_length > limit:
+        raise ConfigError(f"--max-length {config.max_length}: the text encoder {config.text_encoder} has "
+                          f"{limit} positions; pass --max-length {limit} or less")
+    validate_model_config(model_cls, model_config, text_width=getattr(encoder_config, "hidden_size", None))
+
+    # ---- the feature cache: fingerprints and per-split coverage, refused when too many images are absent
+    visual = open_visual_inputs(invocation["features"], model_cls, model_config, model,
+                                use_placeholders=config.use_placeholder_features)
+    cache_info = None
+    if invocation["features"] is not None:
+        from mner.pipeline.feature_cache import FeatureCache
+
+        cache = visual.cache if visual is not None else FeatureCache(invocation["features"])
+        cache_info = cache_record(cache, {s: p for s, p in dataset.splits.items() if s in SPLITS})
+        cache_info["required"] = visual.required if visual is not None else []
+        cache_info["provenance"] = cache_summary(cache)
+        if visual is not None:
+            check_coverage(cache_info["coverage"], cache_path=cache_info["path"], max_share=config.max_missing_images,
+                           what="or raise the share with --max-missing-images")
     if visual is not None and visual.random_init:
         warn_loudly(
             f"the feature cache {visual.path} holds features from RANDOMLY INITIALISED weights "
             f"({', '.join(visual.random_init)}): fine for smoke tests, meaningless for results"
         )
-    cache_info = None
-    if features is not None:
-        from mner.pipeline.cache import FeatureCache
 
-        cache_info = {"path": str(Path(features).resolve()),
-                      "required": visual.required if visual is not None else [],
-                      "provenance": cache_summary(visual.cache if visual is not None else FeatureCache(features))}
-
-    tokenizer = load_tokenizer(config.text_encoder)
-    train_posts = dataset.splits["train"]
     if config.train_fraction < 1.0:  # low-resource: nested subsets per seed (10% inside 20% ...)
         from mner.trainer.protocols import train_subset
 
         train_posts = [train_posts[i] for i in train_subset(len(train_posts), config.train_fraction, config.seed)]
-    common = {"tokenizer": tokenizer, "label_to_id": label_to_id, "max_length": config.max_length, "visual": visual}
-    train_set = make_post_dataset(train_posts, split="train", repair=True, **common)
+    common = {"tokenizer": tokenizer, "max_length": config.max_length, "visual": visual}
+    train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=label_to_id, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
-    eval_sets = {split: make_post_dataset(dataset.splits[split], split=split, **common)
+    eval_sets = {split: make_post_dataset(dataset.splits[split], split=split, label_to_id=None, **common)
                  for split in ("dev", "test") if dataset.splits.get(split)}
+    for split, found in unseen.items():
+        warn_loudly(describe_unseen(split, found))
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
                         visual_batcher=visual.batcher if visual is not None else None)
 
-    net = build_model(model_cls, model_config, labels=labels, text_encoder=config.text_encoder,
-                      tokenizer=tokenizer, visual=visual).to(device)
+    # ---- the engine, the model, the checks on the longest posts
+    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+    seed_everything(config.seed)
+    try:
+        net = build_model(model_cls, model_config, labels=label_list, text_encoder=config.text_encoder,
+                          tokenizer=tokenizer, visual=visual)
+    except ValueError as err:
+        raise ConfigError(f"model {model}: {err}") from None
+    net.to(engine.device)
     if config.fast_ablation:  # not the papers' protocol: frozen encoder, outputs computed once
         from mner.trainer.fast_text import use_cached_text_encoder
 
-        use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=device,
+        use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=engine.device,
                                 batch_size=config.eval_batch_size)
+    check_longest_posts(net, {"train": train_set, **eval_sets}, collator, label_to_id=label_to_id,
+                        device=engine.device, autocast=engine.autocast)
     train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
-                               num_workers=config.num_workers, seed=config.seed,
-                               group_by_length=config.group_by_length)
+                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
+    sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
+    net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
     from transformers import get_linear_schedule_with_warmup
 
-    total_steps = max(1, len(train_loader) * config.epochs)
+    total_steps = max(1, engine.optimizer_steps_per_epoch(train_loader) * config.epochs)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
-    tmp = _temp_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     run_config = {
-        "model": model,
-        "preset": preset,
-        "sets": list(sets or []),
-        "model_config": dataclasses.asdict(model_config),
-        "train_config": dataclasses.asdict(config),
-        "labels": labels,
-        "label_map": label_to_id,
-        "text_encoder": {"name": config.text_encoder, "path": resolve_text_encoder(config.text_encoder)},
+        "model": model, "preset": invocation["preset"], "sets": invocation["sets"],
+        "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
+        "labels": label_list, "label_map": label_to_id,
+        "text_encoder": {"name": config.text_encoder, "path": resolve_text_encoder(config.text_encoder),
+                         "positions": limit},
         "data": {**data_info, "hash": dataset.data_hash, "files": dataset.files, "notes": dataset.notes},
-        "features": cache_info,
-        "device": str(device),
+        "features": cache_info, "invocation": invocation,
     }
-    write_json(tmp / "config.json", run_config)
-    write_json(tmp / "labels.json", {"labels": labels})
 
-    history: list[dict] = []
-    best_f1, best_epoch, epochs_without_gain = -1.0, 0, 0
-    log(f"training {model} on {len(train_set)} posts, {len(train_loader)} steps/epoch, device {device}")
-    epoch_bar = tqdm(range(1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr)
-    for epoch in epoch_bar:
-        epoch_start = time.time()
-        net.train()
-        loss_sum, steps = 0.0, 0
-        step_bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
-        for batch in step_bar:
-            loss = net(to_device(batch, device))["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item()
-            steps += 1
-            step_bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
-        train_seconds = time.time() - epoch_start
-        dev_pred = predict_tags(net, eval_sets["dev"], collator, labels=labels, device=device,
-                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
-        dev_f1 = score_split(eval_sets["dev"].posts, dev_pred)["micro"]["f1"]
-        improved = dev_f1 > best_f1
-        if improved:
-            best_f1, best_epoch, epochs_without_gain = dev_f1, epoch, 0
-            save_model(net, str(tmp / "model.safetensors"))
-            os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates it owner-only
+    # ---- the run folder: a fresh one, or the unfinished one resumed from its last checkpoint
+    state = TrainerState()
+    if mode == "resume":
+        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        differ = _config_differences(stored, run_config)
+        if differ:
+            raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(differ)}; resume with "
+                              "the run's own options (`mner-train --out RUN --resume` is enough) or start a new run")
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            log(f"{out}: no epoch had finished; starting it from epoch 1")
         else:
-            epochs_without_gain += 1
-        history.append({"epoch": epoch, "loss": loss_sum / max(steps, 1), "dev_f1": dev_f1,
-                        "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - epoch_start, 1)})
-        epoch_bar.set_postfix(loss=f"{loss_sum / max(steps, 1):.3f}", dev_f1=f"{100 * dev_f1:.2f}",
-                              best=f"{100 * best_f1:.2f}@{best_epoch}")
-        log(f"epoch {epoch}: loss {loss_sum / max(steps, 1):.4f}  dev F1 {100 * dev_f1:.2f}"
-            f"{'  (best)' if improved else ''}  {time.time() - epoch_start:.0f}s")
-        if config.patience and epochs_without_gain >= config.patience:
-            log(f"early stop: no better dev F1 for {config.patience} epochs")
-            break
-    epoch_bar.close()
+            engine.load_checkpoint(checkpoint, net, optimizer, scheduler)
+            state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
+            engine.global_step = state.epoch * len(train_loader)
+            log(f"resuming {out} after epoch {state.epoch} of {config.epochs} (best dev F1 "
+                f"{100 * state.best_f1:.2f} at epoch {state.best_epoch})")
+        state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    elif engine.is_main:
+        if out.exists():
+            shutil.rmtree(out)  # check_out allowed it: --overwrite of a marked mner run
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, status="unfinished", epochs=config.epochs, epochs_done=0)
+        write_json_atomic(out / "config.json", run_config)
+        write_json_atomic(out / "labels.json", {"labels": label_list})
+        save_encoder_skeleton(config.text_encoder, tokenizer, out / "text_encoder")
+    engine.wait()
 
-    load_model(net, str(tmp / "model.safetensors"), device=str(device))
+    record = {
+        "software": software_versions(), "seed": config.seed, "device": str(engine.device),
+        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
+        "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
+    }
+    log(f"training {model} on {len(train_set)} posts, {len(train_loader)} steps/epoch, device {engine.device}, "
+        f"{engine.precision}, {engine.world_size} process(es)")
+    try:
+        run_epochs(engine, state, net, optimizer, scheduler, train_loader, sampler, config=config, out=out,
+                   eval_set=eval_sets["dev"], collator=collator, labels=label_list)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
+            f"mner-train --out {out} --resume"
+        ) from None
+
+    # ---- the best epoch's weights on dev and test
+    from safetensors.torch import load_model
+
+    final = latest_checkpoint(out)
+    load_model(engine.unwrap(net), str(final / "best_model.safetensors"), device=engine.device_name)
+    engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
-        "model": model, "preset": preset, "best_epoch": best_epoch, "epochs_run": len(history),
-        "data_hash": dataset.data_hash, "data_source": data_info, "orphan_i": dataset.orphan_i,
-        "repaired_train_tags": train_set.repaired,
+        "model": model, "preset": invocation["preset"], "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        "stopped_early": state.stopped_early, "data_hash": dataset.data_hash, "data_source": data_info,
+        "orphan_i": dataset.orphan_i, "repaired_train_tags": train_set.repaired, "labels": label_list,
+        "unseen_types": unseen,
     }
     for split, eval_set in eval_sets.items():
-        pred = predict_tags(net, eval_set, collator, labels=labels, device=device,
-                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split)
+        pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=label_list, device=engine.device,
+                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
+                            autocast=engine.autocast)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
-        write_conll(tmp / "predictions" / f"{split}.conll", eval_set.posts, pred)
-        write_parquet(tmp / "predictions" / f"{split}.parquet", eval_set.posts, pred)
-        log(format_scores(scores, f"{split} (best epoch {best_epoch})"))
+        if engine.is_main:
+            write_conll(out / "predictions" / f"{split}.conll", eval_set.posts, pred)
+            write_parquet(out / "predictions" / f"{split}.parquet", eval_set.posts, pred)
+        log(format_scores(scores, f"{split} (best epoch {state.best_epoch})"))
     metrics["alignment"] = {
         split: {"words": ds.report.words, "zero_piece": ds.report.zero_piece, "truncated": ds.report.truncated}
         for split, ds in [("train", train_set), *eval_sets.items()]
     }
+    if cache_info is not None:
+        metrics["cache"] = {k: cache_info[k] for k in ("path", "fingerprint", "groups")}
+        metrics["image_coverage"] = cache_info["coverage"]
     if visual is not None:
         metrics["random_init_features"] = visual.random_init
-    metrics["history"] = history
-    metrics["seconds"] = round(time.time() - started, 1)
-    write_json(tmp / "metrics.json", metrics)
-    _publish(tmp, out, overwrite)
-    log(f"run written to {out}")
+    metrics["history"] = state.history
+    metrics["run"] = {**record, "resumes": state.resumes, "epoch_seconds": [h["seconds"] for h in state.history],
+                      "seconds_this_process": round(time.time() - started, 1), "peak_memory": engine.peak_memory_mb()}
+    if engine.is_main:
+        os.replace(final / "best_model.safetensors", out / "model.safetensors")
+        os.chmod(out / "model.safetensors", 0o644)
+        write_json_atomic(out / "metrics.json", metrics)
+        remove_checkpoints(out)
+        write_marker(out, status="finished", epochs=config.epochs, epochs_done=state.epoch)
+        log(f"run written to {out}")
+    engine.wait()
+    engine.end()
     return out
+
+
+def _write_best_and_state(engine: Engine, net, state: TrainerState, staging: Path, previous: Path | None,
+                          improved: bool) -> None:
+    """The best-so-far weights (rewritten only when this epoch improved), then the trainer state, whose
+    presence marks the checkpoint complete."""
+    from safetensors.torch import save_model
+
+    best = staging / "best_model.safetensors"
+    if improved or previous is None:
+        save_model(engine.unwrap(net), str(best))
+    else:
+        link_or_copy(previous / "best_model.safetensors", best)
+    write_json_atomic(staging / STATE_FILE, dataclasses.asdict(state))
+
+
+def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
+               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str]) -> None:
+    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop."""
+    epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
+                     disable=not engine.is_main)
+    for epoch in epoch_bar:
+        if state.stopped_early:
+            break
+        epoch_start = time.time()
+        sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                                  desc=f"epoch {epoch}")
+        train_seconds = time.time() - epoch_start
+        dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
+                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
+                                autocast=engine.autocast)
+        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+        improved = dev_f1 > state.best_f1
+        if improved:
+            state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
+        else:
+            state.epochs_without_gain += 1
+        state.epoch = epoch
+        state.stopped_early = bool(config.patience and state.epochs_without_gain >= config.patience)
+        eval_seconds = time.time() - epoch_start - train_seconds
+
+        checkpoint_start = time.time()
+        previous = latest_checkpoint(out)
+        staging = checkpoint_staging(out) if engine.is_main else out / "checkpoint.tmp"
+
+        state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
+                              "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None})
+        write_rest = functools.partial(_write_best_and_state, engine, net, state, staging, previous, improved)
+        engine.save_checkpoint(staging, net, optimizer, scheduler, write_rest=write_rest)
+        if engine.is_main:
+            commit_checkpoint(out)
+            write_marker(out, status="unfinished", epochs=config.epochs, epochs_done=epoch)
+        engine.wait()
+        # timings of this epoch go into the next checkpoint's history (they are known only now)
+        state.history[-1].update(checkpoint_seconds=round(time.time() - checkpoint_start, 2),
+                                 seconds=round(time.time() - epoch_start, 2))
+        epoch_bar.set_postfix(loss=f"{loss:.3f}", dev_f1=f"{100 * dev_f1:.2f}",
+                              best=f"{100 * state.best_f1:.2f}@{state.best_epoch}")
+        log(f"epoch {epoch}: loss {loss:.4f}  dev F1 {100 * dev_f1:.2f}{'  (best)' if improved else ''}  "
+            f"{time.time() - epoch_start:.0f}s")
+        if state.stopped_early:
+            log(f"early stop: no better dev F1 for {config.patience} epochs")
+    epoch_bar.close()
 
 
 # ----------------------------------------------------------------------------- finished runs
 
 
 def load_run(run_dir: str | Path, *, features: str | Path | None = None, device: str = "auto"):
-    """Rebuild a trained model from its run directory: (model, run config, tokenizer, visual inputs, device)."""
+    """Rebuild a trained model from its finished run directory: (model, run config, tokenizer, visual
+    inputs, device). The encoder is built from the run's own ``text_encoder/`` skeleton, so the run
+    keeps working after the original encoder folder moved or without network."""
     from safetensors.torch import load_model
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (no config.json); train one with mner-train")
-    run_config = json.loads(config_path.read_text(encoding="utf-8"))
+    require_finished(run_dir)
+    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     model_cls = get_model_class(run_config["model"])
     model_config = model_cls.Config(**run_config["model_config"])
-    if features is None and run_config.get("features"):
-        features = run_config["features"]["path"]
     use_placeholders = run_config.get("train_config", {}).get("use_placeholder_features", False)
     visual = open_visual_inputs(
         features, model_cls, model_config, run_config["model"], use_placeholders=use_placeholders
     )
-    tokenizer = load_tokenizer(run_config["text_encoder"]["name"])
+    skeleton = run_dir / "text_encoder"
+    encoder = str(skeleton) if skeleton.is_dir() else run_config["text_encoder"]["name"]
+    tokenizer = load_tokenizer(encoder)
     torch_device = resolve_device(device)
-    net = build_model(model_cls, model_config, labels=run_config["labels"],
-                      text_encoder=run_config["text_encoder"]["name"], tokenizer=tokenizer, visual=visual)
+    net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
+                      tokenizer=tokenizer, visual=visual)
     load_model(net, str(run_dir / "model.safetensors"), device="cpu")
     return net.to(torch_device), run_config, tokenizer, visual, torch_device

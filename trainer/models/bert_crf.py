@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
-from mner.trainer.models import register_model
+from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.text_encoder import load_encoder
 from torch import nn
 
@@ -51,6 +51,9 @@ class BertCRF(nn.Module):
         emissions = self.word_emissions(batch)
         loss, _ = crf_loss_and_decode(self.crf, emissions, batch["word_mask"], batch.get("labels"))
         return {"loss": loss, "emissions": emissions}
+
+    def parameter_groups(self, train_config) -> list[dict]:
+        return default_parameter_groups(self, train_config)  # encoder / head / CRF rates
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:

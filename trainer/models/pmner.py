@@ -42,8 +42,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
-from mner.trainer.models import register_model
-from mner.trainer.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder
+from mner.trainer.models import default_parameter_groups, register_model
+from mner.trainer.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from torch import nn
 
 CROP_POOLED = "encoders/resnet152/crop_pooled"
@@ -243,6 +243,9 @@ class PMNER(nn.Module):
             out["loss"], _ = crf_loss_and_decode(self.crf, scores, batch["word_mask"].bool(), labels)
         return out
 
+    def parameter_groups(self, train_config) -> list[dict]:
+        return default_parameter_groups(self, train_config)  # encoder / head / CRF rates
+
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:
         scores = self.tag_scores(batch)  # (B, W, T)
@@ -396,7 +399,7 @@ def _load_encoder_with_mlm_head(name: str) -> tuple[nn.Module, nn.Module | None,
     from transformers import AutoModelForMaskedLM
 
     try:
-        mlm = AutoModelForMaskedLM.from_pretrained(resolve_text_encoder(name))
+        mlm = load_pretrained(AutoModelForMaskedLM, name)
     except (ValueError, KeyError, OSError) as err:
         warnings.warn(
             f"pmner: {name!r} has no masked-LM head ({err}); the verbalizer uses learned label embeddings",

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from mner.trainer.layers import gather_first_pieces, init_linear
-from mner.trainer.models import register_model
+from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.text_encoder import load_encoder
 from torch import nn
 
@@ -403,6 +403,9 @@ class PromptMNER(nn.Module):
             else:
                 out["loss"] = logits.sum() * 0.0
         return out
+
+    def parameter_groups(self, train_config) -> list[dict]:
+        return default_parameter_groups(self, train_config)  # encoder / head / CRF rates
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
-from mner.trainer.models import register_model
+from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.text_encoder import load_encoder
 
 CROP_EMBED = "encoders/clip/crop_embed"
@@ -166,6 +166,9 @@ class VCRMNER(nn.Module):
         emissions = self.word_emissions(batch)  # (B, W, num_labels)
         loss, _ = crf_loss_and_decode(self.crf, emissions, batch["word_mask"].bool(), batch.get("labels"))  # eq. 15
         return {"loss": loss, "emissions": emissions} if loss is not None else {"emissions": emissions}
+
+    def parameter_groups(self, train_config) -> list[dict]:
+        return default_parameter_groups(self, train_config)  # encoder / head / CRF rates
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:

@@ -1,0 +1,172 @@
+"""Resumable runs: SIGKILL mid-epoch then --resume gives the uninterrupted run's metrics; Ctrl-C leaves a
+resumable run; unfinished runs are named; --overwrite replaces only mner run folders; two-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from mner.trainer.cli import main
+from test_train import make_post, write_split
+
+TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds", "checkpoint_seconds")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    rng = random.Random(5)
+    folder = tmp_path_factory.mktemp("resume-data")
+    write_split(folder / "train.txt", [make_post(rng, str(i)) for i in range(32)])
+    write_split(folder / "valid.txt", [make_post(rng, str(i)) for i in range(8)])
+    write_split(folder / "test.txt", [make_post(rng, str(i)) for i in range(8)])
+    return folder
+
+
+def train_args(data: Path, encoder: Path, out: Path, epochs: int = 3) -> list[str]:
+    # batch 8 over 32 posts: 4 steps per epoch; dropout on, so the RNG state matters
+    return ["--data", str(data), "--text-encoder", str(encoder), "--epochs", str(epochs), "--batch-size", "8",
+            "--max-length", "24", "--device", "cpu", "--seed", "7", "--set", "dropout=0.3", "--set", "head_lr=5e-3",
+            "--out", str(out)]
+
+
+def comparable(run: Path) -> dict:
+    """metrics.json without what legitimately differs between two runs: timings and the run record."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("run")
+    for entry in metrics["history"]:
+        for key in TIMING_KEYS:
+            entry.pop(key)
+    return metrics
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_data, tiny_bert, tmp_path, capsys):
+    reference = tmp_path / "reference"  # every run in a forked process with one thread: same arithmetic
+    assert run_forked([train_args(small_data, tiny_bert, reference)], tmp_path)[0] == [0]
+
+    killed = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(5, 11)  # a random step of epoch 2 or 3 (4 steps per epoch)
+    (code,), (log,) = run_forked([train_args(small_data, tiny_bert, killed)], tmp_path,
+                                 MNER_TEST_SIGKILL_AT_STEP=str(kill_at))
+    assert code == -9, log[-2000:]  # the process died of SIGKILL mid-run
+    marker = json.loads((killed / "mner-run.json").read_text())
+    assert marker["status"] == "unfinished" and marker["epochs_done"] == (kill_at - 1) // 4
+    assert not (killed / "metrics.json").exists()
+
+    # a rerun without --resume names the unfinished run and both ways on
+    assert main(train_args(small_data, tiny_bert, killed)) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "--resume" in err and "--overwrite" in err and str(killed) in err
+
+    codes, logs = run_forked([["--out", str(killed), "--resume"]], tmp_path)
+    assert codes == [0], logs
+    assert comparable(killed) == comparable(reference)
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["run"]["resumes"][0]["after_epoch"] == marker["epochs_done"]
+    assert not (killed / "checkpoint").exists()  # the optimiser state goes when the run finishes
+    assert json.loads((killed / "mner-run.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_leaves_a_resumable_run(small_data, tiny_bert, tmp_path, monkeypatch, capsys):
+    from mner.trainer.engine import Engine
+
+    encoder = shutil.copytree(tiny_bert, tmp_path / "encoder")  # moved away after training
+    out = tmp_path / "run"
+    original = Engine.train_epoch
+    calls = []
+
+    def interrupted_in_epoch_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "train_epoch", interrupted_in_epoch_2)
+    assert main(train_args(small_data, encoder, out, epochs=2)) == 130
+    err = capsys.readouterr().err
+    assert f"mner-train --out {out} --resume" in err and "Traceback" not in err
+    monkeypatch.setattr(Engine, "train_epoch", original)
+    assert main(["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+
+    # the run no longer needs the encoder folder it started from
+    shutil.rmtree(encoder)
+    assert main(["evaluate", str(out), "--split", "dev", "--device", "cpu"]) == 0, capsys.readouterr().err
+
+    # --resume of a finished run, and --resume with other options, are refused with the fix
+    assert main(["--out", str(out), "--resume"]) == 2
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me too")
+    for out in (precious, a_file):
+        assert main([*train_args(small_data, tiny_bert, out, epochs=1), "--overwrite"]) == 2
+        assert "choose another --out" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "keep me" and a_file.read_text() == "keep me too"
+
+    run = tmp_path / "run"
+    assert main(train_args(small_data, tiny_bert, run, epochs=1)) == 0
+    (run / "stale.txt").write_text("from the first run")
+    assert main(train_args(small_data, tiny_bert, run, epochs=1)) == 2  # no silent replacement
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*train_args(small_data, tiny_bert, run, epochs=1), "--overwrite"]) == 0
+    assert not (run / "stale.txt").exists() and (run / "metrics.json").is_file()
+
+
+def _process(argv: list[str], env: dict, log: str) -> None:
+    import torch
+    from accelerate.state import AcceleratorState
+
+    torch.set_num_threads(1)  # as DataLoader workers do: a forked OpenMP pool must not be reused
+    os.environ.update(env)
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that trained alone
+    with open(log, "w") as stream:
+        os.dup2(stream.fileno(), 2)
+        sys.stderr = stream
+        code = main(argv)
+    os._exit(code)
+
+
+def run_forked(argvs: list[list[str]], tmp_path: Path, **env) -> tuple[list[int], list[str]]:
+    """``mner-train`` in forked processes (one per argv; several form a DDP group like torchrun's workers):
+    separate processes that can be killed, without paying the imports again. Returns exit codes and stderr."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world = len(argvs)
+    logs = [tmp_path / f"process{rank}.log" for rank in range(world)]
+    context = multiprocessing.get_context("fork")
+    processes = []
+    for rank, argv in enumerate(argvs):
+        rank_env = dict(env)
+        if world > 1:
+            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        processes.append(context.Process(target=_process, args=(argv, rank_env, str(logs[rank]))))
+        processes[-1].start()
+    for process in processes:
+        process.join(timeout=240)
+    return [p.exitcode for p in processes], [log.read_text() for log in logs]
+
+
+def test_two_process_ddp_on_cpu_with_gloo(small_data, tiny_bert, tmp_path):
+    """Two processes train one DDP model over gloo (what `torchrun --nproc_per_node 2` starts)."""
+    out = tmp_path / "ddp"
+    codes, logs = run_forked([train_args(small_data, tiny_bert, out, 1)] * 2, tmp_path)
+    assert codes == [0, 0], logs
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["run"]["world_size"] == 2 and metrics["epochs_run"] == 1
+    assert "2 steps/epoch" in logs[0] and "2 process(es)" in logs[0]  # 4 batches shared by two processes
+    assert "training bert_crf" not in logs[1]  # only process 0 reports

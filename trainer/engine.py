@@ -1,0 +1,205 @@
+"""The training engine: Hugging Face ``accelerate`` for device placement, autocast, DDP and gradient
+accumulation; checkpoints written by mner itself so that every state a resumed run needs is explicit.
+
+One process on a CPU or one GPU; ``torchrun --nproc_per_node N -m mner.trainer.cli ...`` (or
+``accelerate launch``) starts N processes that train one DDP model (NCCL on GPUs, gloo on CPUs).
+Every process decodes the full dev set with identical weights, so early stopping agrees without
+communication; only process 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from mner.trainer.config import ConfigError
+from tqdm.auto import tqdm
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Test-only: the process SIGKILLs itself at this global training step (1-based); see tests/test_resume.py.
+KILL_AT_STEP_ENV = "MNER_TEST_SIGKILL_AT_STEP"
+
+
+def resolve_precision(precision: str, *, on_cuda: bool) -> str:
+    """``auto`` -> bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU; impossible requests are errors."""
+    if precision == "auto":
+        if not on_cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not on_cuda:
+        raise ConfigError("--precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); use bf16 or fp32 on CPU")
+    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+    return precision
+
+
+def check_device_and_precision(device: str, precision: str) -> str:
+    """The precision a run will use, checked against the device before anything is loaded."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return resolve_precision(precision, on_cuda=device != "cpu" and torch.cuda.is_available())
+
+
+def distributed_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Engine:
+    """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
+
+    def __init__(self, *, device: str, precision: str, grad_accum: int):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        distributed = distributed_world_size() > 1
+        if not distributed:
+            AcceleratorState._reset_state(reset_partial_state=True)  # one process may train several runs
+            if device.startswith("cuda:"):
+                torch.cuda.set_device(int(device.split(":")[1]))
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        self.precision = resolve_precision(precision, on_cuda=not cpu)
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=MIXED_PRECISION[self.precision], gradient_accumulation_steps=grad_accum,
+            # ablation switches leave some parameters unused in forward; DDP must not wait for their gradients
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.grad_accum = grad_accum
+        self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
+        self._kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
+
+    # ------------------------------------------------------------------ facts about the processes
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def device_name(self) -> str:
+        """The device as safetensors spells it (``cpu``, not the ``cpu:0`` of multi-process CPU runs)."""
+        return "cpu" if self.device.type == "cpu" else str(self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def prepare(self, model, optimizer, loader):
+        """Moves the model, wraps it in DDP when there are several processes, shards the loader and makes
+        its batches arrive on the device; the scheduler stays outside (stepped once per optimiser step)."""
+        return self.accelerator.prepare(model, optimizer, loader)
+
+    def optimizer_steps_per_epoch(self, loader) -> int:
+        return -(-len(loader) // self.grad_accum)
+
+    def peak_memory_mb(self) -> dict:
+        peak = {"process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        if self.device.type == "cuda":
+            peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return peak
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, model, loader, optimizer, scheduler, *, max_grad_norm: float, desc: str,
+                    on_step: Callable[[int], None] | None = None) -> float:
+        """One pass over ``loader``; returns the mean training loss over all processes."""
+        accelerator = self.accelerator
+        model.train()
+        loss_sum, steps = 0.0, 0
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
+        for batch in bar:
+            self.global_step += 1
+            if self._kill_at and self.global_step == self._kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if on_step is not None:
+                on_step(self.global_step)
+            with accelerator.accumulate(model):
+                loss = model(batch)["loss"]
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+            steps += 1
+            bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
+        mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)
+        return float(accelerator.reduce(mean, "mean")) if self.world_size > 1 else float(mean)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, folder: Path, model, optimizer, scheduler, *, write_rest: Callable[[], None]) -> None:
+        """Every process writes its RNG state into ``folder``; process 0 writes the model, optimiser,
+        scheduler, scaler and (via ``write_rest``) the trainer state, which marks the checkpoint complete."""
+        from safetensors.torch import save_model
+
+        self.wait()  # process 0 created an empty folder
+        torch.save(rng_state(), folder / f"rng-{self.accelerator.process_index}.pt")
+        self.wait()
+        if self.is_main:
+            save_model(self.unwrap(model), str(folder / "model.safetensors"))
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            if self.accelerator.scaler is not None:
+                torch.save(self.accelerator.scaler.state_dict(), folder / "scaler.pt")
+            write_rest()
+        self.wait()
+
+    def load_checkpoint(self, folder: Path, model, optimizer, scheduler) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.unwrap(model), str(folder / "model.safetensors"), device=self.device_name)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        rng_file = folder / f"rng-{self.accelerator.process_index}.pt"
+        if not rng_file.is_file():
+            raise ConfigError(f"{folder} has no RNG state for process {self.accelerator.process_index}: "
+                              "resume with as many processes as the run was started with")
+        set_rng_state(torch.load(rng_file, weights_only=True))
+
+    def end(self) -> None:
+        with contextlib.suppress(Exception):
+            self.accelerator.end_training()

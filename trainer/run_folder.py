@@ -1,0 +1,155 @@
+"""The run folder: what mner writes, how it is marked, and when it may be replaced or resumed.
+
+A run is written straight into ``--out`` from its first second, with a marker file
+(``mner-run.json``) that says it is an mner run and whether it has finished. Every epoch swaps a
+complete ``checkpoint/`` in atomically (written as ``checkpoint.tmp/``, then renamed), so a run
+killed at any instant can be resumed from its last finished epoch. ``--overwrite`` deletes a
+folder only when its marker says mner wrote it.
+
+Layout while training::
+
+    mner-run.json        marker: status "unfinished" | "finished", epochs done, host, pid
+    config.json          resolved configs, labels, data and cache provenance, the invocation
+    labels.json
+    text_encoder/        the encoder's config and tokenizer, no weights (see text_encoder.save_encoder_skeleton)
+    checkpoint/          last finished epoch: model, optimiser, scheduler, RNG states, trainer state,
+                         the best-so-far weights
+
+and when finished: ``model.safetensors`` (best dev epoch), ``metrics.json``, ``predictions/``
+(``checkpoint/`` is removed: it holds the optimiser state, twice the model's size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+MARKER = "mner-run.json"
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence means complete
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used as asked; the message names the fix."""
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write-then-rename: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("mner_run") == 1 else None
+
+
+def write_marker(folder: Path, **fields) -> None:
+    marker = read_marker(folder) or {"mner_run": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    marker.update(fields, host=socket.gethostname(), pid=os.getpid(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json_atomic(folder / MARKER, marker)
+
+
+def describe_unfinished(folder: Path, marker: dict) -> str:
+    done, total = marker.get("epochs_done", 0), marker.get("epochs", "?")
+    return f"{folder} holds an unfinished run ({done} of {total} epochs done, last written {marker.get('updated', '?')})"
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> str:
+    """Check ``--out`` against ``--resume`` / ``--overwrite``: returns "fresh" or "resume", or raises
+    RunFolderError with the fix. "fresh" on an existing folder means ``--overwrite`` of a marked mner
+    run: the caller deletes it (nothing is deleted here, so every process can call this first)."""
+    if resume and overwrite:
+        raise RunFolderError("--resume continues a run and --overwrite replaces it: pass one of them")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise RunFolderError(f"--out {out} is a file or a link, not a run folder; choose another --out")
+    legacy = sorted(out.parent.glob(f"{out.name}.tmp-*")) if out.parent.is_dir() else []
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            hint = f" ({legacy[0]} was left by an older mner that could not resume; delete it)" if legacy else ""
+            raise RunFolderError(f"--resume: there is no run in {out} to resume{hint}; drop --resume to start one")
+        return "fresh"
+    marker = read_marker(out)
+    if marker is None:
+        raise RunFolderError(
+            f"--out {out} exists and is not an mner run folder (no {MARKER}); mner never replaces such a folder, "
+            "even with --overwrite: choose another --out"
+        )
+    finished = marker.get("status") == "finished"
+    if resume:
+        if finished:
+            raise RunFolderError(f"--resume: the run in {out} has already finished; drop --resume and choose "
+                                 "another --out, or pass --overwrite to train it again")
+        return "resume"
+    if overwrite:
+        return "fresh"
+    if finished:
+        raise RunFolderError(f"run folder {out} exists; pass --overwrite to replace it or choose another --out")
+    raise RunFolderError(f"{describe_unfinished(out, marker)}; continue it with --resume, "
+                         "or start it again with --overwrite")
+
+
+def require_finished(run_dir: Path) -> None:
+    """For evaluate / predict: the folder must be a finished run."""
+    marker = read_marker(run_dir)
+    if marker is not None and marker.get("status") != "finished":
+        raise RunFolderError(f"{describe_unfinished(run_dir, marker)}; finish it first with "
+                             f"`mner-train --out {run_dir} --resume`")
+    if not (run_dir / "config.json").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise RunFolderError(f"{run_dir} is not a finished run (no config.json / model.safetensors); "
+                             "train one with mner-train")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_staging(out: Path) -> Path:
+    """An empty ``checkpoint.tmp/`` to write the next checkpoint into."""
+    staging = out / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_checkpoint(out: Path) -> None:
+    """Swap the staged checkpoint in: at every instant ``checkpoint/`` or ``checkpoint.old/`` is complete."""
+    staging, current, old = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.old"
+    if not (staging / STATE_FILE).is_file():
+        raise RuntimeError(f"{staging} is incomplete; not committing it")
+    shutil.rmtree(old, ignore_errors=True)
+    if current.exists():
+        os.replace(current, old)
+    os.replace(staging, current)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        if (out / name / STATE_FILE).is_file():
+            return out / name
+    return None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """The best weights of an earlier epoch move from checkpoint to checkpoint without rewriting them."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def remove_checkpoints(out: Path) -> None:
+    for name in (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old"):
+        shutil.rmtree(out / name, ignore_errors=True)

@@ -27,7 +27,7 @@ def plot_dev_curves(records: list, rows: list[dict], path: Path) -> Path:
     curves: dict[str, list[list[float]]] = defaultdict(list)
     for rec in records:
         curves[rec.config_id].append([100 * h["dev_f1"] for h in rec.history if "dev_f1" in h])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8 + 0.15 * len(curves)))
     for config_id, runs in sorted(curves.items()):
         length = max((len(r) for r in runs), default=0)
         if not length:
@@ -45,7 +45,7 @@ def plot_dev_curves(records: list, rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("dev F1 (%)")
     ax.set_title("Dev F1 per epoch (mean ± std over seeds; dashed = flagged)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """Every feature group that exists today, declared as data (docs/cache-schema.md is generated from here).
 
-To add a group: declare a ``GroupSpec`` here (or in the producer's own module for stage-1 plug-ins),
+To add a group: declare a ``GroupSpec`` here (both stages import this package, never each other),
 write its producer in ``mner.features`` and the model that reads it (docs/architecture.md).
 """
 
@@ -14,223 +14,115 @@ from mner.pipeline.cache.specs import GroupSpec, register_group
 # Prompt sets bundled with stage 1 (features/prompt_sets/*.json); any other name is a FILE.json set.
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
 
-IMAGES = register_group(
-    GroupSpec(
-        name="images",
-        feature=False,
-        doc="The image index: row i of every image dataset is image i. Ids are sorted and unique (the "
+IMAGES = register_group(GroupSpec(
+    name="images", feature=False,
+    doc="The image index: row i of every image dataset is image i. Ids are sorted and unique (the "
         "canonical order shared by shards and merge). attrs: id_list_hash, status_names (JSON).",
-        datasets=(
-            D("ids", "image", "S", collate=None, doc="image id (utf-8 fixed bytes), sorted, unique"),
-            D(
-                "status",
-                "image",
-                "uint8",
-                collate=None,
-                doc="0 ok, 1 missing, 2 unreadable, 3 placeholder (see Status codes)",
-            ),
-            D(
-                "detail",
-                "text",
-                "uint8",
-                encoding="utf-8",
-                collate=None,
-                doc='why the image is not ok ("" when ok)',
-            ),
-            D("width", "image", "int32", collate=None, doc="original width in pixels; 0 when not decodable"),
-            D(
-                "height",
-                "image",
-                "int32",
-                collate=None,
-                doc="original height in pixels; 0 when not decodable",
-            ),
-            D(
-                "content_sha256",
-                "image",
-                "S",
-                collate=None,
-                required=False,
-                doc='sha256 of the image file\'s bytes ("" when there is no file): tells a changed image',
-            ),
-        ),
-    )
-)
+    datasets=(
+        D("ids", "image", "S", collate=None, doc="image id (utf-8 fixed bytes), sorted, unique"),
+        D("status", "image", "uint8", collate=None,
+          doc="0 ok, 1 missing, 2 unreadable, 3 placeholder (see Status codes)"),
+        D("detail", "text", "uint8", encoding="utf-8", collate=None,
+          doc='why the image is not ok ("" when ok)'),
+        D("width", "image", "int32", collate=None, doc="original width in pixels; 0 when not decodable"),
+        D("height", "image", "int32", collate=None, doc="original height in pixels; 0 when not decodable"),
+        D("content_sha256", "image", "S", collate=None, required=False,
+          doc='sha256 of the image file\'s bytes ("" when there is no file): tells a changed image'),
+    ),
+))
 
-POSTS = register_group(
-    GroupSpec(
-        name="posts",
-        feature=False,
-        doc="The posts the cache was built from, so training needs only the cache. attrs: data_hash, "
+POSTS = register_group(GroupSpec(
+    name="posts", feature=False,
+    doc="The posts the cache was built from, so training needs only the cache. attrs: data_hash, "
         "data_files_json, orphan_i_json, notes_json, split_names_json, tag_names_json.",
-        datasets=(
-            D("post_id", "post", "S", collate=None, doc='"{split}-{index}"'),
-            D("split", "post", "uint8", collate=None, doc="index into split_names_json"),
-            D("image_id", "post", "S", collate=None, doc='b"" when the post has no image'),
-            D("labelled", "post", "uint8", collate=None, doc="0: tags unknown (tag_ids are -1)"),
-            D("source", "post", "uint8", encoding="utf-8", collate=None, doc='"path:line" of the post'),
-            D(
-                "token_offsets",
-                "index",
-                "int64",
-                indexes="token",
-                collate=None,
-                doc="tokens of post p: token rows token_offsets[p]:token_offsets[p+1]",
-            ),
-            D("token_text", "token", "uint8", encoding="utf-8", collate=None, doc="the tokens as read"),
-            D(
-                "tag_ids",
-                "token",
-                "int16",
-                collate=None,
-                doc="index into tag_names_json (BIO as read), -1 unlabelled",
-            ),
-        ),
-    )
-)
+    datasets=(
+        D("post_id", "post", "S", collate=None, doc='"{split}-{index}"'),
+        D("split", "post", "uint8", collate=None, doc="index into split_names_json"),
+        D("image_id", "post", "S", collate=None, doc='b"" when the post has no image'),
+        D("labelled", "post", "uint8", collate=None, doc="0: tags unknown (tag_ids are -1)"),
+        D("source", "post", "uint8", encoding="utf-8", collate=None, doc='"path:line" of the post'),
+        D("token_offsets", "index", "int64", indexes="token", collate=None,
+          doc="tokens of post p: token rows token_offsets[p]:token_offsets[p+1]"),
+        D("token_text", "token", "uint8", encoding="utf-8", collate=None, doc="the tokens as read"),
+        D("tag_ids", "token", "int16", collate=None, doc="index into tag_names_json (BIO as read), -1 unlabelled"),
+    ),
+))
 
-OBJECTS = register_group(
-    GroupSpec(
-        name="objects",
-        option="--detector maskrcnn",
-        doc="One detector per cache; objects of an image are in descending score. The crops are stored so "
+OBJECTS = register_group(GroupSpec(
+    name="objects", option="--detector maskrcnn",
+    doc="One detector per cache; objects of an image are in descending score. The crops are stored so "
         "encoders added later read the same pixels. attr class_names.",
-        provenance=("detector", "crops"),
-        datasets=(
-            D(
-                "offsets",
-                "index",
-                "int64",
-                indexes="object",
-                collate=None,
-                doc="objects of image i: object rows offsets[i]:offsets[i+1]",
-            ),
-            D("boxes", "object", "float32", (4,), doc="xyxy in original pixels"),
-            D("scores", "object", "float32", doc="detector score"),
-            D(
-                "class_ids",
-                "object",
-                "int32",
-                collate=None,
-                doc="detector classes (COCO ids for torchvision)",
-            ),
-            D(
-                "crop_jpeg",
-                "object",
-                "uint8",
-                encoding="jpeg",
-                collate="jpeg",
-                pixels=224,
-                doc="JPEG bytes of each object crop (longer side <= --crop-max-side)",
-            ),
-        ),
-    )
-)
+    provenance=("detector", "crops"),
+    datasets=(
+        D("offsets", "index", "int64", indexes="object", collate=None,
+          doc="objects of image i: object rows offsets[i]:offsets[i+1]"),
+        D("boxes", "object", "float32", (4,), doc="xyxy in original pixels"),
+        D("scores", "object", "float32", doc="detector score"),
+        D("class_ids", "object", "int32", collate=None, doc="detector classes (COCO ids for torchvision)"),
+        D("crop_jpeg", "object", "uint8", encoding="jpeg", collate="jpeg", pixels=224,
+          doc="JPEG bytes of each object crop (longer side <= --crop-max-side)"),
+    ),
+))
 
-CLIP = register_group(
-    GroupSpec(
-        name="encoders/clip",
-        option="--encoder clip",
-        provenance=("encoder",),
-        attrs=("logit_scale",),
-        dims={
-            "D": "projected embedding width (512 for ViT-B-32)",
-            "P": "patch tokens, class token excluded (49 for ViT-B-32 at 224)",
-            "Dp": "transformer width (768 for ViT-B-32)",
-        },
-        doc="open_clip ViT. attr logit_scale (exp of the learned scale, 100 for OpenAI weights).",
-        datasets=(
-            D("image_embed", "image", "float16", ("D",), doc="pooled, projected image embedding"),
-            D(
-                "patch_tokens",
-                "image",
-                "float16",
-                ("P", "Dp"),
-                required=False,
-                doc="visual tokens after ln_post (only for open_clip models that expose tokens)",
-            ),
-            D("crop_embed", "object", "float16", ("D",), doc="embedding of each object crop (224x224)"),
-        ),
-    )
-)
+CLIP = register_group(GroupSpec(
+    name="encoders/clip", option="--encoder clip", provenance=("encoder",), attrs=("logit_scale",),
+    dims={"D": "projected embedding width (512 for ViT-B-32)",
+          "P": "patch tokens, class token excluded (49 for ViT-B-32 at 224)",
+          "Dp": "transformer width (768 for ViT-B-32)"},
+    doc="open_clip ViT. attr logit_scale (exp of the learned scale, 100 for OpenAI weights).",
+    datasets=(
+        D("image_embed", "image", "float16", ("D",), doc="pooled, projected image embedding"),
+        D("patch_tokens", "image", "float16", ("P", "Dp"), required=False,
+          doc="visual tokens after ln_post (only for open_clip models that expose tokens)"),
+        D("crop_embed", "object", "float16", ("D",), doc="embedding of each object crop (224x224)"),
+    ),
+))
 
-RESNET152 = register_group(
-    GroupSpec(
-        name="encoders/resnet152",
-        option="--encoder resnet152",
-        provenance=("encoder",),
-        dims={"G": "grid side (7 at 224)", "C": "channels (2048)"},
-        doc="torchvision ResNet-152 (the -test variant has fewer layers and channels).",
-        datasets=(
-            D("grid", "image", "float16", ("G", "G", "C"), doc="last feature map of the whole image"),
-            D("crop_pooled", "object", "float16", ("C",), doc="average-pooled feature of each object crop"),
-        ),
-    )
-)
+RESNET152 = register_group(GroupSpec(
+    name="encoders/resnet152", option="--encoder resnet152", provenance=("encoder",),
+    dims={"G": "grid side (7 at 224)", "C": "channels (2048)"},
+    doc="torchvision ResNet-152 (the -test variant has fewer layers and channels).",
+    datasets=(
+        D("grid", "image", "float16", ("G", "G", "C"), doc="last feature map of the whole image"),
+        D("crop_pooled", "object", "float16", ("C",), doc="average-pooled feature of each object crop"),
+    ),
+))
 
-SWIN = register_group(
-    GroupSpec(
-        name="encoders/swin",
-        option="--encoder swin",
-        provenance=("encoder",),
-        dims={"G": "grid side (12 at 384)", "C": "channels (1536 for Swin-L)"},
-        doc="Hugging Face Swin (microsoft/swin-large-patch4-window12-384 by default).",
-        datasets=(D("grid", "image", "float16", ("G", "G", "C"), doc="last hidden state as a grid"),),
-    )
-)
+SWIN = register_group(GroupSpec(
+    name="encoders/swin", option="--encoder swin", provenance=("encoder",),
+    dims={"G": "grid side (12 at 384)", "C": "channels (1536 for Swin-L)"},
+    doc="Hugging Face Swin (microsoft/swin-large-patch4-window12-384 by default).",
+    datasets=(D("grid", "image", "float16", ("G", "G", "C"), doc="last hidden state as a grid"),),
+))
 
 
 # Few-layer test variants of the encoders (timm's test_* models): same datasets, tiny dims.
 TEST_VARIANTS = {
-    name: register_group(
-        replace(
-            spec,
-            name=f"{spec.name}-test",
-            option=f"{spec.option}-test",
-            doc=f"Test variant of {spec.name} (few layers, small dims): same datasets.",
-        )
-    )
+    name: register_group(replace(spec, name=f"{spec.name}-test", option=f"{spec.option}-test",
+                                 doc=f"Test variant of {spec.name} (few layers, small dims): same datasets."))
     for name, spec in (("clip", CLIP), ("resnet152", RESNET152), ("swin", SWIN))
 }
 
 
 def _prompt_group(name: str) -> GroupSpec:
     return GroupSpec(
-        name=f"prompts/{name}",
-        option="--prompts {name}",
-        provenance=("prompt_set",),
+        name=f"prompts/{name}", option="--prompts {name}", provenance=("prompt_set",),
         attrs=("category_names", "logit_scale"),
         dims={"Q": "prompts in the set", "C": "entity categories (4)", "D": "CLIP width"},
-        doc=f"A prompt set embedded with the cache's CLIP model (needs encoders/clip): `*` is a bundled set "
-        f"({', '.join(PROMPT_SETS)}) or the name of a --prompts FILE.json. attrs category_names, logit_scale.",
+        doc="A prompt set embedded with the cache's CLIP model (needs encoders/clip): a bundled set or a "
+            "--prompts FILE.json named after the file. attrs category_names, logit_scale.",
         datasets=(
             D("prompt_text", "global", "uint8", ("Q",), encoding="utf-8", collate=None, doc="the prompts"),
             D("prompt_category", "global", "int16", ("Q",), collate=None, doc="category of each prompt"),
             D("prompt_embed", "global", "float32", ("Q", "D"), collate=None, doc="CLIP text embeddings"),
-            D(
-                "centroids",
-                "global",
-                "float32",
-                ("C", "D"),
-                collate=None,
-                doc="mean prompt embedding per category (VCRMNER eq. 2)",
-            ),
-            D(
-                "crop_weights",
-                "object",
-                "float16",
-                ("C",),
-                doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)",
-            ),
-            D(
-                "image_relevance",
-                "image",
-                "float16",
-                ("Q",),
-                doc="p(prompt given the image) (PromptMNER eq. 1)",
-            ),
+            D("centroids", "global", "float32", ("C", "D"), collate=None,
+              doc="mean prompt embedding per category (VCRMNER eq. 2)"),
+            D("crop_weights", "object", "float16", ("C",),
+              doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)"),
+            D("image_relevance", "image", "float16", ("Q",), doc="p(prompt given the image) (PromptMNER eq. 1)"),
         ),
     )
 
 
-PROMPTS = register_group(_prompt_group("*"))  # one group per set: bundled names, or FILE.json's name
+PROMPTS = {name: register_group(_prompt_group(name)) for name in PROMPT_SETS}
+PROMPTS_FILE = register_group(_prompt_group("*"))  # --prompts FILE.json: the set is named after the file

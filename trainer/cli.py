@@ -17,7 +17,7 @@ app = typer.Typer(
         "--epochs 4 --out runs/t15-bert-crf"
     ),
 )
-SUBCOMMANDS = ("train", "evaluate", "predict")
+SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report")
 
 
 @app.command("train")
@@ -117,6 +117,50 @@ def predict_command(
     from mner.trainer.evaluate import predict_run
 
     predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images)
+
+
+@app.command("sweep")
+def sweep_command(
+    grid: Path = typer.Argument(..., help="Grid file (TOML). Example: grids/vcrmner.toml"),
+    out: Path | None = typer.Option(None, help="Root of the run folders (default: the grid's `out`). "
+                                    "Example: --out runs/vcrmner"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their state (done/unfinished/todo)."),
+    task: str | None = typer.Option(None, help="Run only every n-th run from i: i/n (SLURM arrays, one process "
+                                    "per GPU). Example: --task $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override for every run (after the grid's own); "
+                                          "repeatable. Example: --set text_encoder=minilm-l6"),
+    data: list[str] | None = typer.Option(None, help="Data folder of a grid dataset; repeatable. "
+                                          "Example: --data t15=../shared/data/twitter2015"),
+    features: list[str] | None = typer.Option(None, help="Feature cache of a grid dataset; repeatable. "
+                                              "Example: --features t15=cache/t15.h5"),
+    datasets: list[str] | None = typer.Option(None, "--datasets", help="Only runs on these datasets; repeatable. "
+                                              "Example: --datasets t15"),
+    seeds: list[int] | None = typer.Option(None, "--seed", help="Replace the grid's seeds; repeatable. "
+                                           "Example: --seed 1 --seed 2"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N for every run. Example: --device cpu"),
+) -> int:
+    """Run a grid of models x presets x switches x seeds x datasets/protocols; done runs are skipped."""
+    from mner.trainer.sweep import sweep
+
+    return sweep(grid, out=out, dry=dry_run, task=task, sets=set_, data=data, features=features,
+                 datasets=datasets, seeds=seeds, device=device)
+
+
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders or folders holding them. Example: runs/vcrmner"),
+    out: Path = typer.Option(Path("report"), help="Output folder (tables + PNGs). Example: --out report/vcrmner"),
+    compare: list[str] | None = typer.Option(None, help="Two configuration ids for a paired bootstrap test; "
+                                             "give the option twice. Example: --compare t15/vcrmner/paper "
+                                             "--compare t15/vcrmner/wo-ev"),
+    min_coverage: float = typer.Option(0.9, help="Flag runs whose test posts have an image feature row for "
+                                       "less than this share. Example: --min-coverage 0.95"),
+    bootstrap: int = typer.Option(1000, help="Bootstrap samples of the significance test. Example: --bootstrap 5000"),
+) -> None:
+    """Collect finished runs into results.{csv,parquet,md} (mean +/- std beside the papers) and PNG plots."""
+    from mner.trainer.report import report
+
+    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -416,10 +416,10 @@ def train(
             f"({', '.join(visual.random_init)}): fine for smoke tests, meaningless for results"
         )
 
-    if config.train_fraction < 1.0:
-        keep = sorted(random.Random(config.seed).sample(range(len(train_posts)),
-                                                        max(1, round(config.train_fraction * len(train_posts)))))
-        train_posts = [train_posts[i] for i in keep]
+    if config.train_fraction < 1.0:  # low-resource: nested subsets per seed (10% inside 20% ...)
+        from mner.trainer.protocols import train_subset
+
+        train_posts = [train_posts[i] for i in train_subset(len(train_posts), config.train_fraction, config.seed)]
     common = {"tokenizer": tokenizer, "max_length": config.max_length, "visual": visual}
     train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=label_to_id, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
@@ -440,6 +440,11 @@ def train(
     except ValueError as err:
         raise ConfigError(f"model {model}: {err}") from None
     net.to(engine.device)
+    if config.fast_ablation:  # not the papers' protocol: frozen encoder, outputs computed once
+        from mner.trainer.fast_text import use_cached_text_encoder
+
+        use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=engine.device,
+                                batch_size=config.eval_batch_size)
     check_longest_posts(net, {"train": train_set, **eval_sets}, collator, label_to_id=label_to_id,
                         device=engine.device, autocast=engine.autocast)
     train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
-from mner.trainer.models import register_model
+from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.segments import SecondSegment
 from mner.trainer.text_encoder import load_encoder
 
@@ -368,6 +368,9 @@ class ESPVR(nn.Module):
                 loss = loss + self.config.span_loss_weight * span_loss  # eq. 10
             out["loss"] = loss
         return out
+
+    def parameter_groups(self, train_config) -> list[dict]:
+        return default_parameter_groups(self, train_config)  # encoder / head (ESI CRF included) / CRF rates
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:

@@ -53,6 +53,7 @@ from mner.trainer.run_folder import (
     write_marker,
 )
 from mner.trainer.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.segments import second_segment_for
 from mner.trainer.text_encoder import (
     load_encoder_config,
     load_tokenizer,
@@ -407,7 +408,8 @@ def train(
     for split, found in unseen.items():
         warn_loudly(describe_unseen(split, found))
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
-                        visual_batcher=visual.batcher if visual is not None else None)
+                        visual_batcher=visual.batcher if visual is not None else None,
+                        second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
 
     # ---- the engine, the model, the checks on the longest posts
     engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)

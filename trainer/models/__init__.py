@@ -28,7 +28,7 @@ MODEL_REGISTRY: dict[str, type] = {}
 
 # Model modules imported on first lookup, so registering needs no central list of imports
 # beyond this one.
-_MODEL_MODULES = ("bert_crf", "vcrmner", "promptmner", "pmner")
+_MODEL_MODULES = ("bert_crf", "vcrmner", "promptmner", "pmner", "mgipscl", "espvr")
 
 
 def default_parameter_groups(

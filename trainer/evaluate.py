@@ -237,9 +237,9 @@ def evaluate_run(
     """
     from mner.trainer.batching import Collator
     from mner.trainer.labels import describe_unseen, unseen_types
-    from mner.trainer.segments import second_segment_for
     from mner.trainer.run_folder import require_finished
     from mner.trainer.run_record import short_fingerprint
+    from mner.trainer.segments import second_segment_for
     from mner.trainer.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
 
     run_dir = Path(run_dir)
@@ -294,8 +294,8 @@ def predict_run(
     ``<out>.json`` beside it names the run, the cache used and any warning about it."""
     from mner.pipeline.data import load_dataset
     from mner.trainer.batching import Collator
-    from mner.trainer.segments import second_segment_for
     from mner.trainer.run_folder import require_finished
+    from mner.trainer.segments import second_segment_for
     from mner.trainer.train import SPLITS, load_run, log, make_post_dataset, predict_tags
 
     run_dir = Path(run_dir)

@@ -60,6 +60,7 @@ from mner.trainer.run_folder import (
     write_marker,
 )
 from mner.trainer.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.segments import second_segment_for
 from mner.trainer.text_encoder import (
     load_encoder_config,
     load_tokenizer,

@@ -370,7 +370,7 @@ class ESPVR(nn.Module):
         return out
 
     def parameter_groups(self, train_config) -> list[dict]:
-        return default_parameter_groups(self, train_config)  # encoder / head (ESI CRF included) / CRF rates
+        return default_parameter_groups(self, train_config)  # encoder / head / CRF rates
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:

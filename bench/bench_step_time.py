@@ -10,8 +10,11 @@ Answers three questions (docs/models/README.md records the figures):
    in-step variant would also pay -- are not counted: the ratio is a lower bound.
 
 Text: the real Twitter-2015 training posts; visual input: a cache with the shapes stage 1 writes
-(CLIP ViT-B-32, ResNet-152, prompt sets) filled with seeded random values, since the images are not
-available offline (pass --cache to time an extracted cache instead).
+(CLIP ViT-B-32, ResNet-152, prompt sets; for mgipscl 0-3 grounding crops of 128x128 uint8 per image
+and frozen CLIP states of 2 layers x 17 tokens x 768; for espvr the Swin 12x12x1536 grid and a caption
+per image) filled with seeded random values, since the images are not available offline (pass --cache
+to time an extracted cache instead). mgipscl runs twice: in its paper mode (a ViT-B/32-shaped CLIP
+tower, random weights, fine-tuned over the crop pixels inside the step) and in its frozen mode.
 
     python bench/bench_step_time.py --data ../shared/data/twitter2015 --text-encoder minilm-l6
 """
@@ -32,6 +35,7 @@ from mner.pipeline.data import load_dataset
 from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 from mner.trainer.batching import Collator, PostDataset
 from mner.trainer.models import available_models, get_model_class
+from mner.trainer.segments import second_segment_for
 from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder
 from mner.trainer.train import parameter_groups
 from mner.trainer.config import TrainConfig
@@ -56,6 +60,33 @@ SCHEMA = {
         for name in PROMPT_SETS
     },
 }
+
+
+GROUNDING_SIDE, GROUNDING_LAYERS, GROUNDING_TOKENS, GROUNDING_WIDTH = 128, [6, 12], 17, 768  # CONTRACT-10
+SWIN_GRID, SWIN_WIDTH = 12, 1536
+CAPTION_WORDS = "a man woman dog street sign crowd stage game city photo of with in on the".split()
+# mgipscl's paper mode needs a CLIP tower: ViT-B/32's shape, random weights (no download offline)
+MODEL_OVERRIDES = {"mgipscl": {"clip_model": "random-vit-b-32"}}
+EXTRA_RUNS = {"mgipscl frozen": ("mgipscl", {"vision_mode": "frozen"})}  # label -> (model, config overrides)
+
+
+def write_issue10_groups(writer: CacheWriter, num_images: int, rng: np.random.Generator, provenance: dict) -> None:
+    """Grounding crops + frozen CLIP states (mgipscl), the Swin grid and captions (espvr)."""
+    counts = rng.integers(0, 4, size=num_images)  # 0..3 crops per image
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    crops = int(offsets[-1])
+    pixels = rng.integers(0, 256, (crops, 3, GROUNDING_SIDE, GROUNDING_SIDE), dtype=np.uint8)
+    writer.write_group("grounding", {"offsets": offsets, "pixels": pixels}, provenance)
+    states = rng.standard_normal((crops, len(GROUNDING_LAYERS), GROUNDING_TOKENS, GROUNDING_WIDTH), dtype=np.float32)
+    writer.write_group("encoders/clip_grounding", {"states": states.astype(np.float16)}, provenance,
+                       {"layers": GROUNDING_LAYERS, "image_size": GROUNDING_SIDE, "patch_size": 32})
+    del states
+    grid = np.concatenate([rng.standard_normal((min(64, num_images - i), SWIN_GRID, SWIN_GRID, SWIN_WIDTH),
+                                               dtype=np.float32).astype(np.float16) for i in range(0, num_images, 64)])
+    writer.write_group("encoders/swin", {"grid": grid}, provenance)
+    captions = [" ".join(rng.choice(CAPTION_WORDS, size=int(rng.integers(6, 14)))) if rng.random() > 0.1 else ""
+                for _ in range(num_images)]  # BLIP-length captions, 10% empty
+    writer.write_group("captions", {"text": captions}, provenance)
 
 
 def write_synthetic_cache(path: Path, image_ids: list[str], *, max_objects: int, seed: int) -> None:
@@ -86,6 +117,7 @@ def write_synthetic_cache(path: Path, image_ids: list[str], *, max_objects: int,
             if group == "encoders/clip":
                 attrs = {"logit_scale": 100.0}
             writer.write_group(group, arrays, provenance, attrs)
+        write_issue10_groups(writer, len(ids), rng, provenance)
 
 
 class InStepClip(torch.nn.Module):
@@ -116,7 +148,8 @@ class StepTimer:
     def __init__(self, model: torch.nn.Module, loader, *, lr: float):
         config = TrainConfig(encoder_lr=lr, head_lr=lr, crf_lr=lr)
         self.model, self.loader = model.train(), loader
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, config))
+        owned = getattr(model, "parameter_groups", None)  # a model with its own tower (mgipscl's CLIP)
+        self.optimizer = torch.optim.AdamW(owned(config) if owned else parameter_groups(model, config))
         self.batches = iter(loader)
         self.compute: list[float] = []  # seconds of forward + backward + optimiser step
         self.wait: list[float] = []  # seconds blocked on the DataLoader
@@ -183,15 +216,17 @@ def main(argv: list[str] | None = None) -> None:
         models = ["bert_crf"] + [m for m in models if m != "bert_crf"]
 
     timers: dict[str, tuple[StepTimer, int]] = {}
-    runs = [(name, False) for name in models]
+    runs = [(name, name, {}, False) for name in models]
+    runs += [(label, name, overrides, False) for label, (name, overrides) in EXTRA_RUNS.items() if name in models]
     if args.clip_steps and "vcrmner" in models:
-        runs.append(("vcrmner", True))
-    for name, in_step_clip in runs:
+        runs.append(("vcrmner + CLIP in step", "vcrmner", {}, True))
+    for label, name, overrides, in_step_clip in runs:
         cls = get_model_class(name)
-        config = cls.Config()
+        config = cls.Config(**{**MODEL_OVERRIDES.get(name, {}), **overrides})
         required = list(cls.required_features(config))
         batcher = VisualBatcher(cache, required, max_objects=getattr(config, "max_objects", None)) if required else None
-        collator = Collator(pad_token_id=tokenizer.pad_token_id, visual_batcher=batcher)
+        collator = Collator(pad_token_id=tokenizer.pad_token_id, visual_batcher=batcher,
+                            second_segment=second_segment_for(cls, config, tokenizer, args.max_length))
         loader = torch.utils.data.DataLoader(post_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=collator,
                                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
         torch.manual_seed(0)
@@ -199,7 +234,6 @@ def main(argv: list[str] | None = None) -> None:
                     features=cache.feature_spec(required) if required else None)
         if in_step_clip:
             model = InStepClip(model, model.crop_path, config.max_objects)
-        label = "vcrmner + CLIP in step" if in_step_clip else name
         timers[label] = (StepTimer(model, loader, lr=1e-5), args.clip_steps if in_step_clip else args.steps)
 
     # Round robin, one step per model per round: load changes on a shared machine hit every model alike.

@@ -12,18 +12,7 @@ from typing import List, Optional
 
 import typer
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu (decided when extracting, so other commands skip torch)."""
-    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
+_COMMAND: list[str] = []  # the command line main() was given (recorded in provenance)
 
 
 app = typer.Typer(
@@ -40,18 +29,50 @@ app = typer.Typer(
 @app.command()
 def extract(
     data: str = typer.Option(..., help="dataset folder (train/valid/test.txt) or one file"),
-    images: str = typer.Option(..., help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no extension)"),
+    images: Optional[str] = typer.Option(None, help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no "
+                                         "extension); a missing or empty folder is an error"),
+    no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
+                                   "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
-    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2"),
+    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2 (| maskrcnn-test | "
+                                 "fasterrcnn-test: tiny random test variants)"),
     encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
-                                      "(| resnet152-test | swin-test: few-layer test variants)"),
+                                      "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
     prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
+    grounding: Optional[str] = typer.Option(
+        None, help="grounding crops for mgipscl (3 per image, 128x128 pixels): owlv2 (text-conditioned OWLv2 queried "
+        "with the posts' capitalised spans + entity-type phrases) | detector (top 3 objects of --detector) | files "
+        "(your HVPNeT-style crops: --grounding-map, --grounding-crops-dir). See docs/grounding-captions.md"),
+    grounding_model: str = typer.Option("google/owlv2-base-patch16-ensemble", help="owlv2: hub name or local folder"),
+    grounding_threshold: float = typer.Option(0.1, help="owlv2: a box needs a query probability above this (0..1)"),
+    grounding_fill: str = typer.Option("objectness", help="owlv2: objectness (top up to 3 crops with OWLv2's most "
+                                       "object-like boxes, query-free) | none"),
+    grounding_queries: str = typer.Option("spans", help="owlv2: spans (each run of capitalised tokens is one query) "
+                                          "| words (each capitalised word is one query)"),
+    grounding_map: List[str] = typer.Option([], "--grounding-map", help="files, repeatable: HVPNeT *_dict.pth or "
+                                            ".json mapping {image file or id: [crop files]}"),
+    grounding_crops_dir: List[str] = typer.Option([], "--grounding-crops-dir", help="files, repeatable: the crops "
+                                                  "folder, one for all mappings or one per --grounding-map in order"),
+    grounding_clip: bool = typer.Option(False, "--grounding-clip", help="also cache frozen CLIP vision states of "
+                                        "every crop (encoders/clip_grounding: mgipscl's frozen mode)"),
+    grounding_clip_model: str = typer.Option("openai/clip-vit-base-patch32", help="--grounding-clip: "
+                                             "CLIPVisionModel hub name or local folder"),
+    grounding_clip_layers: str = typer.Option("6,12", help="--grounding-clip: hidden states kept (0 = embeddings, "
+                                              "i = output of layer i)"),
+    captions: Optional[str] = typer.Option(None, help="captions for espvr: blip | FILE.jsonl "
+                                           '({"image_id": ..., "caption": ...} a line) | FILE.tsv (id<TAB>caption)'),
+    caption_model: str = typer.Option("Salesforce/blip-image-captioning-base", help="blip: hub name or local folder"),
+    caption_max_tokens: int = typer.Option(30, help="blip: longest caption in tokens"),
+    caption_beams: int = typer.Option(3, help="blip: beam width (1 = greedy)"),
+    caption_prompt: str = typer.Option("", help='blip: conditional captioning prefix, e.g. "a picture of"'),
     random_init: bool = typer.Option(False, "--random-init", help="random weights everywhere, nothing downloaded "
                                      "(offline smoke runs; recorded in provenance, the trainer warns)"),
-    device: str = typer.Option("auto", help="torch device; auto: cuda when available, else cpu"),
+    device: str = typer.Option("auto", help="auto (the LOCAL_RANK GPU under torchrun, cuda:0, else cpu) | cpu | "
+                               "cuda | cuda:N"),
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
-    num_workers: int = typer.Option(0, help="DataLoader workers decoding images"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and resizing "
+                                              "images (default: all cores but one, at most 8; 0: main process)"),
     top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
     score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
     detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
@@ -67,6 +88,8 @@ def extract(
     max_image_side: int = typer.Option(2048, help="huge images are downscaled to this before the models"),
     missing_image: str = typer.Option("placeholder", help="placeholder (gray image's features) | zeros | "
                                       "error (list bad images, exit 2 before any compute)"),
+    max_bad_images: Optional[float] = typer.Option(None, help="share of images (0..1) allowed to be missing or "
+                                                   "unreadable; more is an error (exit 2)"),
     chunk_size: int = typer.Option(64, help="images per resumable chunk"),
     shard: Optional[str] = typer.Option(None, help="i/n: this process's share (default: RANK/WORLD_SIZE or "
                                         "SLURM_ARRAY_TASK_ID/COUNT); writes <out stem>.shard<i>of<n>.h5"),
@@ -79,10 +102,17 @@ def extract(
 
       mner-features extract --data data/twitter2015 --images imgs --out cache/t15.h5 --random-init
       --score-threshold 0 --encoder clip --encoder resnet152 --prompts vcrmner
+
+    Grounding crops and captions (MGIPS-CL, ESPVR; docs/grounding-captions.md):
+
+      mner-features extract ... --grounding owlv2 --grounding-clip --captions blip [--random-init]
+
+      mner-features extract ... --grounding files --grounding-map t15_train_dict.pth
+      --grounding-crops-dir aux/train/crops --captions captions.tsv
     """
     from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
-
-    device = resolve_device(device)
+    from mner.features.grounding_captions import caption_options, grounding_options
+    from mner.pipeline.cache import CacheError
 
     try:
         opts = ExtractOptions(
@@ -93,17 +123,26 @@ def extract(
             resnet_weights=resnet_weights, swin_model=swin_model, crop_max_side=crop_max_side,
             crop_quality=crop_quality, max_image_side=max_image_side, missing_image=missing_image,
             chunk_size=chunk_size, shard=parse_shard(shard) if shard else None, overwrite=overwrite,
-            progress=progress,
+            no_images=no_images, max_bad_images=max_bad_images, progress=progress, command=list(_COMMAND),
+            grounding=grounding_options(grounding, grounding_model, grounding_threshold, grounding_fill,
+                                        grounding_queries, grounding_map, grounding_crops_dir, grounding_clip,
+                                        grounding_clip_model, grounding_clip_layers),
+            captions=caption_options(captions, caption_model, caption_max_tokens, caption_beams, caption_prompt),
         )
+        opts.validate()
         _check_names(opts)
         summary = run_extraction(opts)
     except ImageError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, CacheError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(str(summary))
+    if summary.shard_count > 1:
+        from mner.features.distributed import merge_hint
+
+        typer.echo(merge_hint(out, summary.shard_count))
 
 
 @app.command()
@@ -162,6 +201,7 @@ def _check_names(opts) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``mner-features``; returns the exit code (tests call ``main([...])``)."""
+    _COMMAND[:] = ["mner-features", *(sys.argv[1:] if argv is None else argv)]
     try:
         app(args=argv, prog_name="mner-features")
     except SystemExit as exit_:

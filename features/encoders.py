@@ -1,15 +1,19 @@
-"""Image encoders, registered by name: ``clip``, ``resnet152``, ``swin`` (+ ``resnet152-test``, ``swin-test``).
+"""Image encoders, registered by name: ``clip``, ``resnet152``, ``swin`` and the test variants ``clip-test``,
+``resnet152-test``, ``swin-test``.
 
-An encoder turns a list of RGB PIL images into per-image arrays (``encode_images``) and, when it has
-crop features, a list of object crops into per-object arrays (``encode_crops``). The ``-test``
-variants keep the real code path and output layout with a few layers, like timm's test models, so the
-test-suite runs on a laptop CPU; the real architectures are exercised with ``--random-init``.
+An encoder declares the input it wants (:class:`InputSpec`: side, squash or centre crop, mean/std) and
+maps normalised pixel batches on its device to per-image arrays (``forward_images``) and, when it has
+crop features, per-object arrays (``forward_crops``). The loader's workers do the resizing (uint8), the
+device does the normalisation, and encoders with the same input size share one resized batch of crops.
+``encode_images`` / ``encode_crops`` take PIL images for the one-image paths (placeholder, tests).
+
+The ``-test`` variants keep the real code path and output layout with a few layers, like timm's test
+models, so the test-suite runs on a laptop CPU; they always have random weights and say so in provenance.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,17 +21,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mner.features.detectors import sha256_file
+from mner.features.detectors import autocast_for, seeded_if_random, sha256_file
 
 ENCODERS: dict[str, Callable[..., "Encoder"]] = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_TEST_MODEL = "clip-test"  # --clip-model value (and --encoder name) of the tiny random CLIP
 
 
 def register_encoder(name: str):
     def decorator(factory):
         ENCODERS[name] = factory
         return factory
+
     return decorator
 
 
@@ -41,59 +47,171 @@ def create_encoder(name: str, **kwargs) -> "Encoder":
 class EncoderConfig:
     random_init: bool = False  # random weights, no download (offline smoke runs); recorded as "random"
     weights: str | None = None  # local checkpoint file/folder; None = the library's pretrained weights
-    clip_model: str = "ViT-B-32"  # open_clip architecture name
+    clip_model: str = "ViT-B-32"  # open_clip architecture name (or "clip-test": the tiny random CLIP)
     clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local checkpoint file
     swin_model: str = "microsoft/swin-large-patch4-window12-384"  # hub name or local folder
     device: str = "cpu"
+    amp: str = "fp16"  # autocast dtype on CUDA: fp16 | bf16 | off (CPU always runs fp32)
+    channels_last: bool = True  # NHWC convolutions on CUDA (ResNet); ignored on CPU
 
 
-def _resize_normalize(images, size: int, mean, std) -> torch.Tensor:
-    """Squash every image to size x size (no crop: objects at the border stay) and normalise."""
-    from PIL import Image
+@dataclass(frozen=True)
+class InputSpec:
+    """The whole-image input an encoder wants; picklable, applied in the loader's workers."""
 
-    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-              for image in images]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)  # (B, 3, size, size)
-    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    size: int  # output side in pixels (square)
+    mode: str = "squash"  # "squash": resize to size x size (no crop) | "center_crop": shorter side, then crop
+
+    def resize(self, image) -> torch.Tensor:
+        """PIL RGB image -> uint8 (3, size, size), bicubic (as the models' own preprocessing)."""
+        from PIL import Image
+
+        size = self.size
+        if self.mode == "squash":
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        else:  # torchvision Resize(size) + CenterCrop(size), as open_clip's preprocess does
+            short, long = sorted(image.size)
+            new_long = int(size * long / short)
+            new_size = (size, new_long) if image.width <= image.height else (new_long, size)
+            if new_size != image.size:
+                image = image.resize(new_size, Image.Resampling.BICUBIC)
+            left = int(round((image.width - size) / 2.0))
+            top = int(round((image.height - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+_NORMALISERS: dict = {}
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, S, S) in 0..255 or float in 0..1 -> float normalised, on the pixels' device.
+
+    The (mean, std) tensors are made once per device: a fresh ``torch.tensor(..., device="cuda")`` per
+    batch would be a synchronous host-to-device copy that stalls the pipeline."""
+    scale = 255.0 if pixels.dtype == torch.uint8 else 1.0
+    key = (pixels.device, tuple(mean), tuple(std), scale)
+    if key not in _NORMALISERS:
+        _NORMALISERS[key] = (
+            torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * scale,
+            torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * scale,
+        )
+    mean_t, std_t = _NORMALISERS[key]
+    return (pixels.float() - mean_t) / std_t
 
 
 class Encoder:
-    """Base: ``image_datasets``/``crop_datasets`` name the arrays ``encode_*`` return (per-row shape)."""
+    """Base: ``image_datasets``/``crop_datasets`` name the arrays the forwards return (per-row shape)."""
 
     name = ""
     model_name = ""
+    always_random = False  # test variants: random weights whatever the options say
     image_datasets: dict[str, tuple[int, ...]] = {}
     crop_datasets: dict[str, tuple[int, ...]] = {}
     preprocessing: dict = {}
+    image_input = InputSpec(224)
+    crop_size: int | None = None  # crops are resized (squashed) to crop_size x crop_size; None = no crops
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     def __init__(self, config: EncoderConfig):
         self.config = config
         self.device = torch.device(config.device)
 
+    @property
+    def random_weights(self) -> bool:
+        return self.config.random_init or self.always_random
+
+    checkpoint: dict | None = (
+        None  # library weights: enum / tag / hub revision, file loaded, sha256 (weights.py)
+    )
+
     def pretrained(self) -> str:
-        if self.config.random_init:
+        from mner.features.weights import pretrained_tag
+
+        if self.random_weights:
             return "random"
         if self.config.weights:
-            return sha256_file(self.config.weights) if Path(self.config.weights).is_file() else str(self.config.weights)
-        return "library default"
+            return (
+                sha256_file(self.config.weights)
+                if Path(self.config.weights).is_file()
+                else str(self.config.weights)
+            )
+        return pretrained_tag(self.checkpoint or {}) or "unknown library weights"
 
     def provenance_fields(self) -> dict:
-        return {"model": self.model_name, "pretrained": self.pretrained(), "preprocessing": self.preprocessing,
-                "thresholds": {}}
+        fields = {
+            "model": self.model_name,
+            "pretrained": self.pretrained(),
+            "preprocessing": self.preprocessing,
+            "thresholds": {},
+        }
+        if self.checkpoint and not self.random_weights:
+            fields["checkpoint"] = self.checkpoint
+        return fields
 
     def attrs(self) -> dict:
         return {}
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
+        return autocast_for(self.device, self.config.amp)
 
-    def encode_images(self, images) -> dict[str, np.ndarray]:
+    def forward_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised (B, 3, S, S) on the device -> dataset name -> float (B, ...) on the device."""
         raise NotImplementedError
 
-    def encode_crops(self, crops) -> dict[str, np.ndarray]:
+    def forward_crops(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
+
+    @torch.inference_mode()
+    def encode_images(self, images) -> dict[str, np.ndarray]:
+        pixels = torch.stack([self.image_input.resize(image.convert("RGB")) for image in images]).to(
+            self.device
+        )
+        return {
+            k: v.cpu().numpy() for k, v in self.forward_images(normalize(pixels, self.mean, self.std)).items()
+        }
+
+    @torch.inference_mode()
+    def encode_crops(self, crops) -> dict[str, np.ndarray]:
+        if not self.crop_size:
+            return {}
+        spec = InputSpec(self.crop_size)
+        pixels = torch.stack([spec.resize(crop.convert("RGB")) for crop in crops]).to(self.device)
+        return {
+            k: v.cpu().numpy() for k, v in self.forward_crops(normalize(pixels, self.mean, self.std)).items()
+        }
+
+
+@dataclass
+class TinyClipShape:
+    embed_dim: int = 64  # joint image/text embedding width
+    width: int = 64  # vision and text transformer width
+    layers: int = 2  # transformer blocks (vision and text each)
+    head_width: int = 32  # attention head width (2 heads)
+    patch_size: int = 32  # 224 / 32 = 7x7 = 49 patch tokens, as ViT-B-32
+
+
+def build_tiny_clip(shape: TinyClipShape = TinyClipShape()):
+    """A tiny open_clip ``CLIP`` (random weights, built offline) with ViT-B-32's token layout."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(
+        layers=shape.layers,
+        width=shape.width,
+        head_width=shape.head_width,
+        patch_size=shape.patch_size,
+        image_size=224,
+    )
+    text = CLIPTextCfg(
+        context_length=77,
+        vocab_size=49408,
+        width=shape.width,
+        heads=shape.width // shape.head_width,
+        layers=shape.layers,
+    )
+    return open_clip.CLIP(embed_dim=shape.embed_dim, vision_cfg=vision, text_cfg=text)
 
 
 @register_encoder("clip")
@@ -106,33 +224,50 @@ class ClipEncoder(Encoder):
         super().__init__(config)
         import open_clip
 
-        pretrained = None if config.random_init else (config.weights or config.clip_pretrained)
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            config.clip_model, pretrained=pretrained, device=self.device)
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(config.clip_model)
-        self.model_name = f"open_clip/{config.clip_model}"
+        if config.clip_model == CLIP_TEST_MODEL:
+            self.always_random = True
+            with seeded_if_random(CLIP_TEST_MODEL, True):
+                self.model = build_tiny_clip()
+            self.model_name = f"open_clip/CLIP({TinyClipShape()})"
+            self.tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the bundled BPE vocabulary (offline)
+        else:
+            pretrained = None if config.random_init else (config.weights or config.clip_pretrained)
+            self.model = open_clip.create_model(config.clip_model, pretrained=pretrained)
+            self.model_name = f"open_clip/{config.clip_model}"
+            if pretrained and not Path(pretrained).is_file():
+                from mner.features.weights import open_clip_checkpoint
+
+                self.checkpoint = open_clip_checkpoint(config.clip_model, pretrained)
+            self.tokenizer = open_clip.get_tokenizer(config.clip_model)
+        self.model.eval().to(self.device)
         visual = self.model.visual
         self.has_tokens = hasattr(visual, "output_tokens")
         if self.has_tokens:
             visual.output_tokens = True  # forward returns (pooled, patch tokens after ln_post)
         size = visual.image_size
-        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.image_input = InputSpec(size, "center_crop")
+        self.crop_size = size
         self.mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
         self.std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
         with torch.inference_mode():
-            pooled, tokens = self._forward(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device))
-        self.image_datasets = {"image_embed": tuple(pooled.shape[1:])}
-        if tokens is not None:
-            self.image_datasets["patch_tokens"] = tuple(tokens.shape[1:])
-        self.crop_datasets = {"crop_embed": tuple(pooled.shape[1:])}
-        self.preprocessing = {"image": f"open_clip preprocess (resize {self.image_size} + center crop)",
-                              "crop": f"resize {self.image_size}x{self.image_size} (VCRMNER)",
-                              "mean": self.mean, "std": self.std,
-                              "patch_tokens": "visual transformer tokens after ln_post, class token excluded"}
+            probe = self.forward_images(torch.zeros(1, 3, size, size, device=self.device))
+        self.image_datasets = {key: tuple(value.shape[1:]) for key, value in probe.items()}
+        self.crop_datasets = {"crop_embed": self.image_datasets["image_embed"]}
+        self.preprocessing = {
+            "image": f"open_clip preprocess (resize {size} bicubic + center crop)",
+            "crop": f"roi_align of the decoded image to {size}x{size} (VCRMNER)",
+            "mean": self.mean,
+            "std": self.std,
+            "patch_tokens": "visual transformer tokens after ln_post, class token excluded",
+        }
+
+    @property
+    def image_size(self) -> int:
+        return self.image_input.size
 
     def pretrained(self) -> str:
-        if self.config.random_init:
+        if self.random_weights:
             return "random"
         if self.config.weights or Path(self.config.clip_pretrained).is_file():
             return sha256_file(self.config.weights or self.config.clip_pretrained)
@@ -145,26 +280,18 @@ class ClipEncoder(Encoder):
     def attrs(self) -> dict:
         return {"logit_scale": self.logit_scale}
 
-    def _forward(self, pixels: torch.Tensor):
+    def _visual(self, pixels: torch.Tensor):
         with self.autocast():
             output = self.model.visual(pixels)
         pooled, tokens = output if self.has_tokens else (output, None)
         return pooled.float(), (tokens.float() if tokens is not None else None)  # (B, D), (B, P, Dp)
 
-    @torch.inference_mode()
-    def encode_images(self, images):
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, S, S)
-        pooled, tokens = self._forward(pixels)
-        arrays = {"image_embed": pooled.cpu().numpy()}
-        if tokens is not None:
-            arrays["patch_tokens"] = tokens.cpu().numpy()
-        return arrays
+    def forward_images(self, pixels):
+        pooled, tokens = self._visual(pixels)
+        return {"image_embed": pooled} | ({"patch_tokens": tokens} if tokens is not None else {})
 
-    @torch.inference_mode()
-    def encode_crops(self, crops):
-        pixels = _resize_normalize(crops, self.image_size, self.mean, self.std).to(self.device)
-        pooled, _ = self._forward(pixels)
-        return {"crop_embed": pooled.cpu().numpy()}
+    def forward_crops(self, pixels):
+        return {"crop_embed": self._visual(pixels)[0]}
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> np.ndarray:
@@ -173,51 +300,79 @@ class ClipEncoder(Encoder):
             return self.model.encode_text(tokens).float().cpu().numpy()  # (Q, D), not normalised
 
 
+@register_encoder("clip-test")
+class ClipTestEncoder(ClipEncoder):
+    """Tiny random CLIP (2+2 layers, width 64, ViT-B-32 token layout); as ``--clip-model clip-test``."""
+
+    name = "clip-test"
+
+    def __init__(self, config: EncoderConfig):
+        from dataclasses import replace
+
+        super().__init__(replace(config, clip_model=CLIP_TEST_MODEL))
+
+
 @register_encoder("resnet152")
 class ResNetEncoder(Encoder):
     """torchvision ResNet-152: 7x7x2048 last-conv grid at 224x224, average-pooled 2048-d crop features."""
 
     name = "resnet152"
     blocks = (3, 8, 36, 3)
-    input_size = 224
+    image_input = InputSpec(224)
+    crop_size = 224
 
     def __init__(self, config: EncoderConfig):
         super().__init__(config)
         import torchvision.models as models
         from torchvision.models.resnet import Bottleneck, ResNet
 
-        if self.blocks == (3, 8, 36, 3) and not config.random_init and not config.weights:
+        if self.blocks == (3, 8, 36, 3) and not self.random_weights and not config.weights:
+            from mner.features.weights import torchvision_checkpoint
+
             self.model = models.resnet152(weights="DEFAULT")
+            self.checkpoint = torchvision_checkpoint(models.ResNet152_Weights.DEFAULT)
+        elif self.always_random:
+            with seeded_if_random(self.name, True):
+                self.model = ResNet(Bottleneck, list(self.blocks), zero_init_residual=True)
         else:
             # random init: each residual block starts as the identity (zero last-BN gamma); with default
             # init and eval-mode BN the 50 blocks of ResNet-152 compound until float16 overflows (~1e8)
-            self.model = ResNet(Bottleneck, list(self.blocks), zero_init_residual=config.random_init)
-            if config.weights and not config.random_init:
+            self.model = ResNet(Bottleneck, list(self.blocks), zero_init_residual=self.random_weights)
+            if config.weights and not self.random_weights:
                 self.model.load_state_dict(torch.load(config.weights, map_location="cpu", weights_only=True))
         self.model.eval().to(self.device)
-        self.model_name = f"torchvision/resnet(bottleneck {list(self.blocks)})" if self.name != "resnet152" \
+        self.channels_last = self.device.type == "cuda" and config.channels_last
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model_name = (
+            f"torchvision/resnet(bottleneck {list(self.blocks)})"
+            if self.name != "resnet152"
             else "torchvision/resnet152"
-        grid = self.input_size // 32
+        )
+        grid = self.image_input.size // 32
         self.image_datasets = {"grid": (grid, grid, 2048)}
         self.crop_datasets = {"crop_pooled": (2048,)}
-        self.preprocessing = {"resize": f"{self.input_size}x{self.input_size} (no crop)",
-                              "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.preprocessing = {
+            "resize": f"{self.image_input.size}x{self.image_input.size} bicubic (no crop)",
+            "crop": "roi_align of the decoded image to 224x224",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
 
-    def _grid(self, images) -> torch.Tensor:
-        pixels = _resize_normalize(images, self.input_size, IMAGENET_MEAN, IMAGENET_STD).to(self.device)
+    def _grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         m = self.model
         with self.autocast():
             x = m.maxpool(m.relu(m.bn1(m.conv1(pixels))))
             x = m.layer4(m.layer3(m.layer2(m.layer1(x))))  # (B, 2048, 7, 7)
         return x.float()
 
-    @torch.inference_mode()
-    def encode_images(self, images):
-        return {"grid": self._grid(images).permute(0, 2, 3, 1).cpu().numpy()}  # (B, 7, 7, 2048)
+    def forward_images(self, pixels):
+        return {"grid": self._grid(pixels).permute(0, 2, 3, 1)}  # (B, 7, 7, 2048)
 
-    @torch.inference_mode()
-    def encode_crops(self, crops):
-        return {"crop_pooled": self._grid(crops).mean(dim=(2, 3)).cpu().numpy()}  # (M, 2048)
+    def forward_crops(self, pixels):
+        return {"crop_pooled": self._grid(pixels).mean(dim=(2, 3))}  # (M, 2048)
 
 
 @register_encoder("resnet152-test")
@@ -226,6 +381,7 @@ class ResNetTestEncoder(ResNetEncoder):
 
     name = "resnet152-test"
     blocks = (1, 1, 1, 1)
+    always_random = True
 
 
 @dataclass
@@ -248,36 +404,48 @@ class SwinEncoder(Encoder):
         super().__init__(config)
         from transformers import SwinConfig, SwinModel
 
-        if self.name == "swin" and not config.random_init:
+        if self.name == "swin" and not self.random_weights:
             source = config.weights or config.swin_model
+            from mner.features.weights import hf_revision
+
             self.model = SwinModel.from_pretrained(source)
             self.model_name = f"transformers/{source}"
+            self.checkpoint = hf_revision(self.model)  # the hub commit actually loaded
         else:
             s = self.shape
-            self.model = SwinModel(SwinConfig(image_size=s.image_size, patch_size=4, embed_dim=s.embed_dim,
-                                              depths=list(s.depths), num_heads=list(s.num_heads),
-                                              window_size=s.window_size))
+            with seeded_if_random(self.name, self.always_random):
+                self.model = SwinModel(
+                    SwinConfig(
+                        image_size=s.image_size,
+                        patch_size=4,
+                        embed_dim=s.embed_dim,
+                        depths=list(s.depths),
+                        num_heads=list(s.num_heads),
+                        window_size=s.window_size,
+                    )
+                )
             self.model_name = f"transformers/SwinModel({s})"
         self.model.eval().to(self.device)
-        self.image_size = self.model.config.image_size
-        grid = self.image_size // 32
+        self.image_input = InputSpec(self.model.config.image_size)
+        grid = self.image_input.size // 32
         self.image_datasets = {"grid": (grid, grid, self.model.num_features)}
-        self.preprocessing = {"resize": f"{self.image_size}x{self.image_size} (no crop)",
-                              "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                              "grid": "last_hidden_state (after the final layer norm)"}
+        self.preprocessing = {
+            "resize": f"{self.image_input.size}x{self.image_input.size} bicubic (no crop)",
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "grid": "last_hidden_state (after the final layer norm)",
+        }
 
     def pretrained(self) -> str:
-        if self.config.random_init:
+        if self.random_weights:
             return "random"
-        return self.config.weights or self.config.swin_model
+        return f"{self.config.weights or self.config.swin_model}@{(self.checkpoint or {}).get('revision')}"
 
-    @torch.inference_mode()
-    def encode_images(self, images):
-        pixels = _resize_normalize(images, self.image_size, IMAGENET_MEAN, IMAGENET_STD).to(self.device)
+    def forward_images(self, pixels):
         with self.autocast():
             hidden = self.model(pixel_values=pixels).last_hidden_state.float()  # (B, 144, 1536)
         side = int(math.isqrt(hidden.shape[1]))
-        return {"grid": hidden.reshape(hidden.shape[0], side, side, hidden.shape[2]).cpu().numpy()}
+        return {"grid": hidden.reshape(hidden.shape[0], side, side, hidden.shape[2])}  # (B, 12, 12, 1536)
 
 
 @register_encoder("swin-test")
@@ -286,3 +454,4 @@ class SwinTestEncoder(SwinEncoder):
 
     name = "swin-test"
     shape = SwinShape(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+    always_random = True

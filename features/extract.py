@@ -1,61 +1,66 @@
-"""The resumable, shardable extraction loop behind ``mner-features extract``.
+"""The resumable, shardable extraction loop behind ``mner-features extract``: one generic chunked loop.
 
-Work is split into chunks of image ids. Each finished chunk is saved to
-``<out>.parts/<run-config-hash>/chunk_<k>.npz`` (write to a temp name, then ``os.replace``), so a
-killed run resumes at the first unfinished chunk. When every chunk is done the groups are assembled
-into the cache through ``CacheWriter`` (temp file + atomic rename) and the parts folder is deleted:
-at any moment the cache file is either absent, the previous valid cache, or the new complete one.
+Each feature group is made by one producer (``producers.py``); the loop knows none of them by name.
+For every chunk of image ids it decodes the images (when a producer needs pixels), runs the producers
+in order on the usable images, copies the placeholder rows (computed once per run from the gray image)
+and saves the chunk to ``<out>.parts/<run-config-hash>/chunk_<k>.npz``. A killed run resumes at the
+first missing chunk. When every chunk is done, ``parts.py`` streams the chunks into the cache (temp
+file + atomic rename): peak memory is one chunk, temporary disk is the parts folder.
 
-Groups already in the cache are never recomputed (unless ``overwrite``): adding ``--encoder swin``
-runs only Swin, and crop features are always computed from the cached JPEG crops, so adding an
-encoder later gives the same numbers as computing it in the first run.
+The whole run holds the cache's lock: a second writer of the same ``--out`` stops with an error that
+names the holder. Groups already in the cache are never recomputed (unless ``overwrite``): adding
+``--encoder swin`` runs only Swin, and crop features are cut from the decoded image at the cached boxes
+(``stages.py``), so adding an encoder later gives the same numbers as computing it in the first run.
+A cache that grows is checked against the images it was built from (content fingerprints) and against
+the CLIP model that made its embeddings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mner.features.detectors import DetectorConfig, create_detector
-from mner.features.encoders import ClipEncoder, EncoderConfig, create_encoder
-from mner.features.images import (
-    MAX_SIDE, MISSING_POLICIES, LoadedImage, apply_missing_policy, crop_box, decode_jpeg, encode_jpeg,
-    load_image, placeholder_image,
-)
-from mner.features.prompts import load_prompt_set, prompt_features
-from mner.pipeline.cache import STATUS_NAMES, CacheWriter, FeatureCache, make_provenance
+from mner.features.distributed import resolve_device
+from mner.features.images import MAX_SIDE, MISSING_POLICIES, LoadedImage, file_fingerprint, placeholder_image
+from mner.features.loader import DecodedImage, ImageLoader, LoaderSpec, default_num_workers, prepared_image
+from mner.features.parts import chunk_key, chunk_paths, folder_bytes, iter_chunks, pack_bytes, save_chunk, unpack_bytes
+from mner.features.producers import ChunkBatch, Producer, check_layouts, resolved
+from mner.features.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
+from mner.features.stages import BackgroundWriter, ImageStages
+from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
+from mner.pipeline.cache.specs import get_group, index_path
 
-SEP = "::"  # key separator inside chunk .npz files ("encoders::clip::image_embed")
+OK = STATUS_NAMES.index("ok")
 
 
 class ImageError(RuntimeError):
-    """--missing-image error found bad images (raised before any model runs)."""
+    """Bad images: --missing-image error found some, or more than --max-bad-images (exit code 2)."""
 
 
 @dataclass
 class ExtractOptions:
     data: str  # dataset folder (or one file) read with mner.pipeline.data.load_dataset
-    images: str  # folder of <image id>.jpg files
+    images: str | None  # folder of <image id>.jpg files; None only with no_images
     out: str  # cache path (a shard adds .shard<i>of<n> before .h5)
     detector: str = "maskrcnn"  # registered detector name
     encoders: list[str] = field(default_factory=lambda: ["clip"])  # registered encoder names
     prompts: list[str] = field(default_factory=list)  # prompt set names (need the clip encoder)
     random_init: bool = False  # random weights everywhere (offline smoke runs), recorded in provenance
-    device: str = "cpu"
-    batch_size: int = 32  # images (and crops) per encoder forward
-    num_workers: int = 0  # DataLoader workers decoding images
+    device: str = "auto"  # auto: the LOCAL_RANK GPU under torchrun, else cuda:0, else cpu (distributed.py)
+    batch_size: int = 32  # images per detector/encoder forward (crops: 4x)
+    num_workers: int | None = None  # loader worker processes; None: all cores but one, at most 8
     top_k: int = 10  # objects kept per image
     score_threshold: float = 0.5  # detector score cut
     detector_min_size: int = 800  # detector input shorter side
@@ -72,7 +77,43 @@ class ExtractOptions:
     chunk_size: int = 64  # image ids per resumable chunk
     shard: tuple[int, int] | None = None  # (index, count); None = from env or (0, 1)
     overwrite: bool = False  # rebuild the cache from scratch instead of adding missing groups
+    no_images: bool = False  # build over the id list without any picture (every image "missing"), on purpose
+    max_bad_images: float | None = None  # share of non-ok images above which the run is an error
     progress: bool = True
+    grounding: object | None = None  # GroundingOptions (features/grounding_captions.py): --grounding ...
+    captions: object | None = None  # CaptionOptions: --captions blip | FILE
+    command: list[str] | None = None  # the command line as typed (default sys.argv), recorded with absolute paths
+
+    def validate(self) -> None:
+        """Bad values fail here, before anything touches the disk (no .parts folder is left behind)."""
+        def need(ok: bool, flag: str, value, valid: str) -> None:
+            if not ok:
+                raise ValueError(f"{flag} {value!r}: must be {valid}")
+
+        for flag, value in (("--batch-size", self.batch_size), ("--chunk-size", self.chunk_size),
+                            ("--detector-min-size", self.detector_min_size), ("--crop-max-side", self.crop_max_side),
+                            ("--max-image-side", self.max_image_side)):
+            need(isinstance(value, int) and value >= 1, flag, value, "an integer >= 1")
+        need(self.top_k >= 1, "--top-k", self.top_k, "an integer >= 1")
+        need(self.num_workers is None or self.num_workers >= 0, "--num-workers", self.num_workers, "an integer >= 0")
+        need(1 <= self.crop_quality <= 95, "--crop-quality", self.crop_quality, "a JPEG quality in 1..95")
+        need(self.score_threshold >= 0, "--score-threshold", self.score_threshold, "a score >= 0")
+        if self.max_bad_images is not None:
+            need(0 <= self.max_bad_images <= 1, "--max-bad-images", self.max_bad_images, "a share in 0..1 (0.05 = 5%)")
+        need(self.missing_image in MISSING_POLICIES, "--missing-image", self.missing_image,
+             "one of " + ", ".join(MISSING_POLICIES))
+        if self.no_images and self.images:
+            raise ValueError("--no-images and --images are exclusive: drop one")
+        if not self.no_images:
+            if not self.images:
+                raise ValueError("--images is required (or --no-images for a cache without pictures)")
+            folder = Path(self.images)
+            if not folder.is_dir():
+                raise ValueError(f"--images {self.images}: no such folder (pass --no-images to build a cache "
+                                 "without pictures on purpose)")
+            if next(folder.iterdir(), None) is None:
+                raise ValueError(f"--images {self.images}: the folder is empty (pass --no-images to build a "
+                                 "cache without pictures on purpose)")
 
 
 @dataclass
@@ -81,126 +122,74 @@ class Summary:
     computed: list[str]
     skipped: list[str]
     status_counts: dict[str, int] = field(default_factory=dict)
+    bad_causes: dict[str, int] = field(default_factory=dict)  # non-ok images by cause (no-file, corrupt, ...)
     notes: dict[str, int] = field(default_factory=dict)
     num_images: int = 0
     num_objects: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    parts_bytes: int = 0  # temporary disk at assembly: the parts folder
+    cache_bytes: int = 0  # the cache written
+    stages: dict[str, float] = field(default_factory=dict)  # device stages' wall seconds (detector, crops, ...)
+    shard_count: int = 1  # > 1: this run wrote one shard of several (merge them when all are done)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.out}: computed {', '.join(self.computed) or 'nothing'}"
                  + (f"; kept {', '.join(self.skipped)}" if self.skipped else "")]
         lines.append(f"images {self.num_images}: " + ", ".join(f"{k} {v}" for k, v in self.status_counts.items()))
+        if self.bad_causes:
+            lines.append("not ok by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bad_causes.items())))
         if self.notes:
             lines.append("conversions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.notes.items())))
         lines.append(f"objects {self.num_objects}")
+        if self.cache_bytes:
+            lines.append(f"temporary disk: parts {self.parts_bytes / 2**20:.1f} MiB for a "
+                         f"{self.cache_bytes / 2**20:.1f} MiB cache")
         total = sum(self.seconds.values()) or 1.0
         for name, seconds in self.seconds.items():
             rate = self.num_images / seconds if seconds > 0 else float("inf")
             lines.append(f"  {name:<24} {seconds:8.2f} s  ({100 * seconds / total:5.1f}%, {rate:8.1f} images/s)")
+        if self.stages:
+            lines.append("device stages (inside the above):")
+            for name, seconds in self.stages.items():
+                rate = self.num_images / seconds if seconds > 0 else float("inf")
+                lines.append(f"  {name:<24} {seconds:8.2f} s  ({rate:8.1f} images/s)")
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------- sharding
+# ----------------------------------------------------------------------------------------- images
 
 
-def shard_of(image_id: str, count: int) -> int:
-    """Deterministic shard of an id: independent of the id list, the process and the Python hash seed."""
-    return int.from_bytes(hashlib.sha1(image_id.encode("utf-8")).digest()[:8], "big") % count
-
-
-def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    """--shard, else torchrun's RANK/WORLD_SIZE, else a SLURM array's task id/count, else (0, 1)."""
-    if shard is not None:
-        index, count = shard
-    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        index, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        index, count = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        index, count = 0, 1
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-    return index, count
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
-    return resolve_shard((index, count))
-
-
-def shard_out_path(out: str, index: int, count: int) -> str:
-    if count == 1:
-        return out
-    path = Path(out)
-    return str(path.with_name(f"{path.stem}.shard{index}of{count}{path.suffix or '.h5'}"))
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-class _ImageList(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; yields LoadedImage (PIL images pickle fine)."""
-
-    def __init__(self, images_dir: str, ids: list[str], max_side: int):
-        self.images_dir, self.ids, self.max_side = images_dir, ids, max_side
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> LoadedImage:
-        return load_image(self.images_dir, self.ids[index], max_side=self.max_side)
-
-
-def _identity(item):
-    return item
-
-
-def _iter_images(opts: ExtractOptions, ids: list[str]):
-    loader = torch.utils.data.DataLoader(_ImageList(opts.images, ids, opts.max_image_side), batch_size=None,
-                                         num_workers=opts.num_workers, collate_fn=_identity)
-    return iter(loader)
-
-
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def _seed_random_init(component: str, random_init: bool) -> None:
+def seed_random_init(component: str, random_init: bool) -> None:
     """Random weights are a function of the component name: resumed, sharded and grown caches agree."""
     if random_init:
         torch.manual_seed(int.from_bytes(hashlib.sha1(component.encode()).digest()[:4], "big"))
 
 
-def _half(values: np.ndarray) -> np.ndarray:
-    """float16 with saturation (random-init ResNet-152 activations can exceed 65504)."""
-    limit = np.finfo(np.float16).max
-    return np.clip(values, -limit, limit).astype(np.float16)
+PATH_OPTIONS = ("--data", "--images", "--out", "--detector-weights", "--resnet-weights")
 
 
-def _batched(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def absolute_command(argv: list[str]) -> list[str]:
+    """argv with path values made absolute: those of PATH_OPTIONS, and any naming an existing path."""
+    out, previous = [], ""
+    for arg in argv:
+        flag, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+        path_option = (flag or previous) in PATH_OPTIONS
+        if value and not value.startswith("--") and (path_option or os.path.exists(value)):
+            value = os.path.abspath(value)
+        out.append(f"{flag}={value}" if eq else value)
+        previous = arg
+    return out
 
 
-@dataclass
-class _RowTemplate:
-    """Features of the gray placeholder image: computed once per run, copied into every placeholder row."""
+def _pack_and_save(path: Path, arrays: dict) -> None:
+    """In the background writer: ragged bytes (waiting for their JPEG crops) packed flat, then the chunk saved."""
+    for key in [key for key, value in arrays.items() if isinstance(value, list)]:
+        arrays[key], arrays[key + "::lengths"] = pack_bytes(resolved(arrays[key]))
+    save_chunk(path, arrays)
 
-    boxes: np.ndarray
-    scores: np.ndarray
-    class_ids: np.ndarray
-    crops: list[bytes]
-    image_arrays: dict[str, dict[str, np.ndarray]]  # encoder -> dataset -> (1, ...) array
-    crop_arrays: dict[str, dict[str, np.ndarray]]  # encoder -> dataset -> (k, ...) array
+
+def _segments(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -209,26 +198,29 @@ class _RowTemplate:
 class Extraction:
     """One extraction run over one shard: plan, compute chunks, assemble."""
 
-    def __init__(self, opts: ExtractOptions):
+    def __init__(self, opts: ExtractOptions, producers_factory=None):
         from mner.pipeline.data import load_dataset
 
-        if opts.missing_image not in MISSING_POLICIES:
-            raise ValueError(f"--missing-image {opts.missing_image!r}; valid: {', '.join(MISSING_POLICIES)}")
+        opts.validate()
         self.opts = opts
         self.shard = resolve_shard(opts.shard)
+        opts.device = resolve_device(opts.device)
+        self.num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
+        self.stages = ImageStages(opts.device, batch_size=opts.batch_size)  # shared by the image producers
         self.out = shard_out_path(opts.out, *self.shard)
         self.dataset = load_dataset(opts.data)
         index, count = self.shard
         self.ids = [i for i in self.dataset.image_ids() if shard_of(i, count) == index]
         self.seconds: dict[str, float] = defaultdict(float)
         self.notes: Counter = Counter()
-        self._plan()
+        self.parts_root = Path(f"{self.out}.parts")
+        from mner.features.plan import plan_producers  # the registry of the built-in groups
+
+        self._producers_factory = producers_factory or plan_producers
 
     # planning --------------------------------------------------------------------------------------
     def _plan(self) -> None:
         opts = self.opts
-        for name in opts.prompts:
-            load_prompt_set(name)  # fail early on a bad name
         self.cache: FeatureCache | None = None
         existing: set[str] = set()
         if os.path.exists(self.out) and not opts.overwrite:
@@ -237,55 +229,79 @@ class Extraction:
                 raise ValueError(f"{self.out} indexes {self.cache.num_images} other images than --data/--shard "
                                  f"select ({len(self.ids)}); use --overwrite or another --out")
             existing = set(self.cache.groups())
-        wanted = ["objects"] + [f"encoders/{e}" for e in opts.encoders] + [f"prompts/{p}" for p in opts.prompts]
-        self.skipped = [g for g in wanted if g in existing]
-        self.compute_objects = "objects" not in existing
-        if not self.compute_objects:
-            model = self.cache.provenance("objects").get("model", "")
-            if opts.detector not in model and not (opts.detector == "detectron2" and "detectron2" in model):
-                print(f"note: {self.out} already has objects from {model}; --detector {opts.detector} is ignored "
-                      "(crops come from the cache; use --overwrite to re-detect)", file=sys.stderr)
-        self.encoder_names = [e for e in dict.fromkeys(opts.encoders) if f"encoders/{e}" not in existing]
-        self.prompt_names = [p for p in dict.fromkeys(opts.prompts) if f"prompts/{p}" not in existing]
-        if self.prompt_names and "clip" not in self.encoder_names and "encoders/clip" not in existing:
-            raise ValueError(f"--prompts {' '.join(self.prompt_names)} needs CLIP embeddings: add --encoder clip")
-        self.computed = (["objects"] if self.compute_objects else []) + \
-            [f"encoders/{e}" for e in self.encoder_names] + [f"prompts/{p}" for p in self.prompt_names]
-        config = {k: v for k, v in asdict(opts).items() if k not in ("num_workers", "progress", "out", "shard")}
-        config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest())
+        self.producers, self.skipped = self._producers_factory(self, existing)
+        self.computed = [p.group for p in self.producers]
+        self.groups_now = {p.group: p for p in self.producers}
+        config = {k: v for k, v in asdict(opts).items()
+                  if k not in ("num_workers", "progress", "out", "shard", "max_bad_images", "command")}
+        config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
+                      inputs={p.group: p.input_fingerprint for p in self.producers if hasattr(p, "input_fingerprint")})
         self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        self.parts_root = Path(f"{self.out}.parts")
         self.parts = self.parts_root / self.config_hash
+        self.decode = any(p.needs_pixels for p in self.producers)
 
-    def _build_models(self) -> None:
-        opts = self.opts
-        self.detector = None
-        if self.compute_objects:
-            _seed_random_init(opts.detector, opts.random_init)
-            config = DetectorConfig(top_k=opts.top_k, score_threshold=opts.score_threshold,
-                                    min_size=opts.detector_min_size, weights=opts.detector_weights,
-                                    random_init=opts.random_init, device=opts.device)
-            extra = {"detectron2_config": opts.detectron2_config} if opts.detector == "detectron2" else {}
-            self.detector = create_detector(opts.detector, config=config, **extra)
-        self.encoders = {}
-        for name in self.encoder_names + (["clip"] if self.prompt_names and "clip" not in self.encoder_names else []):
-            weights = opts.resnet_weights if name == "resnet152" else None
-            _seed_random_init(name, opts.random_init)
-            self.encoders[name] = create_encoder(name, config=EncoderConfig(
-                random_init=opts.random_init, weights=weights, clip_model=opts.clip_model,
-                clip_pretrained=opts.clip_pretrained, swin_model=opts.swin_model, device=opts.device))
-        self._template: _RowTemplate | None = None
+    def _lock(self) -> CacheLock:
+        """Held from planning to the final rename; covers <out> and <out>.parts (the writer re-enters it)."""
+        return CacheLock(self.out)
 
-    # pre-pass for --missing-image error --------------------------------------------------------------
+    # checks before any model runs --------------------------------------------------------------------
     def check_images(self) -> list[LoadedImage]:
-        bad = [item for item in tqdm(_iter_images(self.opts, self.ids), total=len(self.ids), unit="img",
-                                     desc="checking images", disable=not self.opts.progress)
-               if item.status != "ok"]
+        loader = ImageLoader(LoaderSpec(self.opts.images, self.opts.max_image_side, keep_original=False), self.ids,
+                             num_workers=self.num_workers)
+        bad = [item for item in tqdm(loader, total=len(self.ids), unit="img", desc="checking images",
+                                     disable=not self.opts.progress) if item.status != "ok"]
+        loader.close()
         return bad
+
+    def _check_image_drift(self) -> None:
+        """A grown cache must describe the same pictures: changed/restored/newly missing images refuse the run."""
+        if self.cache is None or not self.decode:
+            return
+        stored = self._stored_fingerprints()
+        changed, restored, vanished = [], [], []
+        for row, image_id in enumerate(tqdm(self.ids, desc="fingerprints", unit="img", disable=not self.opts.progress)):
+            now = file_fingerprint(self.opts.images, image_id)
+            before = stored[row] if stored is not None else None
+            had_file = bool(before) if before is not None else self._had_file(row)
+            if now and not had_file:
+                restored.append(image_id)
+            elif had_file and not now:
+                vanished.append(image_id)
+            elif now and before and now != before:
+                changed.append(image_id)
+        if changed or restored or vanished:
+            def show(ids):
+                return ", ".join(ids[:5]) + (f" (+{len(ids) - 5} more)" if len(ids) > 5 else "")
+
+            parts = [f"{name} {len(ids)}: {show(ids)}" for name, ids in
+                     (("changed", changed), ("restored", restored), ("newly missing", vanished)) if ids]
+            raise ImageError(f"{self.out} was built from other image files than --images now holds ("
+                             + "; ".join(parts) + "). Its groups would describe other pictures than the new ones: "
+                             "rebuild with --overwrite, or restore the images it was built from.")
+
+    def _had_file(self, row: int) -> bool:
+        """A cache from before fingerprints: did image ``row`` have a file? (from its status and detail)"""
+        if STATUS_NAMES[self.cache.status[row]] == "missing":
+            return False
+        return not self.cache.detail(row).startswith(("missing", "no-file", "no file", "no-images-folder"))
+
+    def _stored_fingerprints(self) -> list[str] | None:
+        if not self.cache.has("images/content_sha256"):
+            return None  # a cache from before fingerprints: statuses are compared instead
+        return [bytes(self.cache.read("images/content_sha256", row)).decode() for row in range(len(self.ids))]
 
     # main loop ------------------------------------------------------------------------------------
     def run(self) -> Summary:
+        with self._lock():
+            try:
+                return self._run()
+            except BaseException:
+                self._remove_empty_parts()
+                raise
+
+    def _run(self) -> Summary:
         opts = self.opts
+        self._plan()
         if not self.computed and os.path.exists(self.out):
             shutil.rmtree(self.parts_root, ignore_errors=True)
             return self._summary()
@@ -297,21 +313,111 @@ class Extraction:
                 raise ImageError(f"{len(bad)} of {len(self.ids)} images are missing or unreadable "
                                  f"(--missing-image error):\n{listing}{more}\n"
                                  "Use --missing-image placeholder or zeros to extract anyway.")
-        self._build_models()
+        self._check_image_drift()
+        for producer in self.producers:
+            with self._timed(f"load {producer.group}"):
+                producer.load()
+            check_layouts(producer)
+        self._template: dict[str, dict] | None = None
         self.parts.mkdir(parents=True, exist_ok=True)
-        chunks = [self.ids[start:start + opts.chunk_size] for start in range(0, len(self.ids), opts.chunk_size)]
-        bar = tqdm(total=len(self.ids), unit="img", desc=f"extract {Path(self.out).name}", disable=not opts.progress)
-        started = time.perf_counter()
-        for k, chunk in enumerate(chunks):
-            path = self.parts / f"chunk_{k:05d}.npz"
-            if not path.exists():
-                _save_npz_atomic(path, self._process_chunk(chunk, k * opts.chunk_size))
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f} images/s")
+        chunks = [self.ids[s:s + opts.chunk_size] for s in range(0, len(self.ids), opts.chunk_size)]
+        paths = chunk_paths(self.parts, len(chunks))
+        bar = tqdm(total=len(self.ids), unit="img", desc=f"extract {Path(self.out).name}",
+                   disable=not opts.progress)
+        started, bad = time.perf_counter(), Counter()
+        for chunk, path in zip(chunks, paths):
+            if path.exists() and not self._chunk_current(path, chunk):
+                path.unlink()  # its image files changed since that chunk was computed
+        todo = [k for k, path in enumerate(paths) if not path.exists()]
+        # one loader for the whole shard: its workers decode the next chunks while the device works
+        self.loader = ImageLoader(self._loader_spec(), [i for k in todo for i in chunks[k]],
+                                  num_workers=self.num_workers, pin_memory=self.stages.device.type == "cuda") \
+            if self.decode and todo else None
+        self.stages.writer = writer = BackgroundWriter()  # JPEG crops and chunk files, off the device's path
+        clock, pending = self.stages.clock, []
+        loop_wall, loop_cpu = time.perf_counter(), time.thread_time()
+        try:
+            for k, (chunk, path) in enumerate(zip(chunks, paths)):
+                if k in todo:
+                    arrays = self._process_chunk(chunk, k * opts.chunk_size)
+                    bad.update(self._bad_of_arrays(arrays))
+                    pending.append(writer.submit(_pack_and_save, path, arrays))
+                else:
+                    bad.update(self._bad_of(path))
+                self._check_bad_share(bad)
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f} images/s")
+            with clock("wait for writer", device=False):
+                for future in pending:
+                    future.result()  # every chunk file is complete (and a writer error surfaces) before assembly
+            self.loop_stats = {"images": sum(len(chunks[k]) for k in todo), "wall": time.perf_counter() - loop_wall,
+                               "main_thread_cpu": time.thread_time() - loop_cpu,
+                               "forward_thread_cpu": clock.forward_thread_cpu(),
+                               "device_seconds": clock.device_seconds()}
+        except BaseException:
+            writer.close()  # no chunk file appears after the error handling below
+            if self.parts.is_dir() and self._bad_share_exceeded(bad):
+                shutil.rmtree(self.parts, ignore_errors=True)
+            raise
+        finally:
+            writer.close()
+            if self.loader is not None:
+                self.loader.close()
         bar.close()
-        self._assemble(len(chunks))
+        self.parts_bytes = folder_bytes(self.parts_root)
+        with self._timed("assemble (streaming)"):
+            self._assemble(paths)
         shutil.rmtree(self.parts_root, ignore_errors=True)
         return self._summary()
+
+    def _remove_empty_parts(self) -> None:
+        """A run that stops before finishing any chunk leaves no .parts folder behind."""
+        for folder in (getattr(self, "parts", None), self.parts_root):
+            if folder is not None and folder.is_dir() and not any(folder.rglob("*.npz")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _loader_spec(self) -> LoaderSpec:
+        """What the loader's workers prepare, collected from the producers that take tensors."""
+        detector, inputs = None, {}
+        for producer in self.producers:
+            wants = producer.pixel_inputs()
+            detector = wants.get("detector", detector)
+            if "encoder" in wants:
+                inputs[wants["encoder"]] = None
+        return LoaderSpec(self.opts.images, self.opts.max_image_side, detector, tuple(inputs))
+
+    def _bad_of_arrays(self, arrays: dict) -> Counter:
+        if not self.decode:
+            return Counter()
+        return Counter(c.decode() for s, c in zip(arrays["images::status"], arrays["images::cause"]) if s != OK)
+
+    def _bad_share_exceeded(self, bad: Counter) -> bool:
+        share = self.opts.max_bad_images
+        return share is not None and sum(bad.values()) > share * len(self.ids)
+
+    def _chunk_current(self, path: Path, chunk: list[str]) -> bool:
+        """A finished chunk is resumed only if its images are the same files (content fingerprints)."""
+        if not self.decode:
+            return True
+        (stored,) = iter_chunks([path], ["images::fingerprint"])
+        return [f.decode() for f in stored["images::fingerprint"]] == \
+            [file_fingerprint(self.opts.images, image_id) for image_id in chunk]
+
+    def _bad_of(self, path: Path) -> Counter:
+        if not self.decode:
+            return Counter()
+        (chunk,) = iter_chunks([path], ["images::status", "images::cause"])
+        return Counter(c.decode() for s, c in zip(chunk["images::status"], chunk["images::cause"]) if s != OK)
+
+    def _check_bad_share(self, bad: Counter) -> None:
+        share = self.opts.max_bad_images
+        if share is None or sum(bad.values()) <= share * len(self.ids):
+            return
+        shutil.rmtree(self.parts, ignore_errors=True)  # chunks of a rejected input are never resumed
+        self._remove_empty_parts()
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
+        raise ImageError(f"{sum(bad.values())} of {len(self.ids)} images are not usable ({causes}), more than "
+                         f"--max-bad-images {share:g}; check --images {self.opts.images} or raise the share")
 
     def _timed(self, name: str):
         seconds = self.seconds
@@ -326,230 +432,260 @@ class Extraction:
         return _Timer()
 
     # one chunk --------------------------------------------------------------------------------------
-    def _process_chunk(self, chunk: list[str], first_row: int) -> dict[str, np.ndarray]:
-        opts = self.opts
-        loaded: list[LoadedImage] = []
-        images_iter = _iter_images(opts, chunk)
-        for _ in chunk:
-            with self._timed("decode images"):
-                item = next(images_iter)
+    def _load_chunk(self, chunk: list[str], first_row: int) -> list[LoadedImage | DecodedImage]:
+        """Decoded images after the missing-image policy; statuses from the cache when nothing needs pixels."""
+        if not self.decode:
+            return [LoadedImage(image_id, STATUS_NAMES[self.cache.status[first_row + i]])
+                    for i, image_id in enumerate(chunk)]
+        with self.stages.clock("wait for images", device=False):
+            decoded = self.loader.take(len(chunk))
+        loaded = []
+        for row, item in enumerate(decoded, start=first_row):
             self.notes.update(note.split(" ")[0] for note in item.notes)
-            loaded.append(apply_missing_policy(item, opts.missing_image))
-        arrays: dict[str, np.ndarray] = {
-            "images::status": np.array([STATUS_NAMES.index(item.status) for item in loaded], np.uint8),
-            "images::width": np.array([item.width for item in loaded], np.int32),
-            "images::height": np.array([item.height for item in loaded], np.int32),
-            "images::detail": np.array([item.detail.encode("utf-8") for item in loaded], dtype=bytes),
-        }
-        # objects: detect now, or take the crops stored in the cache
-        crops_of: list[list[bytes]] = []
-        detections = []
-        for row, item in enumerate(loaded, start=first_row):
-            if self.compute_objects:
-                if item.status == "ok":
-                    detections.append(self._detect(item))
-                elif item.status == "placeholder":
-                    template = self._placeholder_template(row)
-                    detections.append((template.boxes, template.scores, template.class_ids, template.crops))
+            if item.status != "ok" and self.opts.missing_image == "placeholder":  # features of the gray image
+                item = replace(item, status="placeholder", detail=f"{item.status}: {item.detail}")
+            if self.cache is not None and STATUS_NAMES[self.cache.status[row]] != item.status:
+                raise ImageError(f"image {item.image_id}: {self.out} has it as "
+                                 f"{STATUS_NAMES[self.cache.status[row]]}, --images now gives {item.status} "
+                                 f"({item.detail or 'readable'}); rebuild with --overwrite")
+            loaded.append(item)
+        return loaded
+
+    def _process_chunk(self, chunk: list[str], first_row: int) -> dict[str, np.ndarray]:
+        loaded = self._load_chunk(chunk, first_row)
+        arrays: dict[str, np.ndarray] = {}
+        if self.decode:
+            arrays.update({
+                "images::status": np.array([STATUS_NAMES.index(item.status) for item in loaded], np.uint8),
+                "images::width": np.array([item.width for item in loaded], np.int32),
+                "images::height": np.array([item.height for item in loaded], np.int32),
+                "images::detail": np.array([item.detail.encode("utf-8") for item in loaded], dtype=bytes),
+                "images::fingerprint": np.array([item.fingerprint.encode() for item in loaded], dtype=bytes),
+                "images::cause": np.array([item.cause.encode() for item in loaded], dtype=bytes),
+            })
+        rows = [first_row + i for i in range(len(chunk))]
+        arrays["rows::image"] = np.array(rows, np.int64)
+        computed_ok = [i for i, item in enumerate(loaded) if item.status == "ok"]
+        kinds = [("ok", computed_ok.index(i)) if item.status == "ok" else
+                 ("placeholder", 0) if item.status == "placeholder" else ("none", 0)
+                 for i, item in enumerate(loaded)]
+        outputs: dict[str, dict] = {}  # group -> key -> full-chunk rows (this run's groups)
+        shared: dict = {}  # one scratch dict for every producer of this chunk (decoded/resized crops, ...)
+        counts: dict[str, np.ndarray] = {}  # ragged row kind -> per-image counts in this chunk
+        ok_items = [loaded[i] for i in computed_ok]
+        owned = {p.owns for p in self.producers if p.owns}
+        for kind in self._ragged_kinds():
+            if kind not in owned:
+                counts[kind] = self._cached_counts(kind, rows)
+        for producer in self.producers:
+            if getattr(producer, "every_image", False):  # rows independent of the picture (user files)
+                batch = self._batch(producer, loaded, rows, list(range(len(loaded))), outputs, counts)
+                with self._timed(producer.group):
+                    outputs[producer.group] = producer.produce(batch)
+                if producer.owns:
+                    counts[producer.owns] = outputs[producer.group]["counts"]
+                continue
+            batch = self._batch(producer, ok_items, [rows[i] for i in computed_ok], computed_ok, outputs, counts)
+            batch.shared = shared
+            with self._timed(producer.group):
+                produced = producer.produce(batch) if len(batch) else self._empty(producer)
+            template = self._placeholder_template(rows, loaded) if any(k == "placeholder" for k, _ in kinds) else {}
+            outputs[producer.group] = self._splice(producer, produced, template.get(producer.group), kinds, counts)
+            if producer.owns:
+                counts[producer.owns] = outputs[producer.group]["counts"]
+        for kind in self._ragged_kinds():
+            arrays[f"rows::{kind}"] = counts[kind]
+        for group, values in outputs.items():
+            for key, layout in self.groups_now[group].datasets().items():
+                if layout.ragged_bytes:
+                    arrays[chunk_key(group, key)] = values[key]  # list of bytes: packed by the writer
                 else:
-                    detections.append((np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                                       np.zeros(0, np.int32), []))
-                crops_of.append(detections[-1][3])
-            elif any(self.encoders[name].crop_datasets for name in self.encoder_names):
-                crops_of.append(list(self.cache.read("objects/crop_jpeg", row)))
-            else:
-                lo, hi = self.cache.read("objects/offsets", row)
-                crops_of.append([b""] * int(hi - lo))  # only the counts are used
-        if self.compute_objects:
-            arrays["objects::counts"] = np.array([len(d[1]) for d in detections], np.int64)
-            arrays["objects::boxes"] = np.concatenate([d[0] for d in detections]).reshape(-1, 4).astype(np.float32)
-            arrays["objects::scores"] = np.concatenate([d[1] for d in detections]).astype(np.float32)
-            arrays["objects::class_ids"] = np.concatenate([d[2] for d in detections]).astype(np.int32)
-            flat = [crop for d in detections for crop in d[3]]
-            arrays["objects::crop_lengths"] = np.array([len(c) for c in flat], np.int64)
-            arrays["objects::crop_bytes"] = np.frombuffer(b"".join(flat), np.uint8).copy()
-        # encoders: ok rows are computed in batches, placeholder rows copy the template
-        computed_rows = [i for i, item in enumerate(loaded) if item.status == "ok"]
-        placeholder_rows = [i for i, item in enumerate(loaded) if item.status == "placeholder"]
-        crop_counts = np.array([len(c) for c in crops_of], np.int64)
-        crop_starts = np.concatenate([[0], np.cumsum(crop_counts)])
-        for name in self.encoder_names:
-            encoder = self.encoders[name]
-            with self._timed(f"encoder {name}"):
-                for key, shape in encoder.image_datasets.items():
-                    arrays[f"encoders::{name}::{key}"] = np.zeros((len(loaded), *shape), np.float16)
-                for key, shape in encoder.crop_datasets.items():
-                    arrays[f"encoders::{name}::{key}"] = np.zeros((int(crop_starts[-1]), *shape), np.float16)
-                for batch in _batched(computed_rows, opts.batch_size):
-                    for key, values in encoder.encode_images([loaded[i].image for i in batch]).items():
-                        arrays[f"encoders::{name}::{key}"][batch] = _half(values)
-                if encoder.crop_datasets:
-                    crop_rows = [(i, j) for i in computed_rows for j in range(crop_counts[i])]
-                    for batch in _batched(crop_rows, opts.batch_size):
-                        pictures = [decode_jpeg(crops_of[i][j]) for i, j in batch]
-                        targets = [crop_starts[i] + j for i, j in batch]
-                        for key, values in encoder.encode_crops(pictures).items():
-                            arrays[f"encoders::{name}::{key}"][targets] = _half(values)
-            for i in placeholder_rows:
-                template = self._placeholder_template(first_row + i)
-                for key, values in template.image_arrays[name].items():
-                    arrays[f"encoders::{name}::{key}"][i] = values[0]
-                for key, values in template.crop_arrays[name].items():
-                    arrays[f"encoders::{name}::{key}"][crop_starts[i]:crop_starts[i + 1]] = values
-        if not self.compute_objects:
-            arrays["objects::counts"] = crop_counts
+                    arrays[chunk_key(group, key)] = values[key]
         return arrays
 
-    def _detect(self, item: LoadedImage):
-        with self._timed("detector"):
-            boxes, scores, class_ids = self.detector(item.image)
-        with self._timed("crops (jpeg)"):
-            crops = [encode_jpeg(crop_box(item.image, box), max_side=self.opts.crop_max_side,
-                                 quality=self.opts.crop_quality) for box in boxes]
-        return boxes * np.float32(item.scale), scores, class_ids, crops
+    def _ragged_kinds(self) -> list[str]:
+        return sorted({layout.rows for p in self.producers for layout in p.datasets().values()} - {"image"})
 
-    def _placeholder_template(self, row: int) -> _RowTemplate:
-        """Placeholder rows all get these features (gray image, its detections, its crops)."""
+    def _cached_counts(self, kind: str, rows: list[int]) -> np.ndarray:
+        """Per-image counts of a ragged row kind whose owner group is in the cache (not computed now)."""
+        group = next(p.group for p in self.producers if any(l.rows == kind for l in p.datasets().values()))
+        index = index_path(group, kind)
+        if self.cache is None or not self.cache.has(index):
+            raise ValueError(f"{group}: rows of kind {kind!r} need {index} in the cache or computed in this run")
+        return np.array([self.cache.count(index, row) for row in rows], np.int64)
+
+    def _batch(self, producer: Producer, items: list[LoadedImage], rows: list[int], positions: list[int],
+               outputs: dict, counts: dict) -> ChunkBatch:
+        """What ``producer`` sees: its inputs from this run's chunk outputs, else from the cache."""
+        pil = producer.needs_pixels and producer.pixels == "pil"  # a PIL copy only for producers that want one
+        batch = ChunkBatch(image_ids=[item.image_id for item in items],
+                           images=[item.image if pil else None for item in items],
+                           scales=[item.scale for item in items],
+                           decoded=items if producer.needs_pixels and producer.pixels == "tensors" else None)
+        if producer.needs_crops:
+            batch.crops = [self._value("objects/crop_jpeg", row, i, outputs, counts) for row, i in zip(rows, positions)]
+        for path in producer.reads:
+            batch.inputs[path] = [self._value(path, row, i, outputs, counts) for row, i in zip(rows, positions)]
+        return batch
+
+    def _value(self, path: str, row: int, i: int, outputs: dict, counts: dict):
+        """Dataset ``path`` for cache row ``row`` (position ``i`` in the chunk): this run's value or the cache's."""
+        group, key = path.rsplit("/", 1)
+        if group in outputs:
+            layout = self.groups_now[group].datasets()[key]
+            values = outputs[group][key]
+            if layout.rows == "image":
+                return values[i]
+            starts = _segments(counts[layout.rows])
+            return values[starts[i]:starts[i + 1]]
+        return self.cache.read(path, row)
+
+    def _empty(self, producer: Producer) -> dict:
+        out = {"counts": np.zeros(0, np.int64)} if producer.owns else {}
+        for key, layout in producer.datasets().items():
+            out[key] = [] if layout.ragged_bytes else np.zeros((0, *layout.shape), np.dtype(layout.dtype))
+        return out
+
+    def _splice(self, producer: Producer, produced: dict, template: dict | None, kinds, counts) -> dict:
+        """Full-chunk rows: ok rows from ``produced``, placeholder rows from the template, others empty/zero."""
+        own_counts = None
+        if producer.owns:
+            tcount = int(template["counts"][0]) if template else 0
+            own_counts = np.array([produced["counts"][j] if k == "ok" else tcount if k == "placeholder" else 0
+                                   for k, j in kinds], np.int64)
+        out = {"counts": own_counts} if producer.owns else {}
+        for key, layout in producer.datasets().items():
+            values = produced[key]
+            if layout.rows == "image" and layout.ragged_bytes:  # per-image bytes (e.g. caption text)
+                out[key] = [values[j] if k == "ok" else template[key][0] if k == "placeholder" else b""
+                            for k, j in kinds]
+                continue
+            if layout.rows == "image":
+                full = np.zeros((len(kinds), *layout.shape), np.dtype(layout.dtype))
+                for i, (k, j) in enumerate(kinds):
+                    if k == "ok":
+                        full[i] = values[j]
+                    elif k == "placeholder":
+                        full[i] = template[key][0]
+                out[key] = full
+                continue
+            per_ok = produced["counts"] if producer.owns and layout.rows == producer.owns else \
+                np.array([c for c, (k, _) in zip(counts[layout.rows], kinds) if k == "ok"], np.int64)
+            starts = _segments(per_ok)
+            pieces = []
+            for k, j in kinds:
+                if k == "ok":
+                    pieces.append(values[starts[j]:starts[j + 1]])
+                elif k == "placeholder":
+                    pieces.append(template[key])
+            if layout.ragged_bytes:
+                out[key] = [crop for piece in pieces for crop in piece]
+            else:
+                out[key] = np.concatenate(pieces).astype(np.dtype(layout.dtype)) if pieces else \
+                    np.zeros((0, *layout.shape), np.dtype(layout.dtype))
+        return out
+
+    def _placeholder_template(self, rows: list[int], loaded: list[LoadedImage]) -> dict[str, dict]:
+        """Every producer's rows for the gray image, computed once per run and copied into placeholder rows."""
         if self._template is None:
+            row = rows[[item.status for item in loaded].index("placeholder")]
+            gray = placeholder_image()
+            decoded = [prepared_image(self._loader_spec(), gray, "<placeholder>")]  # as the loader's workers would
+            outputs, counts, shared = {}, {}, {}
             with self._timed("placeholder (once)"):
-                gray = LoadedImage("<placeholder>", "ok", image=placeholder_image())
-                if self.compute_objects:
-                    boxes, scores, class_ids, crops = self._detect(gray)
-                else:
-                    crops = list(self.cache.read("objects/crop_jpeg", row))
-                    boxes, scores, class_ids = np.zeros((len(crops), 4), np.float32), None, None
-                image_arrays, crop_arrays = {}, {}
-                for name in self.encoder_names:
-                    encoder = self.encoders[name]
-                    image_arrays[name] = {k: _half(v) for k, v in encoder.encode_images([gray.image]).items()}
-                    crop_arrays[name] = {}
-                    if encoder.crop_datasets and crops:
-                        crop_arrays[name] = {k: _half(v) for k, v in
-                                             encoder.encode_crops([decode_jpeg(c) for c in crops]).items()}
-                self._template = _RowTemplate(boxes, scores, class_ids, crops, image_arrays, crop_arrays)
+                for producer in self.producers:
+                    tensors = producer.needs_pixels and producer.pixels == "tensors"
+                    batch = ChunkBatch(["<placeholder>"], [gray if producer.needs_pixels and not tensors else None],
+                                       [1.0], decoded=decoded if tensors else None, shared=shared)
+                    if producer.needs_crops:
+                        batch.crops = [self._template_value("objects/crop_jpeg", row, outputs, counts)]
+                    for path in producer.reads:
+                        batch.inputs[path] = [self._template_value(path, row, outputs, counts)]
+                    outputs[producer.group] = producer.produce(batch)
+                    if producer.owns:
+                        counts[producer.owns] = outputs[producer.group]["counts"]
+            self._template = outputs
         return self._template
 
+    def _template_value(self, path: str, row: int, outputs: dict, counts: dict):
+        group, key = path.rsplit("/", 1)
+        if group in outputs:
+            return outputs[group][key] if self.groups_now[group].datasets()[key].rows != "image" else \
+                outputs[group][key][0]
+        return self.cache.read(path, row)
+
     # assembly ------------------------------------------------------------------------------------------
-    def _assemble(self, num_chunks: int) -> None:
-        """Concatenate the chunk files (into disk-backed arrays: a Swin grid of 10k images is 3 GB)."""
+    def _assemble(self, paths: list[Path]) -> None:
+        """Stream the chunk files into the cache, one chunk in memory at a time."""
         opts = self.opts
-        paths = [self.parts / f"chunk_{k:05d}.npz" for k in range(num_chunks)]
-        with np.load(paths[0], allow_pickle=False) as first:
-            keys = [key for key in first.files if key not in ("objects::crop_bytes", "images::detail")]
-            row_shapes = {key: (first[key].shape[1:], first[key].dtype) for key in keys}
-        counts = np.concatenate([np.load(p, allow_pickle=False)["objects::counts"] for p in paths]) if paths else \
-            np.zeros(0, np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        num_objects = int(offsets[-1])
-        object_keys = {"objects::boxes", "objects::scores", "objects::class_ids", "objects::crop_lengths"}
-        object_keys |= {f"encoders::{n}::{k}" for n in self.encoder_names for k in self.encoders[n].crop_datasets}
-        merged: dict[str, np.ndarray] = {}
-        for key in keys:
-            shape, dtype = row_shapes[key]
-            total = num_objects if key in object_keys else len(self.ids)
-            merged[key] = np.lib.format.open_memmap(self.parts / f"assembled_{key.replace(':', '_')}.npy", mode="w+",
-                                                    dtype=dtype, shape=(total, *shape))
-        details: list[str] = []
-        crops: list[bytes] = []
-        image_row = object_row = 0
-        for path in paths:
-            with np.load(path, allow_pickle=False) as chunk:
-                n, m = len(chunk["images::status"]), int(chunk["objects::counts"].sum())
-                for key in keys:
-                    start = object_row if key in object_keys else image_row
-                    merged[key][start:start + (m if key in object_keys else n)] = chunk[key]
-                details += [d.decode("utf-8") for d in chunk["images::detail"]]
-                if self.compute_objects:
-                    flat = chunk["objects::crop_bytes"].tobytes()
-                    bounds = np.concatenate([[0], np.cumsum(chunk["objects::crop_lengths"])])
-                    crops += [flat[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
-                image_row, object_row = image_row + n, object_row + m
-        self.status_counts = Counter(STATUS_NAMES[s] for s in merged["images::status"])
-        self.num_objects = num_objects
-        with CacheWriter(self.out, overwrite=opts.overwrite) as writer:
-            writer.write_images(self.ids, merged["images::status"], details, merged["images::width"],
-                                merged["images::height"])
+        kinds = self._ragged_kinds()
+        small = ["images::status", "images::width", "images::height", "images::detail", "images::fingerprint",
+                 "images::cause"] + [f"rows::{kind}" for kind in kinds]
+        table: dict[str, list] = defaultdict(list)
+        for chunk in iter_chunks(paths, small):  # pass 1: the small per-row arrays
+            for key, values in chunk.items():
+                table[key].append(values)
+        table = {key: np.concatenate(values) for key, values in table.items()}
+        offsets = {kind: _segments(table[f"rows::{kind}"]) for kind in kinds}
+        if self.decode:
+            status = table["images::status"]
+            self.status_counts = Counter(STATUS_NAMES[s] for s in status)
+            self.bad_causes = Counter(c.decode() for s, c in zip(status, table["images::cause"]) if s != OK)
+        self.num_objects = int(offsets["object"][-1]) if "object" in offsets else 0
+        with CacheWriter(self.out, overwrite=opts.overwrite) as writer, contextlib.ExitStack() as groups:
+            if self.decode:
+                writer.write_images(self.ids, table["images::status"],
+                                    [d.decode("utf-8") for d in table["images::detail"]],
+                                    table["images::width"], table["images::height"],
+                                    content_sha256=[f.decode() for f in table["images::fingerprint"]])
             writer.write_posts(self.dataset)
-            if self.compute_objects:
-                fields = self.detector.provenance_fields()
-                provenance = self._provenance("detector", fields, extra={
-                    "detector": opts.detector, "crops": {"format": "JPEG", "max_side": opts.crop_max_side,
-                                                         "quality": opts.crop_quality},
-                    "missing_image": opts.missing_image, "max_image_side": opts.max_image_side})
-                writer.write_group("objects", {
-                    "offsets": (offsets, "offsets"),
-                    "boxes": (merged["objects::boxes"], "object"),
-                    "scores": (merged["objects::scores"], "object"),
-                    "class_ids": (merged["objects::class_ids"], "object"),
-                    "crop_jpeg": (crops, "object"),
-                }, provenance, attrs={"class_names": list(self.detector.class_names)}, overwrite=opts.overwrite)
-            for name in self.encoder_names:
-                encoder = self.encoders[name]
-                datasets = {key: (merged[f"encoders::{name}::{key}"], "image") for key in encoder.image_datasets}
-                datasets |= {key: (merged[f"encoders::{name}::{key}"], "object") for key in encoder.crop_datasets}
-                provenance = self._provenance(f"encoder {name}", encoder.provenance_fields(), extra={
-                    "encoder": name, "crop_source": "objects/crop_jpeg (decoded)",
-                    "missing_image": opts.missing_image})
-                writer.write_group(f"encoders/{name}", datasets, provenance, attrs=encoder.attrs(),
-                                   overwrite=opts.overwrite)
-            if self.prompt_names:
-                with self._timed("prompts"):
-                    self._write_prompts(writer, merged, offsets)
+            streams = {}
+            for producer in self.producers:  # owners first: their index fixes the rows of the others
+                indexes = {"offsets": offsets[producer.owns]} if producer.owns else {}
+                streams[producer.group] = groups.enter_context(writer.group(
+                    producer.group, self._provenance(producer), producer.attrs(), indexes=indexes))
+                globals_ = producer.global_datasets()
+                if globals_:
+                    streams[producer.group].append(globals_)
+            started: set[str] = set()
+            for chunk in iter_chunks(paths):  # pass 2: one chunk at a time
+                for producer in self.producers:
+                    rows = {}
+                    for key, layout in producer.datasets().items():
+                        name = chunk_key(producer.group, key)
+                        if not layout.ragged_bytes:
+                            rows[key] = chunk[name]
+                        elif len(chunk[name + "::lengths"]) or name not in started:  # nothing to add: skip
+                            rows[key] = unpack_bytes(chunk[name], chunk[name + "::lengths"])
+                            if get_group(producer.group).dataset(key).encoding == "utf-8":  # text (captions)
+                                rows[key] = [value.decode("utf-8") for value in rows[key]]
+                        started.add(name)
+                    streams[producer.group].append(rows)
+                del chunk
+        self.cache_bytes = os.path.getsize(self.out)
 
-    def _clip_embeddings(self, merged: dict, offsets: np.ndarray):
-        if "clip" in self.encoder_names:
-            return (np.asarray(merged["encoders::clip::image_embed"]), np.asarray(merged["encoders::clip::crop_embed"]),
-                    self.encoders["clip"].logit_scale)
-        rows = range(self.cache.num_images)
-        image_embed = np.stack([self.cache.read("encoders/clip/image_embed", r) for r in rows])
-        crop_embed = np.concatenate([self.cache.read("encoders/clip/crop_embed", r) for r in rows]) if len(rows) \
-            else np.zeros((0, image_embed.shape[-1]), np.float16)
-        attrs = self.cache.feature_spec(["encoders/clip/image_embed"]).attrs["encoders/clip"]
-        return image_embed, crop_embed, float(attrs["logit_scale"])
-
-    def _write_prompts(self, writer: CacheWriter, merged: dict, offsets: np.ndarray) -> None:
-        image_embed, crop_embed, logit_scale = self._clip_embeddings(merged, offsets)
-        status = np.asarray(merged["images::status"])
-        has_features = (status == STATUS_NAMES.index("ok")) | (status == STATUS_NAMES.index("placeholder"))
-        clip = self.encoders["clip"]
-        for name in self.prompt_names:
-            prompt_set = load_prompt_set(name)
-            prompt_embed = clip.encode_text(prompt_set.texts)  # (Q, D)
-            arrays = prompt_features(prompt_set, prompt_embed, image_embed, crop_embed, logit_scale, has_features)
-            fields = {"model": clip.model_name, "pretrained": clip.pretrained(),
-                      "preprocessing": {"template": prompt_set.template, "normalise": "unit length before cos"},
-                      "thresholds": {"logit_scale": logit_scale}}
-            provenance = self._provenance(f"prompts {name}", fields, extra={
-                "prompt_set": name, "description": prompt_set.description,
-                "formulas": {"centroids": "mean of the category's prompt_embed (VCRMNER eq. 2)",
-                             "crop_weights": "softmax_j(logit_scale * cos(crop_embed_i, centroid_j)) (VCRMNER eq. 4-5)",
-                             "image_relevance": "softmax_i(logit_scale * cos(prompt_embed_i, image_embed)) "
-                                                "(PromptMNER eq. 1); 0 for images without features"}})
-            writer.write_group(f"prompts/{name}", {
-                "prompt_text": (prompt_set.texts, "global"),
-                "prompt_category": (prompt_set.prompt_category, "global"),
-                "prompt_embed": (arrays["prompt_embed"], "global"),
-                "centroids": (arrays["centroids"], "global"),
-                "crop_weights": (arrays["crop_weights"], "object"),
-                "image_relevance": (arrays["image_relevance"], "image"),
-            }, provenance, attrs={"category_names": prompt_set.category_names, "logit_scale": logit_scale},
-                overwrite=self.opts.overwrite)
-
-    def _provenance(self, component: str, fields: dict, extra: dict) -> dict:
+    def _provenance(self, producer: Producer) -> dict:
+        fields = dict(producer.provenance())
         index, count = self.shard
-        extra = dict(extra, shard=f"{index}/{count}", random_init=self.opts.random_init)
-        return make_provenance(component, model=fields["model"], pretrained=fields["pretrained"],
-                               preprocessing=fields["preprocessing"], thresholds=fields["thresholds"],
-                               image_ids=self.ids, extra=extra)
+        core = {k: fields.pop(k) for k in ("model", "pretrained", "preprocessing", "thresholds")}
+        extra = dict(fields, random_init=core["pretrained"] == "random",
+                     missing_image=self.opts.missing_image, max_image_side=self.opts.max_image_side,
+                     images=os.path.abspath(self.opts.images) if self.opts.images else "none (--no-images)",
+                     command=absolute_command(self.opts.command or sys.argv), cwd=os.getcwd())
+        return make_provenance(producer.group, image_ids=self.ids, extra=extra,
+                               shard=shard_record(index, count, self.dataset.image_ids()), **core)
 
     def _summary(self) -> Summary:
         counts = getattr(self, "status_counts", None)
         if counts is None and os.path.exists(self.out):
-            cache = FeatureCache(self.out)
-            counts = Counter(STATUS_NAMES[s] for s in cache.status)
+            counts = Counter(STATUS_NAMES[s] for s in FeatureCache(self.out).status)
         return Summary(out=self.out, computed=self.computed, skipped=self.skipped,
-                       status_counts=dict(counts or {}), notes=dict(self.notes), num_images=len(self.ids),
-                       num_objects=getattr(self, "num_objects", 0), seconds=dict(self.seconds))
+                       status_counts=dict(counts or {}), bad_causes=dict(getattr(self, "bad_causes", {})),
+                       notes=dict(self.notes), num_images=len(self.ids), num_objects=getattr(self, "num_objects", 0),
+                       seconds=dict(self.seconds), parts_bytes=getattr(self, "parts_bytes", 0),
+                       cache_bytes=getattr(self, "cache_bytes", 0),
+                       stages={k: v for k, v in self.stages.clock.wall.items() if k in self.stages.clock.device_stages},
+                       shard_count=self.shard[1])
 
 
 def run_extraction(opts: ExtractOptions) -> Summary:

@@ -8,6 +8,7 @@ placeholder) with a human-readable ``detail`` so one bad file never stops a run.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from mner.pipeline.cache.base import IMAGE_CAUSES
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".JPG", ".JPEG", ".PNG", "")
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs (8000 x 8000)
@@ -41,10 +44,18 @@ class LoadedImage:
     height: int = 0
     scale: float = 1.0  # original pixels per loaded pixel (> 1 when a huge image was downscaled)
     notes: list[str] = field(default_factory=list)  # conversions applied (CMYK, alpha, tiny, ...)
+    fingerprint: str = ""  # sha256 of the file's bytes ("" when there is no file): a changed image is noticed
+    cause: str = ""  # why not ok, one of IMAGE_CAUSES: no-file | no-images-folder | corrupt | too-large
 
 
 def find_image_file(images_dir: Path, image_id: str) -> Path | None:
-    """``<images>/<id>.jpg`` first, then the other usual extensions, then the bare id."""
+    """``<images>/<id>.jpg`` first, then the other usual extensions, then the bare id.
+
+    An id that would leave the folder (a path separator, ``..``) finds nothing: the data reader refuses
+    such ids with their file and line, this is the second guard.
+    """
+    if "/" in image_id or "\\" in image_id or ".." in image_id or Path(image_id).is_absolute():
+        return None
     suffix = Path(image_id).suffix
     stem = image_id[: -len(suffix)] if suffix and suffix.lower() in EXTENSIONS else image_id
     for name in [image_id] + [stem + ext for ext in EXTENSIONS]:
@@ -82,33 +93,53 @@ def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
+def _not_ok(image_id: str, status: str, cause: str, message: str, **fields) -> LoadedImage:
+    """A non-ok image; its detail starts with the cause (one of IMAGE_CAUSES), so info can count by it."""
+    assert cause in IMAGE_CAUSES, cause
+    return LoadedImage(image_id, status, detail=f"{cause}: {message}", cause=cause, **fields)
+
+
 def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SIDE,
                max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Load one image; any failure becomes a status + detail instead of an exception."""
+    if images_dir is None:  # --no-images: a cache over the id list without pictures, asked for explicitly
+        return _not_ok(image_id, "missing", "no-images-folder", "no images folder (--no-images)")
     path = find_image_file(Path(images_dir), image_id)
     if path is None:
-        return LoadedImage(image_id, "missing", detail=f"no file {Path(images_dir) / image_id}[.jpg|.png|...]")
+        return _not_ok(image_id, "missing", "no-file", f"no file {Path(images_dir) / image_id}[.jpg|.png|...]")
     notes: list[str] = []
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return _not_ok(image_id, "missing", "no-file", f"{path}: vanished while reading")
+    except OSError as error:
+        return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {error}")
+    fingerprint = hashlib.sha256(content).hexdigest()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(content)) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
-                    return LoadedImage(image_id, "unreadable", width=width, height=height,
-                                       detail=f"{path}: {width}x{height} exceeds {max_pixels} pixels "
-                                              "(decompression bomb guard)")
+                    return _not_ok(image_id, "unreadable", "too-large", f"{path}: {width}x{height} exceeds "
+                                   f"{max_pixels} pixels (decompression bomb guard)", width=width, height=height,
+                                   fingerprint=fingerprint)
                 if opened.format == "JPEG" and max(width, height) > 2 * max_side:
                     opened.draft("RGB", (max_side, max_side))  # decode at reduced scale: much faster
                 opened.load()
-                image = _to_rgb(opened, notes)
+                oriented = opened
+                if opened.getexif().get(0x0112, 1) != 1:  # phones store rotated pixels + an EXIF flag
+                    oriented = ImageOps.exif_transpose(opened)
+                    notes.append("exif orientation applied")
+                    width, height = oriented.size
+                image = _to_rgb(oriented, notes)
                 image.load()
-    except FileNotFoundError:
-        return LoadedImage(image_id, "missing", detail=f"{path}: vanished while reading")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return LoadedImage(image_id, "unreadable", detail=f"{path}: decompression bomb: {error}")
+        return _not_ok(image_id, "unreadable", "too-large", f"{path}: decompression bomb: {error}",
+                       fingerprint=fingerprint)
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        return LoadedImage(image_id, "unreadable", detail=f"{path}: {type(error).__name__}: {error}")
+        return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {type(error).__name__}: {error}",
+                       fingerprint=fingerprint)
     scale = 1.0
     if max(image.size) > max_side:
         factor = max_side / max(image.size)
@@ -119,7 +150,20 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
         scale = width / image.width
     if min(width, height) < TINY_SIDE:
         notes.append(f"tiny {width}x{height} (kept; the models' resize upscales it)")
-    return LoadedImage(image_id, "ok", image=image, width=width, height=height, scale=scale, notes=notes)
+    return LoadedImage(image_id, "ok", image=image, width=width, height=height, scale=scale, notes=notes,
+                       fingerprint=fingerprint)
+
+
+def file_fingerprint(images_dir: Path | str | None, image_id: str) -> str:
+    """sha256 of the image file's bytes, "" when there is none (the cheap pre-pass of a growing cache)."""
+    path = None if images_dir is None else find_image_file(Path(images_dir), image_id)
+    if path is None:
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def placeholder_image() -> Image.Image:
@@ -132,7 +176,8 @@ def apply_missing_policy(loaded: LoadedImage, policy: str) -> LoadedImage:
     if loaded.status == "ok" or policy != "placeholder":
         return loaded
     return LoadedImage(loaded.image_id, "placeholder", image=placeholder_image(),
-                       detail=f"{loaded.status}: {loaded.detail}", width=loaded.width, height=loaded.height)
+                       detail=f"{loaded.status}: {loaded.detail}", width=loaded.width, height=loaded.height,
+                       fingerprint=loaded.fingerprint, cause=loaded.cause)
 
 
 def encode_jpeg(image: Image.Image, *, max_side: int, quality: int) -> bytes:

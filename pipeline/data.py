@@ -193,6 +193,11 @@ class _PostBuilder:
 
     def begin(self, line: int, image_id: str | None) -> None:
         if image_id is not None:
+            if "/" in image_id or "\\" in image_id or ".." in image_id:
+                raise DataFormatError(
+                    self.path, line, f"image id {image_id!r} contains a path separator or '..'",
+                    "write the bare id (the image is looked up as <images>/<id>.jpg)",
+                )
             first = self.image_lines.setdefault(image_id, line)
             if first != line:
                 raise DataFormatError(

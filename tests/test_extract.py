@@ -167,7 +167,7 @@ def test_zeros_policy_and_error_policy(corpus, tmp_path):
 
 def test_bad_names_list_valid_values(corpus, tmp_path, capsys):
     assert extract(corpus, tmp_path / "x.h5", "--encoder", "vgg") == 1
-    assert "valid: clip, resnet152" in capsys.readouterr().err
+    assert "valid: clip, clip-test, resnet152" in capsys.readouterr().err
     assert extract(corpus, tmp_path / "x.h5", "--prompts", "nope") == 1
     assert "vcrmner_words" in capsys.readouterr().err
     assert extract(corpus, tmp_path / "x.h5", "--encoder", "resnet152-test", "--prompts", "vcrmner") == 1

@@ -79,6 +79,14 @@ def _argv(data, images, out, *extra):
             "--chunk-size", "2", "--batch-size", "2", *extra]
 
 
+def _chunk_files(parts: Path) -> int:
+    """Finished chunk files now (0 while the folder is absent or being removed by the assembly)."""
+    try:
+        return len(list(parts.rglob("*.npz")))
+    except FileNotFoundError:
+        return 0
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ids = [str(i) for i in range(10)]
     write_images(tmp_path / "images", ids)
@@ -99,9 +107,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     parts = Path(f"{out}.parts")
     rng = random.Random(0)
     killed_mid_run = 0
-    for fraction in (0.5, 0.75, 0.9):
+    for finished in (1, 2, 4):
+        # kill once `finished` more chunk files exist (plus a random delay): on a loaded machine a kill
+        # at a fixed share of the reference run's time often lands before the first or after the last chunk
         process = subprocess.Popen(command(out), **quiet)
-        time.sleep(full_run_seconds * fraction * rng.uniform(0.9, 1.1))
+        before = _chunk_files(parts)
+        deadline = time.monotonic() + 3 * full_run_seconds
+        while process.poll() is None and time.monotonic() < deadline and \
+                _chunk_files(parts) < before + finished:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.wait()
         killed_mid_run += parts.exists() and any(parts.rglob("*.npz"))

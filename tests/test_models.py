@@ -32,7 +32,11 @@ TINY_SCHEMA: list[tuple[str, str, tuple, dict]] = [
     (r"encoders/clip/crop_embed", "object", (16,), {}),
     (r"encoders/resnet152/grid", "image", (3, 3, 24), {}),
     (r"encoders/resnet152/crop_pooled", "object", (24,), {}),
-    (r"encoders/swin/grid", "image", (3, 3, 20), {}),
+    (r"encoders/swin/grid", "image", (12, 12, 8), {}),  # ESPVR's VRP needs the real 12x12 grid
+    (r"grounding/offsets", "offsets", (), {}),
+    (r"grounding/pixels", "grounding", (3, 32, 32), {}),
+    (r"encoders/clip_grounding/states", "grounding", (2, 5, 16), {"layers": [1, 2]}),
+    (r"captions/text", "text", (), {}),
     (r"prompts/[^/]+/prompt_embed", "global", (NUM_PROMPTS, 16), {}),
     (r"prompts/[^/]+/prompt_category", "global", (NUM_PROMPTS,), {"category_names": CATEGORIES}),
     (r"prompts/[^/]+/centroids", "global", (len(CATEGORIES), 16), {"category_names": CATEGORIES}),
@@ -66,6 +70,8 @@ def tiny_feature_spec(paths: list[str], rng: np.random.Generator) -> FeatureSpec
 # post whose last words fall past max_length and with a zero-piece word in the middle.
 OBJECT_COUNTS = [3, 0, 0, 2]
 IMAGE_OK = [True, True, False, True]
+GROUNDING_COUNTS = [3, 0, 0, 1]  # grounding crops per image (post 1: an ok image without any crop)
+CAPTIONS = ["a man in paris", "", "", "a game"]
 POSTS = [
     (["john", "smith", "visit", "paris"], ["B-PER", "I-PER", "O", "B-LOC"]),
     (["meet", "apple", "today"], ["O", "B-ORG", "O"]),
@@ -78,16 +84,22 @@ def tiny_visual(paths: list[str], spec: FeatureSpec, rng: np.random.Generator) -
     batch_size, num_slots = len(OBJECT_COUNTS), max(OBJECT_COUNTS)
     mask = torch.arange(num_slots)[None, :] < torch.tensor(OBJECT_COUNTS)[:, None]  # (B, K)
     ok = torch.tensor(IMAGE_OK)
-    visual = {"objects/mask": mask, "images/ok": ok}
+    grounding_mask = torch.arange(3)[None, :] < torch.tensor(GROUNDING_COUNTS)[:, None]  # (B, 3)
+    visual = {"objects/mask": mask, "images/ok": ok, "grounding/mask": grounding_mask}
     for path in paths:
         kind = schema_entry(path)[0]
         if kind in ("global", "offsets"):
             continue
-        lead = (batch_size,) if kind == "image" else (batch_size, num_slots)
+        if kind == "text":
+            visual[path] = list(CAPTIONS)
+            continue
+        lead = {"image": (batch_size,), "object": (batch_size, num_slots), "grounding": (batch_size, 3)}[kind]
         values = torch.from_numpy(rng.standard_normal(lead + tuple(spec.shapes[path])).astype(np.float32))
         if path.endswith("crop_weights"):
             values = values.softmax(-1)
-        valid = ok if kind == "image" else mask
+        if path.endswith("pixels"):  # uint8 crop pixels, as the batcher delivers them
+            values = torch.from_numpy(rng.integers(0, 256, lead + tuple(spec.shapes[path]), dtype=np.uint8))
+        valid = {"image": ok, "object": mask, "grounding": grounding_mask}[kind]
         visual[path] = values * valid.reshape(valid.shape + (1,) * (values.dim() - valid.dim()))
     return visual
 
@@ -144,6 +156,8 @@ def test_model_forward_backward_decode(name, preset, tiny_bert):
     for field in ("num_heads", "heads"):  # keep the paper's 8 heads only where the tiny width allows
         if hasattr(config, field) and 32 % getattr(config, field):
             setattr(config, field, 2)
+    for field, value in getattr(cls, "TINY_OVERRIDES", {}).items():  # the model's own tiny test variant
+        setattr(config, field, value)
     paths = list(cls.required_features(config))
     spec = tiny_feature_spec(paths, rng) if paths else None
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import pytest
 from mner.trainer.cli import main
-from test_train import make_post, write_split
+from test_train import write_generated_splits
 
-TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds", "checkpoint_seconds")
+TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds", "checkpoint_seconds", "cpu_seconds")
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    rng = random.Random(5)
-    folder = tmp_path_factory.mktemp("resume-data")
-    write_split(folder / "train.txt", [make_post(rng, str(i)) for i in range(32)])
-    write_split(folder / "valid.txt", [make_post(rng, str(i)) for i in range(8)])
-    write_split(folder / "test.txt", [make_post(rng, str(i)) for i in range(8)])
-    return folder
+    return write_generated_splits(tmp_path_factory.mktemp("resume-data"), seed=5, sizes=(32, 8, 8))
 
 
 def train_args(data: Path, encoder: Path, out: Path, epochs: int = 3) -> list[str]:
@@ -63,6 +58,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_data, tiny_ber
     assert main(train_args(small_data, tiny_bert, killed)) == 2
     err = capsys.readouterr().err
     assert "unfinished run" in err and "--resume" in err and "--overwrite" in err and str(killed) in err
+    assert main(["evaluate", str(killed)]) == 2  # not a finished run yet: says how to finish it
+    assert f"mner-train --out {killed} --resume" in capsys.readouterr().err
+    assert main(["--out", str(killed), "--resume", "--epochs", "5"]) == 2  # other options: refused, named
+    assert "was started with other options: epochs (run: 3, now: 5)" in capsys.readouterr().err
 
     codes, logs = run_forked([["--out", str(killed), "--resume"]], tmp_path)
     assert codes == [0], logs
@@ -99,7 +98,7 @@ def test_ctrl_c_leaves_a_resumable_run(small_data, tiny_bert, tmp_path, monkeypa
     shutil.rmtree(encoder)
     assert main(["evaluate", str(out), "--split", "dev", "--device", "cpu"]) == 0, capsys.readouterr().err
 
-    # --resume of a finished run, and --resume with other options, are refused with the fix
+    # --resume of a finished run is refused with the fix
     assert main(["--out", str(out), "--resume"]) == 2
     assert "already finished" in capsys.readouterr().err
 
@@ -120,8 +119,12 @@ def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_pat
     (run / "stale.txt").write_text("from the first run")
     assert main(train_args(small_data, tiny_bert, run, epochs=1)) == 2  # no silent replacement
     assert "--overwrite" in capsys.readouterr().err
-    assert main([*train_args(small_data, tiny_bert, run, epochs=1), "--overwrite"]) == 0
+    # the replacement also runs bf16 autocast on CPU with gradient accumulation over 2 of the 4 batches
+    assert main([*train_args(small_data, tiny_bert, run, epochs=1), "--overwrite", "--precision", "bf16",
+                 "--grad-accum", "2"]) == 0
     assert not (run / "stale.txt").exists() and (run / "metrics.json").is_file()
+    record = json.loads((run / "metrics.json").read_text())["run"]
+    assert record["precision"] == "bf16" and record["optimizer_steps_per_epoch"] == 2 and record["world_size"] == 1
 
 
 def _process(argv: list[str], env: dict, log: str) -> None:

@@ -33,6 +33,15 @@ def write_split(path: Path, posts: list[list[tuple[str, str]]], *, tags: bool = 
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def write_generated_splits(folder: Path, *, seed: int, sizes: tuple[int, int, int], extra_test=()) -> Path:
+    """train/valid/test files of generated posts (``sizes`` posts each), ``extra_test`` appended to test."""
+    rng = random.Random(seed)
+    for name, size in zip(("train.txt", "valid.txt", "test.txt"), sizes):
+        posts = [make_post(rng, str(i)) for i in range(size)]
+        write_split(folder / name, posts + (list(extra_test) if name == "test.txt" else []))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     rng = random.Random(0)
@@ -78,6 +87,23 @@ def test_run_directory_layout_and_metrics(trained_run, tiny_data):
     assert config["model"] == "bert_crf" and config["model_config"] == {"dropout": 0.0}
     assert config["train_config"]["head_lr"] == 5e-3 and config["train_config"]["epochs"] == 2
     assert config["labels"][0] == "O" and config["data"]["hash"] == metrics["data_hash"]
+
+
+def test_run_record(trained_run, tiny_bert):
+    import hashlib
+
+    import torch
+    import transformers
+
+    record = json.loads((trained_run / "metrics.json").read_text())["run"]
+    software = record["software"]
+    assert software["torch"] == torch.__version__ and software["transformers"] == transformers.__version__
+    assert software["mner"] and "git_commit" in software and "cuda" in software
+    assert record["seed"] == 3 and record["device"] == "cpu" and record["precision"] == "fp32"
+    assert record["world_size"] == 1 and len(record["epoch_seconds"]) == 2
+    assert record["peak_memory"]["process_rss_mb"] > 0
+    digest = hashlib.sha256(b"model.safetensors\0" + (tiny_bert / "model.safetensors").read_bytes()).hexdigest()
+    assert record["text_encoder"]["weights"]["sha256"] == digest
 
 
 def test_predictions_match_seqeval(trained_run):
@@ -190,8 +216,8 @@ def register_visual_test_model():
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_data, tmp_path_factory) -> Path:
     import numpy as np
-    from mner.pipeline.data import load_dataset
     from mner.pipeline.cache import CacheWriter, make_provenance
+    from mner.pipeline.data import load_dataset
 
     dataset = load_dataset(tiny_data)
     ids = sorted(set(dataset.image_ids()) - {"5"})  # image 5 is absent from the cache
@@ -330,7 +356,7 @@ def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_dat
     assert "changed since the run trained on it" in capsys.readouterr().err
     results = sorted((run / "eval").glob("test-*.json"))
     assert len(results) == 2  # the first result was not overwritten
-    changed = [json.loads(p.read_text()) for p in results if p != first][0]
+    changed = next(json.loads(p.read_text()) for p in results if p != first)
     assert changed["cache"]["fingerprint"] != trained and "changed since" in changed["warnings"][0]
 
     tagged = tmp_path / "tagged.conll"

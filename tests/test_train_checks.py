@@ -9,21 +9,16 @@ from pathlib import Path
 
 import pytest
 from mner.trainer.cli import main
-from test_train import make_post, write_split
+from test_train import make_post, write_generated_splits, write_split
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    rng = random.Random(2)
-    folder = tmp_path_factory.mktemp("check-data")
-    write_split(folder / "train.txt", [make_post(rng, str(i)) for i in range(16)])
-    write_split(folder / "valid.txt", [make_post(rng, str(i)) for i in range(4)])
     # test only: an EVENT type twice, and a post longer than the tiny BERT's 64 positions
-    test = [make_post(rng, str(i)) for i in range(4)]
-    test += [[("rt", "O"), ("game", "B-EVENT"), ("love", "I-EVENT")], [("game", "B-EVENT")]]
-    test.append([("rt", "O")] + [("london", "B-LOC")] * 80)
-    write_split(folder / "test.txt", test)
-    return folder
+    extra_test = [[("rt", "O"), ("game", "B-EVENT"), ("love", "I-EVENT")], [("game", "B-EVENT")],
+                  [("rt", "O")] + [("london", "B-LOC")] * 80]
+    return write_generated_splits(tmp_path_factory.mktemp("check-data"), seed=2, sizes=(16, 4, 4),
+                                  extra_test=extra_test)
 
 
 def run(args, data, tiny_bert, out, capsys) -> tuple[int, str]:

@@ -122,11 +122,15 @@ def _pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Collator:
-    """Pads a list of PostDataset items into the batch dict; ``visual_batcher`` adds ``batch["visual"]``."""
+    """Pads a list of PostDataset items into the batch dict; ``visual_batcher`` adds ``batch["visual"]``;
+    ``second_segment`` (:class:`mner.trainer.segments.SecondSegment`) appends per-image text such as
+    captions as the encoder's second segment and adds ``token_type_ids``."""
 
-    def __init__(self, *, pad_token_id: int, visual_batcher: Callable[[list[int | None]], dict] | None = None):
+    def __init__(self, *, pad_token_id: int, visual_batcher: Callable[[list[int | None]], dict] | None = None,
+                 second_segment: Callable | None = None):
         self.pad_token_id = pad_token_id
         self.visual_batcher = visual_batcher
+        self.second_segment = second_segment
 
     def __call__(self, items: list[dict]) -> dict:
         input_ids = _pad([it["input_ids"] for it in items], self.pad_token_id, torch.long)  # (B, L)
@@ -141,6 +145,9 @@ class Collator:
             batch["labels"] = _pad([it["labels"] for it in items], 0, torch.long)  # (B, W); pad = id 0 ("O")
         if self.visual_batcher is not None:
             batch["visual"] = self.visual_batcher([it["image_row"] for it in items])
+        if self.second_segment is not None:
+            texts = batch["visual"][self.second_segment.path]
+            batch.update(self.second_segment([it["input_ids"] for it in items], texts))  # ids, mask, token types
         return batch
 
 

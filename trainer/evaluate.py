@@ -237,6 +237,7 @@ def evaluate_run(
     """
     from mner.trainer.batching import Collator
     from mner.trainer.labels import describe_unseen, unseen_types
+    from mner.trainer.segments import second_segment_for
     from mner.trainer.run_folder import require_finished
     from mner.trainer.run_record import short_fingerprint
     from mner.trainer.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
@@ -264,7 +265,9 @@ def evaluate_run(
         warn_loudly(describe_unseen(split, unseen))
     post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
                                  visual=visual, split=split)
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None)
+    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
+                        second_segment=second_segment_for(type(model), model.config, tokenizer,
+                                                          run_config["train_config"]["max_length"]))
     predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
                                batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
     scores = entity_scores([list(p.tags) for p in posts], predictions)
@@ -291,6 +294,7 @@ def predict_run(
     ``<out>.json`` beside it names the run, the cache used and any warning about it."""
     from mner.pipeline.data import load_dataset
     from mner.trainer.batching import Collator
+    from mner.trainer.segments import second_segment_for
     from mner.trainer.run_folder import require_finished
     from mner.trainer.train import SPLITS, load_run, log, make_post_dataset, predict_tags
 
@@ -305,7 +309,9 @@ def predict_run(
     model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=cache_path, device=device)
     post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
                                  visual=visual, split="predict")
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None)
+    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
+                        second_segment=second_segment_for(type(model), model.config, tokenizer,
+                                                          run_config["train_config"]["max_length"]))
     predictions = predict_tags(model, post_set, collator, labels=run_config["labels"], device=torch_device,
                                batch_size=run_config["train_config"]["eval_batch_size"], desc="predict")
     out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"

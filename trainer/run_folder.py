@@ -112,6 +112,64 @@ def require_finished(run_dir: Path) -> None:
                              "train one with mner-train")
 
 
+# ----------------------------------------------------------------------------- resuming with the stored options
+
+
+RESUME_MAY_CHANGE = ("device", "num_workers")  # do not change results
+
+
+def invocation_record(**given) -> dict:
+    """What ``train()`` was asked for (absolute paths, given flags only): stored for ``--resume``."""
+    inv = dict(given)
+    for key in ("data", "features"):
+        if inv.get(key) is not None:
+            inv[key] = str(Path(inv[key]).resolve())
+    inv["sets"] = list(inv.get("sets") or [])
+    inv["flags"] = {k: v for k, v in (inv.get("flags") or {}).items() if v is not None}
+    encoder = inv["flags"].get("text_encoder")
+    if encoder is not None and Path(encoder).expanduser().is_dir():  # a folder: resumable from any directory
+        inv["flags"]["text_encoder"] = str(Path(encoder).expanduser().resolve())
+    return inv
+
+
+def options_for_resume(out: Path, given: dict) -> dict:
+    """The stored invocation with the options given now on top (only what was given)."""
+    try:
+        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))["invocation"]
+    except (OSError, ValueError, KeyError):
+        raise RunFolderError(f"{out} has no readable config.json with the run's options; it cannot be resumed: "
+                             "start it again with --overwrite") from None
+    merged = dict(stored)
+    for key in ("model", "data", "features", "preset", "labels"):
+        if given.get(key) is not None:
+            merged[key] = given[key]
+    if given.get("sets"):
+        merged["sets"] = given["sets"]
+    merged["flags"] = {**stored.get("flags", {}), **given.get("flags", {})}
+    merged["allow_missing_images"] = stored.get("allow_missing_images") or given.get("allow_missing_images")
+    return merged
+
+
+def resume_differences(stored: dict, now: dict) -> list[str]:
+    """Result-changing differences between a stored run config and the one resolved now."""
+    differ = []
+    for section in ("model_config", "train_config"):
+        for key in sorted(set(stored[section]) | set(now[section])):
+            if key in RESUME_MAY_CHANGE:
+                continue
+            old, new = stored[section].get(key), now[section].get(key)
+            if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
+                differ.append(f"{key} (run: {old!r}, now: {new!r})")
+    for key in ("model", "labels"):
+        if stored[key] != now[key]:
+            differ.append(f"{key} (run: {stored[key]!r}, now: {now[key]!r})")
+    if stored["data"]["hash"] != now["data"]["hash"]:
+        differ.append(f"data (the files changed since the run started: {now['data']['path']})")
+    if (stored.get("features") or {}).get("fingerprint") != (now.get("features") or {}).get("fingerprint"):
+        differ.append("features (the cache is another one or has changed)")
+    return differ
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -27,6 +27,7 @@ import torch
 from mner.pipeline.data import Dataset, Post, load_dataset
 from mner.trainer.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
 from mner.trainer.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
+from mner.trainer.segments import second_segment_for
 from mner.trainer.engine import Engine, check_device_and_precision
 from mner.trainer.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.labels import (
@@ -45,14 +46,16 @@ from mner.trainer.models.stage1 import (
 )
 from mner.trainer.run_folder import (
     STATE_FILE,
-    RunFolderError,
     check_out,
     checkpoint_staging,
     commit_checkpoint,
+    invocation_record,
     latest_checkpoint,
     link_or_copy,
+    options_for_resume,
     remove_checkpoints,
     require_finished,
+    resume_differences,
     write_json_atomic,
     write_marker,
 )
@@ -100,15 +103,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, dict):
-            moved[key] = to_device(value, device)
-        else:
-            moved[key] = value
-    return moved
+    """Decoding batches (training batches arrive on the device through the engine's prepared loader)."""
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -334,57 +332,6 @@ class TrainerState:
     resumes: list = dataclasses.field(default_factory=list)  # when and at which epoch the run was resumed
 
 
-INVOCATION_KEYS = ("model", "data", "features", "preset", "sets", "flags", "labels", "allow_missing_images")
-RESUME_MAY_CHANGE = ("device", "num_workers")  # do not change results
-
-
-def _invocation(**given) -> dict:
-    inv = dict(given)
-    for key in ("data", "features"):
-        if inv.get(key) is not None:
-            inv[key] = str(Path(inv[key]).resolve())
-    inv["sets"] = list(inv.get("sets") or [])
-    inv["flags"] = {k: v for k, v in (inv.get("flags") or {}).items() if v is not None}
-    return inv
-
-
-def _merge_for_resume(out: Path, given: dict) -> dict:
-    """The stored invocation with the options given now on top (only what was given)."""
-    try:
-        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))["invocation"]
-    except (OSError, ValueError, KeyError):
-        raise RunFolderError(f"{out} has no readable config.json with the run's options; it cannot be resumed: "
-                             "start it again with --overwrite") from None
-    merged = dict(stored)
-    for key in ("model", "data", "features", "preset", "labels"):
-        if given.get(key) is not None:
-            merged[key] = given[key]
-    if given.get("sets"):
-        merged["sets"] = given["sets"]
-    merged["flags"] = {**stored.get("flags", {}), **given.get("flags", {})}
-    merged["allow_missing_images"] = stored.get("allow_missing_images") or given.get("allow_missing_images")
-    return merged
-
-
-def _config_differences(stored: dict, now: dict) -> list[str]:
-    differ = []
-    for section in ("model_config", "train_config"):
-        for key in sorted(set(stored[section]) | set(now[section])):
-            if key in RESUME_MAY_CHANGE:
-                continue
-            old, new = stored[section].get(key), now[section].get(key)
-            if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
-                differ.append(f"{key} (run: {old!r}, now: {new!r})")
-    for key in ("model", "labels"):
-        if stored[key] != now[key]:
-            differ.append(f"{key} (run: {stored[key]!r}, now: {now[key]!r})")
-    if stored["data"]["hash"] != now["data"]["hash"]:
-        differ.append(f"data (the files changed since the run started: {now['data']['path']})")
-    if (stored.get("features") or {}).get("fingerprint") != (now.get("features") or {}).get("fingerprint"):
-        differ.append("features (the cache is another one or has changed)")
-    return differ
-
-
 def train(
     *,
     out: str | Path,
@@ -407,10 +354,10 @@ def train(
     """
     started = time.time()
     out = Path(out)
-    given = _invocation(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
-                        labels=labels, allow_missing_images=allow_missing_images)
+    given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
+                              labels=labels, allow_missing_images=allow_missing_images)
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
-    invocation = _merge_for_resume(out, given) if mode == "resume" else given
+    invocation = options_for_resume(out, given) if mode == "resume" else given
     model = invocation["model"] = invocation["model"] or "bert_crf"
     model_cls = get_model_class(model)
     model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
@@ -481,7 +428,8 @@ def train(
     for split, found in unseen.items():
         warn_loudly(describe_unseen(split, found))
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
-                        visual_batcher=visual.batcher if visual is not None else None)
+                        visual_batcher=visual.batcher if visual is not None else None,
+                        second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
 
     # ---- the engine, the model, the checks on the longest posts
     engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
@@ -518,7 +466,7 @@ def train(
     state = TrainerState()
     if mode == "resume":
         stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
-        differ = _config_differences(stored, run_config)
+        differ = resume_differences(stored, run_config)
         if differ:
             raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(differ)}; resume with "
                               "the run's own options (`mner-train --out RUN --resume` is enough) or start a new run")
@@ -545,6 +493,7 @@ def train(
     record = {
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
         "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
     }
@@ -632,7 +581,7 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
     for epoch in epoch_bar:
         if state.stopped_early:
             break
-        epoch_start = time.time()
+        epoch_start, cpu_start = time.time(), time.process_time()
         sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
@@ -653,13 +602,15 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
 
         checkpoint_start = time.time()
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
-                              "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None})
+                              "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
+                              "cpu_seconds": None})
         snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
             engine.writer.submit(functools.partial(
                 write_checkpoint, out, snapshot, copy.deepcopy(dataclasses.asdict(state)), improved, config.epochs))
         state.history[-1].update(checkpoint_seconds=round(time.time() - checkpoint_start, 2),
-                                 seconds=round(time.time() - epoch_start, 2))
+                                 seconds=round(time.time() - epoch_start, 2),
+                                 cpu_seconds=round(time.process_time() - cpu_start, 2))  # all threads
         epoch_bar.set_postfix(loss=f"{loss:.3f}", dev_f1=f"{100 * dev_f1:.2f}",
                               best=f"{100 * state.best_f1:.2f}@{state.best_epoch}")
         log(f"epoch {epoch}: loss {loss:.4f}  dev F1 {100 * dev_f1:.2f}{'  (best)' if improved else ''}  "

@@ -16,6 +16,8 @@ import numpy as np
 # per-image text, per-group fingerprints. Version 1 files are refused with the re-extract command.
 SCHEMA_VERSION = 2
 STATUS_NAMES = ("ok", "missing", "unreadable", "placeholder")
+# Why an image is not ok: the first word of its /images/detail ("corrupt: <path>: <error>"); info counts by it.
+IMAGE_CAUSES = ("no-file", "no-images-folder", "corrupt", "too-large")
 STATUS_MEANINGS = {  # docs/cache-schema.md's status table is generated from this
     "ok": "decoded; every feature of the row was computed from the image",
     "missing": "no file for the id (detail: the path looked for); features are zeros, no objects",

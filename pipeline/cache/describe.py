@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from mner.pipeline.cache.base import (
+    IMAGE_CAUSES,
     STATUS_MEANINGS,
     STATUS_NAMES,
     CacheError,
@@ -77,7 +78,9 @@ def describe(path: str | os.PathLike) -> str:
                 causes: dict[str, int] = {}
                 for row in not_ok:
                     text = flat[offsets[row] : offsets[row + 1]].decode("utf-8")
-                    cause = f"{STATUS_NAMES[status[row]]}: {text.split(':')[-1].strip() or '?'}"
+                    segments = [part.strip() for part in text.split(":")]
+                    known = [part for part in segments if part in IMAGE_CAUSES]  # "<cause>: <message>" details
+                    cause = f"{STATUS_NAMES[status[row]]}: {known[0] if known else segments[-1] or '?'}"
                     causes[cause] = causes.get(cause, 0) + 1
                 for cause, n in sorted(causes.items(), key=lambda kv: -kv[1])[:8]:
                     lines.append(f"  {n:>6}  {cause[:100]}")
@@ -206,7 +209,7 @@ def schema_tables() -> str:
             batch = {
                 "float": "float32",
                 "jpeg": f"uint8 {d.pixels}x{d.pixels}x3 (decoded)",
-                "pixels": f"uint8 {d.pixels}x{d.pixels}x3",
+                "pixels": "uint8 " + "x".join(str(n) for n in d.shape),  # the stored row, as stored
                 "text": "strings / token ids",
                 None: "-",
             }[d.collate]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mner.pipeline.cache.specs import DatasetSpec as D
-from mner.pipeline.cache.specs import GroupSpec, register_group
+from mner.pipeline.cache.specs import GROUNDING_MAX, GroupSpec, register_group
 
 # Prompt sets bundled with stage 1 (features/prompt_sets/*.json); any other name is a FILE.json set.
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
@@ -126,3 +126,45 @@ def _prompt_group(name: str) -> GroupSpec:
 
 PROMPTS = {name: register_group(_prompt_group(name)) for name in PROMPT_SETS}
 PROMPTS_FILE = register_group(_prompt_group("*"))  # --prompts FILE.json: the set is named after the file
+
+GROUNDING = register_group(GroupSpec(
+    name="grounding", option="--grounding owlv2", provenance=("grounding",),
+    doc="Up to three visual-grounding crops per image (MGIPS-CL, after HVPNeT), squashed to 128x128 and stored "
+        "as uint8 pixels: --grounding owlv2 (OWLv2 queried with the posts' capitalised spans + entity types), "
+        "detector (the objects group's top 3) or files (HVPNeT *_dict.pth / JSON mappings). An image that is not "
+        "ok gets no crops from a model (reason 0). See docs/grounding-captions.md.",
+    datasets=(
+        D("offsets", "index", "int64", indexes="grounding", max_per_image=GROUNDING_MAX, collate=None,
+          doc="crops of image i: grounding rows offsets[i]:offsets[i+1] (0..3)"),
+        D("pixels", "grounding", "uint8", (3, 128, 128), collate="pixels", pixels=128,
+          doc="RGB crop, channel first, squashed to 128x128, not normalised"),
+        D("boxes", "grounding", "float32", (4,), collate=None, doc="xyxy in original pixels (zeros for user crops)"),
+        D("scores", "grounding", "float32", collate=None,
+          doc="query or objectness probability, detector score, 1 for user crops"),
+        D("source", "grounding", "uint8", collate=None, doc="0 query, 1 objectness fill, 2 detector, 3 file"),
+        D("query", "grounding", "uint8", encoding="utf-8", collate=None,
+          doc='the text query that found the crop ("" otherwise)'),
+        D("reason", "image", "uint8", collate=None, doc="0 no_image, 1 full, 2 few_found, 3 not_in_mapping"),
+    ),
+))
+
+CLIP_GROUNDING = register_group(GroupSpec(
+    name="encoders/clip_grounding", option="--grounding-clip", provenance=("encoder",),
+    attrs=("layers", "image_size", "patch_size"),
+    dims={"L": "hidden states kept (2: layers 6 and 12)", "T": "tokens (17: class + 4x4 patches of 32)",
+          "D": "tower width (768 for ViT-B/32)"},
+    doc="Frozen CLIP ViT hidden states of every grounding crop run alone at 128x128 (mgipscl's frozen mode); "
+        "rows follow grounding/offsets. attrs layers (0 = embeddings after pre_layrnorm, i = layer i), "
+        "image_size, patch_size.",
+    datasets=(D("states", "grounding", "float16", ("L", "T", "D"), doc="hidden states of the crop"),),
+))
+
+CAPTIONS = register_group(GroupSpec(
+    name="captions", option="--captions blip", provenance=("captions",),
+    doc="One caption per image for ESPVR: --captions blip or a user JSONL/TSV file (its sha256 is the "
+        "pretrained tag). \"\" = no caption (masked). See docs/grounding-captions.md.",
+    datasets=(
+        D("text", "text", "uint8", encoding="utf-8", collate="text", doc='the caption ("" = none)'),
+        D("reason", "image", "uint8", collate=None, doc="0 no_image, 1 ok, 2 empty, 3 not_in_file"),
+    ),
+))

@@ -13,7 +13,10 @@ A registered model is an ``nn.Module`` class with:
   with ``params``, ``lr``, ``weight_decay`` and a ``name``). Most models return
   ``default_parameter_groups(self, train_config)``; a model with its own tower (a fine-tuned CLIP
   vision encoder) passes ``extra_rates={"vision_tower": config.vision_lr}``. The trainer checks that
-  every trainable parameter is in exactly one group.
+  every trainable parameter is in exactly one group;
+- optionally ``check_config(config, *, text_width)`` raising ValueError for option combinations the
+  trainer's generic checks (dropout in [0, 1), ``num_*``/``max_*`` >= 1, ``num_heads`` dividing the
+  text width, ``required_features`` accepting the config) do not cover; it runs before any data is read.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ MODEL_REGISTRY: dict[str, type] = {}
 
 # Model modules imported on first lookup, so registering needs no central list of imports
 # beyond this one.
-_MODEL_MODULES = ("bert_crf", "vcrmner", "promptmner", "pmner")
+_MODEL_MODULES = ("bert_crf", "vcrmner", "promptmner", "pmner", "mgipscl", "espvr")
 
 
 def default_parameter_groups(

@@ -35,6 +35,12 @@ MULTIMODAL = {
     "promptmner": ["--set", "num_continuous_prompts=8", "--set", "dropout=0.0", "--epochs", "40", "--head-lr", "1e-2",
                    "--encoder-lr", "3e-3"],
     "pmner": ["--set", "num_heads=2", "--set", "dropout=0.0", "--epochs", "20", "--head-lr", "1e-2"],
+    # paper mode: a tiny random CLIP tower fine-tuned over the cached OWLv2 crops (its own lr group)
+    "mgipscl": ["--set", "clip_model=tiny-random", "--set", "num_heads=2", "--set", "dropout=0.0",
+                "--set", "clip_lr=1e-3", "--epochs", "8"],
+    # swin-test grid (12x12x256) + random BLIP captions as BERT's second segment
+    "espvr": ["--set", "swin_group=swin-test", "--set", "cross_width=32", "--set", "cross_heads=2",
+              "--set", "dropout=0.0", "--epochs", "8"],
 }
 COMMON = ["--epochs", "15", "--batch-size", "8", "--encoder-lr", "1e-3", "--head-lr", "3e-3", "--crf-lr", "5e-2",
           "--patience", "0", "--seed", "13", "--device", "cpu", "--max-length", "24",
@@ -72,7 +78,8 @@ def write_dataset(folder: Path, images: Path) -> None:
 def build_cache(data: Path, images: Path, out: Path) -> None:
     from mner.features.cli import main as features_main
 
-    encoders = ["--encoder", "clip", "--encoder", "resnet152"]  # resnet152 feeds pmner
+    encoders = ["--encoder", "clip", "--encoder", "resnet152", "--encoder", "swin-test"]  # pmner, espvr
+    encoders += ["--grounding", "owlv2", "--captions", "blip"]  # mgipscl's crops, espvr's captions
     argv = [
         "extract", "--data", str(data), "--images", str(images), "--out", str(out), "--random-init",
         "--detector", "fasterrcnn", "--score-threshold", "0", "--top-k", "2", "--detector-min-size", "64",

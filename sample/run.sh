@@ -21,6 +21,7 @@ mner-features info cache/sample.h5
 # Stage 2: the cache holds the posts too, so --features is all the trainer needs.
 mner-train --features cache/sample.h5 --model vcrmner --text-encoder minilm-l6 \
     --epochs 12 --batch-size 8 --encoder-lr 5e-5 --head-lr 1e-3 --crf-lr 1e-2 --patience 0 \
-    --seed 1 --out runs/sample-vcrmner --overwrite
+    --seed 1 --out runs/sample-vcrmner --overwrite \
+    --set stage1_mismatch=warn  # random-init fasterrcnn + ViT-B-32, not the paper's Mask R-CNN + ViT-B/16 (recorded in the run)
 mner-train evaluate runs/sample-vcrmner --split test
 echo "done: metrics in runs/sample-vcrmner/metrics.json, test predictions in runs/sample-vcrmner/predictions/"

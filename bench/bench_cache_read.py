@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import numpy as np
+
 from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 
 TARGET = 5000.0
@@ -37,9 +38,14 @@ def build(path: str, num_images: int, seed: int = 0) -> None:
     counts = rng.integers(0, 11, num_images)  # 0..10 objects per image
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     objects = int(offsets[-1])
-    f16 = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
-    prov = lambda model: make_provenance("bench", model=model, pretrained="random", preprocessing=None,
-                                         thresholds=None, image_ids=ids)
+
+    def f16(*shape):
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+
+    def prov(model):
+        return make_provenance("bench", model=model, pretrained="random", preprocessing=None,
+                               thresholds=None, image_ids=ids)
+
     with CacheWriter(path, overwrite=True, partial=True) as writer:  # only the datasets read
         writer.write_images(ids)
         writer.write_group("objects", {

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from corpus import make_corpus  # bench/corpus.py (the script's folder is on sys.path)
 
-from mner.features.extract import ExtractOptions, Extraction
+from mner.features.extract import Extraction, ExtractOptions
 from mner.features.loader import ImageLoader
 from mner.features.stages import ImageStages
-
-from corpus import make_corpus  # bench/corpus.py (the script's folder is on sys.path)
 
 
 def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[float, dict]:

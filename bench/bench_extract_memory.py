@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/corpus.py (also when imported from elsewhere)
 
-from corpus import make_corpus  # noqa: E402
+from corpus import make_corpus
 
 
 def child(args) -> None:

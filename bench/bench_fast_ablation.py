@@ -42,7 +42,7 @@ def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed
     labels = dataset.labels
     visual = open_visual_inputs(features, cls, model_config, model_name)
     tokenizer = load_tokenizer(text_encoder)
-    common = {"tokenizer": tokenizer, "label_to_id": {l: i for i, l in enumerate(labels)},
+    common = {"tokenizer": tokenizer, "label_to_id": {label: i for i, label in enumerate(labels)},
               "max_length": config.max_length, "visual": visual}
     train_set = make_post_dataset(dataset.splits["train"], split="train", repair=True, **common)
     others = [make_post_dataset(dataset.splits[s], split=s, **common) for s in ("dev", "test")]
@@ -93,9 +93,10 @@ def main() -> None:
             times["fast"].append(epoch_seconds(fast[0], fast[1], fast[2]))
         full_s, fast_s = statistics.median(times["full"]), statistics.median(times["fast"])
         rows.append((model, full[4], full_s, fast_s, full_s / fast_s, fast[3]))
-    print(f"\nsample: {Path(args.features)}; text encoder {args.text_encoder}; torch threads {torch.get_num_threads()}; "
-          f"median of {args.epochs} epochs after one warm-up epoch\n")
-    print("| model | train posts | epoch, fine-tuned encoder (papers) | epoch, fast ablation | speed-up | one-off encoding |")
+    print(f"\nsample: {Path(args.features)}; text encoder {args.text_encoder}; "
+          f"torch threads {torch.get_num_threads()}; median of {args.epochs} epochs after one warm-up epoch\n")
+    print("| model | train posts | epoch, fine-tuned encoder (papers) | epoch, fast ablation | speed-up "
+          "| one-off encoding |")
     print("|---|---|---|---|---|---|")
     for model, posts, full_s, fast_s, ratio, setup in rows:
         print(f"| {model} | {posts} | {full_s:.3f} s | {fast_s:.3f} s | **{ratio:.1f}x** | {setup:.2f} s |")

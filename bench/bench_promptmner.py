@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             optimisers[name].step()
             seconds[name].append(time.perf_counter() - start)
     base = statistics.median(seconds["bert_crf"][1:])
-    print(f"| variant | median step ms | x bert_crf |\n|---|---|---|")
+    print("| variant | median step ms | x bert_crf |\n|---|---|---|")
     for name, times in seconds.items():
         median = statistics.median(times[1:])  # the first step warms up
         print(f"| {name} | {1000 * median:.0f} | {median / base:.2f} |")

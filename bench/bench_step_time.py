@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mner.pipeline.data import load_dataset
 from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.data import load_dataset
 from mner.trainer.batching import Collator, PostDataset
+from mner.trainer.config import TrainConfig
 from mner.trainer.models import available_models, get_model_class
 from mner.trainer.segments import second_segment_for
 from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder
 from mner.trainer.train import parameter_groups
-from mner.trainer.config import TrainConfig
 from mner.trainer.visual import VisualBatcher
 
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
@@ -64,7 +64,8 @@ SCHEMA = {
 
 GROUNDING_SIDE, GROUNDING_LAYERS, GROUNDING_TOKENS, GROUNDING_WIDTH = 128, [6, 12], 17, 768  # CONTRACT-10
 SWIN_GRID, SWIN_WIDTH = 12, 1536
-CAPTION_WORDS = "a man woman dog street sign crowd stage game city photo of with in on the".split()
+CAPTION_WORDS = ["a", "man", "woman", "dog", "street", "sign", "crowd", "stage", "game", "city", "photo", "of",
+                 "with", "in", "on", "the"]
 # mgipscl's paper mode needs a CLIP tower: ViT-B/32's shape, random weights (no download offline)
 MODEL_OVERRIDES = {"mgipscl": {"clip_model": "random-vit-b-32"}}
 EXTRA_RUNS = {"mgipscl frozen": ("mgipscl", {"vision_mode": "frozen"})}  # label -> (model, config overrides)
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     cache_path = Path(args.cache) if args.cache else Path(args.work) / "bench.h5"
     if not args.cache:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic_cache(cache_path, [p.image_id for p in posts if p.image_id], max_objects=args.max_objects, seed=0)
+        write_synthetic_cache(cache_path, [p.image_id for p in posts if p.image_id], max_objects=args.max_objects,
+                              seed=0)
     cache = FeatureCache(cache_path)
     image_rows = [cache.row_of(p.image_id) if p.image_id in set(cache.image_ids) else None for p in posts]
 
@@ -227,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         batcher = VisualBatcher(cache, required, max_objects=getattr(config, "max_objects", None)) if required else None
         collator = Collator(pad_token_id=tokenizer.pad_token_id, visual_batcher=batcher,
                             second_segment=second_segment_for(cls, config, tokenizer, args.max_length))
-        loader = torch.utils.data.DataLoader(post_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=collator,
-                                             num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+        loader = torch.utils.data.DataLoader(post_dataset, batch_size=args.batch_size, shuffle=False,
+                                             collate_fn=collator, num_workers=args.num_workers,
+                                             persistent_workers=args.num_workers > 0)
         torch.manual_seed(0)
         model = cls(config, labels=labels, text_encoder=encoder_path, tokenizer=tokenizer,
                     features=cache.feature_spec(required) if required else None)
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'model':<26}{'median ms':>10}{'± std':>8}{'x bert_crf':>12}{'data wait':>11}")
     for label, row in results.items():
         ratio = f"{row['step_ms'] / base:.2f}" if base else "-"
-        print(f"{label:<26}{row['step_ms']:>10.0f}{row['step_ms_std']:>8.0f}{ratio:>12}{100 * row['wait_share']:>10.1f}%")
+        print(f"{label:<26}{row['step_ms']:>10.0f}{row['step_ms_std']:>8.0f}{ratio:>12}"
+              f"{100 * row['wait_share']:>10.1f}%")
     if "vcrmner + CLIP in step" in results and "vcrmner" in results:
         print(f"\nvcrmner: in-step CLIP / cache = "
               f"{results['vcrmner + CLIP in step']['step_ms'] / results['vcrmner']['step_ms']:.1f}x")

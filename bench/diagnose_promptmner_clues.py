@@ -16,8 +16,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from bench_promptmner import load_other_class
+
 from mner.pipeline.data import load_dataset
 from mner.pipeline.feature_cache import FeatureCache
 from mner.trainer.batching import Collator, PostDataset
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.text_encoder)
     cache = FeatureCache(args.cache)
     posts = dataset.splits["train"][: args.posts]
-    aligned = PostDataset(posts, tokenizer, label_to_id={l: i for i, l in enumerate(dataset.labels)},
+    aligned = PostDataset(posts, tokenizer, label_to_id={label: i for i, label in enumerate(dataset.labels)},
                           max_length=128, image_rows=[cache.row_of(p.image_id) for p in posts])
     implementations = {"current": get_model_class("promptmner")}
     if args.other_code:

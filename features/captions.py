@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from mner.features.images import EXTENSIONS, LoadedImage
 from mner.pipeline.data import DataFormatError
@@ -31,7 +31,7 @@ from mner.pipeline.data import DataFormatError
 REASON_NAMES = ("no_image", "ok", "empty", "not_in_file")
 BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 
-CAPTIONERS: dict[str, Callable[..., "Captioner"]] = {}
+CAPTIONERS: dict[str, Callable[..., Captioner]] = {}
 
 
 def register_captioner(name: str):
@@ -64,7 +64,7 @@ def is_caption_file(value: str) -> bool:
     return value not in CAPTIONERS and (Path(value).suffix in (".jsonl", ".tsv") or Path(value).is_file())
 
 
-def create_captioner(value: str, config: CaptionConfig) -> "Captioner":
+def create_captioner(value: str, config: CaptionConfig) -> Captioner:
     if is_caption_file(value):
         return FileCaptioner(CaptionConfig(**{**config.__dict__, "file": value}))
     if value not in CAPTIONERS:

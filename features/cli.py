@@ -8,7 +8,6 @@ level imports torch: ``info`` and ``merge`` answer in a fraction of a second (to
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
 
 import typer
 
@@ -29,18 +28,18 @@ app = typer.Typer(
 @app.command()
 def extract(
     data: str = typer.Option(..., help="dataset folder (train/valid/test.txt) or one file"),
-    images: Optional[str] = typer.Option(None, help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no "
+    images: str | None = typer.Option(None, help="folder with <IMGID>.jpg (also .png/.jpeg/.gif/.webp or no "
                                          "extension); a missing or empty folder is an error"),
     no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
                                    "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
     detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2 (| maskrcnn-test | "
                                  "fasterrcnn-test: tiny random test variants)"),
-    encoder: List[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
+    encoder: list[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
                                       "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
-    prompts: List[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
+    prompts: list[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
-    grounding: Optional[str] = typer.Option(
+    grounding: str | None = typer.Option(
         None, help="grounding crops for mgipscl (3 per image, 128x128 pixels): owlv2 (text-conditioned OWLv2 queried "
         "with the posts' capitalised spans + entity-type phrases) | detector (top 3 objects of --detector) | files "
         "(your HVPNeT-style crops: --grounding-map, --grounding-crops-dir). See docs/grounding-captions.md"),
@@ -50,9 +49,9 @@ def extract(
                                        "object-like boxes, query-free) | none"),
     grounding_queries: str = typer.Option("spans", help="owlv2: spans (each run of capitalised tokens is one query) "
                                           "| words (each capitalised word is one query)"),
-    grounding_map: List[str] = typer.Option([], "--grounding-map", help="files, repeatable: HVPNeT *_dict.pth or "
+    grounding_map: list[str] = typer.Option([], "--grounding-map", help="files, repeatable: HVPNeT *_dict.pth or "
                                             ".json mapping {image file or id: [crop files]}"),
-    grounding_crops_dir: List[str] = typer.Option([], "--grounding-crops-dir", help="files, repeatable: the crops "
+    grounding_crops_dir: list[str] = typer.Option([], "--grounding-crops-dir", help="files, repeatable: the crops "
                                                   "folder, one for all mappings or one per --grounding-map in order"),
     grounding_clip: bool = typer.Option(False, "--grounding-clip", help="also cache frozen CLIP vision states of "
                                         "every crop (encoders/clip_grounding: mgipscl's frozen mode)"),
@@ -60,7 +59,7 @@ def extract(
                                              "CLIPVisionModel hub name or local folder"),
     grounding_clip_layers: str = typer.Option("6,12", help="--grounding-clip: hidden states kept (0 = embeddings, "
                                               "i = output of layer i)"),
-    captions: Optional[str] = typer.Option(None, help="captions for espvr: blip | FILE.jsonl "
+    captions: str | None = typer.Option(None, help="captions for espvr: blip | FILE.jsonl "
                                            '({"image_id": ..., "caption": ...} a line) | FILE.tsv (id<TAB>caption)'),
     caption_model: str = typer.Option("Salesforce/blip-image-captioning-base", help="blip: hub name or local folder"),
     caption_max_tokens: int = typer.Option(30, help="blip: longest caption in tokens"),
@@ -71,27 +70,27 @@ def extract(
     device: str = typer.Option("auto", help="auto (the LOCAL_RANK GPU under torchrun, cuda:0, else cpu) | cpu | "
                                "cuda | cuda:N"),
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes decoding and resizing "
+    num_workers: int | None = typer.Option(None, help="DataLoader worker processes decoding and resizing "
                                               "images (default: all cores but one, at most 8; 0: main process)"),
     top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
     score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
     detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
-    detector_weights: Optional[str] = typer.Option(None, help="local detector state dict (sha256 recorded)"),
+    detector_weights: str | None = typer.Option(None, help="local detector state dict (sha256 recorded)"),
     detectron2_config: str = typer.Option("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
                                           help="detectron2 model-zoo config (with --detector detectron2)"),
     clip_model: str = typer.Option("ViT-B-32", help="open_clip architecture name"),
     clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag or local checkpoint file"),
-    resnet_weights: Optional[str] = typer.Option(None, help="local torchvision resnet152 state dict"),
+    resnet_weights: str | None = typer.Option(None, help="local torchvision resnet152 state dict"),
     swin_model: str = typer.Option("microsoft/swin-large-patch4-window12-384", help="hub name or local folder"),
     crop_max_side: int = typer.Option(384, help="stored JPEG crops: longer side cap"),
     crop_quality: int = typer.Option(90, help="stored JPEG crops: quality"),
     max_image_side: int = typer.Option(2048, help="huge images are downscaled to this before the models"),
     missing_image: str = typer.Option("placeholder", help="placeholder (gray image's features) | zeros | "
                                       "error (list bad images, exit 2 before any compute)"),
-    max_bad_images: Optional[float] = typer.Option(None, help="share of images (0..1) allowed to be missing or "
+    max_bad_images: float | None = typer.Option(None, help="share of images (0..1) allowed to be missing or "
                                                    "unreadable; more is an error (exit 2)"),
     chunk_size: int = typer.Option(64, help="images per resumable chunk"),
-    shard: Optional[str] = typer.Option(None, help="i/n: this process's share (default: RANK/WORLD_SIZE or "
+    shard: str | None = typer.Option(None, help="i/n: this process's share (default: RANK/WORLD_SIZE or "
                                         "SLURM_ARRAY_TASK_ID/COUNT); writes <out stem>.shard<i>of<n>.h5"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild the cache instead of adding missing groups"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -134,10 +133,10 @@ def extract(
         summary = run_extraction(opts)
     except ImageError as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from error
     except (ValueError, RuntimeError, CacheError) as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from error
     typer.echo(str(summary))
     if summary.shard_count > 1:
         from mner.features.distributed import merge_hint
@@ -158,12 +157,12 @@ def info(path: str = typer.Argument(..., help="cache file")) -> None:
         typer.echo(describe(path))
     except (CacheError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from error
 
 
 @app.command()
 def merge(
-    shards: List[str] = typer.Argument(..., help="shard caches (e.g. cache/t15.shard*.h5)"),
+    shards: list[str] = typer.Argument(..., help="shard caches (e.g. cache/t15.shard*.h5)"),
     out: str = typer.Option(..., help="merged cache"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="merge even when shards of the "
                                        "extraction are missing (recorded in the merged cache's provenance)"),
@@ -180,7 +179,7 @@ def merge(
         merge_caches(shards, out, allow_partial=allow_partial)
     except (CacheError, ValueError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from error
     typer.echo(f"merged {len(shards)} shards into {out}")
 
 

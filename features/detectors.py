@@ -20,16 +20,17 @@ detections of a batch to the host in one copy.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-DETECTORS: dict[str, Callable[..., "Detector"]] = {}
+DETECTORS: dict[str, Callable[..., Detector]] = {}
 
 DETECTRON2_INSTALL = (
     "detectron2 is not installed (it publishes no wheels). Build it from source, which needs a C++ "
@@ -47,7 +48,7 @@ def register_detector(name: str):
     return decorator
 
 
-def create_detector(name: str, **kwargs) -> "Detector":
+def create_detector(name: str, **kwargs) -> Detector:
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
     return DETECTORS[name](**kwargs)
@@ -131,9 +132,7 @@ class Detections:
 
     def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         bounds = np.concatenate([[0], np.cumsum(self.counts)]).astype(int)
-        return [
-            (self.boxes[a:b], self.scores[a:b], self.class_ids[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
-        ]
+        return [(self.boxes[a:b], self.scores[a:b], self.class_ids[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def _to_host_once(per_image: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Detections:

@@ -15,7 +15,7 @@ command to run is printed when a shard finishes).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from mner.features.sharding import ShardError, env_int
 

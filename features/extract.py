@@ -508,7 +508,7 @@ class Extraction:
 
     def _cached_counts(self, kind: str, rows: list[int]) -> np.ndarray:
         """Per-image counts of a ragged row kind whose owner group is in the cache (not computed now)."""
-        group = next(p.group for p in self.producers if any(l.rows == kind for l in p.datasets().values()))
+        group = next(p.group for p in self.producers if any(layout.rows == kind for layout in p.datasets().values()))
         index = index_path(group, kind)
         if self.cache is None or not self.cache.has(index):
             raise ValueError(f"{group}: rows of kind {kind!r} need {index} in the cache or computed in this run")

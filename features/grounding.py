@@ -22,8 +22,8 @@ simply have fewer rows; the batcher pads and masks. ``reason`` says why an image
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -41,12 +41,15 @@ QUERY_RULES = ("spans", "words")
 FILL_RULES = ("objectness", "none")
 # Capitalised tokens that start a sentence or a retweet rather than name something.
 SPAN_STOPWORDS = frozenset(
-    "rt i a an the my me we you he she it this that these those in on at of to and or but is are was "
-    "for with from by via my our your his her their its".split()
+    [
+        "rt", "i", "a", "an", "the", "my", "me", "we", "you", "he", "she", "it", "this", "that", "these", "those",
+        "in", "on", "at", "of", "to", "and", "or", "but", "is", "are", "was", "for", "with", "from", "by", "via",
+        "my", "our", "your", "his", "her", "their", "its",
+    ]
 )
 OWLV2_DEFAULT = "google/owlv2-base-patch16-ensemble"
 
-GROUNDERS: dict[str, Callable[..., "Grounder"]] = {}
+GROUNDERS: dict[str, Callable[..., Grounder]] = {}
 
 
 def register_grounder(name: str):
@@ -56,7 +59,7 @@ def register_grounder(name: str):
     return decorator
 
 
-def create_grounder(name: str, config: "GroundingConfig") -> "Grounder":
+def create_grounder(name: str, config: GroundingConfig) -> Grounder:
     if name not in GROUNDERS:
         raise ValueError(f"--grounding {name!r}; valid: {', '.join(GROUNDERS)}")
     return GROUNDERS[name](config)
@@ -103,7 +106,7 @@ class GroundingRow:
     reason: str  # one of REASON_NAMES
 
     @staticmethod
-    def empty(reason: str, size: int, queries: list[str] | None = None) -> "GroundingRow":
+    def empty(reason: str, size: int, queries: list[str] | None = None) -> GroundingRow:
         return GroundingRow(np.zeros((0, 3, size, size), np.uint8), np.zeros((0, 4), np.float32),
                             np.zeros(0, np.float32), np.zeros(0, np.uint8), np.zeros(0, np.int16),
                             list(queries or []), reason)
@@ -155,7 +158,7 @@ def post_queries(tokens: list[str], rule: str = "spans") -> list[str]:
         raise ValueError(f"query rule {rule!r}; valid: {', '.join(QUERY_RULES)}")
     queries: list[str] = []
     run: list[str] = []
-    for token in list(tokens) + [""]:
+    for token in [*tokens, ""]:
         if token and _is_name(token):
             run.append(_clean(token))
             continue

@@ -18,11 +18,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mner.features.captions import REASON_NAMES as CAPTION_REASONS
 from mner.features.captions import CAPTIONERS, CaptionConfig, create_captioner, is_caption_file
+from mner.features.captions import REASON_NAMES as CAPTION_REASONS
 from mner.features.grounding import (
-    CROP_SIZE, FILL_RULES, GROUNDERS, QUERY_RULES, GroundingConfig, GroundingInput, GroundingRow, create_grounder,
-    group_texts, stack_rows,
+    CROP_SIZE,
+    FILL_RULES,
+    GROUNDERS,
+    QUERY_RULES,
+    GroundingConfig,
+    GroundingInput,
+    GroundingRow,
+    create_grounder,
+    group_texts,
+    stack_rows,
 )
 from mner.features.grounding_clip import DEFAULT_LAYERS, ClipGroundingConfig, ClipGroundingStates
 from mner.features.images import LoadedImage

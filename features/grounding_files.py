@@ -19,7 +19,13 @@ import numpy as np
 from PIL import Image
 
 from mner.features.grounding import (
-    MAX_CROPS, Grounder, GroundingConfig, GroundingInput, GroundingRow, register_grounder, squash,
+    MAX_CROPS,
+    Grounder,
+    GroundingConfig,
+    GroundingInput,
+    GroundingRow,
+    register_grounder,
+    squash,
 )
 from mner.features.images import EXTENSIONS
 from mner.pipeline.data import DataFormatError
@@ -42,7 +48,7 @@ def _read_mapping(path: Path) -> dict:
 
         try:
             mapping = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - torch raises many types for bad pickles
+        except Exception as error:
             raise DataFormatError(path, None, f"not a readable torch file ({type(error).__name__}: {error})",
                                   "save the mapping with torch.save(dict) or write it as JSON") from None
     elif path.suffix == ".json":
@@ -175,7 +181,7 @@ class FileGrounder(Grounder):
                 try:
                     with Image.open(path) as opened:
                         pixels.append(squash(opened, size))
-                except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
+                except Exception as error:
                     raise DataFormatError(path, None, f"crop of image {item.image_id} is unreadable "
                                           f"({type(error).__name__}: {error})", "replace or remove the file") from None
             k = len(pixels)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 CAPTION_WORDS = (
     "a", "an", "the", "of", "in", "on", "with", "and", "at", "man", "woman", "people", "person", "dog",
@@ -34,7 +34,7 @@ def offline_tokenizer():
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[MASK]"]
     pieces += list(string.ascii_lowercase + string.digits + string.punctuation)
     pieces += ["##" + c for c in string.ascii_lowercase + string.digits]
-    pieces += list(CAPTION_WORDS) + ["[SEP]"]
+    pieces += [*CAPTION_WORDS, "[SEP]"]
     vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
     return BertTokenizerFast(vocab=vocab, do_lower_case=True)
 

@@ -137,7 +137,7 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return _not_ok(image_id, "unreadable", "too-large", f"{path}: decompression bomb: {error}",
                        fingerprint=fingerprint)
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
+    except Exception as error:
         return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {type(error).__name__}: {error}",
                        fingerprint=fingerprint)
     scale = 1.0

@@ -68,7 +68,7 @@ class DecodedImage:
     detector_input: torch.Tensor | None = None  # uint8 (3, h, w) at the detector's input size
     encoder_inputs: dict = field(default_factory=dict)  # InputSpec -> uint8 (3, S, S)
 
-    def pin_memory(self) -> "DecodedImage":
+    def pin_memory(self) -> DecodedImage:
         """Called by the DataLoader's pin thread (CUDA only): page-locked tensors copy asynchronously."""
         pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
         return replace(

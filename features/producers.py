@@ -32,11 +32,10 @@ The contract, in the order the loop uses it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,8 @@ class ObjectsProducer(Producer):
     pixels = "tensors"
 
     def __init__(self, build_detector: Callable, *, stages, crop_max_side: int, crop_quality: int, extra: dict):
-        self._build, self.crop_max_side, self.crop_quality, self.extra = build_detector, crop_max_side, crop_quality, extra
+        self._build, self.extra = build_detector, extra
+        self.crop_max_side, self.crop_quality = crop_max_side, crop_quality
         self.stages = stages
         self.detector = None
 

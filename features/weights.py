@@ -44,7 +44,7 @@ def open_clip_checkpoint(model: str, tag: str) -> dict:
         return {"tag": tag, "checkpoint": None, "sha256": None, "note": "no such open_clip tag"}
     try:
         path = download_pretrained(config)
-    except Exception as error:  # noqa: BLE001 - recorded, never silent
+    except Exception as error:
         return {"tag": tag, "checkpoint": None, "sha256": None, "note": f"cannot resolve the file: {error}"}
     return {"tag": tag, "checkpoint": str(path), "sha256": sha256_file(path)}
 

@@ -250,7 +250,8 @@ def _parse_twitter(lines: list[str], builder: _PostBuilder) -> None:
             continue
         if line.startswith(IMGID_PREFIX) and "\t" not in line:
             if pending_image is not None:
-                raise DataFormatError(path, pending_image, "IMGID line with no tokens", "remove it or add the post's tokens")
+                raise DataFormatError(path, pending_image, "IMGID line with no tokens",
+                                      "remove it or add the post's tokens")
             builder.end()
             image_id = line[len(IMGID_PREFIX):].strip()
             if not image_id:
@@ -291,7 +292,8 @@ def _parse_conll(lines: list[str], builder: _PostBuilder, sidecar: list[tuple[st
         comment = _IMAGE_COMMENT_RE.match(stripped)
         if comment:
             if comment_line is not None:
-                raise DataFormatError(path, comment_line, "'# image:' line with no sentence", "remove it or add the sentence")
+                raise DataFormatError(path, comment_line, "'# image:' line with no sentence",
+                                      "remove it or add the sentence")
             if sidecar is not None:
                 raise DataFormatError(
                     path, number, f"'# image:' line while {path.stem}{SIDECAR_SUFFIX} also gives image ids",
@@ -353,7 +355,8 @@ def _read_sidecar(path: Path) -> list[tuple[str, int]] | None:
         if not line.strip():
             continue
         if len(line.split()) != 1:
-            raise DataFormatError(sidecar, number, f"expected one image id, found {line[:40]!r}", "write one id per line")
+            raise DataFormatError(sidecar, number, f"expected one image id, found {line[:40]!r}",
+                                  "write one id per line")
         ids.append((line.strip(), number))
     return ids
 

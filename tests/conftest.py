@@ -27,7 +27,7 @@ def write_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, heads: i
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     pieces += list(string.ascii_lowercase + string.digits + string.punctuation)
     pieces += ["##" + c for c in string.ascii_lowercase + string.digits]
-    pieces += TINY_WORDS + ["person", "location", "organization", "other", "none", "begin", "inside"]
+    pieces += [*TINY_WORDS, "person", "location", "organization", "other", "none", "begin", "inside"]
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(pieces)) + "\n", encoding="utf-8")
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mner.trainer.align import align_posts, align_words
 
 
@@ -94,7 +95,7 @@ def test_roberta_style_byte_level_bpe(roberta_tokenizer):
     assert len(set(post.word_index)) == len(words)
     assert post.word_index == sorted(post.word_index)
     # the pieces from a word's first piece up to the next word's decode to exactly that word
-    bounds = post.word_index + [len(post.input_ids) - 1]
+    bounds = [*post.word_index, len(post.input_ids) - 1]
     for w, word in enumerate(words):
         assert roberta_tokenizer.decode(post.input_ids[bounds[w] : bounds[w + 1]]) == " " + word
     assert roberta_tokenizer.convert_ids_to_tokens(post.input_ids[post.word_index[1]]) == "ĠSmith"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from test_feature_cache import IDS, _shard_ids, write_cache
 
 from mner.features.cli import app, main
 from mner.pipeline.cache import (
@@ -21,7 +22,6 @@ from mner.pipeline.cache import (
 )
 from mner.pipeline.cache.docgen import BEGIN, END, generated_block
 from mner.pipeline.cache.tiny import write_tiny_cache
-from test_feature_cache import IDS, _shard_ids, write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

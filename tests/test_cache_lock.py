@@ -76,8 +76,8 @@ def test_stale_locks_are_taken_over_live_ones_are_not(tmp_path):
         CacheLock(path).acquire()
     old = time.time() - 3600  # another host, no heartbeat for an hour: stale
     os.utime(lock_file, (old, old))
-    with CacheLock(path, stale_after_s=120) as lock:
-        assert json.load(open(lock_file))["host"] == socket.gethostname()
+    with CacheLock(path, stale_after_s=120) as lock, open(lock_file) as handle:
+        assert json.load(handle)["host"] == socket.gethostname()
     assert not os.path.exists(lock_file)
 
 

@@ -51,8 +51,9 @@ def check_batch(cache: FeatureCache, group: str, written: dict, visual: dict, ro
                 assert int(mask.sum()) == hi - lo and tensor.shape[1] == max(1, mask.shape[0])
                 if ds.collate == "jpeg":
                     assert tensor.dtype == torch.uint8 and tensor.shape[2:] == (ds.pixels, ds.pixels, 3)
-                    from PIL import Image
                     import io
+
+                    from PIL import Image
 
                     for k in range(hi - lo):  # solid colours survive JPEG and resizing
                         colour = np.asarray(Image.open(io.BytesIO(written[ds.name][lo + k])).convert("RGB"))[
@@ -204,10 +205,12 @@ def test_writer_validates_against_the_spec(tmp_path):
             ),
             {"logit_scale": 1.0},
         )
-    with CacheWriter(path) as writer:  # a valid write, streamed in two chunks
-        with writer.group("encoders/clip", _provenance(ids), {"logit_scale": 1.0}) as group:
-            group.append({"image_embed": np.ones((2, 8)), "crop_embed": np.ones((objects, 8))})
-            group.append({"image_embed": np.ones((2, 8)) * 2})
+    with (  # a valid write, streamed in two chunks
+        CacheWriter(path) as writer,
+        writer.group("encoders/clip", _provenance(ids), {"logit_scale": 1.0}) as group,
+    ):
+        group.append({"image_embed": np.ones((2, 8)), "crop_embed": np.ones((objects, 8))})
+        group.append({"image_embed": np.ones((2, 8)) * 2})
     cache = FeatureCache(path)
     assert cache.read("encoders/clip/image_embed", 3)[0] == 2 and cache.has("encoders/clip/crop_embed")
 
@@ -259,12 +262,14 @@ def test_image_coverage_counts_every_cause(tmp_path):
 def test_groups_written_around_the_group_writer_are_checked_and_fingerprinted_on_exit(tmp_path):
     path = tmp_path / "d.h5"
     write_tiny_cache(path, ["objects"], num_images=3)
-    with pytest.raises(CacheError, match="encoders/swin does not match its spec: grid: dtype float64"):
-        with CacheWriter(path) as writer:
-            group = writer.file.create_group("encoders/swin")
-            group.create_dataset("grid", data=np.zeros((3, 2, 2, 4)))
-            group["grid"].attrs["rows"] = "image"
-            group.attrs["provenance"] = "{}"
+    with (
+        pytest.raises(CacheError, match="encoders/swin does not match its spec: grid: dtype float64"),
+        CacheWriter(path) as writer,
+    ):
+        group = writer.file.create_group("encoders/swin")
+        group.create_dataset("grid", data=np.zeros((3, 2, 2, 4)))
+        group["grid"].attrs["rows"] = "image"
+        group.attrs["provenance"] = "{}"
     with CacheWriter(path) as writer:
         group = writer.file.create_group("encoders/swin")
         group.create_dataset("grid", data=np.zeros((3, 2, 2, 4), np.float16))

@@ -30,7 +30,8 @@ def test_jsonl_and_tsv_files(tmp_path):
     assert [(r.text, r.reason) for r in rows] == [("a man on a stage", "ok"), ("", "empty"), ("a dog", "ok"),
                                                   ("", "not_in_file")]
     fields = captioner.provenance_fields()
-    assert fields["pretrained"] == read_captions_file(tsv).sha256 and fields["preprocessing"]["images_without_caption"] == 1
+    assert fields["pretrained"] == read_captions_file(tsv).sha256
+    assert fields["preprocessing"]["images_without_caption"] == 1
 
 
 @pytest.mark.parametrize("name, content, line, problem", [

@@ -63,7 +63,7 @@ def _write_images(folder, count):
 
 
 def test_loader_workers_hand_over_resized_uint8_in_order(tmp_path):
-    ids = _write_images(tmp_path, 5) + ["missing"]
+    ids = [*_write_images(tmp_path, 5), "missing"]
     spec = LoaderSpec(str(tmp_path), 2048, ResizeSpec(96, 160), (InputSpec(32, "center_crop"), InputSpec(48)))
     loader = ImageLoader(spec, ids, num_workers=1, prefetch=4)  # one worker process, persistent for the shard
     first, rest = loader.take(2), loader.take(4)
@@ -127,7 +127,7 @@ def models():
 
 def test_stages_equal_the_one_image_paths(models, tmp_path):
     ids = _write_images(tmp_path, 5)
-    items = models.loader(tmp_path, ids + ["gone"]).take(6)
+    items = models.loader(tmp_path, [*ids, "gone"]).take(6)
     stages = models.stages
     result = stages.process(models.detector, models.encoders, items, crop_jpeg=(64, 90))
     assert result.rows == [0, 1, 2, 3, 4] and len(result.boxes) == 5

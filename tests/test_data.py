@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mner.pipeline.data import (
     LABEL_TYPES,
     DataFormatError,
@@ -16,7 +18,6 @@ from mner.pipeline.data import (
     read_split,
     repair_bio,
 )
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "twitter_sample"

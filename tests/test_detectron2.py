@@ -14,7 +14,7 @@ pytest.importorskip(
     "detectron2", reason="detectron2 is not installed (no wheels; build steps in docs/install.md)"
 )
 
-from mner.features.detectors import DetectorConfig, create_detector  # noqa: E402
+from mner.features.detectors import DetectorConfig, create_detector
 
 pytestmark = pytest.mark.detectron2
 MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
@@ -71,7 +71,7 @@ def test_retinanet_reads_its_own_threshold():
         detectron2_config=RETINANET,
     )
     assert detector.cfg.MODEL.RETINANET.SCORE_THRESH_TEST == 0.9
-    boxes, scores, _ = detector(_images()[0])
+    _, scores, _ = detector(_images()[0])
     assert (scores >= 0.9).all() and len(scores) <= 3
 
 

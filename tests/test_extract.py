@@ -8,14 +8,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from test_images import write_bad_images
 
 from mner.features.cli import main
 from mner.pipeline.cache import STATUS_NAMES, FeatureCache
 
-from test_images import write_bad_images
-
-FAST = ["--random-init", "--score-threshold", "0", "--top-k", "3", "--detector-min-size", "64",
-        "--clip-model", "ViT-S-32", "--chunk-size", "4", "--batch-size", "4", "--no-progress"]
+FAST = ["--random-init", "--detector", "maskrcnn-test", "--score-threshold", "0", "--top-k", "3",
+        "--detector-min-size", "64", "--clip-model", "clip-test", "--chunk-size", "4", "--batch-size", "4",
+        "--no-progress"]
 
 
 def write_dataset(folder: Path, image_ids: list[str]) -> Path:
@@ -70,11 +70,11 @@ def test_statuses_shapes_offsets(base_cache, corpus):
         assert handle["objects/offsets"].shape == (n + 1,) and m == 3 * n  # threshold 0: top-3 everywhere
         assert handle["objects/boxes"].shape == (m, 4) and handle["objects/boxes"].dtype == np.float32
         assert handle["objects/crop_jpeg_offsets"].shape == (m + 1,)
-        assert handle["encoders/clip/image_embed"].shape == (n, 384)
-        assert handle["encoders/clip/patch_tokens"].shape == (n, 49, 384)
-        assert handle["encoders/clip/crop_embed"].shape == (m, 384)
+        assert handle["encoders/clip/image_embed"].shape == (n, 64)  # clip-test: 64-d, ViT-B-32's 7x7 patches
+        assert handle["encoders/clip/patch_tokens"].shape == (n, 49, 64)
+        assert handle["encoders/clip/crop_embed"].shape == (m, 64)
         assert handle["encoders/clip/crop_embed"].dtype == np.float16
-        assert handle["prompts/vcrmner/prompt_embed"].shape == (40, 384)
+        assert handle["prompts/vcrmner/prompt_embed"].shape == (40, 64)
         assert handle["prompts/vcrmner/crop_weights"].shape == (m, 4)
         assert handle["prompts/promptmner_task/image_relevance"].shape == (n, 3)
         # huge image: boxes are in original pixels (3000 wide), beyond the 2048 the model saw
@@ -145,7 +145,7 @@ def test_zero_detections_are_ordinary_rows(corpus, tmp_path):
     assert extract(corpus, out, "--score-threshold", "1.01", "--encoder", "clip", "--prompts", "vcrmner_words") == 0
     with h5py.File(out, "r") as handle:
         assert (handle["objects/offsets"][()] == 0).all()
-        assert handle["encoders/clip/crop_embed"].shape == (0, 384)
+        assert handle["encoders/clip/crop_embed"].shape == (0, 64)
         assert handle["prompts/vcrmner_words/crop_weights"].shape == (0, 4)
         assert handle["encoders/clip/image_embed"].shape[0] == len(corpus[2])
 

@@ -13,11 +13,10 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from test_extract import write_dataset
 
 from mner.features.cli import main
 from mner.pipeline.feature_cache import STATUS_NAMES, FeatureCache
-
-from test_extract import write_dataset
 
 TINY = ["--random-init", "--detector", "fasterrcnn-test", "--score-threshold", "0", "--top-k", "3",
         "--detector-min-size", "64", "--clip-model", "clip-test", "--chunk-size", "4", "--batch-size", "4",
@@ -250,8 +249,8 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
     # size); shrink it so this small test sees what grows with the data
     monkeypatch.setattr("mner.pipeline.cache.base.HASH_BLOCK", 1 << 16)
     options = extract_module.ExtractOptions(
-        data=str(data), images=str(tmp_path / "images"), out=str(tmp_path / "s.h5"), detector="fasterrcnn-test", encoders=[],
-        random_init=True, score_threshold=0.0, top_k=3, detector_min_size=64, chunk_size=1, batch_size=4,
+        data=str(data), images=str(tmp_path / "images"), out=str(tmp_path / "s.h5"), detector="fasterrcnn-test",
+        encoders=[], random_init=True, score_threshold=0.0, top_k=3, detector_min_size=64, chunk_size=1, batch_size=4,
         crop_quality=95, progress=False)
     summary = extract_module.run_extraction(options)
     with h5py.File(tmp_path / "s.h5", "r") as handle:
@@ -289,4 +288,5 @@ def test_resume_recomputes_chunks_whose_images_changed(corpus, monkeypatch):
     with h5py.File(out, "r") as handle:
         import hashlib
 
-        assert handle["images/content_sha256"][2].decode() == hashlib.sha256((images / "c.jpg").read_bytes()).hexdigest()
+        expected = hashlib.sha256((images / "c.jpg").read_bytes()).hexdigest()
+        assert handle["images/content_sha256"][2].decode() == expected

@@ -22,7 +22,7 @@ from mner.features.grounding_files import FileGrounder
 from mner.pipeline.feature_cache import STATUS_NAMES, FeatureCache
 
 IDS = ["100", "101", "102", "103", "104", "105"]  # 105 has no picture in --images
-TINY = ["--random-init", "--detector", "fasterrcnn", "--score-threshold", "0", "--top-k", "2",
+TINY = ["--random-init", "--detector", "fasterrcnn-test", "--score-threshold", "0", "--top-k", "2",
         "--detector-min-size", "64", "--encoder", "resnet152-test", "--chunk-size", "2", "--batch-size", "2",
         "--no-progress"]
 
@@ -96,8 +96,11 @@ def groups_bytes(path, *groups) -> dict:
     out = {}
     with h5py.File(path, "r") as handle:
         for group in groups:
-            handle[group].visititems(lambda name, obj: out.__setitem__(f"{group}/{name}", obj[()].tobytes())
-                                     if isinstance(obj, h5py.Dataset) else None)
+            def keep(name, obj, group=group):
+                if isinstance(obj, h5py.Dataset):
+                    out[f"{group}/{name}"] = obj[()].tobytes()
+
+            handle[group].visititems(keep)
     return out
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from experiment_helpers import write_dataset
+
 from mner.trainer.cli import main
 from mner.trainer.config import ConfigError
 

@@ -9,9 +9,7 @@ import pickle
 import h5py
 import numpy as np
 import pytest
-from mner.pipeline.cache import merge as merge_module
-from mner.pipeline.cache import shard_record
-from mner.pipeline.data import Dataset, Post
+
 from mner.pipeline.cache import (
     SCHEMA_VERSION,
     CacheError,
@@ -23,7 +21,10 @@ from mner.pipeline.cache import (
     extract_command_hint,
     make_provenance,
     merge_caches,
+    shard_record,
 )
+from mner.pipeline.cache import merge as merge_module
+from mner.pipeline.data import Dataset, Post
 
 # Stored `rows` attrs: the spec's row kinds, plus "flat"/"offsets" for variable-length values.
 STORED_ROWS = ("image", "object", "grounding", "global", "flat", "offsets")
@@ -88,7 +89,10 @@ def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects"
     records = [image_record(i) for i in ids]
     counts = [len(r["scores"]) for r in records]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    stack = lambda key, shape: (np.concatenate([r[key] for r in records]) if records else np.zeros(shape))
+
+    def stack(key, shape):
+        return np.concatenate([r[key] for r in records]) if records else np.zeros(shape)
+
     with CacheWriter(path, overwrite=overwrite) as writer:
         writer.write_images(ids, [r["status"] for r in records], [r["detail"] for r in records],
                             [r["width"] for r in records], [r["width"] // 2 for r in records])

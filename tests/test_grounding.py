@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,16 @@ import torch
 from PIL import Image
 
 from mner.features.grounding import (
-    MAX_CROPS, GroundingConfig, GroundingInput, Owlv2Grounder, create_grounder, crop_mask, greedy_pick,
-    image_queries, post_queries, stack_rows,
+    MAX_CROPS,
+    GroundingConfig,
+    GroundingInput,
+    Owlv2Grounder,
+    create_grounder,
+    crop_mask,
+    greedy_pick,
+    image_queries,
+    post_queries,
+    stack_rows,
 )
 from mner.features.grounding_files import CropMapping, load_crop_mapping
 from mner.features.images import LoadedImage
@@ -212,7 +221,7 @@ def test_clip_grounding_states_layers_shape_and_batch_independence():
     with torch.no_grad():
         direct = model.pre_layrnorm(model.embeddings(batch, interpolate_pos_encoding=True))
     np.testing.assert_allclose(states(pixels[:1])[0, 0], direct[0].numpy(), atol=2e-3)
-    with pytest.raises(ValueError, match="each must be in 0..12"):
+    with pytest.raises(ValueError, match=re.escape("each must be in 0..12")):
         ClipGroundingStates(ClipGroundingConfig(random_init=True, layers=(13,)))
 
 

@@ -200,13 +200,15 @@ def test_vrp_module_selects_the_hand_worked_block_and_passes_gradient():
 def test_caption_is_the_second_segment_truncated_first(tiny_bert):
     from transformers import AutoTokenizer
 
+    from mner.pipeline.data import Post
     from mner.trainer.batching import Collator, PostDataset
     from mner.trainer.segments import SecondSegment
-    from mner.pipeline.data import Post
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    posts = [Post(post_id=str(i), tokens=words, tags=["O"] * len(words), image_id=f"img{i}", split="train", source=f"t:{i}")
-             for i, words in enumerate([["meet", "john"], ["love", "london", "today"], ["rt"] * 9])]
+    posts = [
+        Post(post_id=str(i), tokens=words, tags=["O"] * len(words), image_id=f"img{i}", split="train", source=f"t:{i}")
+        for i, words in enumerate([["meet", "john"], ["love", "london", "today"], ["rt"] * 9])
+    ]
     dataset = PostDataset(posts, tokenizer, label_to_id={"O": 0}, max_length=9, image_rows=[0, 1, 2])
     captions = ["a photo of the city", "", "the game"]
     pairing = SecondSegment(tokenizer, path="captions/text", max_length=9)

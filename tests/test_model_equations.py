@@ -3,17 +3,15 @@ packed gold (issue 9). Tiny random models only; each test checks a number that c
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import LABELS, text_batch, tiny_feature_spec, tiny_visual
+
 from mner.trainer.config import resolve_configs
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode
 from mner.trainer.models import get_model_class
-
-from test_models import LABELS, text_batch, tiny_feature_spec, tiny_visual
 
 
 def tokenizer_of(tiny_bert):
@@ -207,7 +205,7 @@ def test_promptmner_clue_positions_segments_and_masking(tiny_bert):
     embeddings.forward = spy
     with torch.no_grad():
         clues = model.visual_clues(batch["visual"])
-        hidden, attention_mask, is_visual = model.embed(batch, clues)
+        _hidden, attention_mask, is_visual = model.embed(batch, clues)
     text_columns, num_clues = batch["input_ids"].size(1), clues.size(1)
     lengths = batch["attention_mask"].sum(1)
     for b in range(len(lengths)):  # text: 0..L-1; [clues..., SEP]: right after the post's own last piece
@@ -318,7 +316,8 @@ def test_models_declare_the_stage1_settings_of_their_papers():
     assert stage1_mismatches(settings("pmner", use_frr=False), provenance()) == []  # grid rows: no detector
     assert len(stage1_mismatches(settings("vcrmner"), provenance())) == 2  # crop and prompt CLIP
     assert stage1_mismatches(settings("vcrmner"), provenance(clip="open_clip/ViT-B-16")) == []
-    assert stage1_mismatches(settings("vcrmner", use_visual_evaluation=False), provenance(clip="open_clip/ViT-B-16")) == []
+    assert stage1_mismatches(settings("vcrmner", use_visual_evaluation=False),
+                             provenance(clip="open_clip/ViT-B-16")) == []
     assert stage1_mismatches(settings("promptmner", prompts="kb"), provenance(clip="open_clip/RN50")) == []
     assert len(stage1_mismatches(settings("promptmner"), provenance())) == 1
     assert settings("bert_crf") == []

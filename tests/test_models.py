@@ -114,7 +114,7 @@ def text_batch(tokenizer, max_length: int = 24) -> tuple[dict, list[int]]:
     num_words = max(len(words) for words, _ in POSTS)
     word_index = torch.zeros(len(POSTS), num_words, dtype=torch.long)
     labels = torch.zeros(len(POSTS), num_words, dtype=torch.long)
-    for b, (words, tags) in enumerate(POSTS):
+    for b, (_words, tags) in enumerate(POSTS):
         labels[b, : len(tags)] = torch.tensor([label_id[t] for t in tags])
         for position, word in enumerate(encoded.word_ids(b)):
             if word is not None and word_index[b, word] == 0:
@@ -172,9 +172,14 @@ def test_model_forward_backward_decode(name, preset, tiny_bert):
     loss = model(batch)["loss"]
     assert torch.isfinite(loss), f"{name}/{preset}: loss {loss}"
     loss.backward()
-    fusion = {n: p for n, p in model.named_parameters() if not n.startswith(("text_encoder.", "crf.")) and p.requires_grad}
+    fusion = {
+        n: p for n, p in model.named_parameters() if not n.startswith(("text_encoder.", "crf.")) and p.requires_grad
+    }
     assert fusion, f"{name} has no head/fusion parameters"
-    no_grad = [n for n, p in fusion.items() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    no_grad = [
+        n for n, p in fusion.items()
+        if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0
+    ]
     assert not no_grad, f"{name}/{preset}: no (finite, non-zero) gradient reaches {no_grad}"
 
     model.eval()
@@ -236,7 +241,9 @@ def write_tiny_cache(path, *, object_counts: list[int], status: list[str], clip_
     )
     with CacheWriter(path, overwrite=True, partial=True) as writer:
         writer.write_images(ids, status)
-        writer.write_group("objects", {"offsets": (offsets, "offsets"), "scores": (1 - object_values / 100, "object")}, provenance)
+        writer.write_group(
+            "objects", {"offsets": (offsets, "offsets"), "scores": (1 - object_values / 100, "object")}, provenance
+        )
         writer.write_group("encoders/clip", {
             "crop_embed": (np.repeat(object_values[:, None], clip_width, 1), "object"),
             "image_embed": (np.arange(len(ids), dtype=np.float32)[:, None].repeat(clip_width, 1) + 1, "image"),
@@ -287,4 +294,5 @@ def test_visual_batcher_feeds_placeholders_only_when_asked(tmp_path):
     assert masked["images/ok"].tolist() == [True, False, False]
     assert used["images/ok"].tolist() == [True, True, False]  # missing images stay masked either way
     assert used["objects/mask"].sum(1).tolist() == [1, 2, 0]
-    assert used["encoders/clip/crop_embed"][1].abs().sum() > 0 and masked["encoders/clip/crop_embed"][1].abs().sum() == 0
+    assert used["encoders/clip/crop_embed"][1].abs().sum() > 0
+    assert masked["encoders/clip/crop_embed"][1].abs().sum() == 0

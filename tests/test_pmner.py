@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from mner.pipeline.cache import FeatureSpec
 from mner.trainer.models import get_model_class
 from mner.trainer.models.pmner import RegionStandardizer, repair_bio_ids
@@ -33,7 +34,7 @@ def make_batch(tokenizer) -> dict:
     num_words = max(len(w) for w, _ in POSTS)
     word_index = torch.zeros(len(POSTS), num_words, dtype=torch.long)
     labels = torch.zeros(len(POSTS), num_words, dtype=torch.long)
-    for b, (words, tags) in enumerate(POSTS):
+    for b, (_words, tags) in enumerate(POSTS):
         labels[b, : len(tags)] = torch.tensor([LABELS.index(t) for t in tags])
         for position, word in enumerate(encoded.word_ids(b)):
             if word is not None and word_index[b, word] == 0:
@@ -147,7 +148,7 @@ def test_unknown_label_word_falls_back_to_a_learned_embedding(tiny_bert):
     from transformers import AutoTokenizer
 
     cls = get_model_class("pmner")
-    labels = LABELS + ["B-QQXJ", "I-QQXJ"]  # "qqxj" splits into known letter pieces: averaged, no fallback
+    labels = [*LABELS, "B-QQXJ", "I-QQXJ"]  # "qqxj" splits into known letter pieces: averaged, no fallback
     model = cls(
         cls.Config(num_heads=2),
         labels=labels,
@@ -159,7 +160,7 @@ def test_unknown_label_word_falls_back_to_a_learned_embedding(tiny_bert):
     with pytest.warns(UserWarning, match="learned label embedding"):
         model = cls(
             cls.Config(num_heads=2),
-            labels=LABELS + ["B-ÆØ", "I-ÆØ"],
+            labels=[*LABELS, "B-ÆØ", "I-ÆØ"],
             text_encoder=str(tiny_bert),
             tokenizer=AutoTokenizer.from_pretrained(tiny_bert),
             features=SPEC,

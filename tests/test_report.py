@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from mner.trainer.cli import main
 from mner.trainer.paper_results import PAPER_RESULTS, paper_result
 from mner.trainer.report import FAST_FLAG, RunRecord, aggregate, markdown
@@ -88,8 +89,9 @@ def test_report_cli_errors_name_the_fix(tmp_path, capsys):
 
 def test_low_resource_curve_plot(tmp_path):
     """Runs of several fractions (and the full-data run) become one curve with error bars."""
-    from mner.trainer.report_plots import low_resource_curves, plot_low_resource
     from PIL import Image
+
+    from mner.trainer.report_plots import low_resource_curves, plot_low_resource
 
     records = []
     for fraction, f1 in ((0.1, 0.40), (0.2, 0.50), (0.5, 0.60)):
@@ -116,3 +118,18 @@ def test_coverage_comes_from_the_engines_record_when_present(tmp_path):
     import math
 
     assert math.isnan(image_coverage({}, predictions, str(tmp_path / "gone.h5")))  # unknown: flagged as such
+
+
+def test_a_run_that_never_predicted_an_entity_is_flagged_not_scored_as_zero(tmp_path):
+    from mner.trainer.report import load_run
+
+    for name, predicted in (("silent", 0), ("tagging", 40)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"model": "bert_crf", "data": {"path": "data/t15"},
+                                                     "train_config": {"seed": 1}}))
+        test = {"micro": {"precision": 0.5 if predicted else 0.0, "recall": 0.4 if predicted else 0.0,
+                          "f1": 0.44 if predicted else 0.0, "gold": 50, "pred": predicted}}
+        (run / "metrics.json").write_text(json.dumps({"test": test, "history": []}))
+        flags = load_run(run, min_coverage=0.9).flags
+        assert any("predicted no entity" in flag for flag in flags) == (predicted == 0), (name, flags)

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from mner.trainer.cli import main
 from test_train import write_generated_splits
+
+from mner.trainer.cli import main
 
 TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds", "checkpoint_seconds", "cpu_seconds")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from mner.trainer.cli import main
-
 from test_train import tiny_cache, tiny_data  # noqa: F401  (module-scoped fixtures)
+
+from mner.trainer.cli import main
 
 
 def register_clip_model():
@@ -25,7 +25,12 @@ def register_clip_model():
     }))
 
 
-def test_cache_from_other_stage1_settings_is_refused_unless_overridden(tiny_cache, tiny_bert, tmp_path, capsys):
+def test_cache_from_other_stage1_settings_is_refused_unless_overridden(
+    tiny_cache,  # noqa: F811  (pytest fixture imported from test_train)
+    tiny_bert,
+    tmp_path,
+    capsys,
+):
     register_clip_model()
     args = ["--features", str(tiny_cache), "--model", "test_rn_clip_crf", "--text-encoder", str(tiny_bert),
             "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--device", "cpu", "--allow-missing-images"]
@@ -50,8 +55,13 @@ def test_cache_from_other_stage1_settings_is_refused_unless_overridden(tiny_cach
     assert code == 2 and "valid values: error, warn" in capsys.readouterr().err
 
 
-def test_missing_features_hint_carries_the_papers_stage1_settings(tiny_cache, tiny_data, tiny_bert, tmp_path,
-                                                                  capsys):
+def test_missing_features_hint_carries_the_papers_stage1_settings(
+    tiny_cache,  # noqa: F811  (pytest fixture imported from test_train)
+    tiny_data,  # noqa: F811  (pytest fixture imported from test_train)
+    tiny_bert,
+    tmp_path,
+    capsys,
+):
     code = main(["--features", str(tiny_cache), "--model", "pmner", "--text-encoder", str(tiny_bert),
                  "--max-length", "24", "--set", "num_heads=2", "--out", str(tmp_path / "r")])
     err = "\n".join(capsys.readouterr())  # the error goes to stderr, the hint may follow on stdout

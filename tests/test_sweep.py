@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from experiment_helpers import SAMPLE, sample_image_ids, write_dataset, write_random_cache
+
 from mner.trainer import sweep as sweep_module
 from mner.trainer.cli import main
 from mner.trainer.config import ConfigError
@@ -174,7 +175,8 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     row = next(r for r in rows if r["config"] == "sample/bert_crf/default+d3")
     f1s = [100 * json.loads((out / f"sample/bert_crf/default+d3/s{s}/metrics.json").read_text())["test"]["micro"]["f1"]
            for s in (1, 2)]
-    assert row["F1_mean"] == pytest.approx(sum(f1s) / 2) and row["F1_std"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2 ** 0.5)
+    assert row["F1_mean"] == pytest.approx(sum(f1s) / 2)
+    assert row["F1_std"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2 ** 0.5)
     assert (report_dir / "results.csv").read_text().splitlines()[0].startswith('"config","model"')
     for name in ("dev_f1.png", "per_type_f1.png"):
         with Image.open(report_dir / name) as image:
@@ -187,6 +189,8 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     # a finished folder made with other settings is never silently reused
     assert main(["sweep", str(grid_file), "--out", str(out), "--set", "dropout=0.5"]) == 1
     assert "holds a run with other settings" in capsys.readouterr().err
+    assert main(["sweep", str(grid_file), "--out", str(out), "--set", "dropout=0.5", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count(" changed ") == 8  # the listing says so too, not "done"
 
 
 def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_bert, capsys):
@@ -234,7 +238,9 @@ cross_domain = [["t15", "t17"]]
     from mner.trainer.report import aggregate, find_runs, load_run
 
     (row,) = aggregate([load_run(r, min_coverage=0.9) for r in find_runs([out])])
-    assert (row["config"], row["protocol"], row["setting"]) == ("t15-to-t17/bert_crf/default", "cross-domain", "t15-to-t17")
+    assert (row["config"], row["protocol"], row["setting"]) == (
+        "t15-to-t17/bert_crf/default", "cross-domain", "t15-to-t17"
+    )
     assert row["F1_mean"] == pytest.approx(100 * scores["micro"]["f1"])  # the other dataset's scores, not t15's
 
 

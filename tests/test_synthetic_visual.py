@@ -4,7 +4,8 @@ The same sentences ("meet jordan today") tag the name B-PER when the post's imag
 (red upright figure on a dark background) and B-LOC when it shows a place (blue sky over a green
 horizon). Text alone can at best guess the type, so bert_crf sits near 50% F1; a model that reads
 the cached visual features can be right every time. Runs the real pipeline end to end:
-generated images -> ``mner-features extract --random-init`` -> ``mner-train`` for each model.
+generated images -> ``mner-features extract --random-init`` (the tiny ``*-test`` towers) -> ``mner-train``
+for each model.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ MULTIMODAL = {
     # norm: with 1e-3, dropout 0.1 and 20 epochs it often never opened that path (test F1 0.41-0.81)
     "promptmner": ["--set", "num_continuous_prompts=8", "--set", "dropout=0.0", "--epochs", "40", "--head-lr", "1e-2",
                    "--encoder-lr", "3e-3"],
-    "pmner": ["--set", "num_heads=2", "--set", "dropout=0.0", "--epochs", "20", "--head-lr", "1e-2"],
+    "pmner": ["--set", "num_heads=2", "--set", "dropout=0.0", "--epochs", "20", "--head-lr", "1e-2",
+              "--set", "resnet_group=resnet152-test"],
     # paper mode: a tiny random CLIP tower fine-tuned over the cached OWLv2 crops (its own lr group)
     "mgipscl": ["--set", "clip_model=tiny-random", "--set", "num_heads=2", "--set", "dropout=0.0",
                 "--set", "clip_lr=1e-3", "--epochs", "8"],
@@ -78,12 +80,14 @@ def write_dataset(folder: Path, images: Path) -> None:
 def build_cache(data: Path, images: Path, out: Path) -> None:
     from mner.features.cli import main as features_main
 
-    encoders = ["--encoder", "clip", "--encoder", "resnet152", "--encoder", "swin-test"]  # pmner, espvr
+    # the registered tiny variants of the papers' towers (same output layouts, a fraction of the cost):
+    # the generated pictures differ in colour and layout, which any random conv / ViT features separate
+    encoders = ["--encoder", "clip", "--encoder", "resnet152-test", "--encoder", "swin-test"]  # pmner, espvr
     encoders += ["--grounding", "owlv2", "--captions", "blip"]  # mgipscl's crops, espvr's captions
     argv = [
         "extract", "--data", str(data), "--images", str(images), "--out", str(out), "--random-init",
-        "--detector", "fasterrcnn", "--score-threshold", "0", "--top-k", "2", "--detector-min-size", "64",
-        *encoders, "--clip-model", "ViT-S-32", "--prompts", "vcrmner", "--prompts", "promptmner_task",
+        "--detector", "fasterrcnn-test", "--score-threshold", "0", "--top-k", "2", "--detector-min-size", "64",
+        *encoders, "--clip-model", "clip-test", "--prompts", "vcrmner", "--prompts", "promptmner_task",
         "--batch-size", "32", "--device", "cpu", "--no-progress",
     ]
     status = features_main(argv)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from mner.trainer.cli import main
 from mner.trainer.config import ConfigError, TrainConfig, resolve_configs
 
@@ -108,8 +109,9 @@ def test_run_record(trained_run, tiny_bert):
 
 def test_predictions_match_seqeval(trained_run):
     import pyarrow.parquet as pq
-    from mner.trainer.evaluate import read_conll_predictions
     from seqeval.metrics import f1_score
+
+    from mner.trainer.evaluate import read_conll_predictions
 
     gold, pred = read_conll_predictions(trained_run / "predictions" / "test.conll")
     assert len(gold) == 13 and len(gold[-1]) == 41
@@ -171,7 +173,10 @@ def test_precedence_defaults_preset_set_flags():
         PRESETS = {"paper": {"dropout": 0.3, "epochs": 40, "batch_size": 18}}
 
     model_config, config = resolve_configs(
-        Model, preset="paper", sets=["use_prompts=false", "batch_size=4", "encoder_lr=1e-5"], flags={"batch_size": 7, "seed": None}
+        Model,
+        preset="paper",
+        sets=["use_prompts=false", "batch_size=4", "encoder_lr=1e-5"],
+        flags={"batch_size": 7, "seed": None},
     )
     assert model_config == Model.Config(dropout=0.3, use_prompts=False)
     assert config.epochs == 40 and config.batch_size == 7 and config.encoder_lr == 1e-5
@@ -186,6 +191,7 @@ def test_precedence_defaults_preset_set_flags():
 def register_visual_test_model():
     """A bert_crf that adds a projection of the cached CLIP image embedding to every word's emissions."""
     import torch
+
     from mner.trainer.models import MODEL_REGISTRY, register_model
     from mner.trainer.models.bert_crf import BertCRF
 
@@ -216,6 +222,7 @@ def register_visual_test_model():
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_data, tmp_path_factory) -> Path:
     import numpy as np
+
     from mner.pipeline.cache import CacheWriter, make_provenance
     from mner.pipeline.data import load_dataset
 
@@ -298,6 +305,7 @@ def test_text_encoder_alias_missing_package_says_pip_install(monkeypatch):
 
 def test_visual_run_refuses_a_cache_without_the_posts_images(tiny_data, tiny_bert, tmp_path, capsys):
     import numpy as np
+
     from mner.pipeline.cache import CacheWriter, make_provenance
 
     register_visual_test_model()
@@ -327,6 +335,7 @@ def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_dat
     import shutil
 
     import numpy as np
+
     from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 
     register_visual_test_model()

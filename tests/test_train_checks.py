@@ -8,8 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
-from mner.trainer.cli import main
 from test_train import make_post, write_generated_splits, write_split
+
+from mner.trainer.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,7 @@ def test_types_differing_only_by_case_are_an_error(tmp_path, tiny_bert, capsys):
 
 def test_every_model_owns_its_parameter_groups(tiny_bert):
     import torch
+
     from mner.trainer.config import TrainConfig
     from mner.trainer.models import (
         MODEL_REGISTRY,

@@ -8,11 +8,12 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
+
 from mner.pipeline.data import Post, repair_bio
 from mner.trainer.align import AlignmentReport, align_posts
 from mner.trainer.config import ConfigError
-from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import Sampler
 
 logger = logging.getLogger(__name__)
 

@@ -165,8 +165,8 @@ def report_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``mner-train``); returns the exit status so tests can call it directly."""
-    from mner.pipeline.data import DataFormatError
     from mner.pipeline.cache import CacheError
+    from mner.pipeline.data import DataFormatError
     from mner.trainer.config import ConfigError
     from mner.trainer.run_folder import RunFolderError
     from mner.trainer.text_encoder import TextEncoderError

@@ -31,7 +31,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader worker processes
     group_by_length: bool = True  # batch posts of similar length together (less padding, faster)
-    use_placeholder_features: bool = False  # feed placeholder images' stand-in features (default: mask them like missing)
+    use_placeholder_features: bool = False  # feed placeholder images' stand-in features (default: mask like missing)
     train_fraction: float = 1.0  # keep this fraction of training posts (low-resource runs; nested subsets per seed)
     fast_ablation: bool = False  # freeze the text encoder and cache its outputs once (not the papers' protocol)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (CUDA only): autocast dtype

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mner.trainer.config import ConfigError
 from tqdm.auto import tqdm
+
+from mner.trainer.config import ConfigError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Test-only: the process SIGKILLs itself at this global training step (1-based); see tests/test_resume.py.
@@ -37,7 +38,8 @@ def resolve_precision(precision: str, *, on_cuda: bool) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp16" and not on_cuda:
-        raise ConfigError("--precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); use bf16 or fp32 on CPU")
+        raise ConfigError("--precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); "
+                          "use bf16 or fp32 on CPU")
     if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
     return precision
@@ -57,7 +59,8 @@ def distributed_world_size() -> int:
 def rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) generator states, in types ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": random.getstate(), "numpy": numpy_state,
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -126,7 +129,7 @@ class BackgroundWriter:
     def _run(self, job: Callable[[], None]) -> None:
         try:
             job()
-        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+        except BaseException as err:
             self._error = err
 
     def submit(self, job: Callable[[], None]) -> None:

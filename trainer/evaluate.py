@@ -94,7 +94,7 @@ def format_scores(scores: dict, title: str = "") -> str:
     """A small table like seqeval's classification report."""
     lines = [title] if title else []
     lines.append(f"{'type':<8}{'P':>8}{'R':>8}{'F1':>8}{'gold':>7}{'pred':>7}")
-    rows = list(scores["per_type"].items()) + [("micro", scores["micro"])]
+    rows = [*scores["per_type"].items(), ("micro", scores["micro"])]
     for name, s in rows:
         lines.append(
             f"{name:<8}{100 * s['precision']:>8.2f}{100 * s['recall']:>8.2f}{100 * s['f1']:>8.2f}"
@@ -263,8 +263,8 @@ def evaluate_run(
     unseen = unseen_types(posts, labels)
     if unseen:
         warn_loudly(describe_unseen(split, unseen))
-    post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
-                                 visual=visual, split=split)
+    post_set = make_post_dataset(posts, tokenizer, label_to_id=None,
+                                 max_length=run_config["train_config"]["max_length"], visual=visual, split=split)
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
                         second_segment=second_segment_for(type(model), model.config, tokenizer,
                                                           run_config["train_config"]["max_length"]))
@@ -307,8 +307,8 @@ def predict_run(
                                                allow_missing_images=allow_missing_images)
     _announce(cache, warnings)
     model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=cache_path, device=device)
-    post_set = make_post_dataset(posts, tokenizer, label_to_id=None, max_length=run_config["train_config"]["max_length"],
-                                 visual=visual, split="predict")
+    post_set = make_post_dataset(posts, tokenizer, label_to_id=None,
+                                 max_length=run_config["train_config"]["max_length"], visual=visual, split="predict")
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
                         second_segment=second_segment_for(type(model), model.config, tokenizer,
                                                           run_config["train_config"]["max_length"]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from mner.trainer.config import ConfigError
 
 

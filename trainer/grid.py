@@ -148,7 +148,9 @@ def load_grid(
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"grid file {path} not found; bundled grids are in grids/ (e.g. grids/vcrmner.toml)") from None
+        raise ConfigError(
+            f"grid file {path} not found; bundled grids are in grids/ (e.g. grids/vcrmner.toml)"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     _check_keys(raw, GRID_KEYS, path, "top level")
@@ -211,8 +213,10 @@ def _experiment_runs(experiment: dict, path: Path, where: str, datasets: dict[st
     for name in _string_list(experiment.get("datasets", []), path, f"{where}: datasets"):
         pairs += [(name, name, float(f)) for f in fractions]
     for pair in experiment.get("cross_domain", []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)) or pair[0] == pair[1]:
-            raise _fail(path, f"{where}: cross_domain", f'expected pairs of two dataset names like ["t15", "t17"], got {pair!r}')
+        two_names = isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+        if not two_names or pair[0] == pair[1]:
+            raise _fail(path, f"{where}: cross_domain",
+                        f'expected pairs of two dataset names like ["t15", "t17"], got {pair!r}')
         pairs.append((pair[0], pair[1], 1.0))
     if not pairs:
         raise _fail(path, where, "no runs: give datasets = [...] and/or cross_domain = [[TRAIN, TEST], ...]")

@@ -29,9 +29,14 @@ def parse_label_types(raw: str | Sequence[str] | None) -> list[str]:
     if raw is None:
         return []
     items = [x.strip() for x in (raw.split(",") if isinstance(raw, str) else raw) if x.strip()]
-    bad = [x for x in items if x.startswith(("B-", "I-")) or x == "O" or not x.replace("_", "").replace("-", "").isalnum()]
+    bad = [
+        x for x in items
+        if x.startswith(("B-", "I-")) or x == "O" or not x.replace("_", "").replace("-", "").isalnum()
+    ]
     if bad:
-        raise ConfigError(f"--labels {','.join(items)}: {bad} are not entity types; give types, e.g. --labels PER,LOC,EVENT")
+        raise ConfigError(
+            f"--labels {','.join(items)}: {bad} are not entity types; give types, e.g. --labels PER,LOC,EVENT"
+        )
     return list(dict.fromkeys(items))
 
 

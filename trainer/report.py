@@ -57,7 +57,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"{path} does not exist; give run folders or folders that hold them")
-        candidates = [path] if (path / "metrics.json").is_file() else sorted(p.parent for p in path.rglob("metrics.json"))
+        if (path / "metrics.json").is_file():
+            candidates = [path]
+        else:
+            candidates = sorted(p.parent for p in path.rglob("metrics.json"))
         found += [c for c in candidates if not any(".tmp-" in part for part in c.parts)]
     if not found:
         raise ConfigError(f"no finished runs (folders with metrics.json) under {', '.join(map(str, paths))}")
@@ -83,6 +86,7 @@ def image_coverage(scores: dict, predictions: Path | None, cache_path: str | Non
         if share is not None:
             return share
     import pyarrow.parquet as pq
+
     from mner.pipeline.cache import FeatureCache
 
     parquet = predictions.with_suffix(".parquet")
@@ -140,6 +144,9 @@ def load_run(run: Path, *, min_coverage: float) -> RunRecord:
         rec.flags.append(f"low image coverage ({100 * coverage:.0f}% < {100 * min_coverage:.0f}%)")
     if train_config.get("fast_ablation"):
         rec.flags.append(FAST_FLAG)
+    micro = rec.test.get("micro", rec.test)
+    if micro.get("gold", 0) and not micro.get("pred", 1):  # F1 0 from a model that never fired, not a score
+        rec.flags.append("predicted no entity on test (check learning rates and epochs)")
     return rec
 
 
@@ -173,7 +180,9 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
             values = [100 * r.test["per_type"].get(entity_type, {}).get("f1", 0.0) for r in runs]
             row[f"{entity_type}_F1_mean"], row[f"{entity_type}_F1_std"] = mean_std(values)
         paper = paper_result(first.model, first.preset, first.paper_setting) if first.fraction >= 1.0 else None
-        row["paper_P"], row["paper_R"], row["paper_F1"] = (paper["P"], paper["R"], paper["F1"]) if paper else (None,) * 3
+        row["paper_P"], row["paper_R"], row["paper_F1"] = (
+            (paper["P"], paper["R"], paper["F1"]) if paper else (None,) * 3
+        )
         for entity_type in TYPES:
             row[f"paper_{entity_type}_F1"] = (paper or {}).get("per_type", {}).get(entity_type)
         row["paper_source"] = paper["source"] if paper else None

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from mner.trainer.paper_results import TYPES
 
 

@@ -64,7 +64,8 @@ def write_marker(folder: Path, **fields) -> None:
 
 def describe_unfinished(folder: Path, marker: dict) -> str:
     done, total = marker.get("epochs_done", 0), marker.get("epochs", "?")
-    return f"{folder} holds an unfinished run ({done} of {total} epochs done, last written {marker.get('updated', '?')})"
+    written = marker.get("updated", "?")
+    return f"{folder} holds an unfinished run ({done} of {total} epochs done, last written {written})"
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> str:

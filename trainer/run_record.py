@@ -32,7 +32,7 @@ def software_versions() -> dict:
         from importlib.metadata import version
 
         mner_version = version("mner")
-    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
+    except Exception:
         mner_version = None
     try:
         import accelerate

@@ -29,7 +29,8 @@ class SecondSegment:
         a, b = _two_plain_words(tokenizer)
         single = tokenizer(a)["input_ids"]
         pair = tokenizer(a, b)["input_ids"]
-        a, b = tokenizer(a, add_special_tokens=False)["input_ids"][0], tokenizer(b, add_special_tokens=False)["input_ids"][0]
+        a, b = (tokenizer(a, add_special_tokens=False)["input_ids"][0],
+                tokenizer(b, add_special_tokens=False)["input_ids"][0])
         if pair[: len(single)] != single or pair.count(b) != 1:
             raise ValueError(f"{type(tokenizer).__name__}: cannot read its sentence-pair template {pair}")
         self.between = pair[len(single) : pair.index(b)]  # [] for BERT, [</s>] for RoBERTa

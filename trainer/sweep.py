@@ -165,7 +165,9 @@ def _append_log(root: Path, entry: dict) -> None:
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def check_inputs(grid: Grid, runs: list[RunSpec]) -> list[str]:
@@ -183,6 +185,11 @@ def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
     lines = [f"{grid.path}: {len(runs)} runs under {grid.out}"]
     for number, spec in enumerate(runs, 1):
         state = run_state(grid.out / spec.run_id)
+        if state == "done":
+            try:
+                check_recorded_spec(spec, grid.out / spec.run_id)
+            except ConfigError:
+                state = "changed"  # the folder holds other settings: the sweep will refuse it
         lines.append(f"{number:>4}  {state:<10} {spec.run_id:<60} {spec.protocol}"
                      + (f"  --preset {spec.preset!r}" if spec.preset else "")
                      + "".join(f" --set {pair}" for pair in spec.sets))
@@ -194,8 +201,9 @@ def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
 
 def run_sweep(grid: Grid, runs: list[RunSpec], *, device: str | None = None) -> SweepResult:
     """Train every run of ``runs`` that is not done; record failures and go on."""
-    from mner.trainer.train import RunInterrupted
     from tqdm.auto import tqdm
+
+    from mner.trainer.train import RunInterrupted
 
     missing = check_inputs(grid, runs)
     if missing:
@@ -232,7 +240,7 @@ def run_sweep(grid: Grid, runs: list[RunSpec], *, device: str | None = None) -> 
         except (KeyboardInterrupt, RunInterrupted):
             _log(f"sweep interrupted during {spec.run_id}; rerun the same command to finish the missing runs")
             raise
-        except Exception as err:  # noqa: BLE001 -- a failing run must not stop the sweep
+        except Exception as err:
             message = f"{type(err).__name__}: {err}"
             result.failed.append((spec.run_id, message))
             _append_log(grid.out, {"run": spec.run_id, "status": "failed", "error": message,

@@ -31,7 +31,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 
 def _looks_like_path(name: str) -> bool:
     """Hub names are ``name`` or ``owner/name``; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
 def resolve_text_encoder(name: str) -> str:
@@ -120,7 +120,7 @@ def encoder_folder(name: str) -> Path | None:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - a fingerprint is best effort for hub names
+    except Exception:
         return None
 
 

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
 from mner.pipeline.data import Dataset, Post, load_dataset
 from mner.trainer.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
 from mner.trainer.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
-from mner.trainer.segments import second_segment_for
 from mner.trainer.engine import Engine, check_device_and_precision
 from mner.trainer.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.labels import (
@@ -69,8 +71,6 @@ from mner.trainer.text_encoder import (
     save_encoder_skeleton,
     weights_fingerprint,
 )
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 SPLITS = ("train", "dev", "test")
 
@@ -113,7 +113,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_posts(data: str | Path | None, features: str | Path | None, *, require_tags: bool = True) -> tuple[Dataset, dict]:
+def load_posts(
+    data: str | Path | None, features: str | Path | None, *, require_tags: bool = True
+) -> tuple[Dataset, dict]:
     """Posts from ``--data`` or, when only ``--features`` is given, from the posts stored in the cache."""
     if data is not None:
         dataset = load_dataset(data, require_tags=require_tags)
@@ -270,7 +272,10 @@ def score_split(posts: Sequence[Post], predictions: list[list[str]]) -> dict:
 
 def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     """The model's own groups (``parameter_groups``), checked to hold every trainable parameter once."""
-    groups = model.parameter_groups(config) if hasattr(model, "parameter_groups") else default_parameter_groups(model, config)
+    if hasattr(model, "parameter_groups"):
+        groups = model.parameter_groups(config)
+    else:
+        groups = default_parameter_groups(model, config)
     check_parameter_groups(model, groups)
     return groups
 

@@ -64,7 +64,8 @@ def describe(path: str | os.PathLike) -> str:
         lines = [f"{path}  ({os.path.getsize(path) / 2**20:.1f} MiB)"]
         lines.append(
             f"schema version {int(handle.attrs['mner_schema_version'])}, written by mner "
-            f"{handle.attrs.get('mner_version', 'unknown')}; fingerprint {str(handle.attrs.get('fingerprint', '?'))[:16]}"
+            f"{handle.attrs.get('mner_version', 'unknown')}; "
+            f"fingerprint {str(handle.attrs.get('fingerprint', '?'))[:16]}"
         )
         if "images" in handle:
             status = handle["images/status"][()]
@@ -89,7 +90,8 @@ def describe(path: str | os.PathLike) -> str:
             kind = handle[index_name].attrs.get("defines", index_name)
             lines.append(
                 f"{kind} rows ({index_name}): {int(per_image.sum())} (per image: mean "
-                f"{per_image.mean() if len(per_image) else 0:.2f}, max {int(per_image.max()) if len(per_image) else 0}, "
+                f"{per_image.mean() if len(per_image) else 0:.2f}, "
+                f"max {int(per_image.max()) if len(per_image) else 0}, "
                 f"images with none {int((per_image == 0).sum())})"
             )
         if "posts" in handle:

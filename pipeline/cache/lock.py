@@ -13,6 +13,7 @@ The lock is re-entrant within a process: the extraction loop holds it over its w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,7 +27,7 @@ from mner.pipeline.cache.provenance import utc_now
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0
 
-_HELD: dict[str, "CacheLock"] = {}  # absolute cache path -> the lock this process holds
+_HELD: dict[str, CacheLock] = {}  # absolute cache path -> the lock this process holds
 _HELD_GUARD = threading.Lock()
 
 
@@ -63,10 +64,8 @@ def fs_now(folder: str) -> float:
     except OSError:
         return time.time()
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(probe)
-        except OSError:
-            pass
 
 
 def read_holder(lock_path: str) -> dict | None:
@@ -234,10 +233,8 @@ class CacheLock:
         except (OSError, json.JSONDecodeError):
             token = holder.get("token")
         if token != holder.get("token"):  # someone replaced the stale lock meanwhile: restore theirs
-            try:
+            with contextlib.suppress(OSError):
                 os.link(aside, self.path)
-            except OSError:
-                pass
         os.remove(aside)
 
     def _beat(self) -> None:
@@ -245,10 +242,8 @@ class CacheLock:
             if not self.holds():
                 self.lost = True
                 return
-            try:
+            with contextlib.suppress(OSError):
                 os.utime(self.path)
-            except OSError:
-                pass
 
 
 def held_lock(cache_path: str | os.PathLike) -> CacheLock | None:

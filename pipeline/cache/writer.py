@@ -83,7 +83,7 @@ class CacheWriter:
         self._file: h5py.File | None = None
 
     # context manager ---------------------------------------------------------------------------------
-    def __enter__(self) -> CacheWriter:  # noqa: PYI034 (3.10 has no typing.Self)
+    def __enter__(self) -> CacheWriter:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self.lock.acquire()
         try:
@@ -357,10 +357,10 @@ def spec_problems(node: h5py.Group, spec: GroupSpec, *, partial: bool = False) -
         if stored_rows != ds.per_image_kind:
             problems.append(f"{key}: rows {stored_rows!r}, declared {ds.per_image_kind!r}")
         if (
-            ds.dtype == "S"
-            and dataset.dtype.kind != "S"
-            or ds.dtype != "S"
-            and dataset.dtype != np.dtype(ds.dtype)
+            (ds.dtype == "S"
+            and dataset.dtype.kind != "S")
+            or (ds.dtype != "S"
+            and dataset.dtype != np.dtype(ds.dtype))
         ):
             problems.append(f"{key}: dtype {dataset.dtype}, declared {ds.dtype}")
         row_shape = tuple(dataset.shape) if ds.rows == "global" else tuple(dataset.shape[1:])
@@ -369,10 +369,10 @@ def spec_problems(node: h5py.Group, spec: GroupSpec, *, partial: bool = False) -
             continue
         for got, want in zip(row_shape, ds.shape):
             if (
-                isinstance(want, str)
-                and dims.setdefault(want, got) != got
-                or isinstance(want, int)
-                and want != got
+                (isinstance(want, str)
+                and dims.setdefault(want, got) != got)
+                or (isinstance(want, int)
+                and want != got)
             ):
                 problems.append(f"{key}: per-row shape {row_shape}, declared {ds.shape} (dims {dims})")
     if not partial:

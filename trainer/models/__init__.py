@@ -32,7 +32,11 @@ _MODEL_MODULES = ("bert_crf", "vcrmner", "promptmner", "pmner", "mgipscl", "espv
 
 
 def default_parameter_groups(
-    model, train_config, *, extra_rates: dict[str, float] | None = None, no_decay: Callable[[str, object], bool] | None = None
+    model,
+    train_config,
+    *,
+    extra_rates: dict[str, float] | None = None,
+    no_decay: Callable[[str, object], bool] | None = None,
 ) -> list[dict]:
     """Encoder / head / CRF groups, each split into decayed weights and undecayed biases and norm weights.
 

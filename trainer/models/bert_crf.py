@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
+
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.text_encoder import load_encoder
-from torch import nn
 
 
 @register_model("bert_crf")

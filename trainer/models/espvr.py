@@ -99,7 +99,9 @@ def neighbour_mask(center: torch.Tensor, grid: int, alpha: int) -> torch.Tensor:
     return near & (torch.arange(grid * grid, device=center.device)[None] != center[:, None])
 
 
-def block_origin(center: torch.Tensor, neighbour: torch.Tensor, grid: int, alpha: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_origin(
+    center: torch.Tensor, neighbour: torch.Tensor, grid: int, alpha: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-left region b_t of the alpha x alpha block: the smaller row and the smaller column of b_c and
     b_l. At the grid's bottom/right edge the block is shifted inward (start <= grid - alpha) so that it
     stays alpha x alpha and still holds both b_c and b_l. Returns (top, left), each (B,)."""
@@ -136,10 +138,12 @@ class VisualRegionPositioning(nn.Module):
             self.neighbour_key = nn.Linear(region_width, width)  # neighbours as K
         init_linear(self)
 
-    def forward(self, entities: torch.Tensor, entity_mask: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, entities: torch.Tensor, entity_mask: torch.Tensor, regions: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
         # entities: (B, M, d) span features; entity_mask: (B, M); regions: (B, G*G, D) b_1..b_144
         batch_size, num_regions, _ = regions.shape
-        grid = int(math.isqrt(num_regions))
+        grid = math.isqrt(num_regions)
         queries, keys = self.entity_query(entities), self.region_key(regions)  # (B, M, w), (B, G*G, w)
         relevance = (queries @ keys.transpose(1, 2) / math.sqrt(keys.size(-1))).softmax(dim=-1)  # F (B, M, G*G), eq. 1
         relevance = (relevance * entity_mask[..., None]).sum(1)  # summed over entities (B, G*G)
@@ -175,7 +179,9 @@ class CrossModalLayer(nn.Module):
         super().__init__()
         self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+        self.ffn = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width)
+        )
         self.ffn_norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(dropout)
 
@@ -223,7 +229,9 @@ class ESPVR(nn.Module):
     def __init__(self, config: ESPVRConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None):
         super().__init__()
         if config.vrp_training_spans not in SPAN_MODES:
-            raise ValueError(f"espvr: vrp_training_spans={config.vrp_training_spans!r}; valid values: {', '.join(SPAN_MODES)}")
+            raise ValueError(
+                f"espvr: vrp_training_spans={config.vrp_training_spans!r}; valid values: {', '.join(SPAN_MODES)}"
+            )
         paths = self.required_features(config)
         if paths and features is None:
             raise ValueError(f"espvr reads {', '.join(paths)} from the feature cache: pass --features <cache.h5>")
@@ -253,7 +261,9 @@ class ESPVR(nn.Module):
                                  f"{self.grid_path} is {grid_h}x{grid_w}")
             self.span_emissions = nn.Linear(width, len(SPAN_LABELS))  # ESI
             self.span_crf = BIOConstrainedCRF(SPAN_LABELS)
-            self.span_of_label = torch.tensor([0 if l == "O" else 1 if l.startswith("B-") else 2 for l in self.labels])
+            self.span_of_label = torch.tensor(
+                [0 if label == "O" else 1 if label.startswith("B-") else 2 for label in self.labels]
+            )
             self.vrp = VisualRegionPositioning(width, region_width, config.cross_width, config.alpha)
             self.text_in = nn.Linear(width, config.cross_width)
             self.region_in = nn.Linear(region_width, config.cross_width)
@@ -318,7 +328,8 @@ class ESPVR(nn.Module):
 
     def encode(self, batch: dict) -> dict:
         text, text_mask = self.text_states(batch)
-        out = {**batch, "_text": text, "_text_mask": text_mask, "_words": gather_first_pieces(text, batch["word_index"])}
+        out = {**batch, "_text": text, "_text_mask": text_mask,
+               "_words": gather_first_pieces(text, batch["word_index"])}
         return out
 
     def span_outputs(self, encoded: dict, labels: torch.Tensor | None):

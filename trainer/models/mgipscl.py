@@ -57,7 +57,8 @@ VISION_MODES = ("finetune", "frozen")
 @dataclass
 class MGIPSCLConfig:
     vision_mode: str = "finetune"  # finetune (paper: own CLIP tower over crop pixels) | frozen (cached CLIP states)
-    clip_model: str = "openai/clip-vit-base-patch32"  # finetune: CLIPVisionModel hub name/folder; tiny-random | random-vit-b-32
+    # finetune: CLIPVisionModel hub name/folder; tiny-random | random-vit-b-32
+    clip_model: str = "openai/clip-vit-base-patch32"
     clip_lr: float = 3e-5  # learning rate of the CLIP vision tower's parameter group (sec. 4.3)
     max_crops: int = 3  # grounding crops per image read from the cache (sec. 3.1.2: three)
     num_heads: int = 12  # heads of the MGE's guide-to-subject attention (f_2) (sec. 4.3: 12 heads)
@@ -88,7 +89,8 @@ def build_clip_tower(name: str) -> nn.Module:
                                   image_size=64, patch_size=16)
         return CLIPVisionModel(config)
     if name == RANDOM_B32:
-        warnings.warn("mgipscl: clip_model=random-vit-b-32 builds a RANDOM ViT-B/32 tower (benchmarks only)", stacklevel=2)
+        warnings.warn("mgipscl: clip_model=random-vit-b-32 builds a RANDOM ViT-B/32 tower (benchmarks only)",
+                      stacklevel=2)
         return CLIPVisionModel(CLIPVisionConfig())  # transformers' defaults are ViT-B/32: 768 wide, 12 layers, patch 32
     return CLIPVisionModel.from_pretrained(name)
 
@@ -120,7 +122,7 @@ class CLIPCropEncoder(nn.Module):
         patches = patches.flatten(2).transpose(1, 2)  # (C, h*w, D)
         cls = embeddings.class_embedding.expand(patches.size(0), 1, -1)  # (C, 1, D)
         positions = embeddings.position_embedding.weight  # (1 + s*s, D)
-        side = int(math.isqrt(positions.size(0) - 1))
+        side = math.isqrt(positions.size(0) - 1)
         grid_pos = positions[1:]
         if (grid_h, grid_w) != (side, side):
             grid_pos = grid_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, s, s)
@@ -244,7 +246,9 @@ class MultiGranularityExcavator(nn.Module):
             raise ValueError("mgipscl: use_row_grained and use_column_grained cannot both be false (that is w/o MGI: "
                              "set use_mgi=false)")
         self.use_row, self.use_column = use_row, use_column
-        self.subject_in = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width))
+        self.subject_in = nn.Sequential(
+            nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width)
+        )
         self.guide_in = nn.Linear(width, width)  # Linear_2
         self.null_guide = nn.Parameter(torch.zeros(1, 1, width))
         self.unify = nn.MultiheadAttention(width, num_heads, dropout=dropout, batch_first=True)  # f_2
@@ -258,7 +262,7 @@ class MultiGranularityExcavator(nn.Module):
     def forward(self, guide: torch.Tensor, guide_mask: torch.Tensor, subject: torch.Tensor,
                 subject_mask: torch.Tensor) -> torch.Tensor:
         # guide: (B, m, d), guide_mask: (B, m) bool; subject: (B, n, d), subject_mask: (B, n) bool
-        batch_size, length, width = subject.shape
+        batch_size, _length, width = subject.shape
         subject_enc = self.subject_in(subject)  # f1(Linear1(subject)) (B, n, d)
         guide_keys = torch.cat([self.null_guide.expand(batch_size, -1, -1), self.guide_in(guide)], dim=1)  # (B, 1+m, d)
         guide_pad = torch.cat([guide_mask.new_zeros(batch_size, 1), ~guide_mask], dim=1)  # (B, 1+m)
@@ -267,7 +271,8 @@ class MultiGranularityExcavator(nn.Module):
         interaction = subject_enc * guide_enc  # M_im (B, n, d), eq. 5
         fused = torch.zeros_like(subject_enc)
         if self.use_row:
-            row_scores = (interaction * self.row_weight).masked_fill(~subject_mask[..., None], torch.finfo(subject.dtype).min)
+            row_scores = (interaction * self.row_weight).masked_fill(~subject_mask[..., None],
+                                                                     torch.finfo(subject.dtype).min)
             count = subject_mask.sum(1).clamp(min=1).to(subject.dtype)[:, None, None]  # (B, 1, 1)
             row_weights = row_scores.softmax(dim=-2) * count  # M_C (B, n, d), mean 1 over valid rows
             fused = fused + row_weights * subject_enc  # V_C
@@ -297,8 +302,10 @@ class InterweaveEncoder(nn.Module):
         interwoven_visual = self.image_guided(vision, vision_mask, text, text_mask)  # X_0 (B, n, d), MGE 1
         interwoven_text = text  # T_0 = H^t
         for _ in range(self.num_layers):
-            interwoven_text = interwoven_text + self.text_guided(interwoven_text, text_mask, interwoven_visual, text_mask)
-            interwoven_visual = interwoven_visual + self.image_guided(interwoven_visual, text_mask, interwoven_text, text_mask)
+            interwoven_text = interwoven_text + self.text_guided(interwoven_text, text_mask,
+                                                                 interwoven_visual, text_mask)
+            interwoven_visual = interwoven_visual + self.image_guided(interwoven_visual, text_mask,
+                                                                      interwoven_text, text_mask)
         return interwoven_text, interwoven_visual  # T^t, X^v (B, n, d)
 
 
@@ -381,7 +388,9 @@ class MGIPSCL(nn.Module):
     def __init__(self, config: MGIPSCLConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None):
         super().__init__()
         if features is None:
-            raise ValueError("mgipscl reads cached grounding crops: pass --features <cache.h5> (see docs/models/mgipscl.md)")
+            raise ValueError(
+                "mgipscl reads cached grounding crops: pass --features <cache.h5> (see docs/models/mgipscl.md)"
+            )
         self.required_features(config)  # validates vision_mode
         if config.top_k < 1:
             raise ValueError(f"mgipscl: top_k must be >= 1, got {config.top_k}")
@@ -405,7 +414,8 @@ class MGIPSCL(nn.Module):
         encoder_layers = getattr(getattr(self.text_encoder, "encoder", None), "layer", None)
         if encoder_layers is None:
             raise ValueError(f"mgipscl runs the text encoder's layers itself and needs a BERT/RoBERTa-style encoder "
-                             f"(encoder.layer); {type(self.text_encoder).__name__} has none. Use e.g. bert-base-uncased.")
+                             f"(encoder.layer); {type(self.text_encoder).__name__} has none. "
+                             "Use e.g. bert-base-uncased.")
         self.mutual_layers = nn.ModuleList(MutualAttentionLayer(layer, vision_width) for layer in encoder_layers)
         self.text_encoder.encoder.layer = nn.ModuleList()  # moved into mutual_layers (optimised at encoder_lr)
         depth = len(self.mutual_layers)

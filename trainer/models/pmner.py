@@ -45,14 +45,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.stage1 import Stage1Setting
 from mner.trainer.text_encoder import load_encoder, load_pretrained, load_tokenizer
-from torch import nn
 
-CROP_POOLED = "encoders/resnet152/crop_pooled"
-GRID = "encoders/resnet152/grid"
 OBJECT_MASK = "objects/mask"
 IMAGE_OK = "images/ok"
 
@@ -64,13 +63,13 @@ TYPE_WORDS = {"PER": "person", "LOC": "location", "ORG": "organization", "MISC":
 
 @dataclass
 class PMNERConfig:
-    use_frr: bool = True  # FRR object features (crop_pooled of top-5 Faster R-CNN objects); False = whole-image ResNet grid
-    use_tcfm: bool = (
-        True  # text correction fusion module (eq. 4-8); False = concatenate [t_i; mean(V)] ("T+V")
-    )
+    use_frr: bool = True  # FRR object features (crop_pooled of the top-5 objects); False = whole-image ResNet grid
+    use_tcfm: bool = True  # text correction fusion module (eq. 4-8); False = concatenate [t_i; mean(V)] ("T+V")
     use_prompt: bool = True  # MLM head + verbalizer (eq. 9-11); False = linear emissions per word
-    prompt_mode: str = "word"  # template (sec. 3.1/3.4: one wrapped input per word, MLM at <mask>) | word (MLM head on each word's h_i, one pass)
-    decoder: str = "crf"  # crf (tag scores as BIO-CRF emissions) | argmax (eq. 11: cross-entropy per word, BIO-repaired argmax)
+    # template (sec. 3.1/3.4: one wrapped input per word, MLM at <mask>) | word (MLM head on each word's h_i)
+    prompt_mode: str = "word"
+    # crf (tag scores as BIO-CRF emissions) | argmax (eq. 11: cross-entropy per word, BIO-repaired argmax)
+    decoder: str = "crf"
     template_max_length: int = 20  # pieces of ", the word of <entity> is <mask> ." (sec. 4.1: 20)
     encoded_max_length: int = 256  # pieces of one wrapped input, [CLS] and [SEP] included (sec. 4.1: 256)
     template_chunk: int = 64  # wrapped inputs per encoder pass in template mode (memory bound, no effect on results)
@@ -78,6 +77,12 @@ class PMNERConfig:
     num_heads: int = 12  # heads of every cross-modal / self-attention (sec. 4.1: 12)
     ffn_mult: int = 4  # FFN inner width of eq. 7 = ffn_mult * text width
     dropout: float = 0.1  # dropout in the attentions, the FFN and on the word states
+    resnet_group: str = "resnet152"  # cache group encoders/<resnet_group> holding crop_pooled and grid
+
+
+def visual_path(config: PMNERConfig) -> str:
+    """FRR reads the objects' pooled vectors (K, 2048); without FRR, the whole image's 7x7 grid."""
+    return f"encoders/{config.resnet_group}/{'crop_pooled' if config.use_frr else 'grid'}"
 
 
 PROMPT_MODES = ("template", "word")
@@ -149,17 +154,18 @@ class PMNER(nn.Module):
 
     @staticmethod
     def required_features(config: PMNERConfig) -> list[str]:
-        return [CROP_POOLED] if config.use_frr else [GRID]
+        return [visual_path(config)]
 
     @staticmethod
     def stage1_settings(config: PMNERConfig) -> list[Stage1Setting]:
         """Sec. 3.2 / 4.1: Faster R-CNN objects with score > 0.95, the first five, ResNet-152 features."""
-        resnet = Stage1Setting("encoders/resnet152", "model", "torchvision/resnet152", "--encoder resnet152",
-                               "P-MNER sec. 3.2: pre-trained 152-layer ResNet")
+        resnet = Stage1Setting(f"encoders/{config.resnet_group}", "model", "torchvision/resnet152",
+                               "--encoder resnet152", "P-MNER sec. 3.2: pre-trained 152-layer ResNet")
         if not config.use_frr:
             return [resnet]
         return [
-            Stage1Setting("objects", "detector", "fasterrcnn", "--detector fasterrcnn", "P-MNER sec. 3.2: Faster R-CNN"),
+            Stage1Setting("objects", "detector", "fasterrcnn", "--detector fasterrcnn",
+                          "P-MNER sec. 3.2: Faster R-CNN"),
             Stage1Setting("objects", "thresholds.score_threshold", 0.95, "--score-threshold 0.95",
                           "P-MNER sec. 4.1: objects with a probability above 0.95", match="at_least"),
             Stage1Setting("objects", "thresholds.top_k", config.max_objects, f"--top-k {config.max_objects}",
@@ -179,7 +185,7 @@ class PMNER(nn.Module):
             raise ValueError(f"pmner: decoder={config.decoder!r}; valid values: {', '.join(DECODERS)}")
         self.config = config
         self.labels = list(labels)
-        self.visual_path = CROP_POOLED if config.use_frr else GRID
+        self.visual_path = visual_path(config)
 
         # -- sec. 3.1 text encoder (with its MLM head when prompt learning needs it)
         mlm_head = decoder = None
@@ -307,7 +313,8 @@ class PMNER(nn.Module):
             input_ids = wrapped.input_ids[part].to(regions.device)  # (N, S)
             attention_mask = wrapped.attention_mask[part].to(regions.device)  # (N, S)
             states = self.fuse(input_ids, attention_mask, regions[posts], region_mask[posts])  # (N, S, H)
-            at_mask = states[torch.arange(len(posts), device=states.device), wrapped.mask_at[part].to(states.device)]  # (N, H)
+            rows = torch.arange(len(posts), device=states.device)  # (N,)
+            at_mask = states[rows, wrapped.mask_at[part].to(states.device)]  # (N, H)
             tag_scores = self.verbalizer(self.mlm_head(self.dropout(at_mask)), self.text_encoder)  # (N, T)
             scores = scores.index_put((posts, wrapped.words[part].to(regions.device)), tag_scores)
         return scores

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.stage1 import Stage1Setting
@@ -70,7 +71,11 @@ class InteractionBlock(nn.Module):
 
 def _ffn(width: int, mult: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(width, mult * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * width, width), nn.Dropout(dropout)
+        nn.Linear(width, mult * width),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(mult * width, width),
+        nn.Dropout(dropout),
     )
 
 

@@ -274,3 +274,24 @@ def test_paper_rows_keep_dropout_half_and_the_default_trains_like_the_other_mode
     assert cls.Config().dropout == 0.1  # the other models' default; 0.5 learns ~3x slower early (model doc)
     for name, preset in cls.PRESETS.items():
         assert preset["dropout"] == 0.5, name  # sec. 3.1: "the dropout is set as 0.5"
+
+
+def test_without_a_usable_image_the_word_states_are_the_text_encoders(tiny_bert):
+    """With every image missing PromptMNER must be its language model plus the span classifier: the
+    real-text gap to bert_crf was then a training matter (eq. 6's reduction), not the fusion."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mner.trainer.layers import gather_first_pieces
+
+    cls = get_model_class("promptmner")
+    config = cls.Config(num_continuous_prompts=4)
+    spec = feature_spec(config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = cls(config, labels=LABELS, text_encoder=str(tiny_bert), tokenizer=tokenizer, features=spec).eval()
+    batch = make_batch(tokenizer, spec)
+    batch["visual"]["images/ok"] = torch.zeros(len(POSTS), dtype=torch.bool)  # no post has an image
+    reference = AutoModel.from_pretrained(tiny_bert).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = model.word_states(batch)  # (B, W, H)
+    torch.testing.assert_close(got, gather_first_pieces(expected, batch["word_index"]), rtol=1e-5, atol=1e-5)

@@ -395,8 +395,7 @@ class ResNetTestEncoder(ResNetEncoder):
     """Tiny random stand-in with ResNet-152's input (224) and outputs (7x7x2048 grid, 2048-d crops)."""
 
     name = "resnet152-test"
-    blocks = (1, 1, 1, 1)  # not built: see build_tiny_resnet_grid
-    always_random = True
+    always_random = True  # so the base class builds build_tiny_resnet_grid, never torchvision's ResNet
 
     def _grid(self, pixels: torch.Tensor) -> torch.Tensor:
         with self.autocast():

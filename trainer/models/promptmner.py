@@ -443,10 +443,11 @@ class PromptMNER(nn.Module):
             valid = ends[None, :] < num_words[:, None]  # (B, S) span lies inside the post
             targets = self.span_targets(batch, starts, ends)  # (B, S)
             if valid.any():
-                reduction = "sum" if self.config.span_loss == "sum" else "mean"
-                out["loss"] = F.cross_entropy(logits[valid], targets[valid], reduction=reduction)  # eq. 6
-                if reduction == "sum":
-                    out["loss"] = out["loss"] / logits.size(0)  # per post, as the CRF models' NLL
+                per_span = F.cross_entropy(logits[valid], targets[valid], reduction="none")  # (n,) eq. 6 terms
+                if self.config.span_loss == "sum":
+                    out["loss"] = per_span.sum() / logits.size(0)  # eq. 6 per post, averaged as the CRF NLL
+                else:
+                    out["loss"] = per_span.mean()
             else:
                 out["loss"] = logits.sum() * 0.0
         return out

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from corpus import make_corpus  # bench/corpus.py (the script's folder is on sys.path)
 
-from mner.features.extract import Extraction, ExtractOptions
-from mner.features.loader import ImageLoader
-from mner.features.stages import ImageStages
+from mner.features.run.extract import Extraction, ExtractOptions
+from mner.features.run.loader import ImageLoader
+from mner.features.run.stages import ImageStages
 
 
 def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[float, dict]:

@@ -28,7 +28,7 @@ from corpus import make_corpus
 
 def child(args) -> None:
     """One extraction in this process; prints a JSON line with its peak RSS and disk figures."""
-    from mner.features.extract import ExtractOptions, run_extraction
+    from mner.features.run.extract import ExtractOptions, run_extraction
 
     with tempfile.TemporaryDirectory() as tmp:
         data, images = make_corpus(Path(tmp), args.child, noise=True)

@@ -20,12 +20,9 @@ import torch
 
 
 def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed: int = 1):
-    from mner.pipeline.feature_cache import FeatureCache
-    from mner.trainer.batching import Collator
-    from mner.trainer.config import resolve_configs
-    from mner.trainer.models import get_model_class
-    from mner.trainer.text_encoder import load_tokenizer
-    from mner.trainer.train import (
+    from mner.pipeline.cache import FeatureCache
+    from mner.trainer.core.config import resolve_configs
+    from mner.trainer.core.train import (
         build_model,
         make_loader,
         make_post_dataset,
@@ -33,6 +30,9 @@ def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed
         parameter_groups,
         seed_everything,
     )
+    from mner.trainer.inputs.batching import Collator
+    from mner.trainer.inputs.text_encoder import load_tokenizer
+    from mner.trainer.models import get_model_class
 
     cls = get_model_class(model_name)
     model_config, config = resolve_configs(cls, flags={"text_encoder": text_encoder, "batch_size": 8, "seed": seed,
@@ -50,8 +50,8 @@ def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed
     net = build_model(cls, model_config, labels=labels, text_encoder=text_encoder, tokenizer=tokenizer, visual=visual)
     setup = 0.0
     if fast:
-        from mner.trainer import fast_text
-        from mner.trainer.fast_text import use_cached_text_encoder
+        from mner.trainer.core import fast_text
+        from mner.trainer.core.fast_text import use_cached_text_encoder
 
         fast_text._SHARED_TABLES.clear()  # measure the one-off encoding, not a lookup of an earlier model's
         start = time.perf_counter()

@@ -31,7 +31,7 @@ def device_name(device: str) -> str:
 
 
 def epoch_seconds(args, out: Path, precision: str) -> list[float]:
-    from mner.trainer import train as train_module
+    from mner.trainer.core import train as train_module
 
     flags = {"text_encoder": args.text_encoder, "epochs": args.epochs, "batch_size": args.batch_size,
              "seed": 1, "device": args.device, "patience": 0, "precision": precision}

@@ -25,13 +25,13 @@ import time
 
 import torch
 
+from mner.pipeline.cache import FeatureCache
 from mner.pipeline.data import load_dataset
-from mner.pipeline.feature_cache import FeatureCache
-from mner.trainer.batching import Collator, PostDataset
-from mner.trainer.config import convert_value
+from mner.trainer.core.config import convert_value
+from mner.trainer.inputs.batching import Collator, PostDataset
+from mner.trainer.inputs.text_encoder import load_tokenizer
+from mner.trainer.inputs.visual import VisualBatcher
 from mner.trainer.models import MODEL_REGISTRY, get_model_class
-from mner.trainer.text_encoder import load_tokenizer
-from mner.trainer.visual import VisualBatcher
 
 
 def load_other_class(path: str):

@@ -31,8 +31,8 @@ def epoch_history(run: Path) -> list[dict]:
 
 
 def train_once(args, out: Path, *, checkpoints: bool) -> list[dict]:
-    from mner.trainer import train as train_module
-    from mner.trainer.engine import Engine
+    from mner.trainer.core import train as train_module
+    from mner.trainer.core.engine import Engine
 
     flags = {"text_encoder": args.text_encoder, "epochs": args.epochs, "batch_size": args.batch_size,
              "seed": 1, "device": "cpu", "patience": 0}

@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
 from mner.pipeline.data import load_dataset
-from mner.trainer.batching import Collator, PostDataset
-from mner.trainer.config import TrainConfig
+from mner.trainer.core.config import TrainConfig
+from mner.trainer.core.train import parameter_groups
+from mner.trainer.inputs.batching import Collator, PostDataset
+from mner.trainer.inputs.segments import second_segment_for
+from mner.trainer.inputs.text_encoder import load_tokenizer, resolve_text_encoder
+from mner.trainer.inputs.visual import VisualBatcher
 from mner.trainer.models import available_models, get_model_class
-from mner.trainer.segments import second_segment_for
-from mner.trainer.text_encoder import load_tokenizer, resolve_text_encoder
-from mner.trainer.train import parameter_groups
-from mner.trainer.visual import VisualBatcher
 
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
 CLIP_WIDTH, CLIP_PATCHES, CLIP_PATCH_WIDTH = 512, 49, 768  # open_clip ViT-B-32 at 224 px

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from bench_promptmner import load_other_class
 
+from mner.pipeline.cache import FeatureCache
 from mner.pipeline.data import load_dataset
-from mner.pipeline.feature_cache import FeatureCache
-from mner.trainer.batching import Collator, PostDataset
-from mner.trainer.layers import gather_first_pieces
+from mner.trainer.inputs.batching import Collator, PostDataset
+from mner.trainer.inputs.text_encoder import load_encoder, load_tokenizer
+from mner.trainer.inputs.visual import VisualBatcher
 from mner.trainer.models import get_model_class
-from mner.trainer.text_encoder import load_encoder, load_tokenizer
-from mner.trainer.visual import VisualBatcher
+from mner.trainer.models.layers import gather_first_pieces
 
 
 def clue_attention_share(model, batch: dict) -> list[float]:

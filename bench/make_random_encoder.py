@@ -27,7 +27,7 @@ def main() -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from mner.trainer.text_encoder import resolve_text_encoder
+    from mner.trainer.inputs.text_encoder import resolve_text_encoder
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

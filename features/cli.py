@@ -109,8 +109,8 @@ def extract(
       mner-features extract ... --grounding files --grounding-map t15_train_dict.pth
       --grounding-crops-dir aux/train/crops --captions captions.tsv
     """
-    from mner.features.extract import ExtractOptions, ImageError, parse_shard, run_extraction
-    from mner.features.grounding_captions import caption_options, grounding_options
+    from mner.features.producers.grounding_captions import caption_options, grounding_options
+    from mner.features.run.extract import ExtractOptions, ImageError, parse_shard, run_extraction
     from mner.pipeline.cache import CacheError
 
     try:
@@ -139,7 +139,7 @@ def extract(
         raise typer.Exit(1) from error
     typer.echo(str(summary))
     if summary.shard_count > 1:
-        from mner.features.distributed import merge_hint
+        from mner.features.run.distributed import merge_hint
 
         typer.echo(merge_hint(out, summary.shard_count))
 
@@ -185,9 +185,9 @@ def merge(
 
 def _check_names(opts) -> None:
     """Bad component names fail before any model is built, listing the valid values."""
-    from mner.features.detectors import DETECTORS
-    from mner.features.encoders import ENCODERS
-    from mner.features.prompts import load_prompt_set
+    from mner.features.producers.detectors import DETECTORS
+    from mner.features.producers.encoders import ENCODERS
+    from mner.features.producers.prompts import load_prompt_set
 
     if opts.detector not in DETECTORS:
         raise ValueError(f"--detector {opts.detector!r}; valid: {', '.join(sorted(DETECTORS))}")

@@ -40,7 +40,7 @@ def write_random_cache(path: Path, image_ids: list[str], *, clip_width: int = 16
                        placeholder_every: int = 0) -> Path:
     """A cache with what vcrmner reads (objects, CLIP crop embeddings, prompt weights), from random
     'weights' (provenance pretrained=random, so the trainer and the report flag it)."""
-    from mner.pipeline.feature_cache import CacheWriter, make_provenance
+    from mner.pipeline.cache import CacheWriter, make_provenance
 
     ids = sorted(image_ids)
     status = ["placeholder" if placeholder_every and i % placeholder_every == 0 else "ok" for i in range(len(ids))]
@@ -49,7 +49,7 @@ def write_random_cache(path: Path, image_ids: list[str], *, clip_width: int = 16
     count = int(offsets[-1])
     provenance = make_provenance("test", model="tiny", pretrained="random", preprocessing={}, thresholds={},
                                  image_ids=ids)
-    with CacheWriter(path, overwrite=True) as writer:
+    with CacheWriter(path, overwrite=True, partial=True) as writer:  # only what vcrmner reads
         writer.write_images(ids, status)
         writer.write_group("objects", {"offsets": (offsets, "offsets"),
                                        "scores": (np.ones(count, np.float32), "object")}, provenance)

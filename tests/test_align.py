@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from mner.trainer.align import align_posts, align_words
+from mner.trainer.inputs.align import align_posts, align_words
 
 
 @pytest.fixture(scope="module")
 def bert_tokenizer(tiny_bert):
-    from mner.trainer.text_encoder import load_tokenizer
+    from mner.trainer.inputs.text_encoder import load_tokenizer
 
     return load_tokenizer(str(tiny_bert))
 

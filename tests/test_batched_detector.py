@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mner.features.detectors import DetectorConfig, ResizeSpec, create_detector
+from mner.features.producers.detectors import DetectorConfig, ResizeSpec, create_detector
 
 BOX_ATOL, SCORE_ATOL = 1e-3, 1e-5
 

@@ -22,7 +22,7 @@ from mner.pipeline.cache import (
     unregister_group,
 )
 from mner.pipeline.cache.tiny import instance_name, tiny_group, write_tiny_cache
-from mner.trainer.visual import VisualBatcher
+from mner.trainer.inputs.visual import VisualBatcher
 
 FEATURE_GROUPS = [instance_name(g) for g in all_groups() if g.feature]
 

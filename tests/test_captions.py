@@ -1,4 +1,4 @@
-"""Caption producers (features/captions.py): the user file's format and errors, tiny random BLIP."""
+"""Caption producers (features/producers/captions.py): the user file's format and errors, tiny random BLIP."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mner.features.captions import CaptionConfig, create_captioner, read_captions_file
-from mner.features.images import LoadedImage
+from mner.features.producers.captions import CaptionConfig, create_captioner, read_captions_file
+from mner.features.run.images import LoadedImage
 from mner.pipeline.data import DataFormatError
 
 

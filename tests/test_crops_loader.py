@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mner.features.crops import CropBank, cut_crops, jpeg_crops
-from mner.features.detectors import DetectorConfig, ResizeSpec, create_detector
-from mner.features.encoders import EncoderConfig, InputSpec, create_encoder
-from mner.features.images import decode_jpeg
-from mner.features.loader import DecodedImage, ImageLoader, LoaderSpec
-from mner.features.stages import BackgroundWriter, ImageStages, StageClock
+from mner.features.producers.crops import CropBank, cut_crops, jpeg_crops
+from mner.features.producers.detectors import DetectorConfig, ResizeSpec, create_detector
+from mner.features.producers.encoders import EncoderConfig, InputSpec, create_encoder
+from mner.features.run.images import decode_jpeg
+from mner.features.run.loader import DecodedImage, ImageLoader, LoaderSpec
+from mner.features.run.stages import BackgroundWriter, ImageStages, StageClock
 
 
 def _picture(seed=0, size=(160, 120)):

@@ -14,7 +14,7 @@ pytest.importorskip(
     "detectron2", reason="detectron2 is not installed (no wheels; build steps in docs/install.md)"
 )
 
-from mner.features.detectors import DetectorConfig, create_detector
+from mner.features.producers.detectors import DetectorConfig, create_detector
 
 pytestmark = pytest.mark.detectron2
 MASK_RCNN = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
@@ -84,7 +84,7 @@ def test_unknown_config_is_a_clear_error():
 
 def test_extract_with_detectron2(tmp_path):
     from mner.features.cli import main
-    from mner.pipeline.feature_cache import FeatureCache
+    from mner.pipeline.cache import FeatureCache
 
     (tmp_path / "images").mkdir()
     for i, image in enumerate(_images()):

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from mner.features.distributed import merge_hint, resolve_device
-from mner.features.sharding import ShardError, resolve_shard
+from mner.features.run.distributed import merge_hint, resolve_device
+from mner.features.run.sharding import ShardError, resolve_shard
 
 
 def test_explicit_shard_wins_over_the_environment():

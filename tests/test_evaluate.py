@@ -7,7 +7,7 @@ import random
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from mner.trainer.evaluate import entity_scores, extract_entities, read_conll_predictions, write_conll
+from mner.trainer.evaluation.evaluate import entity_scores, extract_entities, read_conll_predictions, write_conll
 
 TAGS = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 

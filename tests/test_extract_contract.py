@@ -16,7 +16,7 @@ from PIL import Image
 from test_extract import write_dataset
 
 from mner.features.cli import main
-from mner.pipeline.feature_cache import STATUS_NAMES, FeatureCache
+from mner.pipeline.cache import STATUS_NAMES, FeatureCache
 
 TINY = ["--random-init", "--detector", "fasterrcnn-test", "--score-threshold", "0", "--top-k", "3",
         "--detector-min-size", "64", "--clip-model", "clip-test", "--chunk-size", "4", "--batch-size", "4",
@@ -67,7 +67,7 @@ def test_second_writer_is_refused_naming_the_holder(corpus, capsys):
 
 
 def test_chunk_temp_names_carry_host_and_pid(tmp_path, monkeypatch):
-    from mner.features import parts
+    from mner.features.run import parts
 
     seen = []
     real_replace = os.replace
@@ -109,7 +109,7 @@ def test_image_ids_that_leave_the_folder_are_refused_with_file_and_line(tmp_path
     assert run(data, tmp_path / "images", tmp_path / "x.h5") == 1
     err = capsys.readouterr().err
     assert f"{data / 'train.txt'}:4" in err and "'../outside'" in err and len(err.strip().splitlines()) == 1
-    from mner.features.images import load_image
+    from mner.features.run.images import load_image
 
     assert load_image(tmp_path / "images", "/etc/hostname").status == "missing"  # second guard
 
@@ -202,7 +202,7 @@ def test_torchvision_weights_name_and_file_hash(tmp_path, monkeypatch):
     import torch
     from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-    from mner.features.weights import hf_revision, pretrained_tag, torchvision_checkpoint
+    from mner.features.producers.weights import hf_revision, pretrained_tag, torchvision_checkpoint
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     weights = MaskRCNN_ResNet50_FPN_Weights.DEFAULT
@@ -226,7 +226,7 @@ def test_torchvision_weights_name_and_file_hash(tmp_path, monkeypatch):
 
 def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
     """Peak memory of assembly is bounded by a chunk, and temporary disk by the cache's size."""
-    from mner.features import extract as extract_module
+    from mner.features.run import extract as extract_module
 
     ids = [str(i) for i in range(32)]
     (tmp_path / "images").mkdir()
@@ -265,7 +265,7 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
 
 def test_resume_recomputes_chunks_whose_images_changed(corpus, monkeypatch):
     """A killed run's finished chunks are reused only for the same image files."""
-    from mner.features import extract as extract_module
+    from mner.features.run import extract as extract_module
 
     root, data, images = corpus
     out = root / "resume.h5"

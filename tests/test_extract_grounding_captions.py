@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from mner.features.cli import main
-from mner.features.extract import shard_of
-from mner.features.grounding_files import FileGrounder
-from mner.pipeline.feature_cache import STATUS_NAMES, FeatureCache
+from mner.features.producers.grounding_files import FileGrounder
+from mner.features.run.extract import shard_of
+from mner.pipeline.cache import STATUS_NAMES, FeatureCache
 
 IDS = ["100", "101", "102", "103", "104", "105"]  # 105 has no picture in --images
 TINY = ["--random-init", "--detector", "fasterrcnn-test", "--score-threshold", "0", "--top-k", "2",
@@ -242,7 +242,7 @@ def test_bad_grounding_options_list_valid_values(corpus, tmp_path, capsys):
 
 
 def test_zero_crops_and_detector_crops_through_the_batcher(corpus, base, tmp_path):
-    from mner.trainer.visual import VisualBatcher
+    from mner.trainer.inputs.visual import VisualBatcher
 
     none = copy_of(base, "base.h5", tmp_path / "none")
     assert run(corpus, none, "--grounding", "owlv2", "--grounding-threshold", "1", "--grounding-fill", "none",

@@ -17,7 +17,7 @@ from PIL import Image
 from test_extract import datasets_of, write_dataset
 
 from mner.features.cli import main
-from mner.features.extract import shard_of
+from mner.features.run.extract import shard_of
 from mner.pipeline.cache import FeatureCache
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ REAL_ARCHITECTURES = {
 def test_real_architectures_declare_the_shapes_they_compute(encoder, clip_model):
     import torch
 
-    from mner.features.encoders import EncoderConfig, create_encoder
+    from mner.features.producers.encoders import EncoderConfig, create_encoder
 
     options = {"clip_model": clip_model} if clip_model else {}
     with torch.device("meta"):

@@ -9,15 +9,15 @@ import torch
 from experiment_helpers import write_dataset
 
 from mner.trainer.cli import main
-from mner.trainer.config import ConfigError
+from mner.trainer.core.config import ConfigError
 
 
 def test_cached_encoder_gives_the_frozen_encoders_outputs_without_running_it(tiny_bert, tmp_path):
     from mner.pipeline.data import load_dataset
-    from mner.trainer.batching import Collator, PostDataset
-    from mner.trainer.fast_text import use_cached_text_encoder
+    from mner.trainer.core.fast_text import use_cached_text_encoder
+    from mner.trainer.inputs.batching import Collator, PostDataset
+    from mner.trainer.inputs.text_encoder import load_tokenizer
     from mner.trainer.models import get_model_class
-    from mner.trainer.text_encoder import load_tokenizer
 
     dataset = load_dataset(write_dataset(tmp_path / "d", seed=4, sizes=(10, 4, 4)))
     tokenizer = load_tokenizer(str(tiny_bert))
@@ -31,7 +31,7 @@ def test_cached_encoder_gives_the_frozen_encoders_outputs_without_running_it(tin
     reference = cls(cls.Config(dropout=0.0), labels=labels, text_encoder=str(tiny_bert))
     reference.load_state_dict(model.state_dict())
     reference.eval()
-    from mner.trainer import fast_text
+    from mner.trainer.core import fast_text
 
     fast_text._SHARED_TABLES.clear()
     encoded = use_cached_text_encoder(model, list(sets.values()), device=torch.device("cpu"), batch_size=4)
@@ -66,13 +66,13 @@ def test_fast_ablation_run_keeps_the_encoder_pretrained_and_is_recorded(tiny_ber
     original = load_file(str(tiny_bert / "model.safetensors"))
     name = "embeddings.word_embeddings.weight"
     torch.testing.assert_close(saved[f"text_encoder.{name}"], original[name])  # never trained
-    from mner.trainer.report import FAST_FLAG, load_run
+    from mner.trainer.experiments.report import FAST_FLAG, load_run
 
     assert FAST_FLAG in load_run(out, min_coverage=0.9).flags  # marked in every report row
 
 
 def test_models_that_feed_prompts_through_the_encoder_are_refused(tiny_bert):
-    from mner.trainer.fast_text import use_cached_text_encoder
+    from mner.trainer.core.fast_text import use_cached_text_encoder
 
     class PromptModel(torch.nn.Module):
         model_name = "promptmner"

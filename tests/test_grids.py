@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mner.trainer.grid import load_grid
+from mner.trainer.experiments.grid import load_grid
+from mner.trainer.experiments.paper_results import PAPER_RESULTS
 from mner.trainer.models import available_models, get_model_class
-from mner.trainer.paper_results import PAPER_RESULTS
 
 GRIDS = sorted((Path(__file__).resolve().parent.parent / "grids").glob("*.toml"))
 # Models whose files land with another branch: their grid rows are checked once they are registered.

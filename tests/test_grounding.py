@@ -1,4 +1,4 @@
-"""Grounding producers (features/grounding.py, grounding_clip.py): queries, box choice, user crop files."""
+"""Grounding producers (features/producers/grounding.py, grounding_clip.py): queries, box choice, user crop files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mner.features.grounding import (
+from mner.features.producers.grounding import (
     MAX_CROPS,
     GroundingConfig,
     GroundingInput,
@@ -23,8 +23,8 @@ from mner.features.grounding import (
     post_queries,
     stack_rows,
 )
-from mner.features.grounding_files import CropMapping, load_crop_mapping
-from mner.features.images import LoadedImage
+from mner.features.producers.grounding_files import CropMapping, load_crop_mapping
+from mner.features.run.images import LoadedImage
 from mner.pipeline.data import DataFormatError
 
 
@@ -204,7 +204,7 @@ def test_mapping_conflicts_pairs_and_unreadable_crop(tmp_path):
 
 
 def test_clip_grounding_states_layers_shape_and_batch_independence():
-    from mner.features.grounding_clip import ClipGroundingConfig, ClipGroundingStates
+    from mner.features.producers.grounding_clip import ClipGroundingConfig, ClipGroundingStates
 
     torch.manual_seed(0)
     states = ClipGroundingStates(ClipGroundingConfig(random_init=True, batch_size=2))
@@ -227,7 +227,7 @@ def test_clip_grounding_states_layers_shape_and_batch_independence():
 
 def test_real_loading_path_from_a_local_folder_records_the_weights_hash(tmp_path):
     """The non-random path (Auto* from_pretrained of weights, tokenizer, processor) runs offline from a folder."""
-    from mner.features.grounding_clip import ClipGroundingConfig, ClipGroundingStates
+    from mner.features.producers.grounding_clip import ClipGroundingConfig, ClipGroundingStates
 
     torch.manual_seed(0)
     tiny = create_grounder("owlv2", GroundingConfig(random_init=True))

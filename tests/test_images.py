@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mner.features.images import apply_missing_policy, crop_box, decode_jpeg, encode_jpeg, load_image
+from mner.features.run.images import apply_missing_policy, crop_box, decode_jpeg, encode_jpeg, load_image
 
 
 def _rgb(size=(40, 30)):

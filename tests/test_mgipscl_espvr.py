@@ -85,7 +85,7 @@ def test_mgipscl_post_without_crops_ignores_padding_pixels(tiny_bert):
 
 
 def test_mgipscl_clip_tower_has_its_own_parameter_group(tiny_bert):
-    from mner.trainer.config import TrainConfig
+    from mner.trainer.core.config import TrainConfig
 
     model = build("mgipscl", tiny_bert, np.random.default_rng(0), clip_lr=3e-5)[0]
     groups = model.parameter_groups(TrainConfig(encoder_lr=5e-5, head_lr=1e-3, crf_lr=1e-2, weight_decay=0.01))
@@ -201,8 +201,8 @@ def test_caption_is_the_second_segment_truncated_first(tiny_bert):
     from transformers import AutoTokenizer
 
     from mner.pipeline.data import Post
-    from mner.trainer.batching import Collator, PostDataset
-    from mner.trainer.segments import SecondSegment
+    from mner.trainer.inputs.batching import Collator, PostDataset
+    from mner.trainer.inputs.segments import SecondSegment
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     posts = [

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from test_models import LABELS, text_batch, tiny_feature_spec, tiny_visual
 
-from mner.trainer.config import resolve_configs
-from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode
+from mner.trainer.core.config import resolve_configs
 from mner.trainer.models import get_model_class
+from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode
 
 
 def tokenizer_of(tiny_bert):

@@ -258,7 +258,7 @@ def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
     import pickle
 
     from mner.pipeline.cache import FeatureCache
-    from mner.trainer.visual import VisualBatcher
+    from mner.trainer.inputs.visual import VisualBatcher
 
     path = tmp_path / "tiny.h5"
     write_tiny_cache(path, object_counts=[3, 0, 2, 6, 1], status=["ok", "ok", "missing", "ok", "placeholder"])
@@ -284,7 +284,7 @@ def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
 
 def test_visual_batcher_feeds_placeholders_only_when_asked(tmp_path):
     from mner.pipeline.cache import FeatureCache
-    from mner.trainer.visual import VisualBatcher
+    from mner.trainer.inputs.visual import VisualBatcher
 
     path = tmp_path / "tiny.h5"
     write_tiny_cache(path, object_counts=[1, 2, 1], status=["ok", "placeholder", "missing"])

@@ -281,7 +281,7 @@ def test_without_a_usable_image_the_word_states_are_the_text_encoders(tiny_bert)
     real-text gap to bert_crf was then a training matter (eq. 6's reduction), not the fusion."""
     from transformers import AutoModel, AutoTokenizer
 
-    from mner.trainer.layers import gather_first_pieces
+    from mner.trainer.models.layers import gather_first_pieces
 
     cls = get_model_class("promptmner")
     config = cls.Config(num_continuous_prompts=4)

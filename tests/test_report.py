@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mner.trainer.cli import main
-from mner.trainer.paper_results import PAPER_RESULTS, paper_result
-from mner.trainer.report import FAST_FLAG, RunRecord, aggregate, markdown
-from mner.trainer.significance import paired_bootstrap, post_counts
+from mner.trainer.experiments.paper_results import PAPER_RESULTS, paper_result
+from mner.trainer.experiments.report import FAST_FLAG, RunRecord, aggregate, markdown
+from mner.trainer.experiments.significance import paired_bootstrap, post_counts
 
 
 def scores(f1: float, per_type: dict[str, float]) -> dict:
@@ -91,7 +91,7 @@ def test_low_resource_curve_plot(tmp_path):
     """Runs of several fractions (and the full-data run) become one curve with error bars."""
     from PIL import Image
 
-    from mner.trainer.report_plots import low_resource_curves, plot_low_resource
+    from mner.trainer.experiments.report_plots import low_resource_curves, plot_low_resource
 
     records = []
     for fraction, f1 in ((0.1, 0.40), (0.2, 0.50), (0.5, 0.60)):
@@ -109,7 +109,7 @@ def test_low_resource_curve_plot(tmp_path):
 
 
 def test_coverage_comes_from_the_engines_record_when_present(tmp_path):
-    from mner.trainer.report import image_coverage
+    from mner.trainer.experiments.report import image_coverage
 
     predictions = tmp_path / "test.conll"
     recorded = {"image_coverage": {"train": {"ok": 9, "total": 9}, "test": {"ok": 3, "total": 12, "placeholder": 9}}}
@@ -121,7 +121,7 @@ def test_coverage_comes_from_the_engines_record_when_present(tmp_path):
 
 
 def test_a_run_that_never_predicted_an_entity_is_flagged_not_scored_as_zero(tmp_path):
-    from mner.trainer.report import load_run
+    from mner.trainer.experiments.report import load_run
 
     for name, predicted in (("silent", 0), ("tagging", 40)):
         run = tmp_path / name

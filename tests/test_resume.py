@@ -74,7 +74,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(small_data, tiny_ber
 
 
 def test_ctrl_c_leaves_a_resumable_run(small_data, tiny_bert, tmp_path, monkeypatch, capsys):
-    from mner.trainer.engine import Engine
+    from mner.trainer.core.engine import Engine
 
     encoder = shutil.copytree(tiny_bert, tmp_path / "encoder")  # moved away after training
     out = tmp_path / "run"

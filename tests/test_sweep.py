@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from experiment_helpers import SAMPLE, sample_image_ids, write_dataset, write_random_cache
 
-from mner.trainer import sweep as sweep_module
 from mner.trainer.cli import main
-from mner.trainer.config import ConfigError
-from mner.trainer.grid import load_grid, select_task
-from mner.trainer.protocols import mean_std, train_subset
+from mner.trainer.core.config import ConfigError
+from mner.trainer.experiments import sweep as sweep_module
+from mner.trainer.experiments.grid import load_grid, select_task
+from mner.trainer.experiments.protocols import mean_std, train_subset
 
 FAST = {"epochs": 1, "batch_size": 8, "max_length": 32, "patience": 0, "device": "cpu", "eval_batch_size": 32}
 
@@ -108,7 +108,7 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     def killed_in_the_fifth(spec, run_dir, datasets, *, state, device):  # the 5th run: vcrmner's first (2 epochs)
         launched.append(spec.run_id)
         if len(launched) == 5:  # Ctrl-C / kill in epoch 2 of the fifth run, after epoch 1's checkpoint
-            import mner.trainer.train as train_module
+            import mner.trainer.core.train as train_module
 
             real_score, calls = train_module.score_split, []
 
@@ -235,7 +235,7 @@ cross_domain = [["t15", "t17"]]
     assert scores["micro"]["gold"] == 9  # t17's test split (one entity per post), not t15's 12
     assert not any("OTHER" in label for label in json.loads((run / "config.json").read_text())["labels"])
     assert "OTHER" not in scores["per_type"]
-    from mner.trainer.report import aggregate, find_runs, load_run
+    from mner.trainer.experiments.report import aggregate, find_runs, load_run
 
     (row,) = aggregate([load_run(r, min_coverage=0.9) for r in find_runs([out])])
     assert (row["config"], row["protocol"], row["setting"]) == (
@@ -260,7 +260,7 @@ def test_low_resource_subsets_are_nested_per_seed_and_deterministic():
 
 
 def test_low_resource_run_trains_on_the_nested_subset(tmp_path, tiny_bert, monkeypatch):
-    from mner.trainer import protocols
+    from mner.trainer.experiments import protocols
 
     calls = []
     real_subset = protocols.train_subset
@@ -289,7 +289,7 @@ def test_a_killed_process_counts_as_dead_even_before_it_is_reaped():
     import sys
     import time
 
-    from mner.trainer.sweep import _pid_alive
+    from mner.trainer.experiments.sweep import _pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:

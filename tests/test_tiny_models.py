@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mner.features.detectors import DETECTORS, DetectorConfig, create_detector
-from mner.features.encoders import ENCODERS, EncoderConfig, create_encoder
+from mner.features.producers.detectors import DETECTORS, DetectorConfig, create_detector
+from mner.features.producers.encoders import ENCODERS, EncoderConfig, create_encoder
 
 TINY_DETECTORS = sorted(name for name in DETECTORS if name.endswith("-test"))
 TINY_ENCODERS = sorted(name for name in ENCODERS if name.endswith("-test"))

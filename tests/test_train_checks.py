@@ -128,7 +128,7 @@ def test_types_differing_only_by_case_are_an_error(tmp_path, tiny_bert, capsys):
 def test_every_model_owns_its_parameter_groups(tiny_bert):
     import torch
 
-    from mner.trainer.config import TrainConfig
+    from mner.trainer.core.config import TrainConfig
     from mner.trainer.models import (
         MODEL_REGISTRY,
         available_models,

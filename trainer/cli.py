@@ -67,7 +67,7 @@ def train_command(
     """Train a model (the default command: `mner-train --data ...` means `mner-train train --data ...`).
 
     Multi-GPU: `torchrun --nproc_per_node 4 -m mner.trainer.cli --data ...` (see docs/training.md)."""
-    from mner.trainer.train import train
+    from mner.trainer.core.train import train
 
     flags = {"text_encoder": text_encoder, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
              "encoder_lr": encoder_lr, "head_lr": head_lr, "crf_lr": crf_lr, "patience": patience, "seed": seed,
@@ -94,7 +94,7 @@ def evaluate_command(
         False, "--allow-missing-images", help="Score even when posts' images are absent from the cache."),
 ) -> None:
     """Score a trained run; writes <run>/eval/<split>-<datahash>[-cache<fingerprint>].json, .conll and .parquet."""
-    from mner.trainer.evaluate import evaluate_run
+    from mner.trainer.evaluation.evaluate import evaluate_run
 
     if split not in ("train", "dev", "test"):
         raise click.BadParameter(f"{split!r}; valid values: train, dev, test", param_hint="--split")
@@ -114,7 +114,7 @@ def predict_command(
 ) -> None:
     """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
     <out>.json beside the output names the cache used and any warning about it."""
-    from mner.trainer.evaluate import predict_run
+    from mner.trainer.evaluation.evaluate import predict_run
 
     predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images)
 
@@ -140,7 +140,7 @@ def sweep_command(
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N for every run. Example: --device cpu"),
 ) -> int:
     """Run a grid of models x presets x switches x seeds x datasets/protocols; done runs are skipped."""
-    from mner.trainer.sweep import sweep
+    from mner.trainer.experiments.sweep import sweep
 
     return sweep(grid, out=out, dry=dry_run, task=task, sets=set_, data=data, features=features,
                  datasets=datasets, seeds=seeds, device=device)
@@ -158,7 +158,7 @@ def report_command(
     bootstrap: int = typer.Option(1000, help="Bootstrap samples of the significance test. Example: --bootstrap 5000"),
 ) -> None:
     """Collect finished runs into results.{csv,parquet,md} (mean +/- std beside the papers) and PNG plots."""
-    from mner.trainer.report import report
+    from mner.trainer.experiments.report import report
 
     report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
 
@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point (``mner-train``); returns the exit status so tests can call it directly."""
     from mner.pipeline.cache import CacheError
     from mner.pipeline.data import DataFormatError
-    from mner.trainer.config import ConfigError
-    from mner.trainer.run_folder import RunFolderError
-    from mner.trainer.text_encoder import TextEncoderError
-    from mner.trainer.train import RunInterrupted
+    from mner.trainer.core.config import ConfigError
+    from mner.trainer.core.run_folder import RunFolderError
+    from mner.trainer.core.train import RunInterrupted
+    from mner.trainer.inputs.text_encoder import TextEncoderError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h"):

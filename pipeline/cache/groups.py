@@ -11,7 +11,7 @@ from dataclasses import replace
 from mner.pipeline.cache.specs import GROUNDING_MAX, GroupSpec, register_group
 from mner.pipeline.cache.specs import DatasetSpec as D
 
-# Prompt sets bundled with stage 1 (features/prompt_sets/*.json); any other name is a FILE.json set.
+# Prompt sets bundled with stage 1 (features/producers/prompt_sets/*.json); any other name is a FILE.json set.
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
 
 IMAGES = register_group(GroupSpec(

@@ -11,9 +11,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
-from mner.trainer.text_encoder import load_encoder
+from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 
 
 @register_model("bert_crf")

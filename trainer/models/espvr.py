@@ -1,7 +1,7 @@
 """ESPVR: Entity Spans Position Visual Regions (section 3), one file, top to bottom.
 
 - 3.2 feature extraction: BERT over ``[CLS] text [SEP] caption [SEP]`` (the collator appends the
-  cached caption, ``captions/text``, as the second segment; mner.trainer.segments) and the cached
+  cached caption, ``captions/text``, as the second segment; mner.trainer.inputs.segments) and the cached
   Swin grid ``encoders/swin/grid`` (12 x 12 regions b_1..b_144; b_0 = their mean, Swin's own pooled
   feature);
 - 3.3 the ESPVR module: a self-attention transformer over the text's states (T), the ESI span CRF
@@ -30,10 +30,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.inputs.segments import SecondSegment
+from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
-from mner.trainer.segments import SecondSegment
-from mner.trainer.text_encoder import load_encoder
+from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 
 CAPTIONS = "captions/text"
 IMAGE_OK = "images/ok"

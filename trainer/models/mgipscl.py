@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import register_model
-from mner.trainer.text_encoder import load_encoder
+from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 
 PIXELS = "grounding/pixels"
 CROP_MASK = "grounding/mask"

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.trainer.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.inputs.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from mner.trainer.models import default_parameter_groups, register_model
+from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 from mner.trainer.models.stage1 import Stage1Setting
-from mner.trainer.text_encoder import load_encoder, load_pretrained, load_tokenizer
 
 OBJECT_MASK = "objects/mask"
 IMAGE_OK = "images/ok"

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.trainer.layers import gather_first_pieces, init_linear
+from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
+from mner.trainer.models.layers import gather_first_pieces, init_linear
 from mner.trainer.models.stage1 import Stage1Setting
-from mner.trainer.text_encoder import load_encoder
 
 CLIP_IMAGE_EMBED = "encoders/clip/image_embed"
 IMAGE_OK = "images/ok"

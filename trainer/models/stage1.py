@@ -113,7 +113,7 @@ def check_cache_settings(model_name: str, settings: list[Stage1Setting], cache, 
     ``on_mismatch="error"`` raises ``ConfigError`` naming each one, the extract command that fixes
     them and the override; ``"warn"`` returns them (the trainer warns and records them in the run).
     """
-    from mner.trainer.config import ConfigError
+    from mner.trainer.core.config import ConfigError
 
     if on_mismatch not in ON_MISMATCH:
         raise ConfigError(f"--set stage1_mismatch={on_mismatch}: valid values: {', '.join(ON_MISMATCH)}")

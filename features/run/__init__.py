@@ -1,0 +1,1 @@
+"""The extraction run: which images, decoded where, chunked, resumed, sharded and assembled into one cache."""

@@ -1,0 +1,1 @@
+"""The training core: configuration, the run folder and its record, the engine and the training loop."""

@@ -1,0 +1,297 @@
+"""The training engine: Hugging Face ``accelerate`` for device placement, autocast, DDP and gradient
+accumulation; checkpoints written by mner itself so that every state a resumed run needs is explicit.
+
+One process on a CPU or one GPU; ``torchrun --nproc_per_node N -m mner.trainer.cli ...`` (or
+``accelerate launch``) starts N processes that train one DDP model (NCCL on GPUs, gloo on CPUs).
+Every process decodes the full dev set with identical weights, so early stopping agrees without
+communication; only process 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+import resource
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mner.trainer.core.config import ConfigError
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Test-only: the process SIGKILLs itself at this global training step (1-based); see tests/test_resume.py.
+KILL_AT_STEP_ENV = "MNER_TEST_SIGKILL_AT_STEP"
+
+
+def resolve_precision(precision: str, *, on_cuda: bool) -> str:
+    """``auto`` -> bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU; impossible requests are errors."""
+    if precision == "auto":
+        if not on_cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not on_cuda:
+        raise ConfigError("--precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); "
+                          "use bf16 or fp32 on CPU")
+    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+    return precision
+
+
+def check_device_and_precision(device: str, precision: str) -> str:
+    """The precision a run will use, checked against the device before anything is loaded."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+    return resolve_precision(precision, on_cuda=device != "cpu" and torch.cuda.is_available())
+
+
+def distributed_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": random.getstate(), "numpy": numpy_state,
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cpu_copy(tree, buffers: dict | None = None, path: tuple = ()):
+    """Tensors of a (nested) state dict copied to CPU memory, so later steps cannot change them.
+
+    ``buffers`` keeps the copies between calls and refills them in place: allocating and first
+    touching a few hundred MB each epoch costs more than copying them."""
+    if isinstance(tree, torch.Tensor):
+        tensor = tree.detach()
+        buffer = None if buffers is None else buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = tensor.to("cpu", copy=True)
+            if buffers is not None:
+                buffers[path] = buffer
+            return buffer
+        return buffer.copy_(tensor)
+    if isinstance(tree, dict):
+        return {key: cpu_copy(value, buffers, (*path, key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(value, buffers, (*path, i)) for i, value in enumerate(tree))
+    return copy.deepcopy(tree)
+
+
+def split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
+    """An optimiser state dict as (flat tensors for safetensors, everything else)."""
+    tensors, rest_state = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{name}"] = value.contiguous()
+            else:
+                rest_state.setdefault(index, {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": rest_state,
+                     "indices": list(state_dict["state"])}
+
+
+def join_optimizer_state(tensors: dict, rest: dict) -> dict:
+    state = {index: dict(rest["state"].get(index, {})) for index in rest["indices"]}
+    for key, value in tensors.items():
+        index, name = key.split("/", 1)
+        state[int(index) if index.lstrip("-").isdigit() else index][name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+class BackgroundWriter:
+    """One checkpoint write at a time in a thread, overlapping the next epoch; ``wait`` re-raises its error."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as err:
+            self._error = err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="mner-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class Engine:
+    """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
+
+    def __init__(self, *, device: str, precision: str, grad_accum: int):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
+        distributed = distributed_world_size() > 1
+        if not distributed:
+            AcceleratorState._reset_state(reset_partial_state=True)  # one process may train several runs
+            if device.startswith("cuda:"):
+                torch.cuda.set_device(int(device.split(":")[1]))
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        self.precision = resolve_precision(precision, on_cuda=not cpu)
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=MIXED_PRECISION[self.precision], gradient_accumulation_steps=grad_accum,
+            # ablation switches leave some parameters unused in forward; DDP must not wait for their gradients
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.grad_accum = grad_accum
+        self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
+        self._kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
+        self.writer = BackgroundWriter()
+        self._buffers: dict = {}  # CPU copies reused by every snapshot
+
+    # ------------------------------------------------------------------ facts about the processes
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def device_name(self) -> str:
+        """The device as safetensors spells it (``cpu``, not the ``cpu:0`` of multi-process CPU runs)."""
+        return "cpu" if self.device.type == "cpu" else str(self.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def prepare(self, model, optimizer, loader):
+        """Moves the model, wraps it in DDP when there are several processes, shards the loader and makes
+        its batches arrive on the device; the scheduler stays outside (stepped once per optimiser step)."""
+        return self.accelerator.prepare(model, optimizer, loader)
+
+    def optimizer_steps_per_epoch(self, loader) -> int:
+        return -(-len(loader) // self.grad_accum)
+
+    def peak_memory_mb(self) -> dict:
+        peak = {"process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        if self.device.type == "cuda":
+            peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return peak
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, model, loader, optimizer, scheduler, *, max_grad_norm: float, desc: str,
+                    on_step: Callable[[int], None] | None = None) -> float:
+        """One pass over ``loader``; returns the mean training loss over all processes."""
+        accelerator = self.accelerator
+        model.train()
+        loss_sum, steps = 0.0, 0
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
+        for batch in bar:
+            self.global_step += 1
+            if self._kill_at and self.global_step == self._kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if on_step is not None:
+                on_step(self.global_step)
+            with accelerator.accumulate(model):
+                loss = model(batch)["loss"]
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+            steps += 1
+            bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
+        mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)
+        return float(accelerator.reduce(mean, "mean")) if self.world_size > 1 else float(mean)
+
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self, model, optimizer, scheduler) -> dict | None:
+        """A CPU copy of everything a checkpoint holds (process 0; None elsewhere), taken between two
+        steps so that writing it can overlap the next epoch. RNG states come from every process."""
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([rng_state()]) if self.world_size > 1 else [rng_state()]
+        if not self.is_main:
+            return None
+        self.writer.wait()  # the previous write has finished with the buffers
+        snapshot = {"model": cpu_copy(self.unwrap(model).state_dict(), self._buffers, ("model",)),
+                    "optimizer": cpu_copy(optimizer.state_dict(), self._buffers, ("optimizer",)),
+                    "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": rngs}
+        if self.accelerator.scaler is not None:
+            snapshot["scaler"] = copy.deepcopy(self.accelerator.scaler.state_dict())
+        return snapshot
+
+    @staticmethod
+    def write_snapshot(snapshot: dict, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(snapshot["model"], str(folder / "model.safetensors"))
+        # optimiser moments through safetensors (5x less CPU than torch.save's zip), the rest as a small pickle
+        tensors, rest = split_optimizer_state(snapshot["optimizer"])
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        torch.save(rest, folder / "optimizer.pt")
+        torch.save(snapshot["scheduler"], folder / "scheduler.pt")
+        if "scaler" in snapshot:
+            torch.save(snapshot["scaler"], folder / "scaler.pt")
+        for rank, state in enumerate(snapshot["rng"]):
+            torch.save(state, folder / f"rng-{rank}.pt")
+
+    def load_checkpoint(self, folder: Path, model, optimizer, scheduler) -> None:
+        from safetensors.torch import load_file
+
+        self.unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors"), device=self.device_name))
+        tensors = load_file(str(folder / "optimizer.safetensors"), device=self.device_name)
+        optimizer.load_state_dict(join_optimizer_state(tensors, torch.load(folder / "optimizer.pt", weights_only=True)))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
+            self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        rng_file = folder / f"rng-{self.accelerator.process_index}.pt"
+        if not rng_file.is_file():
+            raise ConfigError(f"{folder} has no RNG state for process {self.accelerator.process_index}: "
+                              "resume with as many processes as the run was started with")
+        set_rng_state(torch.load(rng_file, weights_only=True))
+
+    def end(self) -> None:
+        self.writer.wait()
+        with contextlib.suppress(Exception):
+            self.accelerator.end_training()

@@ -1,0 +1,659 @@
+"""The stage-2 training run: ``train(...) -> run directory``.
+
+Options are checked, the data, labels, text encoder and feature cache are read, and the model runs
+once on the longest post of every split, all before the run folder is created (see
+:mod:`mner.trainer.core.run_folder` for its layout, :mod:`mner.trainer.core.engine` for the loop's engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mner.pipeline.data import Dataset, Post, load_dataset
+from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
+from mner.trainer.core.engine import Engine, check_device_and_precision
+from mner.trainer.core.labels import (
+    build_labels,
+    check_case_conflicts,
+    describe_unseen,
+    parse_label_types,
+    unseen_types,
+)
+from mner.trainer.core.run_folder import (
+    STATE_FILE,
+    check_out,
+    checkpoint_staging,
+    commit_checkpoint,
+    invocation_record,
+    latest_checkpoint,
+    link_or_copy,
+    options_for_resume,
+    remove_checkpoints,
+    require_finished,
+    resume_differences,
+    write_json_atomic,
+    write_marker,
+)
+from mner.trainer.core.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.evaluation.evaluate import entity_scores, format_scores, write_conll, write_parquet
+from mner.trainer.inputs.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
+from mner.trainer.inputs.segments import second_segment_for
+from mner.trainer.inputs.text_encoder import (
+    load_encoder_config,
+    load_tokenizer,
+    position_limit,
+    resolve_text_encoder,
+    save_encoder_skeleton,
+    weights_fingerprint,
+)
+from mner.trainer.models import check_parameter_groups, default_parameter_groups, get_model_class
+from mner.trainer.models.stage1 import (
+    check_cache_settings,
+    extract_command,
+    missing_features_message,
+    model_stage1_settings,
+)
+
+SPLITS = ("train", "dev", "test")
+
+
+def log(message: str) -> None:
+    """Progress and warnings on stderr, from the first process only when several train together."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(message, file=sys.stderr)
+
+
+def warn_loudly(message: str) -> None:
+    bar = "!" * 78
+    log(f"{bar}\nWARNING: {message}\n{bar}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"--device {name!r}: valid values: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Decoding batches (training batches arrive on the device through the engine's prepared loader)."""
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_posts(
+    data: str | Path | None, features: str | Path | None, *, require_tags: bool = True
+) -> tuple[Dataset, dict]:
+    """Posts from ``--data`` or, when only ``--features`` is given, from the posts stored in the cache."""
+    if data is not None:
+        dataset = load_dataset(data, require_tags=require_tags)
+        return dataset, {"source": "data", "path": str(Path(data).resolve())}
+    if features is not None:
+        from mner.pipeline.cache import FeatureCache
+
+        dataset = FeatureCache(features).load_posts()
+        return dataset, {"source": "features", "path": str(Path(features).resolve())}
+    raise ConfigError("no data: pass --data DIR (split files) or --features CACHE.h5 (posts stored in the cache)")
+
+
+def cache_summary(cache) -> dict:
+    """Short provenance of every feature group: enough to tell which weights made the features."""
+    from mner.pipeline.cache import CacheError
+
+    summary = {}
+    for group in sorted(cache.groups()):
+        try:
+            provenance = cache.provenance(group)
+        except CacheError:  # a group without provenance is reported, not fatal
+            provenance = {}
+        summary[group] = {k: provenance.get(k) for k in ("component", "model", "pretrained", "created")}
+    return summary
+
+
+class VisualInputs:
+    """The cache, the model's FeatureSpec and the VisualBatcher for a model that needs features."""
+
+    def __init__(
+        self, features: str | Path, required: list[str], model_name: str, *,
+        max_objects: int | None = None, use_placeholders: bool = False, stage1_settings: list | None = None,
+    ):
+        from mner.pipeline.cache import FeatureCache
+        from mner.trainer.inputs.visual import VisualBatcher  # lazy: text-only runs never touch it
+
+        self.path = str(Path(features).resolve())
+        self.cache = FeatureCache(features)
+        missing = [path for path in required if not self.cache.has(path)]
+        if missing:
+            from mner.pipeline.cache import MissingFeaturesError
+
+            raise MissingFeaturesError(missing_features_message(model_name, self.cache, missing, stage1_settings or []))
+        self.required = list(required)
+        self.spec = self.cache.feature_spec(required)
+        # read and pad only the objects the model attends to (its top-m), not every cached detection
+        self.batcher = VisualBatcher(
+            self.cache, required, max_objects=max_objects, use_placeholders=use_placeholders
+        )
+        self.random_init = sorted(self.cache.random_init_groups())
+
+    def image_rows(self, posts: Sequence[Post]) -> tuple[list[int | None], int]:
+        rows: list[int | None] = []
+        missing = 0
+        for post in posts:
+            row = None
+            if post.image_id is not None:
+                try:
+                    row = self.cache.row_of(post.image_id)
+                except KeyError:
+                    row = None
+                missing += row is None
+            rows.append(row)
+        return rows, missing
+
+
+def open_visual_inputs(
+    features, model_cls, model_config, model_name: str, *, use_placeholders: bool = False
+) -> VisualInputs | None:
+    required = list(model_cls.required_features(model_config))
+    if not required:
+        return None
+    settings = model_stage1_settings(model_cls, model_config)  # the paper's stage-1 settings
+    if features is None:
+        from mner.pipeline.cache import extract_command_hint
+
+        raise ConfigError(
+            f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
+            f"--features CACHE.h5. Build one with: {extract_command(extract_command_hint(required), settings)}"
+        )
+    max_objects = getattr(model_config, "max_objects", None)
+    return VisualInputs(
+        features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders,
+        stage1_settings=settings,
+    )
+
+
+def build_model(model_cls, model_config, *, labels, text_encoder: str, tokenizer, visual: VisualInputs | None):
+    return model_cls(
+        model_config, labels=labels, text_encoder=resolve_text_encoder(text_encoder), tokenizer=tokenizer,
+        features=visual.spec if visual is not None else None,
+    )
+
+
+def make_post_dataset(posts, tokenizer, *, label_to_id, max_length, visual, split, repair=False) -> PostDataset:
+    image_rows = None
+    if visual is not None:
+        image_rows, missing = visual.image_rows(posts)
+        if missing:
+            log(f"{split}: {missing} posts name an image the cache does not hold; their visual input is zeros")
+    dataset = PostDataset(
+        posts, tokenizer, label_to_id=label_to_id, max_length=max_length, image_rows=image_rows, repair=repair
+    )
+    message = dataset.report.message(f"{split} posts")
+    if message:
+        log(f"WARNING {split}: {message}")
+    return dataset
+
+
+def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, shuffle: bool, num_workers: int,
+                seed: int = 0, group_by_length: bool = False) -> DataLoader:
+    """Training loaders draw batches from a sampler whose order depends only on (seed, epoch), so a
+    resumed run replays exactly the batches an uninterrupted one would have seen."""
+    if shuffle:
+        lengths = [len(a.input_ids) for a in dataset.aligned]
+        sampler_cls = LengthGroupedBatchSampler if group_by_length else ShuffledBatchSampler
+        return DataLoader(dataset, batch_sampler=sampler_cls(lengths, batch_size, seed=seed),
+                          collate_fn=collator, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+@torch.no_grad()
+def predict_tags(model, dataset: PostDataset, collator: Collator, *, labels: list[str], device: torch.device,
+                 batch_size: int, num_workers: int = 0, desc: str = "decode", autocast=None) -> list[list[str]]:
+    """One tag per word of every post; words the model cannot see (word_mask False) are ``O``.
+    ``autocast`` is the training precision's context factory (None: full precision)."""
+    model.eval()
+    loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    predictions: list[list[str]] = []
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for batch in bar:
+        word_mask = batch["word_mask"]
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            paths = model.decode(to_device(batch, device))
+        for row, path in enumerate(paths):
+            n_words = len(dataset.posts[len(predictions)].tokens)
+            kept = word_mask[row, :n_words].tolist()
+            if sum(kept) != len(path):
+                raise RuntimeError(f"model decoded {len(path)} tags for a post with {sum(kept)} kept words")
+            tags = iter(labels[i] for i in path)
+            predictions.append([next(tags) if keep else "O" for keep in kept])
+    return predictions
+
+
+def score_split(posts: Sequence[Post], predictions: list[list[str]]) -> dict:
+    return entity_scores([list(p.tags) for p in posts], predictions)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The model's own groups (``parameter_groups``), checked to hold every trainable parameter once."""
+    if hasattr(model, "parameter_groups"):
+        groups = model.parameter_groups(config)
+    else:
+        groups = default_parameter_groups(model, config)
+    check_parameter_groups(model, groups)
+    return groups
+
+
+# ----------------------------------------------------------------------------- checks before epoch 1
+
+
+def longest_post(dataset: PostDataset) -> int:
+    return max(range(len(dataset)), key=lambda i: (len(dataset.aligned[i].input_ids), len(dataset.posts[i].tokens)))
+
+
+def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collator, *, label_to_id: dict[str, int],
+                        device: torch.device, autocast) -> None:
+    """One forward in train mode and one decode in eval mode on the longest post of every split, so a
+    shape problem surfaces in seconds instead of after the last epoch. Random state is left untouched."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for split, dataset in datasets.items():
+            index = longest_post(dataset)
+            post = dataset.posts[index]
+            item = dict(dataset[index])
+            item["labels"] = [label_to_id.get(tag, 0) for tag in post.tags] if post.tags is not None else None
+            batch = to_device(collator([item]), device)
+            try:
+                with autocast():
+                    net.train()
+                    if item["labels"] is not None:
+                        net(batch)
+                    net.eval()
+                    (path,) = net.decode(batch)
+            except (RuntimeError, ValueError, IndexError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(
+                    f"{split}: the model fails on the split's longest post ({post.source}, {len(post.tokens)} words, "
+                    f"{len(item['input_ids'])} pieces): {first[:200]}; lower --max-length or check the model options"
+                ) from None
+            finally:
+                net.train()
+            if len(path) != sum(item["word_mask"]):
+                raise ConfigError(f"{split}: the model decoded {len(path)} tags for {post.source}, which has "
+                                  f"{sum(item['word_mask'])} visible words: a model bug, not an option")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during training; the message says how to resume."""
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """Everything the loop itself carries from epoch to epoch (saved in every checkpoint)."""
+
+    epoch: int = 0  # epochs finished
+    history: list = dataclasses.field(default_factory=list)
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    epochs_without_gain: int = 0
+    stopped_early: bool = False
+    resumes: list = dataclasses.field(default_factory=list)  # when and at which epoch the run was resumed
+
+
+def train(
+    *,
+    out: str | Path,
+    model: str | None = None,
+    data: str | Path | None = None,
+    features: str | Path | None = None,
+    preset: str | None = None,
+    sets: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    labels: str | list[str] | None = None,
+    allow_missing_images: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> Path:
+    """Train one model and return its finished run directory.
+
+    ``flags`` holds explicit command-line values for TrainConfig fields (None = not given); they
+    override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
+    unfinished run in ``out`` with its stored options; options given again must agree with them.
+    """
+    started = time.time()
+    out = Path(out)
+    given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
+                              labels=labels, allow_missing_images=allow_missing_images)
+    mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
+    invocation = options_for_resume(out, given) if mode == "resume" else given
+    model = invocation["model"] = invocation["model"] or "bert_crf"
+    model_cls = get_model_class(model)
+    model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
+                                           flags=invocation["flags"])
+    extra_types = parse_label_types(invocation["labels"])
+    check_device_and_precision(config.device, config.precision)
+    if invocation["allow_missing_images"]:
+        config.max_missing_images = 1.0
+
+    # ---- data and labels (from the training split only)
+    dataset, data_info = load_posts(invocation["data"], invocation["features"])
+    for split in ("train", "dev"):
+        if not dataset.splits.get(split):
+            raise ConfigError(f"{data_info['path']}: no {split} posts; training needs train and dev splits")
+    check_case_conflicts(dataset.splits, extra_types)
+    train_posts = dataset.splits["train"]
+    label_list = build_labels(train_posts, extra_types)
+    label_to_id = {label: i for i, label in enumerate(label_list)}
+    unseen = {split: found for split in ("dev", "test") if dataset.splits.get(split)
+              if (found := unseen_types(dataset.splits[split], label_list))}
+
+    # ---- the text encoder: reachable, and max_length within its positions; model options in range
+    tokenizer = load_tokenizer(config.text_encoder)
+    encoder_config = load_encoder_config(config.text_encoder)
+    limit = position_limit(config.text_encoder, tokenizer)
+    if config.max_length > limit:
+        raise ConfigError(f"--max-length {config.max_length}: the text encoder {config.text_encoder} has "
+                          f"{limit} positions; pass --max-length {limit} or less")
+    validate_model_config(model_cls, model_config, text_width=getattr(encoder_config, "hidden_size", None))
+
+    # ---- the feature cache: fingerprints and per-split coverage, refused when too many images are absent
+    visual = open_visual_inputs(invocation["features"], model_cls, model_config, model,
+                                use_placeholders=config.use_placeholder_features)
+    stage1_mismatches = []
+    if visual is not None:  # the cache must come from the stage-1 settings the model's paper assumes
+        stage1_mismatches = check_cache_settings(model, model_stage1_settings(model_cls, model_config), visual.cache,
+                                                 on_mismatch=config.stage1_mismatch)
+        if stage1_mismatches:
+            warn_loudly("stage-1 settings differ from the model's paper (--set stage1_mismatch=warn):\n  "
+                        + "\n  ".join(stage1_mismatches))
+    cache_info = None
+    if invocation["features"] is not None:
+        from mner.pipeline.cache import FeatureCache
+
+        cache = visual.cache if visual is not None else FeatureCache(invocation["features"])
+        cache_info = cache_record(cache, {s: p for s, p in dataset.splits.items() if s in SPLITS})
+        cache_info["required"] = visual.required if visual is not None else []
+        cache_info["provenance"] = cache_summary(cache)
+        cache_info["stage1_mismatches"] = stage1_mismatches
+        if visual is not None:
+            check_coverage(cache_info["coverage"], cache_path=cache_info["path"], max_share=config.max_missing_images,
+                           what="or raise the share with --max-missing-images")
+    if visual is not None and visual.random_init:
+        warn_loudly(
+            f"the feature cache {visual.path} holds features from RANDOMLY INITIALISED weights "
+            f"({', '.join(visual.random_init)}): fine for smoke tests, meaningless for results"
+        )
+
+    if config.train_fraction < 1.0:  # low-resource: nested subsets per seed (10% inside 20% ...)
+        from mner.trainer.experiments.protocols import train_subset
+
+        train_posts = [train_posts[i] for i in train_subset(len(train_posts), config.train_fraction, config.seed)]
+    common = {"tokenizer": tokenizer, "max_length": config.max_length, "visual": visual}
+    train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=label_to_id, **common)
+    log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
+    eval_sets = {split: make_post_dataset(dataset.splits[split], split=split, label_to_id=None, **common)
+                 for split in ("dev", "test") if dataset.splits.get(split)}
+    for split, found in unseen.items():
+        warn_loudly(describe_unseen(split, found))
+    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
+                        visual_batcher=visual.batcher if visual is not None else None,
+                        second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
+
+    # ---- the engine, the model, the checks on the longest posts
+    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+    seed_everything(config.seed)
+    try:
+        net = build_model(model_cls, model_config, labels=label_list, text_encoder=config.text_encoder,
+                          tokenizer=tokenizer, visual=visual)
+    except ValueError as err:
+        raise ConfigError(f"model {model}: {err}") from None
+    net.to(engine.device)
+    if config.fast_ablation:  # not the papers' protocol: frozen encoder, outputs computed once
+        from mner.trainer.core.fast_text import use_cached_text_encoder
+
+        use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=engine.device,
+                                batch_size=config.eval_batch_size)
+    check_longest_posts(net, {"train": train_set, **eval_sets}, collator, label_to_id=label_to_id,
+                        device=engine.device, autocast=engine.autocast)
+    train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
+                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
+    sampler = train_loader.batch_sampler
+    optimizer = torch.optim.AdamW(parameter_groups(net, config))
+    net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
+    from transformers import get_linear_schedule_with_warmup
+
+    total_steps = max(1, engine.optimizer_steps_per_epoch(train_loader) * config.epochs)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+
+    run_config = {
+        "model": model, "preset": invocation["preset"], "sets": invocation["sets"],
+        "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
+        "labels": label_list, "label_map": label_to_id,
+        "text_encoder": {"name": config.text_encoder, "path": resolve_text_encoder(config.text_encoder),
+                         "positions": limit},
+        "data": {**data_info, "hash": dataset.data_hash, "files": dataset.files, "notes": dataset.notes},
+        "features": cache_info, "invocation": invocation,
+    }
+
+    # ---- the run folder: a fresh one, or the unfinished one resumed from its last checkpoint
+    state = TrainerState()
+    if mode == "resume":
+        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        differ = resume_differences(stored, run_config)
+        if differ:
+            raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(differ)}; resume with "
+                              "the run's own options (`mner-train --out RUN --resume` is enough) or start a new run")
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            log(f"{out}: no epoch had finished; starting it from epoch 1")
+        else:
+            engine.load_checkpoint(checkpoint, net, optimizer, scheduler)
+            state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
+            engine.global_step = state.epoch * len(train_loader)
+            log(f"resuming {out} after epoch {state.epoch} of {config.epochs} (best dev F1 "
+                f"{100 * state.best_f1:.2f} at epoch {state.best_epoch})")
+        state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    elif engine.is_main:
+        if out.exists():
+            shutil.rmtree(out)  # check_out allowed it: --overwrite of a marked mner run
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, status="unfinished", epochs=config.epochs, epochs_done=0)
+        write_json_atomic(out / "config.json", run_config)
+        write_json_atomic(out / "labels.json", {"labels": label_list})
+        save_encoder_skeleton(config.text_encoder, tokenizer, out / "text_encoder")
+    engine.wait()
+
+    record = {
+        "software": software_versions(), "seed": config.seed, "device": str(engine.device),
+        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(train_loader),
+        "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
+        "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
+    }
+    log(f"training {model} on {len(train_set)} posts, {len(train_loader)} steps/epoch, device {engine.device}, "
+        f"{engine.precision}, {engine.world_size} process(es)")
+    try:
+        run_epochs(engine, state, net, optimizer, scheduler, train_loader, sampler, config=config, out=out,
+                   eval_set=eval_sets["dev"], collator=collator, labels=label_list)
+    except KeyboardInterrupt:
+        engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
+        raise RunInterrupted(
+            f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
+            f"mner-train --out {out} --resume"
+        ) from None
+
+    # ---- the best epoch's weights on dev and test
+    from safetensors.torch import load_file
+
+    engine.writer.wait()
+    engine.wait()
+    final = latest_checkpoint(out)
+    engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
+    engine.wait()  # every process has read the best weights before process 0 moves them
+    metrics: dict[str, Any] = {
+        "model": model, "preset": invocation["preset"], "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+        "stopped_early": state.stopped_early, "data_hash": dataset.data_hash, "data_source": data_info,
+        "orphan_i": dataset.orphan_i, "repaired_train_tags": train_set.repaired, "labels": label_list,
+        "unseen_types": unseen,
+    }
+    for split, eval_set in eval_sets.items():
+        pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=label_list, device=engine.device,
+                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
+                            autocast=engine.autocast)
+        scores = score_split(eval_set.posts, pred)
+        metrics[split] = scores
+        if engine.is_main:
+            write_conll(out / "predictions" / f"{split}.conll", eval_set.posts, pred)
+            write_parquet(out / "predictions" / f"{split}.parquet", eval_set.posts, pred)
+        log(format_scores(scores, f"{split} (best epoch {state.best_epoch})"))
+    metrics["alignment"] = {
+        split: {"words": ds.report.words, "zero_piece": ds.report.zero_piece, "truncated": ds.report.truncated}
+        for split, ds in [("train", train_set), *eval_sets.items()]
+    }
+    if cache_info is not None:
+        metrics["cache"] = {k: cache_info[k] for k in ("path", "fingerprint", "groups")}
+        metrics["image_coverage"] = cache_info["coverage"]
+    if visual is not None:
+        metrics["random_init_features"] = visual.random_init
+        metrics["stage1_mismatches"] = stage1_mismatches
+    metrics["history"] = state.history
+    metrics["run"] = {**record, "resumes": state.resumes, "epoch_seconds": [h["seconds"] for h in state.history],
+                      "seconds_this_process": round(time.time() - started, 1), "peak_memory": engine.peak_memory_mb()}
+    if engine.is_main:
+        os.replace(final / "best_model.safetensors", out / "model.safetensors")
+        os.chmod(out / "model.safetensors", 0o644)
+        write_json_atomic(out / "metrics.json", metrics)
+        remove_checkpoints(out)
+        write_marker(out, status="finished", epochs=config.epochs, epochs_done=state.epoch)
+        log(f"run written to {out}")
+    engine.wait()
+    engine.end()
+    return out
+
+
+def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epochs: int) -> None:
+    """Stage, complete and swap in one epoch's checkpoint (runs in the engine's background writer).
+    The best-so-far weights are this epoch's model when it improved, else the previous checkpoint's
+    best (hard links: no rewrite); the trainer state goes last and marks the checkpoint complete."""
+    previous = latest_checkpoint(out)
+    staging = checkpoint_staging(out)
+    Engine.write_snapshot(snapshot, staging)
+    best = staging / "best_model.safetensors"
+    link_or_copy(staging / "model.safetensors" if improved or previous is None
+                 else previous / "best_model.safetensors", best)
+    write_json_atomic(staging / STATE_FILE, state)
+    commit_checkpoint(out)
+    write_marker(out, status="unfinished", epochs=epochs, epochs_done=state["epoch"])
+
+
+def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
+               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str]) -> None:
+    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop."""
+    epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
+                     disable=not engine.is_main)
+    for epoch in epoch_bar:
+        if state.stopped_early:
+            break
+        epoch_start, cpu_start = time.time(), time.process_time()
+        sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                                  desc=f"epoch {epoch}")
+        train_seconds = time.time() - epoch_start
+        dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
+                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
+                                autocast=engine.autocast)
+        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+        improved = dev_f1 > state.best_f1
+        if improved:
+            state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
+        else:
+            state.epochs_without_gain += 1
+        state.epoch = epoch
+        state.stopped_early = bool(config.patience and state.epochs_without_gain >= config.patience)
+        eval_seconds = time.time() - epoch_start - train_seconds
+
+        checkpoint_start = time.time()
+        state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
+                              "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
+                              "cpu_seconds": None})
+        snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
+        if engine.is_main:
+            engine.writer.submit(functools.partial(
+                write_checkpoint, out, snapshot, copy.deepcopy(dataclasses.asdict(state)), improved, config.epochs))
+        state.history[-1].update(checkpoint_seconds=round(time.time() - checkpoint_start, 2),
+                                 seconds=round(time.time() - epoch_start, 2),
+                                 cpu_seconds=round(time.process_time() - cpu_start, 2))  # all threads
+        epoch_bar.set_postfix(loss=f"{loss:.3f}", dev_f1=f"{100 * dev_f1:.2f}",
+                              best=f"{100 * state.best_f1:.2f}@{state.best_epoch}")
+        log(f"epoch {epoch}: loss {loss:.4f}  dev F1 {100 * dev_f1:.2f}{'  (best)' if improved else ''}  "
+            f"{time.time() - epoch_start:.0f}s")
+        if state.stopped_early:
+            log(f"early stop: no better dev F1 for {config.patience} epochs")
+    epoch_bar.close()
+
+
+# ----------------------------------------------------------------------------- finished runs
+
+
+def load_run(run_dir: str | Path, *, features: str | Path | None = None, device: str = "auto"):
+    """Rebuild a trained model from its finished run directory: (model, run config, tokenizer, visual
+    inputs, device). The encoder is built from the run's own ``text_encoder/`` skeleton, so the run
+    keeps working after the original encoder folder moved or without network."""
+    from safetensors.torch import load_model
+
+    run_dir = Path(run_dir)
+    require_finished(run_dir)
+    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    model_cls = get_model_class(run_config["model"])
+    model_config = model_cls.Config(**run_config["model_config"])
+    use_placeholders = run_config.get("train_config", {}).get("use_placeholder_features", False)
+    visual = open_visual_inputs(
+        features, model_cls, model_config, run_config["model"], use_placeholders=use_placeholders
+    )
+    skeleton = run_dir / "text_encoder"
+    encoder = str(skeleton) if skeleton.is_dir() else run_config["text_encoder"]["name"]
+    tokenizer = load_tokenizer(encoder)
+    torch_device = resolve_device(device)
+    net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
+                      tokenizer=tokenizer, visual=visual)
+    load_model(net, str(run_dir / "model.safetensors"), device="cpu")
+    return net.to(torch_device), run_config, tokenizer, visual, torch_device

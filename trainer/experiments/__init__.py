@@ -1,0 +1,1 @@
+"""Experiments over many runs: grids, sweeps, the papers' protocols, reports and significance tests."""

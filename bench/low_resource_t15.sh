@@ -14,8 +14,7 @@ CACHE=${4:-cache/t15-placeholder.h5}
 TASKS=${5:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 [ -f "$CACHE" ] || mner-features extract --data "$DATA" --no-images --out "$CACHE" \
-    --random-init --missing-image placeholder --detector maskrcnn --detector-min-size 320 \
-    --score-threshold 0 --top-k 4 --encoder clip --encoder resnet152 --prompts vcrmner --no-progress
+    --random-init --missing-image placeholder --for vcrmner --detector-min-size 320 --no-progress
 seed_flags=()
 for seed in $SEEDS; do seed_flags+=(--seed "$seed"); done
 for ((task = 0; task < TASKS; task++)); do

@@ -33,10 +33,19 @@ def extract(
     no_images: bool = typer.Option(False, "--no-images", help="build the cache over the id list without any "
                                    "picture (every image missing; recorded in provenance)"),
     out: str = typer.Option("cache/features.h5", help="cache file; existing groups are kept, missing ones added"),
-    detector: str = typer.Option("maskrcnn", help="maskrcnn | fasterrcnn | detectron2 (| maskrcnn-test | "
-                                 "fasterrcnn-test: tiny random test variants)"),
-    encoder: list[str] = typer.Option(["clip"], "--encoder", help="repeatable: clip | resnet152 | swin "
-                                      "(| clip-test | resnet152-test | swin-test: few-layer random test variants)"),
+    for_models: list[str] = typer.Option([], "--for", help="repeatable: build what these models' paper preset "
+                                         "and ablation rows read (vcrmner | pmner | promptmner | mgipscl | espvr "
+                                         "| all), in one pass; the plan is printed first"),
+    tiny: bool = typer.Option(False, "--tiny", help="with --for: every detector and encoder by its tiny random "
+                              "test variant (implies --random-init; each records the model it stands for)"),
+    override_paper: bool = typer.Option(False, "--override-paper", help="with --for: keep flags that contradict "
+                                        "a paper's setting (recorded in the groups' provenance)"),
+    detector: list[str] = typer.Option([], "--detector", help="repeatable: maskrcnn | fasterrcnn | detectron2 (| "
+                                       "maskrcnn-test | fasterrcnn-test: tiny random test variants); each is one "
+                                       "objects/<name> instance (default: the cache's, else maskrcnn)"),
+    encoder: list[str] | None = typer.Option(None, "--encoder", help="repeatable: clip | resnet152 | swin "
+                                             "(| clip-test | resnet152-test | swin-test: few-layer random test "
+                                             "variants); default clip (none with --for)"),
     prompts: list[str] = typer.Option([], "--prompts", help="repeatable prompt set: vcrmner | vcrmner_words | "
                                       "promptmner_task | promptmner_kb | promptmner_expert | FILE.json"),
     grounding: str | None = typer.Option(
@@ -72,13 +81,16 @@ def extract(
     batch_size: int = typer.Option(32, help="images/crops per encoder forward"),
     num_workers: int | None = typer.Option(None, help="DataLoader worker processes decoding and resizing "
                                               "images (default: all cores but one, at most 8; 0: main process)"),
-    top_k: int = typer.Option(10, help="objects kept per image (P-MNER: 5)"),
-    score_threshold: float = typer.Option(0.5, help="detector score cut (P-MNER: 0.95; 0 with --random-init)"),
+    top_k: int | None = typer.Option(None, help="objects kept per image (default 10: P-MNER reads its first 5)"),
+    score_threshold: float | None = typer.Option(None, help="detector score cut (default 0.5, 0 with --random-init; "
+                                                 "P-MNER cuts its 0.95 when reading)"),
     detector_min_size: int = typer.Option(800, help="detector input shorter side (torchvision default 800)"),
     detector_weights: str | None = typer.Option(None, help="local detector state dict (sha256 recorded)"),
     detectron2_config: str = typer.Option("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
                                           help="detectron2 model-zoo config (with --detector detectron2)"),
-    clip_model: str = typer.Option("ViT-B-32", help="open_clip architecture name"),
+    clip_model: list[str] = typer.Option([], "--clip-model", help="repeatable open_clip architecture: each is one "
+                                         "encoders/clip/<name> instance (default: the cache's, else ViT-B-32; "
+                                         "<arch>-test: a tiny random CLIP standing for <arch>)"),
     clip_pretrained: str = typer.Option("openai", help="open_clip pretrained tag or local checkpoint file"),
     resnet_weights: str | None = typer.Option(None, help="local torchvision resnet152 state dict"),
     swin_model: str = typer.Option("microsoft/swin-large-patch4-window12-384", help="hub name or local folder"),
@@ -115,10 +127,12 @@ def extract(
 
     try:
         opts = ExtractOptions(
-            data=data, images=images, out=out, detector=detector, encoders=list(encoder), prompts=list(prompts),
+            data=data, images=images, out=out, detector=list(detector), prompts=list(prompts),
+            encoders=list(encoder) if encoder else None, for_models=list(for_models), tiny=tiny,
+            override_paper=override_paper,
             random_init=random_init, device=device, batch_size=batch_size, num_workers=num_workers, top_k=top_k,
             score_threshold=score_threshold, detector_min_size=detector_min_size, detector_weights=detector_weights,
-            detectron2_config=detectron2_config, clip_model=clip_model, clip_pretrained=clip_pretrained,
+            detectron2_config=detectron2_config, clip_model=list(clip_model), clip_pretrained=clip_pretrained,
             resnet_weights=resnet_weights, swin_model=swin_model, crop_max_side=crop_max_side,
             crop_quality=crop_quality, max_image_side=max_image_side, missing_image=missing_image,
             chunk_size=chunk_size, shard=parse_shard(shard) if shard else None, overwrite=overwrite,
@@ -189,9 +203,10 @@ def _check_names(opts) -> None:
     from mner.features.producers.encoders import ENCODERS
     from mner.features.producers.prompts import load_prompt_set
 
-    if opts.detector not in DETECTORS:
-        raise ValueError(f"--detector {opts.detector!r}; valid: {', '.join(sorted(DETECTORS))}")
-    for name in opts.encoders:
+    for name in opts.detectors:
+        if name not in DETECTORS:
+            raise ValueError(f"--detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
+    for name in opts.encoders or []:
         if name not in ENCODERS:
             raise ValueError(f"--encoder {name!r}; valid: {', '.join(sorted(ENCODERS))}")
     for name in opts.prompts:

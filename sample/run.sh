@@ -11,17 +11,17 @@ python -m pip install -q -e ".[dev,sample]"
 
 python sample/make_images.py --out sample/images
 
-# Stage 1: vision models run once. --random-init builds the real architectures without weights
-# (nothing to download); random detectors score everything alike, hence --score-threshold 0.
+# Stage 1: vision models run once, for every paper (--for all: each paper's detector and CLIP model,
+# ResNet-152, Swin-L, grounding crops and captions; the plan is printed first). --random-init builds the
+# real architectures without weights (nothing to download) at a small detector input size; random
+# detectors score everything alike, so the score threshold drops to 0 (recorded in provenance).
 mner-features extract --data sample/twitter_sample --images sample/images --out cache/sample.h5 \
-    --random-init --detector fasterrcnn --detector-min-size 224 --score-threshold 0 --top-k 3 \
-    --encoder clip --prompts vcrmner
+    --for all --random-init --detector-min-size 224 --top-k 5
 mner-features info cache/sample.h5
 
 # Stage 2: the cache holds the posts too, so --features is all the trainer needs.
 mner-train --features cache/sample.h5 --model vcrmner --text-encoder minilm-l6 \
     --epochs 12 --batch-size 8 --encoder-lr 5e-5 --head-lr 1e-3 --crf-lr 1e-2 --patience 0 \
-    --seed 1 --out runs/sample-vcrmner --overwrite \
-    --set stage1_mismatch=warn  # random-init fasterrcnn + ViT-B-32, not the paper's Mask R-CNN + ViT-B/16 (recorded in the run)
+    --seed 1 --out runs/sample-vcrmner --overwrite
 mner-train evaluate runs/sample-vcrmner --split test
 echo "done: metrics in runs/sample-vcrmner/metrics.json, test predictions in runs/sample-vcrmner/predictions/"

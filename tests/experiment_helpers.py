@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
-
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "twitter_sample"
 NAMES = {"PER": ["john", "smith"], "LOC": ["paris", "london"], "ORG": ["apple", "google"]}
 FILLER = ["the", "a", "in", "at", "of", "to", "and", "is", "rt", "with", "new", "city", "visit", "love"]
@@ -36,29 +34,20 @@ def sample_image_ids(folder: Path = SAMPLE) -> list[str]:
                    if line.startswith("IMGID:")})
 
 
+VCRMNER_GROUPS = ("objects/maskrcnn-test", "crops/maskrcnn-test/clip/ViT-B-16-test",
+                  "crops/maskrcnn-test/prompts/ViT-B-16-test/vcrmner")  # tiny variants of the paper's models
+
+
 def write_random_cache(path: Path, image_ids: list[str], *, clip_width: int = 16, objects: int = 2,
                        placeholder_every: int = 0) -> Path:
-    """A cache with what vcrmner reads (objects, CLIP crop embeddings, prompt weights), from random
-    'weights' (provenance pretrained=random, so the trainer and the report flag it)."""
-    from mner.pipeline.cache import CacheWriter, make_provenance
+    """A cache with what vcrmner's paper preset reads (objects, CLIP crop embeddings, prompt weights), from
+    the specs alone (``tiny.py``): tiny instances standing for Mask R-CNN and CLIP ViT-B-16, random values
+    (provenance pretrained=random, so the trainer and the report flag it)."""
+    from mner.pipeline.cache.tiny import write_tiny_cache
 
     ids = sorted(image_ids)
     status = ["placeholder" if placeholder_every and i % placeholder_every == 0 else "ok" for i in range(len(ids))]
-    rng = np.random.default_rng(0)
-    offsets = np.arange(len(ids) + 1, dtype=np.int64) * objects
-    count = int(offsets[-1])
-    provenance = make_provenance("test", model="tiny", pretrained="random", preprocessing={}, thresholds={},
-                                 image_ids=ids)
-    with CacheWriter(path, overwrite=True, partial=True) as writer:  # only what vcrmner reads
-        writer.write_images(ids, status)
-        writer.write_group("objects", {"offsets": (offsets, "offsets"),
-                                       "scores": (np.ones(count, np.float32), "object")}, provenance)
-        writer.write_group("encoders/clip", {
-            "crop_embed": (rng.normal(size=(count, clip_width)).astype(np.float32), "object"),
-            "image_embed": (rng.normal(size=(len(ids), clip_width)).astype(np.float32), "image"),
-        }, provenance)
-        writer.write_group("prompts/vcrmner", {
-            "crop_weights": (np.full((count, 4), 0.25, np.float32), "object"),
-            "centroids": (np.ones((4, clip_width), np.float32), "global"),
-        }, provenance)
+    stands_for = {"detector": "maskrcnn", "clip_model": "ViT-B-16"}
+    write_tiny_cache(path, list(VCRMNER_GROUPS), image_ids=ids, status=status, dims={"D": clip_width, "C": 4},
+                     counts=[objects] * len(ids), provenance={g: {"stands_for": stands_for} for g in VCRMNER_GROUPS})
     return path

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_info_imports_no_torch_and_describes(tmp_path):
     path = tmp_path / "c.h5"
-    write_tiny_cache(path, ["encoders/clip"], status=["ok", "ok", "missing", "ok", "placeholder", "ok"])
+    write_tiny_cache(path, ["encoders/clip/tiny"], status=["ok", "ok", "missing", "ok", "placeholder", "ok"])
     code = (
         "import sys; from mner.features.cli import main; code = main(['info', sys.argv[1]]); "
         "print('torch imported:', 'torch' in sys.modules); sys.exit(code)"
@@ -37,7 +37,8 @@ def test_info_imports_no_torch_and_describes(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "torch imported: False" in run.stdout
     assert "images: 6 (ok 4, missing 1, unreadable 0, placeholder 1)" in run.stdout
-    assert "/encoders/clip   fingerprint" in run.stdout and "matches its spec" in run.stdout
+    assert "/encoders/clip/tiny   fingerprint" in run.stdout and "matches its spec" in run.stdout
+    assert "instance clip_model=tiny; made by tiny" in run.stdout  # each instance with what made it
 
 
 def test_info_exits_nonzero_on_files_that_are_not_mner_caches(tmp_path, capsys):
@@ -67,7 +68,7 @@ def test_merge_refuses_an_incomplete_shard_set(tmp_path, capsys):
         merge_caches([paths[0], other, paths[2]], out)
     assert main(["merge", str(paths[0]), str(paths[2]), "--out", str(out), "--allow-partial"]) == 0
     merged = FeatureCache(out)
-    assert merged.provenance("encoders/clip")["merge"]["missing"] and "PARTIAL" in describe(out)
+    assert merged.provenance("encoders/clip/ViT-B-32")["merge"]["missing"] and "PARTIAL" in describe(out)
     assert main(["merge", *map(str, paths), "--out", str(tmp_path / "full.h5")]) == 0  # the complete set
 
 
@@ -88,9 +89,12 @@ def test_hints_name_only_options_that_mner_features_extract_has():
     flags = {flag for param in extract.params for flag in param.opts}
     for group in all_groups():
         if group.option:
-            assert group.option.split()[0] in flags, f"{group.name}: {group.option} is no extract option"
-    hint = extract_command_hint(["prompts/my_file/crop_weights", "encoders/swin/grid", "objects/offsets"])
-    assert "--prompts my_file" in hint and "--encoder swin" in hint and "--detector maskrcnn" in hint
+            for flag in (word for word in group.option.split() if word.startswith("--")):
+                assert flag in flags, f"{group.name}: {group.option} is no extract option"
+    hint = extract_command_hint(["crops/maskrcnn/prompts/RN50/my_file/crop_weights", "encoders/swin/swin-test/grid",
+                                 "objects/maskrcnn/offsets"])
+    assert "--prompts my_file" in hint and "--encoder swin --swin-model swin-test" in hint
+    assert hint.count("--detector maskrcnn") == 1 and "--clip-model RN50" in hint
     # the groups of issue 10 name their own flags (which the loop above checked exist)
     assert "--grounding owlv2" in extract_command_hint(["grounding/pixels"])
     assert "--grounding-clip" in extract_command_hint(["encoders/clip_grounding/states"])

@@ -19,7 +19,7 @@ import sys
 from mner.pipeline.cache import CacheWriter
 from mner.pipeline.cache.tiny import tiny_group
 with CacheWriter(sys.argv[1]) as writer:
-    tiny_group(writer, "encoders/swin")
+    tiny_group(writer, "encoders/swin/tiny")
     print(writer.temp_path, flush=True)
     sys.stdin.readline()  # hold the lock until the test says go
 """
@@ -27,7 +27,7 @@ with CacheWriter(sys.argv[1]) as writer:
 
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     path = tmp_path / "c.h5"
-    write_tiny_cache(path, ["objects"])
+    write_tiny_cache(path, ["objects/tiny"])
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -35,7 +35,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
         temp = holder.stdout.readline().strip()
         assert temp.endswith(f".tmp-{socket.gethostname()}-{holder.pid}")  # temp names carry host and pid
         with pytest.raises(CacheLockedError) as error, CacheWriter(path) as writer:
-            tiny_group(writer, "encoders/resnet152")
+            tiny_group(writer, "encoders/resnet/tiny")
         message = str(error.value)
         assert f"pid {holder.pid}" in message and socket.gethostname() in message and "started 20" in message
         assert os.path.exists(temp)  # the refused writer touched nothing of the holder's
@@ -43,8 +43,8 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
         holder.communicate("go\n", timeout=60)
     assert holder.returncode == 0
     with CacheWriter(path) as writer:  # the lock is free again; both groups survive
-        tiny_group(writer, "encoders/resnet152")
-    assert {"encoders/swin", "encoders/resnet152"} <= set(FeatureCache(path).groups())
+        tiny_group(writer, "encoders/resnet/tiny")
+    assert {"encoders/swin/tiny", "encoders/resnet/tiny"} <= set(FeatureCache(path).groups())
     assert not os.path.exists(f"{path}.lock")
 
 
@@ -87,6 +87,6 @@ def test_heartbeat_and_reentry(tmp_path):
         first = os.stat(lock.path).st_mtime
         time.sleep(0.3)
         assert os.stat(lock.path).st_mtime > first  # refreshed while the holder runs
-        write_tiny_cache(path, ["encoders/swin"])  # the extraction loop's CacheWriter reuses its lock
+        write_tiny_cache(path, ["encoders/swin/tiny"])  # the extraction loop's CacheWriter reuses its lock
         assert os.path.exists(lock.path)
     assert not os.path.exists(lock.path)

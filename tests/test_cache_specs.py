@@ -117,22 +117,22 @@ def test_grounding_and_text_rows_beside_objects(tmp_path, grounding_spec):
     """A second ragged per-image set (<= 3 rows) and per-image text, next to the objects."""
     path = tmp_path / "g.h5"
     written = write_tiny_cache(
-        path, ["encoders/clip", "test_grounding"], num_images=5, status=["ok", "ok", "ok", "missing", "ok"]
+        path, ["crops/tiny/clip/tiny", "test_grounding"], num_images=5, status=["ok", "ok", "ok", "missing", "ok"]
     )
     cache = FeatureCache(path)
     assert cache.index_of("test_grounding/embed") == "test_grounding/offsets"
-    assert cache.index_of("encoders/clip/crop_embed") == "objects/offsets"
+    assert cache.index_of("crops/tiny/clip/tiny/crop_embed") == "objects/tiny/offsets"
     assert cache.rows_kind("test_grounding/caption") == "text"
     assert cache.read("test_grounding/caption", 2) == written["test_grounding"]["caption"][2]
     paths = [
-        "encoders/clip/crop_embed",
+        "crops/tiny/clip/tiny/crop_embed",
         "test_grounding/embed",
         "test_grounding/crop_jpeg",
         "test_grounding/caption",
     ]
     visual = VisualBatcher(cache, paths, max_objects=2)([0, 1, 2, 4])
     check_batch(cache, "test_grounding", written["test_grounding"], visual, [0, 1, 2, 4])
-    assert visual["objects/mask"].shape[1] <= 2 and visual["test_grounding/mask"].shape[1] == 3
+    assert visual["objects/tiny/mask"].shape[1] <= 2 and visual["test_grounding/mask"].shape[1] == 3
     missing = VisualBatcher(cache, paths)([3, None])
     assert missing["test_grounding/caption"] == ["", ""] and not missing["test_grounding/mask"].any()
     # token ids when a tokenizer is given
@@ -172,24 +172,22 @@ def _provenance(ids, **extra):
 
 def test_writer_validates_against_the_spec(tmp_path):
     path = tmp_path / "v.h5"
-    write_tiny_cache(path, ["objects"], num_images=4)
+    write_tiny_cache(path, ["objects/tiny"], num_images=4)
     ids = FeatureCache(path).image_ids
-    objects = int(FeatureCache(path).read("objects/offsets", 3)[1])
-    good = {"image_embed": np.zeros((4, 8)), "crop_embed": np.zeros((objects, 8))}
+    objects = int(FeatureCache(path).read("objects/tiny/offsets", 3)[1])
+    good = {"image_embed": np.zeros((4, 8)), "patch_tokens": np.zeros((4, 2, 3))}
+    crops = {"crop_embed": np.zeros((objects, 8))}
     cases = [
         ("encoders/nope", good, {}, "no feature group 'encoders/nope' is declared"),
-        ("encoders/clip", {**good, "extra": np.zeros((4, 2))}, {}, "declares no dataset 'extra'"),
-        ("encoders/clip", {**good, "image_embed": (np.zeros((4, 8)), "object")}, {}, "declared rows 'image'"),
-        ("encoders/clip", {**good, "crop_embed": np.zeros((objects, 9))}, {}, "dim D is 9 here but 8"),
-        ("encoders/clip", {"image_embed": np.zeros((4, 8))}, {}, "crop_embed is required"),
-        ("encoders/clip", {**good, "image_embed": np.full((4, 8), 1e6)}, {}, "beyond float16 range"),
-        ("encoders/clip", good, None, "attrs \\['logit_scale'\\]"),
-        (
-            "encoders/resnet152",
-            {"grid": np.zeros((4, 2, 2)), "crop_pooled": np.zeros((objects, 2))},
-            {},
-            "does not match the declared",
-        ),
+        ("encoders/clip/m", {**good, "extra": np.zeros((4, 2))}, {}, "declares no dataset 'extra'"),
+        ("encoders/clip/m", {**good, "image_embed": (np.zeros((4, 8)), "object")}, {}, "declared rows 'image'"),
+        ("crops/tiny/clip/m", {"crop_embed": np.zeros((objects + 1, 8))}, {}, f"the cache has {objects} object rows"),
+        ("crops/nodetector/clip/m", crops, {}, "need objects/nodetector/offsets; write that group first"),
+        ("encoders/clip/m", {"patch_tokens": np.zeros((4, 2, 3))}, {}, "image_embed is required"),
+        ("encoders/clip/m", {**good, "image_embed": np.full((4, 8), 1e6)}, {}, "beyond float16 range"),
+        ("encoders/clip/m", good, None, "attrs \\['logit_scale'\\]"),
+        ("encoders/clip/a/b", good, {}, "no feature group 'encoders/clip/a/b' is declared"),
+        ("encoders/resnet/m", {"grid": np.zeros((4, 2, 2))}, {}, "does not match the declared"),
     ]
     for name, datasets, attrs, message in cases:
         with CacheWriter(path) as writer, pytest.raises(CacheError, match=message):
@@ -198,7 +196,7 @@ def test_writer_validates_against_the_spec(tmp_path):
             )
     with CacheWriter(path) as writer, pytest.raises(CacheError, match="provenance lacks \\['encoder'\\]"):
         writer.write_group(
-            "encoders/clip",
+            "encoders/clip/m",
             good,
             make_provenance(
                 "encoder", model="m", pretrained="random", preprocessing={}, thresholds={}, image_ids=ids
@@ -207,21 +205,24 @@ def test_writer_validates_against_the_spec(tmp_path):
         )
     with (  # a valid write, streamed in two chunks
         CacheWriter(path) as writer,
-        writer.group("encoders/clip", _provenance(ids), {"logit_scale": 1.0}) as group,
+        writer.group("encoders/clip/m", _provenance(ids), {"logit_scale": 1.0}) as group,
     ):
-        group.append({"image_embed": np.ones((2, 8)), "crop_embed": np.ones((objects, 8))})
+        group.append({"image_embed": np.ones((2, 8))})
         group.append({"image_embed": np.ones((2, 8)) * 2})
+    with CacheWriter(path) as writer:  # a second instance beside it: crops of the tiny detector
+        writer.write_group("crops/tiny/clip/m", crops, _provenance(ids))
     cache = FeatureCache(path)
-    assert cache.read("encoders/clip/image_embed", 3)[0] == 2 and cache.has("encoders/clip/crop_embed")
+    assert cache.read("encoders/clip/m/image_embed", 3)[0] == 2 and cache.has("crops/tiny/clip/m/crop_embed")
+    assert cache.index_of("crops/tiny/clip/m/crop_embed") == "objects/tiny/offsets"
 
 
 def test_fingerprints_stored_per_group_and_for_the_cache(tmp_path):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    write_tiny_cache(a, ["objects", "encoders/clip"])
-    write_tiny_cache(b, ["objects", "encoders/clip"])
+    write_tiny_cache(a, ["objects/tiny", "encoders/clip/tiny"])
+    write_tiny_cache(b, ["objects/tiny", "encoders/clip/tiny"])
     cache_a, cache_b = FeatureCache(a), FeatureCache(b)
     prints = cache_a.group_fingerprints()
-    assert set(prints) == {"images", "objects", "encoders/clip"} and all(
+    assert set(prints) == {"images", "objects/tiny", "encoders/clip/tiny"} and all(
         len(v) == 64 for v in prints.values()
     )
     assert (
@@ -230,20 +231,20 @@ def test_fingerprints_stored_per_group_and_for_the_cache(tmp_path):
     with h5py.File(a, "r") as handle:  # the stored value is the checksum of the stored bytes
         assert all(group_fingerprint(handle[g]) == v for g, v in prints.items())
     with CacheWriter(b) as writer:  # adding a group keeps the others' fingerprints, changes the cache's
-        tiny_group(writer, "encoders/swin")
+        tiny_group(writer, "encoders/swin/tiny")
     after = FeatureCache(b)
     assert {
         g: after.group_fingerprints()[g] for g in prints
     } == prints and after.fingerprint != cache_a.fingerprint
     with h5py.File(b, "r+") as handle:  # one changed value changes the group's checksum
-        handle["encoders/clip/image_embed"][0, 0] += 1
-        assert group_fingerprint(handle["encoders/clip"]) != prints["encoders/clip"]
+        handle["encoders/clip/tiny/image_embed"][0, 0] += 1
+        assert group_fingerprint(handle["encoders/clip/tiny"]) != prints["encoders/clip/tiny"]
 
 
 def test_image_coverage_counts_every_cause(tmp_path):
     path = tmp_path / "c.h5"
     write_tiny_cache(
-        path, ["encoders/swin"], num_images=4, status=["ok", "missing", "placeholder", "unreadable"]
+        path, ["encoders/swin/tiny"], num_images=4, status=["ok", "missing", "placeholder", "unreadable"]
     )
     coverage = FeatureCache(path).image_coverage(
         ["img000", "img000", "img001", "img002", "img003", "other", None, ""]
@@ -261,17 +262,17 @@ def test_image_coverage_counts_every_cause(tmp_path):
 
 def test_groups_written_around_the_group_writer_are_checked_and_fingerprinted_on_exit(tmp_path):
     path = tmp_path / "d.h5"
-    write_tiny_cache(path, ["objects"], num_images=3)
+    write_tiny_cache(path, ["objects/tiny"], num_images=3)
     with (
-        pytest.raises(CacheError, match="encoders/swin does not match its spec: grid: dtype float64"),
+        pytest.raises(CacheError, match="encoders/swin/m does not match its spec: grid: dtype float64"),
         CacheWriter(path) as writer,
     ):
-        group = writer.file.create_group("encoders/swin")
+        group = writer.file.create_group("encoders/swin/m")
         group.create_dataset("grid", data=np.zeros((3, 2, 2, 4)))
         group["grid"].attrs["rows"] = "image"
         group.attrs["provenance"] = "{}"
     with CacheWriter(path) as writer:
-        group = writer.file.create_group("encoders/swin")
+        group = writer.file.create_group("encoders/swin/m")
         group.create_dataset("grid", data=np.zeros((3, 2, 2, 4), np.float16))
         group["grid"].attrs["rows"] = "image"
         group.attrs["provenance"] = "{}"
@@ -279,7 +280,7 @@ def test_groups_written_around_the_group_writer_are_checked_and_fingerprinted_on
         writer.file["images/content_sha256"].attrs["rows"] = "image"
     cache = FeatureCache(path)
     with h5py.File(path, "r") as handle:
-        assert cache.group_fingerprints()["encoders/swin"] == group_fingerprint(handle["encoders/swin"])
+        assert cache.group_fingerprints()["encoders/swin/m"] == group_fingerprint(handle["encoders/swin/m"])
         assert cache.group_fingerprints()["images"] == group_fingerprint(
             handle["images"]
         )  # includes content_sha256

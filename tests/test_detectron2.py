@@ -123,6 +123,6 @@ def test_extract_with_detectron2(tmp_path):
         == 0
     )
     cache = FeatureCache(out)
-    assert cache.provenance("objects")["model"] == f"detectron2/{MASK_RCNN}"
-    assert cache.provenance("objects")["pretrained"] == "random"
-    assert cache.row_shape("encoders/clip-test/crop_embed") == (64,)
+    assert cache.provenance("objects/detectron2")["model"] == f"detectron2/{MASK_RCNN}"
+    assert cache.provenance("objects/detectron2")["pretrained"] == "random"
+    assert cache.row_shape("crops/detectron2/clip/clip-test/crop_embed") == (64,)

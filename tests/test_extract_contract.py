@@ -121,7 +121,7 @@ def test_no_images_is_explicit_and_recorded(corpus, capsys):
     assert "no-images-folder 4" in capsys.readouterr().out
     cache = FeatureCache(out)
     assert [STATUS_NAMES[s] for s in cache.status] == ["placeholder"] * 4
-    assert cache.provenance("objects")["images"] == "none (--no-images)"
+    assert cache.provenance("objects/fasterrcnn-test")["images"] == "none (--no-images)"
     assert run(data, root / "images", out, "--no-images") == 1  # both: which one is meant?
 
 
@@ -142,18 +142,39 @@ def test_summary_counts_bad_images_by_cause_and_max_share(corpus, capsys):
 # ---------------------------------------------------------------------------- consistency when a cache grows
 
 
-def test_prompts_need_the_clip_that_made_the_cache(corpus, capsys):
+def test_another_clip_model_adds_an_instance_and_prompts_follow_their_clip(corpus, capsys):
+    """Asking for another CLIP model than cached adds an instance (never a silent no-op) and keeps the first
+    byte for byte; a prompt set is embedded by the CLIP instance it names, with that instance's weights."""
     root, data, images = corpus
     out = root / "clip.h5"
     assert run(data, images, out, "--encoder", "clip") == 0
+    first = {group: datasets_of(out, group) for group in FeatureCache(out).groups()}
+    assert set(first) == {"objects/fasterrcnn-test", "encoders/clip/clip-test", "crops/fasterrcnn-test/clip/clip-test"}
     capsys.readouterr()
+    assert run(data, images, out, "--prompts", "vcrmner", "--clip-model", "RN50-test") == 0
+    printed = capsys.readouterr().out
+    assert "encoders/clip/RN50-test" in printed and "kept (in the cache)" in printed  # the plan, printed first
+    cache = FeatureCache(out)
+    assert {"encoders/clip/RN50-test", "prompts/RN50-test/vcrmner",
+            "crops/fasterrcnn-test/prompts/RN50-test/vcrmner"} <= set(cache.groups())
+    assert {group: datasets_of(out, group) for group in first} == first  # the first instance, byte for byte
+    assert cache.provenance("encoders/clip/RN50-test")["stands_for"] == {"clip_model": "RN50"}
+    # a group added to a random-weight instance without --random-init is refused before any compute
     before = out.read_bytes()
-    assert run(data, images, out, "--prompts", "vcrmner", "--clip-model", "ViT-S-32") == 1
+    argv = ["extract", "--data", str(data), "--images", str(images), "--out", str(out), "--no-progress",
+            "--encoder", "clip", "--clip-model", "ViT-S-32", "--detector", "fasterrcnn-test"]
+    assert run(data, images, out, "--encoder", "clip", "--clip-model", "ViT-S-32", "--top-k", "3") == 0
+    capsys.readouterr()
+    assert main([*argv, "--prompts", "vcrmner_words"]) == 1
     err = capsys.readouterr().err
-    assert "open_clip/ViT-S-32 (random)" in err and "use --clip-model clip-test --random-init" in err
-    assert out.read_bytes() == before and no_parts(root)
-    assert run(data, images, out, "--prompts", "vcrmner") == 0  # the matching model (TINY: clip-test)
-    assert FeatureCache(out).has("prompts/vcrmner/crop_weights")
+    assert "encoders/clip/ViT-S-32 features come from random weights" in err
+    assert "--clip-model ViT-S-32 --random-init" in err and no_parts(root)
+    assert out.read_bytes() != before  # (the ViT-S-32 run before it added that instance)
+
+
+def datasets_of(path, group) -> dict:
+    with h5py.File(path, "r") as handle:
+        return {key: value[()].tobytes() for key, value in handle[group].items() if isinstance(value, h5py.Dataset)}
 
 
 def test_image_fingerprints_refuse_a_grown_cache_over_changed_images(corpus, capsys):
@@ -172,7 +193,7 @@ def test_image_fingerprints_refuse_a_grown_cache_over_changed_images(corpus, cap
     assert run(data, images, out, "--encoder", "clip") == 2
     err = capsys.readouterr().err
     assert "changed 1: a" in err and "restored 1: d" in err and "newly missing 1: b" in err and "--overwrite" in err
-    assert "encoders/clip" not in FeatureCache(out).groups() and no_parts(root)
+    assert "encoders/clip/clip-test" not in FeatureCache(out).groups() and no_parts(root)
     assert run(data, images, out, "--encoder", "clip", "--encoder", "resnet152-test", "--overwrite") == 0
     assert [STATUS_NAMES[s] for s in FeatureCache(out).status] == ["ok", "placeholder", "ok", "ok"]
 
@@ -186,7 +207,7 @@ def test_provenance_command_is_absolute_and_test_variants_are_random(corpus, mon
     out = root / "prov.h5"
     assert main(["extract", "--data", "data", "--images", "images", "--out", "prov.h5", *TINY,
                  "--encoder", "clip"]) == 0
-    provenance = FeatureCache(out).provenance("encoders/clip")
+    provenance = FeatureCache(out).provenance("encoders/clip/clip-test")
     assert provenance["cwd"] == str(root)
     command = provenance["command"]
     assert command[0] == "mner-features" and str(data) in command and str(images) in command
@@ -194,7 +215,7 @@ def test_provenance_command_is_absolute_and_test_variants_are_random(corpus, mon
     argv = ["extract", "--data", str(data), "--images", str(images), "--out", str(out), "--no-progress",
             "--detector", "fasterrcnn-test", "--encoder", "resnet152-test"]  # no --random-init: random all the same
     assert main(argv) == 0
-    provenance = FeatureCache(out).provenance("encoders/resnet152-test")
+    provenance = FeatureCache(out).provenance("encoders/resnet/resnet152-test")
     assert provenance["pretrained"] == "random" and provenance["random_init"] is True
 
 
@@ -254,7 +275,7 @@ def test_assembly_streams_one_chunk_at_a_time(tmp_path, monkeypatch):
         crop_quality=95, progress=False)
     summary = extract_module.run_extraction(options)
     with h5py.File(tmp_path / "s.h5", "r") as handle:
-        crop_bytes = int(handle["objects/crop_jpeg"].shape[0])
+        crop_bytes = int(handle["objects/fasterrcnn-test/crop_jpeg"].shape[0])
     assert crop_bytes > 0.9 * os.path.getsize(tmp_path / "s.h5")  # objects only: the cache is mostly JPEG crops
     # the old assembly joined every crop in RAM (>= 2x the crop bytes); now one chunk (1/32) at a time, a few
     # copies of it (zip member, array, HDF5 write) plus a fixed ~0.5 MB (library metadata, h5py)

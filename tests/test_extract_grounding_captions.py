@@ -156,7 +156,7 @@ def test_user_files_resume_after_an_interrupted_run(corpus, base, tmp_path, monk
     reference = copy_of(base, "base.h5", tmp_path / "reference")
     assert run(corpus, reference, *user_flags(corpus)) == 0
     out = copy_of(base, "base.h5", tmp_path / "interrupted")
-    before = groups_bytes(out, "images", "objects")
+    before = groups_bytes(out, "images", "objects/fasterrcnn-test")
     calls = {"n": 0}
     original = FileGrounder.__call__
 
@@ -168,7 +168,8 @@ def test_user_files_resume_after_an_interrupted_run(corpus, base, tmp_path, monk
 
     monkeypatch.setattr(FileGrounder, "__call__", crash_on_second_chunk)
     assert run(corpus, out, *user_flags(corpus)) == 1
-    assert groups_bytes(out, "images", "objects") == before and "grounding" not in FeatureCache(out).groups()
+    assert groups_bytes(out, "images", "objects/fasterrcnn-test") == before
+    assert "grounding" not in FeatureCache(out).groups()
     assert any(Path(f"{out}.parts").rglob("*.npz"))
     calls["n"] = 10  # no more crashes; count the chunks the resumed run computes
     assert run(corpus, out, *user_flags(corpus)) == 0
@@ -198,9 +199,9 @@ def test_clip_states_added_later_equal_one_run(corpus, base, tmp_path):
     assert run(corpus, once, *user_flags(corpus)[:6], "--grounding-clip") == 0
     grown = copy_of(base, "base.h5", tmp_path / "grown")
     assert run(corpus, grown, *user_flags(corpus)[:6]) == 0
-    before = groups_bytes(grown, "grounding", "objects")
+    before = groups_bytes(grown, "grounding", "objects/fasterrcnn-test")
     assert run(corpus, grown, "--grounding-clip") == 0  # the crops come from the cache
-    assert groups_bytes(grown, "grounding", "objects") == before
+    assert groups_bytes(grown, "grounding", "objects/fasterrcnn-test") == before
     a, b = groups_bytes(grown, "encoders/clip_grounding"), groups_bytes(once, "encoders/clip_grounding")
     assert a.keys() == b.keys()
     key = "encoders/clip_grounding/states"
@@ -259,7 +260,7 @@ def test_zero_crops_and_detector_crops_through_the_batcher(corpus, base, tmp_pat
     assert run(corpus, detector, "--grounding", "detector") == 0
     cache = FeatureCache(detector)
     row = cache.row_of("100")
-    boxes, scores = cache.read("objects/boxes", row), cache.read("objects/scores", row)
+    boxes, scores = cache.read("objects/fasterrcnn-test/boxes", row), cache.read("objects/fasterrcnn-test/scores", row)
     np.testing.assert_allclose(cache.read("grounding/boxes", row), boxes[np.argsort(-scores, kind="stable")][:3],
                                atol=1e-3)
     assert cache.read("grounding/source", row).tolist() == [2] * len(boxes)

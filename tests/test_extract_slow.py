@@ -33,8 +33,9 @@ def write_images(folder: Path, ids: list[str]) -> None:
 
 def all_datasets(path) -> dict:
     with h5py.File(path, "r") as handle:
-        groups = [g for g in ("images", "posts", "objects") if g in handle]
-        groups += [f"{root}/{name}" for root in ("encoders", "prompts") if root in handle for name in handle[root]]
+        groups = [g for g in ("images", "posts") if g in handle]
+        handle.visititems(lambda name, obj: groups.append(name)
+                          if isinstance(obj, h5py.Group) and "provenance" in obj.attrs else None)
     return {group: datasets_of(path, group)[0] for group in groups}
 
 
@@ -76,29 +77,30 @@ def test_groups_added_later_keep_the_first_bytes(tmp_path):
     assert main([*common, "--detector", "maskrcnn-test", "--encoder", "clip", "--encoder", "resnet152-test",
                  "--prompts", "vcrmner"]) == 0
     with h5py.File(out, "r") as handle:
-        m = int(handle["objects/offsets"][-1])
+        m = int(handle["objects/maskrcnn-test/offsets"][-1])
         assert m == 6
-        assert handle["encoders/clip/image_embed"].shape[0] == 3
-        assert handle["encoders/clip/patch_tokens"].shape[:2] == (3, 49)  # the ViT-B-32 token layout
-        assert handle["encoders/resnet152-test/grid"].shape == (3, 7, 7, 2048)
-        assert handle["encoders/resnet152-test/grid"].dtype == np.float16
-        assert handle["encoders/resnet152-test/crop_pooled"].shape == (m, 2048)
-        assert handle["prompts/vcrmner/centroids"].shape[0] == 4
+        assert handle["encoders/clip/clip-test/image_embed"].shape[0] == 3
+        assert handle["encoders/clip/clip-test/patch_tokens"].shape[:2] == (3, 49)  # the ViT-B-32 token layout
+        assert handle["encoders/resnet/resnet152-test/grid"].shape == (3, 7, 7, 2048)
+        assert handle["encoders/resnet/resnet152-test/grid"].dtype == np.float16
+        assert handle["crops/maskrcnn-test/resnet/resnet152-test/crop_pooled"].shape == (m, 2048)
+        assert handle["prompts/clip-test/vcrmner/centroids"].shape[0] == 4
     before = all_datasets(out)
     tiny = ["--detector", "maskrcnn-test"]
     assert main([*common, *tiny, "--encoder", "swin-test", "--prompts", "promptmner_expert"]) == 0
     after = all_datasets(out)
     assert {g: after[g] for g in before} == before  # first groups byte-identical
     cache = FeatureCache(out)
-    assert cache.row_shape("encoders/swin-test/grid") == (12, 12, 256)
-    assert cache.provenance("encoders/swin-test")["pretrained"] == "random"
+    assert cache.row_shape("encoders/swin/swin-test/grid") == (12, 12, 256)
+    assert cache.provenance("encoders/swin/swin-test")["pretrained"] == "random"
     # an encoder added later reads the cached crops: same as computing it in the first run
     fresh = tmp_path / "fresh.h5"
     assert main([*common[:6], str(fresh), *common[7:], *tiny, "--encoder", "resnet152-test"]) == 0
     grow = tmp_path / "grow.h5"
     assert main([*common[:6], str(grow), *common[7:], *tiny, "--encoder", "clip"]) == 0
     assert main([*common[:6], str(grow), *common[7:], *tiny, "--encoder", "resnet152-test"]) == 0
-    assert all_datasets(grow)["encoders/resnet152-test"] == all_datasets(fresh)["encoders/resnet152-test"]
+    for group in ("encoders/resnet/resnet152-test", "crops/maskrcnn-test/resnet/resnet152-test"):
+        assert all_datasets(grow)[group] == all_datasets(fresh)[group]
 
 
 def _argv(data, images, out, *extra):

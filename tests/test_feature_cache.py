@@ -82,6 +82,13 @@ def provenance(component: str, model: str, ids: list[str], pretrained: str = "ra
                            extra=GROUP_FIELDS.get(component))
 
 
+OBJECTS, CLIP, CROPS = "objects/maskrcnn", "encoders/clip/ViT-B-32", "crops/maskrcnn/clip/ViT-B-32"
+PROMPTS, WEIGHTS = "prompts/ViT-B-32/vcrmner", "crops/maskrcnn/prompts/ViT-B-32/vcrmner"
+RESNET = "encoders/resnet/resnet152"
+GROUPS = ("objects/maskrcnn", "encoders/clip/ViT-B-32", "crops/maskrcnn/clip/ViT-B-32", "prompts/ViT-B-32/vcrmner",
+          "crops/maskrcnn/prompts/ViT-B-32/vcrmner")  # what write_cache writes by default
+
+
 def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects", "clip", "vcrmner"),
                 overwrite: bool = False, shard: tuple[int, int] = (0, 1)) -> None:
     record = shard_record(*shard, posts_ids)  # every group records which shard of the id list it is
@@ -98,7 +105,7 @@ def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects"
                             [r["width"] for r in records], [r["width"] // 2 for r in records])
         writer.write_posts(make_posts(posts_ids))
         if "objects" in groups:
-            writer.write_group("objects", {
+            writer.write_group("objects/maskrcnn", {
                 "offsets": (offsets, "offsets"),
                 "boxes": (stack("boxes", (0, 4)), "object"),
                 "scores": (stack("scores", (0,)), "object"),
@@ -106,25 +113,31 @@ def write_cache(path, ids: list[str], posts_ids: list[str], *, groups=("objects"
                 "crop_jpeg": ([c for r in records for c in r["crops"]], "object"),
             }, provenance("detector", "maskrcnn", ids, "torchvision:COCO_V1", shard=record))
         if "clip" in groups:
-            writer.write_group("encoders/clip", {
+            writer.write_group("encoders/clip/ViT-B-32", {
                 "image_embed": (np.stack([r["image_embed"] for r in records]), "image"),
                 "patch_tokens": (np.stack([r["patch_tokens"] for r in records]), "image"),
-                "crop_embed": (stack("crop_embed", (0, CLIP_DIM)), "object"),
             }, provenance("encoder", "ViT-B-32", ids, shard=record), attrs={"logit_scale": 100.0})
+            writer.write_group("crops/maskrcnn/clip/ViT-B-32", {
+                "crop_embed": (stack("crop_embed", (0, CLIP_DIM)), "object"),
+            }, provenance("encoder", "ViT-B-32", ids, shard=record))
         if "vcrmner" in groups:
             rng = np.random.default_rng(7)
-            writer.write_group("prompts/vcrmner", {
+            writer.write_group("prompts/ViT-B-32/vcrmner", {
                 "prompt_text": (PROMPT_TEXTS, "global"),
                 "prompt_category": (np.arange(PROMPTS, dtype=np.int16) % CATEGORIES, "global"),
                 "prompt_embed": (rng.standard_normal((PROMPTS, CLIP_DIM)), "global"),
                 "centroids": (rng.standard_normal((CATEGORIES, CLIP_DIM)), "global"),
-                "crop_weights": (stack("crop_weights", (0, CATEGORIES)), "object"),
                 "image_relevance": (np.stack([r["image_relevance"] for r in records]), "image"),
             }, provenance("prompts", "ViT-B-32", ids, shard=record),
                 attrs={"category_names": ["PER", "LOC", "ORG", "MISC"], "logit_scale": 100.0})
+            writer.write_group("crops/maskrcnn/prompts/ViT-B-32/vcrmner", {
+                "crop_weights": (stack("crop_weights", (0, CATEGORIES)), "object"),
+            }, provenance("prompts", "ViT-B-32", ids, shard=record))
         if "resnet" in groups:
-            writer.write_group("encoders/resnet152", {
+            writer.write_group("encoders/resnet/resnet152", {
                 "grid": (np.ones((len(ids), 2, 2, 16)), "image"),
+            }, provenance("encoder", "resnet152", ids, shard=record))
+            writer.write_group("crops/maskrcnn/resnet/resnet152", {
                 "crop_pooled": (np.ones((int(offsets[-1]), 16)), "object"),
             }, provenance("encoder", "resnet152", ids, shard=record))
 
@@ -159,7 +172,7 @@ def cache_path(tmp_path):
 def test_read_back_every_kind(cache_path):
     cache = FeatureCache(cache_path)
     assert cache.image_ids == IDS
-    assert set(cache.groups()) == {"objects", "encoders/clip", "prompts/vcrmner"}
+    assert set(cache.groups()) == set(GROUPS)
     counts = []
     for row, image_id in enumerate(IDS):
         record = image_record(image_id)
@@ -169,19 +182,19 @@ def test_read_back_every_kind(cache_path):
         assert cache.read("images/width", row) == record["width"]
         k = len(record["scores"])
         counts.append(k)
-        boxes = cache.read("objects/boxes", row)
+        boxes = cache.read(f"{OBJECTS}/boxes", row)
         assert boxes.shape == (k, 4) and boxes.dtype == np.float32
         np.testing.assert_array_equal(boxes, record["boxes"])
-        np.testing.assert_array_equal(cache.read("objects/class_ids", row), record["class_ids"])
-        assert cache.read("objects/crop_jpeg", row) == record["crops"]
-        crop_embed = cache.read("encoders/clip/crop_embed", row)
+        np.testing.assert_array_equal(cache.read(f"{OBJECTS}/class_ids", row), record["class_ids"])
+        assert cache.read(f"{OBJECTS}/crop_jpeg", row) == record["crops"]
+        crop_embed = cache.read(f"{CROPS}/crop_embed", row)
         assert crop_embed.shape == (k, CLIP_DIM) and crop_embed.dtype == np.float16
         np.testing.assert_allclose(crop_embed, record["crop_embed"], rtol=1e-3, atol=1e-3)
-        np.testing.assert_allclose(cache.read("encoders/clip/patch_tokens", row), record["patch_tokens"], atol=4e-3)
-        assert cache.read("prompts/vcrmner/crop_weights", row).shape == (k, CATEGORIES)
+        np.testing.assert_allclose(cache.read(f"{CLIP}/patch_tokens", row), record["patch_tokens"], atol=4e-3)
+        assert cache.read(f"{WEIGHTS}/crop_weights", row).shape == (k, CATEGORIES)
     assert 0 in counts and 3 in counts and set(cache.status.tolist()) == {0, 1, 2, 3}
-    assert cache.read_global("prompts/vcrmner/prompt_text") == PROMPT_TEXTS
-    assert cache.read_global("prompts/vcrmner/centroids").shape == (CATEGORIES, CLIP_DIM)
+    assert cache.read_global(f"{PROMPTS}/prompt_text") == PROMPT_TEXTS
+    assert cache.read_global(f"{PROMPTS}/centroids").shape == (CATEGORIES, CLIP_DIM)
     with pytest.raises(KeyError, match="not in"):
         cache.row_of("no-such-image")
 
@@ -189,15 +202,15 @@ def test_read_back_every_kind(cache_path):
 def test_offsets_consistent_and_in_memory_identical(cache_path):
     disk, memory = FeatureCache(cache_path), FeatureCache(cache_path, in_memory=True)
     with h5py.File(cache_path, "r") as handle:
-        offsets = handle["objects/offsets"][()]
+        offsets = handle[f"{OBJECTS}/offsets"][()]
         assert offsets[0] == 0 and (np.diff(offsets) >= 0).all() and offsets.shape == (len(IDS) + 1,)
         for key in ("boxes", "scores", "class_ids"):
-            assert handle[f"objects/{key}"].shape[0] == offsets[-1]
-        crop_offsets = handle["objects/crop_jpeg_offsets"][()]
-        assert crop_offsets.shape == (offsets[-1] + 1,) and crop_offsets[-1] == handle["objects/crop_jpeg"].shape[0]
-        assert handle["encoders/clip/crop_embed"].shape[0] == offsets[-1]
+            assert handle[f"{OBJECTS}/{key}"].shape[0] == offsets[-1]
+        crop_offsets = handle[f"{OBJECTS}/crop_jpeg_offsets"][()]
+        assert crop_offsets.shape == (offsets[-1] + 1,) and crop_offsets[-1] == handle[f"{OBJECTS}/crop_jpeg"].shape[0]
+        assert handle[f"{CROPS}/crop_embed"].shape[0] == offsets[-1]
     for row in range(len(IDS)):
-        for path in ("encoders/clip/crop_embed", "encoders/clip/image_embed", "prompts/vcrmner/crop_weights"):
+        for path in (f"{CROPS}/crop_embed", f"{CLIP}/image_embed", f"{WEIGHTS}/crop_weights"):
             np.testing.assert_array_equal(disk.read(path, row), memory.read(path, row))
 
 
@@ -213,11 +226,11 @@ def test_dtypes_no_vlen_and_provenance_everywhere(cache_path):
             assert string is None or string.length is not None, name  # fixed-length bytes only
             kinds = ("post", "token", "offsets", "flat") if name.startswith("posts/") else STORED_ROWS
             assert dataset.attrs["rows"] in kinds, name
-        for name in ("encoders/clip/image_embed", "encoders/clip/patch_tokens", "encoders/clip/crop_embed",
-                     "prompts/vcrmner/crop_weights", "prompts/vcrmner/image_relevance"):
+        for name in (f"{CLIP}/image_embed", f"{CLIP}/patch_tokens", f"{CROPS}/crop_embed",
+                     f"{WEIGHTS}/crop_weights", f"{PROMPTS}/image_relevance"):
             assert datasets[name].dtype == np.float16, name
-        assert datasets["objects/boxes"].dtype == np.float32 and datasets["images/ids"].dtype.kind == "S"
-        for group in ("objects", "encoders/clip", "prompts/vcrmner"):
+        assert datasets[f"{OBJECTS}/boxes"].dtype == np.float32 and datasets["images/ids"].dtype.kind == "S"
+        for group in GROUPS:
             prov = json.loads(handle[group].attrs["provenance"])
             for key in ("component", "model", "pretrained", "preprocessing", "thresholds", "versions",
                         "image_list_hash", "command", "created"):
@@ -226,13 +239,13 @@ def test_dtypes_no_vlen_and_provenance_everywhere(cache_path):
                                              "numpy", "mner"}
             assert prov["image_list_hash"] == hashlib.sha256("\n".join(IDS).encode()).hexdigest()
     cache = FeatureCache(cache_path)
-    assert set(cache.random_init_groups()) == {"encoders/clip", "prompts/vcrmner"}
-    spec = cache.feature_spec(["encoders/clip/patch_tokens", "objects/boxes", "prompts/vcrmner/centroids"])
-    assert spec.shapes["encoders/clip/patch_tokens"] == (PATCHES, CLIP_DIM)
-    assert spec.shapes["objects/boxes"] == (4,)
-    assert spec.globals["prompts/vcrmner/centroids"].shape == (CATEGORIES, CLIP_DIM)
-    assert spec.attrs["encoders/clip"]["logit_scale"] == 100.0
-    assert "images/status" not in spec.globals and "objects/boxes" not in spec.globals
+    assert set(cache.random_init_groups()) == set(GROUPS) - {"objects/maskrcnn"}
+    spec = cache.feature_spec([f"{CLIP}/patch_tokens", f"{OBJECTS}/boxes", f"{PROMPTS}/centroids"])
+    assert spec.shapes[f"{CLIP}/patch_tokens"] == (PATCHES, CLIP_DIM)
+    assert spec.shapes[f"{OBJECTS}/boxes"] == (4,)
+    assert spec.globals[f"{PROMPTS}/centroids"].shape == (CATEGORIES, CLIP_DIM)
+    assert spec.attrs["encoders/clip/ViT-B-32"]["logit_scale"] == 100.0
+    assert "images/status" not in spec.globals and f"{OBJECTS}/boxes" not in spec.globals
 
 
 def test_schema_version_refused(cache_path):
@@ -251,14 +264,15 @@ def test_missing_features_names_the_command(tmp_path):
     path = tmp_path / "objects-only.h5"
     write_cache(path, IDS[:5], IDS[:5], groups=("objects",))
     cache = FeatureCache(path)
-    cache.require(["objects/boxes"], model="vcrmner")  # present: no error
+    cache.require([f"{OBJECTS}/boxes"], model="vcrmner")  # present: no error
     with pytest.raises(MissingFeaturesError) as error:
-        cache.require(["objects/boxes", "encoders/clip/crop_embed", "prompts/vcrmner/crop_weights"], model="vcrmner")
+        cache.require([f"{OBJECTS}/boxes", f"{CROPS}/crop_embed", f"{WEIGHTS}/crop_weights"], model="vcrmner")
     message = str(error.value)
     assert "mner-features extract" in message and f"--out {path}" in message
-    assert "--encoder clip" in message and "--prompts vcrmner" in message and "--detector" not in message
+    assert "--encoder clip --clip-model ViT-B-32" in message and "--prompts vcrmner" in message
+    assert message.count("--detector maskrcnn") == 1  # crops belong to the detector instance (kept, not re-run)
     assert "--data data" in message  # the posts record where the data came from
-    hint = extract_command_hint(["objects/boxes", "encoders/resnet152/grid", "encoders/swin/grid"])
+    hint = extract_command_hint([f"{OBJECTS}/boxes", f"{RESNET}/grid", "encoders/swin/s/grid"])
     assert hint.startswith("mner-features extract --data ") and "--images " in hint
     assert "--detector maskrcnn" in hint and "--encoder resnet152" in hint and "--encoder swin" in hint
 
@@ -268,21 +282,20 @@ def test_adding_a_group_keeps_others_byte_identical(cache_path):
     write_cache(cache_path, IDS, IDS, groups=("resnet",))  # same ids and posts: images/posts kept as they are
     after = snapshot(cache_path)
     assert after["/"].pop("fingerprint") != before["/"].pop("fingerprint")  # the cache's contents changed
-    assert {k: v for k, v in after.items() if not k.startswith("encoders/resnet152")} == before
-    assert "encoders/resnet152/crop_pooled" in after
+    assert {k: v for k, v in after.items() if "resnet" not in k} == before
+    assert "crops/maskrcnn/resnet/resnet152/crop_pooled" in after
     with CacheWriter(cache_path) as writer:
-        assert writer.existing_groups() >= {"objects", "encoders/clip", "encoders/resnet152", "images", "posts"}
+        assert writer.existing_groups() >= {"objects/maskrcnn", "encoders/clip/ViT-B-32", RESNET, "images", "posts"}
         with pytest.raises(CacheError, match="exists"):
-            writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image")},
+            writer.write_group("encoders/clip/ViT-B-32", {"image_embed": (np.zeros((len(IDS), 2)), "image")},
                                provenance("encoder", "clip", IDS))
-        objects = int(writer.file["objects/offsets"][-1])
-        writer.write_group("encoders/clip", {"image_embed": (np.zeros((len(IDS), 2)), "image"),
-                                             "crop_embed": (np.zeros((objects, 2)), "object")},
-                           provenance("encoder", "clip", IDS), attrs={"logit_scale": 1.0}, overwrite=True)
+        objects = int(writer.file[f"{OBJECTS}/offsets"][-1])
+        writer.write_group("crops/maskrcnn/clip/ViT-B-32", {"crop_embed": (np.zeros((objects, 2)), "object")},
+                           provenance("encoder", "clip", IDS), overwrite=True)
     final = snapshot(cache_path)
-    assert FeatureCache(cache_path).row_shape("encoders/clip/image_embed") == (2,)
-    assert {k: v for k, v in final.items() if k.startswith("objects")} == {
-        k: v for k, v in before.items() if k.startswith("objects")}
+    assert FeatureCache(cache_path).row_shape(f"{CROPS}/crop_embed") == (2,)
+    assert {k: v for k, v in final.items() if k.startswith("objects/maskrcnn")} == {
+        k: v for k, v in before.items() if k.startswith("objects/maskrcnn")}
 
 
 def test_failing_writer_leaves_original_and_no_temp(cache_path):
@@ -291,14 +304,15 @@ def test_failing_writer_leaves_original_and_no_temp(cache_path):
     with open(stale, "wb") as handle:
         handle.write(b"junk")
     with pytest.raises(RuntimeError, match="boom"), CacheWriter(cache_path) as writer:
-        writer.write_group("encoders/swin", {"grid": (np.ones((len(IDS), 2, 2, 3)), "image")},
+        writer.write_group("encoders/swin/s", {"grid": (np.ones((len(IDS), 2, 2, 3)), "image")},
                            provenance("encoder", "swin", IDS))
         raise RuntimeError("boom")
     assert snapshot(cache_path) == before
     assert [p.name for p in cache_path.parent.iterdir()] == [cache_path.name]
     # a wrong row count is a clear error, file untouched
     with pytest.raises(CacheError, match="3 of 40 image rows"), CacheWriter(cache_path) as writer:
-        writer.write_group("encoders/swin", {"grid": (np.ones((3, 2, 2, 1)), "image")}, provenance("encoder", "s", IDS))
+        writer.write_group("encoders/swin/s", {"grid": (np.ones((3, 2, 2, 1)), "image")},
+                           provenance("encoder", "s", IDS))
     assert snapshot(cache_path) == before
     with pytest.raises(CacheError, match="sorted"), CacheWriter(cache_path, overwrite=True) as writer:
         writer.write_images(["b", "a"])
@@ -308,7 +322,7 @@ def test_failing_writer_leaves_original_and_no_temp(cache_path):
 class _Rows:
     """A map-style dataset over cache rows (what the trainer's visual batcher does)."""
 
-    PATHS = ("encoders/clip/patch_tokens", "encoders/clip/crop_embed", "objects/boxes")
+    PATHS = (f"{CLIP}/patch_tokens", f"{CROPS}/crop_embed", f"{OBJECTS}/boxes")
 
     def __init__(self, cache):
         self.cache = cache
@@ -356,7 +370,7 @@ def test_merge_equals_single_write(tmp_path, monkeypatch, shards, in_memory):
     merged = tmp_path / "merged.h5"
     merge_caches(paths, merged)
     want, got = snapshot(single), snapshot(merged)
-    for group in ("objects", "encoders/clip", "prompts/vcrmner"):
+    for group in GROUPS:
         want_prov, got_prov = want[group].pop("provenance"), got[group].pop("provenance")
         got_prov, want_prov = json.loads(got_prov), json.loads(want_prov)
         assert got_prov["image_list_hash"] == want_prov["image_list_hash"]
@@ -377,9 +391,9 @@ def test_merge_refusals(tmp_path):
     write_cache(paths["fewer"], b, IDS, groups=("objects", "clip"), shard=(1, 2))
     write_cache(paths["other_model"], b, IDS, shard=(1, 2))
     with h5py.File(paths["other_model"], "r+") as handle:
-        prov = json.loads(handle["encoders/clip"].attrs["provenance"])
+        prov = json.loads(handle["encoders/clip/ViT-B-32"].attrs["provenance"])
         prov["model"] = "ViT-L-14"
-        handle["encoders/clip"].attrs["provenance"] = json.dumps(prov)
+        handle["encoders/clip/ViT-B-32"].attrs["provenance"] = json.dumps(prov)
     out = tmp_path / "out.h5"
     with pytest.raises(CacheError, match="both"):
         merge_caches([paths["a"], paths["overlap"]], out)
@@ -408,4 +422,4 @@ def test_posts_round_trip_and_describe(cache_path):
     # other data files: refused, not silently mixed
     with CacheWriter(cache_path) as writer, pytest.raises(CacheError, match="other data files"):
         writer.write_posts(Dataset(splits={}, data_hash="different"))
-    assert "/encoders/clip" in text and "patch_tokens" in text and "float16" in text and "RANDOM" in text
+    assert "/encoders/clip/ViT-B-32" in text and "patch_tokens" in text and "float16" in text and "RANDOM" in text

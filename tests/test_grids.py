@@ -12,11 +12,6 @@ from mner.trainer.experiments.paper_results import PAPER_RESULTS
 from mner.trainer.models import available_models, get_model_class
 
 GRIDS = sorted((Path(__file__).resolve().parent.parent / "grids").glob("*.toml"))
-# Models whose files land with another branch: their grid rows are checked once they are registered.
-PENDING = {
-    "mgipscl": "registered by issue 10 (branch issue-10, trainer/models/mgipscl.py), not merged here yet",
-    "espvr": "registered by issue 10 (branch issue-10, trainer/models/espvr.py), not merged here yet",
-}
 
 
 def grid_runs():
@@ -32,14 +27,15 @@ def test_bundled_grids_exist_for_every_paper_and_use_five_seeds():
         if path.stem not in demos:
             assert {spec.seed for spec in grid.runs} == {1, 2, 3, 4, 5}, path
             assert set(grid.datasets) == {"t15", "t17"}, path
+            # one cache per dataset for every paper (built with mner-features extract --for all)
+            assert {name: ds.features for name, ds in grid.datasets.items()} == {
+                "t15": "cache/t15.h5", "t17": "cache/t17.h5"} or path.stem == "bert_crf", path
+        assert "stage1_mismatch" not in path.read_text(encoding="utf-8"), path
 
 
 @pytest.mark.parametrize("model", sorted({spec.model for spec in grid_runs()}))
 def test_grid_models_and_presets_are_registered(model):
-    if model not in available_models():
-        if model in PENDING:
-            pytest.skip(f"{model}: {PENDING[model]}")
-        pytest.fail(f"grids name model {model!r}, which is not registered: {available_models()}")
+    assert model in available_models(), f"grids name model {model!r}, which is not registered: {available_models()}"
     presets = getattr(get_model_class(model), "PRESETS", {})
     wanted = {spec.preset for spec in grid_runs() if spec.model == model and spec.preset is not None}
     assert wanted <= set(presets), f"{model}: presets {sorted(wanted - set(presets))} are not in PRESETS"

@@ -232,8 +232,9 @@ def test_caption_is_the_second_segment_truncated_first(tiny_bert):
 def test_espvr_reads_the_caption_and_its_ablations_drop_inputs(tiny_bert):
     torch.manual_seed(0)
     cls = get_model_class("espvr")
-    assert cls.required_features(cls.Config()) == ["encoders/swin/grid", "captions/text"]
-    assert cls.required_features(cls.Config(use_captions=False)) == ["encoders/swin/grid"]
+    grid = "encoders/swin/swin-large-patch4-window12-384/grid"  # the paper's Swin-L instance
+    assert cls.required_features(cls.Config()) == [grid, "captions/text"]
+    assert cls.required_features(cls.Config(use_captions=False)) == [grid]
     assert cls.required_features(cls.Config(use_espvr=False)) == ["captions/text"]
     assert cls.required_features(cls.Config(use_captions=False, use_espvr=False)) == []
     assert cls.PRESETS["paper"]["span_loss_weight"] == 0.08 and cls.PRESETS["paper"]["cross_width"] == 512

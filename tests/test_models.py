@@ -23,25 +23,25 @@ NUM_PROMPTS = 6
 
 # regex over cache paths -> (rows kind, per-row shape, extra attrs); "global" rows land in FeatureSpec.globals
 TINY_SCHEMA: list[tuple[str, str, tuple, dict]] = [
-    (r"objects/offsets", "offsets", (), {}),
-    (r"objects/boxes", "object", (4,), {}),
-    (r"objects/scores", "object", (), {}),
-    (r"objects/class_ids", "object", (), {}),
-    (r"encoders/clip/image_embed", "image", (16,), {"logit_scale": 100.0}),
-    (r"encoders/clip/patch_tokens", "image", (5, 12), {}),
-    (r"encoders/clip/crop_embed", "object", (16,), {}),
-    (r"encoders/resnet152/grid", "image", (3, 3, 24), {}),
-    (r"encoders/resnet152/crop_pooled", "object", (24,), {}),
-    (r"encoders/swin/grid", "image", (12, 12, 8), {}),  # ESPVR's VRP needs the real 12x12 grid
+    (r"objects/[^/]+/offsets", "offsets", (), {}),
+    (r"objects/[^/]+/boxes", "object", (4,), {}),
+    (r"objects/[^/]+/scores", "object", (), {}),
+    (r"objects/[^/]+/class_ids", "object", (), {}),
+    (r"encoders/clip/[^/]+/image_embed", "image", (16,), {"logit_scale": 100.0}),
+    (r"encoders/clip/[^/]+/patch_tokens", "image", (5, 12), {}),
+    (r"crops/[^/]+/clip/[^/]+/crop_embed", "object", (16,), {}),
+    (r"encoders/resnet/[^/]+/grid", "image", (3, 3, 24), {}),
+    (r"crops/[^/]+/resnet/[^/]+/crop_pooled", "object", (24,), {}),
+    (r"encoders/swin/[^/]+/grid", "image", (12, 12, 8), {}),  # ESPVR's VRP needs the real 12x12 grid
     (r"grounding/offsets", "offsets", (), {}),
     (r"grounding/pixels", "grounding", (3, 32, 32), {}),
     (r"encoders/clip_grounding/states", "grounding", (2, 5, 16), {"layers": [1, 2]}),
     (r"captions/text", "text", (), {}),
-    (r"prompts/[^/]+/prompt_embed", "global", (NUM_PROMPTS, 16), {}),
-    (r"prompts/[^/]+/prompt_category", "global", (NUM_PROMPTS,), {"category_names": CATEGORIES}),
-    (r"prompts/[^/]+/centroids", "global", (len(CATEGORIES), 16), {"category_names": CATEGORIES}),
-    (r"prompts/[^/]+/crop_weights", "object", (len(CATEGORIES),), {"category_names": CATEGORIES}),
-    (r"prompts/[^/]+/image_relevance", "image", (NUM_PROMPTS,), {}),
+    (r"prompts/[^/]+/[^/]+/prompt_embed", "global", (NUM_PROMPTS, 16), {}),
+    (r"prompts/[^/]+/[^/]+/prompt_category", "global", (NUM_PROMPTS,), {"category_names": CATEGORIES}),
+    (r"prompts/[^/]+/[^/]+/centroids", "global", (len(CATEGORIES), 16), {"category_names": CATEGORIES}),
+    (r"crops/[^/]+/prompts/[^/]+/[^/]+/crop_weights", "object", (len(CATEGORIES),), {}),
+    (r"prompts/[^/]+/[^/]+/image_relevance", "image", (NUM_PROMPTS,), {}),
 ]
 
 
@@ -85,7 +85,9 @@ def tiny_visual(paths: list[str], spec: FeatureSpec, rng: np.random.Generator) -
     mask = torch.arange(num_slots)[None, :] < torch.tensor(OBJECT_COUNTS)[:, None]  # (B, K)
     ok = torch.tensor(IMAGE_OK)
     grounding_mask = torch.arange(3)[None, :] < torch.tensor(GROUNDING_COUNTS)[:, None]  # (B, 3)
-    visual = {"objects/mask": mask, "images/ok": ok, "grounding/mask": grounding_mask}
+    visual = {"images/ok": ok, "grounding/mask": grounding_mask}
+    for detector in {m.group(1) for p in paths if (m := re.match(r"(?:objects|crops)/([^/]+)/", p))}:
+        visual[f"objects/{detector}/mask"] = mask  # the (B, K) mask of that detector's objects
     for path in paths:
         kind = schema_entry(path)[0]
         if kind in ("global", "offsets"):
@@ -97,6 +99,8 @@ def tiny_visual(paths: list[str], spec: FeatureSpec, rng: np.random.Generator) -
         values = torch.from_numpy(rng.standard_normal(lead + tuple(spec.shapes[path])).astype(np.float32))
         if path.endswith("crop_weights"):
             values = values.softmax(-1)
+        if path.endswith("scores"):  # detector scores in (0.9, 1]: some pass a paper's 0.95 cut, some not
+            values = 0.9 + 0.1 * values.sigmoid()
         if path.endswith("pixels"):  # uint8 crop pixels, as the batcher delivers them
             values = torch.from_numpy(rng.integers(0, 256, lead + tuple(spec.shapes[path]), dtype=np.uint8))
         valid = {"image": ok, "object": mask, "grounding": grounding_mask}[kind]
@@ -197,9 +201,11 @@ def test_registry_has_the_paper_models():
 def test_vcrmner_ablation_switches_change_what_is_read_and_built(tiny_bert):
     cls = get_model_class("vcrmner")
     paper = cls.Config(**{k: v for k, v in cls.PRESETS["paper"].items() if k in cls.Config.__dataclass_fields__})
-    assert "prompts/vcrmner/crop_weights" in cls.required_features(paper)
+    assert "crops/maskrcnn/prompts/ViT-B-16/vcrmner/crop_weights" in cls.required_features(paper)
     words = dataclasses.replace(paper, prompt_set="vcrmner_words")
-    assert "prompts/vcrmner_words/crop_weights" in cls.required_features(words)
+    assert "crops/maskrcnn/prompts/ViT-B-16/vcrmner_words/crop_weights" in cls.required_features(words)
+    other = dataclasses.replace(paper, detector="fasterrcnn", clip_model="RN50")  # instance overrides
+    assert "crops/fasterrcnn/clip/RN50/crop_embed" in cls.required_features(other)
     no_ev = dataclasses.replace(paper, use_visual_evaluation=False)
     assert not any(p.endswith("crop_weights") for p in cls.required_features(no_ev))
     assert set(cls.PRESETS) == {"paper", "w/o inter-former", "w/o ev", "w/o prompt"}
@@ -222,7 +228,7 @@ def test_vcrmner_zero_object_posts_are_not_nan_and_see_no_cue(tiny_bert):
     batch["visual"] = tiny_visual(paths, spec, rng)
     with torch.no_grad():
         states = model.fused_word_states(batch)
-        batch["visual"]["encoders/clip/crop_embed"][1:3] = 5.0  # padding slots of the object-less posts
+        batch["visual"]["crops/maskrcnn/clip/ViT-B-16/crop_embed"][1:3] = 5.0  # padding slots of the object-less posts
         changed = model.fused_word_states(batch)
     assert torch.isfinite(states).all()
     torch.testing.assert_close(states[1:3], changed[1:3])
@@ -242,16 +248,18 @@ def write_tiny_cache(path, *, object_counts: list[int], status: list[str], clip_
     with CacheWriter(path, overwrite=True, partial=True) as writer:
         writer.write_images(ids, status)
         writer.write_group(
-            "objects", {"offsets": (offsets, "offsets"), "scores": (1 - object_values / 100, "object")}, provenance
+            "objects/det", {"offsets": (offsets, "offsets"), "scores": (1 - object_values / 100, "object")},
+            provenance,
         )
-        writer.write_group("encoders/clip", {
-            "crop_embed": (np.repeat(object_values[:, None], clip_width, 1), "object"),
+        writer.write_group("crops/det/clip/m", {
+            "crop_embed": (np.repeat(object_values[:, None], clip_width, 1), "object")}, provenance)
+        writer.write_group("encoders/clip/m", {
             "image_embed": (np.arange(len(ids), dtype=np.float32)[:, None].repeat(clip_width, 1) + 1, "image"),
         }, provenance)
-        writer.write_group("prompts/vcrmner", {
-            "crop_weights": (np.full((num_objects, 4), 0.25, np.float32), "object"),
-            "centroids": (np.ones((4, clip_width), np.float32), "global"),
-        }, provenance)
+        writer.write_group("crops/det/prompts/m/vcrmner", {
+            "crop_weights": (np.full((num_objects, 4), 0.25, np.float32), "object")}, provenance)
+        writer.write_group("prompts/m/vcrmner", {
+            "centroids": (np.ones((4, clip_width), np.float32), "global")}, provenance)
 
 
 def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
@@ -262,24 +270,24 @@ def test_visual_batcher_pads_masks_and_zeroes_unusable_images(tmp_path):
 
     path = tmp_path / "tiny.h5"
     write_tiny_cache(path, object_counts=[3, 0, 2, 6, 1], status=["ok", "ok", "missing", "ok", "placeholder"])
-    paths = ["objects/offsets", "encoders/clip/crop_embed", "encoders/clip/image_embed",
-             "prompts/vcrmner/crop_weights", "prompts/vcrmner/centroids"]
+    paths = ["objects/det/offsets", "crops/det/clip/m/crop_embed", "encoders/clip/m/image_embed",
+             "crops/det/prompts/m/vcrmner/crop_weights", "prompts/m/vcrmner/centroids"]
     batcher = pickle.loads(pickle.dumps(VisualBatcher(FeatureCache(path), paths, max_objects=4)))  # as in workers
     visual = batcher([0, 1, None, 2, 3, 4])
 
-    assert set(visual) == {"images/ok", "objects/mask", "encoders/clip/crop_embed", "encoders/clip/image_embed",
-                           "prompts/vcrmner/crop_weights"}
+    assert set(visual) == {"images/ok", "objects/det/mask", "crops/det/clip/m/crop_embed",
+                           "encoders/clip/m/image_embed", "crops/det/prompts/m/vcrmner/crop_weights"}
     assert visual["images/ok"].tolist() == [True, True, False, False, True, False]
-    assert visual["objects/mask"].sum(1).tolist() == [3, 0, 0, 0, 4, 0]  # m = 4 keeps the first 4 of 6
-    crops = visual["encoders/clip/crop_embed"]
+    assert visual["objects/det/mask"].sum(1).tolist() == [3, 0, 0, 0, 4, 0]  # m = 4 keeps the first 4 of 6
+    crops = visual["crops/det/clip/m/crop_embed"]
     assert crops.shape == (6, 4, 16) and crops.dtype == torch.float32
     assert crops[0, :3, 0].tolist() == [0, 1, 2] and crops[4, :, 0].tolist() == [5, 6, 7, 8]
-    assert (crops[~visual["objects/mask"]] == 0).all()
-    assert visual["encoders/clip/image_embed"][:, 0].tolist() == [1, 2, 0, 0, 4, 0]
+    assert (crops[~visual["objects/det/mask"]] == 0).all()
+    assert visual["encoders/clip/m/image_embed"][:, 0].tolist() == [1, 2, 0, 0, 4, 0]
 
     none_have_objects = batcher([1, None, 4])
-    assert none_have_objects["objects/mask"].shape == (3, 1) and not none_have_objects["objects/mask"].any()
-    assert none_have_objects["encoders/clip/crop_embed"].shape == (3, 1, 16)
+    assert none_have_objects["objects/det/mask"].shape == (3, 1) and not none_have_objects["objects/det/mask"].any()
+    assert none_have_objects["crops/det/clip/m/crop_embed"].shape == (3, 1, 16)
 
 
 def test_visual_batcher_feeds_placeholders_only_when_asked(tmp_path):
@@ -288,11 +296,11 @@ def test_visual_batcher_feeds_placeholders_only_when_asked(tmp_path):
 
     path = tmp_path / "tiny.h5"
     write_tiny_cache(path, object_counts=[1, 2, 1], status=["ok", "placeholder", "missing"])
-    paths = ["objects/offsets", "encoders/clip/crop_embed"]
+    paths = ["objects/det/offsets", "crops/det/clip/m/crop_embed"]
     masked = VisualBatcher(FeatureCache(path), paths)([0, 1, 2])
     used = VisualBatcher(FeatureCache(path), paths, use_placeholders=True)([0, 1, 2])
     assert masked["images/ok"].tolist() == [True, False, False]
     assert used["images/ok"].tolist() == [True, True, False]  # missing images stay masked either way
-    assert used["objects/mask"].sum(1).tolist() == [1, 2, 0]
-    assert used["encoders/clip/crop_embed"][1].abs().sum() > 0
-    assert masked["encoders/clip/crop_embed"][1].abs().sum() == 0
+    assert used["objects/det/mask"].sum(1).tolist() == [1, 2, 0]
+    assert used["crops/det/clip/m/crop_embed"][1].abs().sum() > 0
+    assert masked["crops/det/clip/m/crop_embed"][1].abs().sum() == 0

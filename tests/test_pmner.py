@@ -13,12 +13,9 @@ from mner.trainer.models.pmner import RegionStandardizer, repair_bio_ids
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 RESNET_WIDTH = 24
-SPEC = FeatureSpec(
-    shapes={
-        "encoders/resnet152/crop_pooled": (RESNET_WIDTH,),
-        "encoders/resnet152/grid": (3, 3, RESNET_WIDTH),
-    }
-)
+CROPS, GRID = "crops/fasterrcnn/resnet/resnet152/crop_pooled", "encoders/resnet/resnet152/grid"
+SCORES = "objects/fasterrcnn/scores"
+SPEC = FeatureSpec(shapes={CROPS: (RESNET_WIDTH,), GRID: (3, 3, RESNET_WIDTH), SCORES: ()})
 # post 0: two objects; post 1: ok image, zero objects; post 2: missing image
 POSTS = [
     (["john", "smith", "visit", "paris"], ["B-PER", "I-PER", "O", "B-LOC"]),
@@ -44,13 +41,10 @@ def make_batch(tokenizer) -> dict:
     ok = torch.tensor(IMAGE_OK)
     visual = {
         "images/ok": ok,
-        "objects/mask": mask,
-        "encoders/resnet152/crop_pooled": torch.rand(
-            len(POSTS), max(OBJECTS), RESNET_WIDTH, generator=generator
-        )
-        * mask[:, :, None],
-        "encoders/resnet152/grid": torch.rand(len(POSTS), 3, 3, RESNET_WIDTH, generator=generator)
-        * ok[:, None, None, None],
+        "objects/fasterrcnn/mask": mask,
+        SCORES: mask.float(),  # every object above P-MNER's 0.95
+        CROPS: torch.rand(len(POSTS), max(OBJECTS), RESNET_WIDTH, generator=generator) * mask[:, :, None],
+        GRID: torch.rand(len(POSTS), 3, 3, RESNET_WIDTH, generator=generator) * ok[:, None, None, None],
     }
     return {
         "input_ids": encoded["input_ids"],
@@ -89,9 +83,9 @@ def test_presets_are_table_3_rows_and_name_their_cache_groups():
         name: cls.Config(**{k: v for k, v in values.items() if k in cls.Config.__dataclass_fields__})
         for name, values in cls.PRESETS.items()
     }
-    assert cls.required_features(configs["full"]) == ["encoders/resnet152/crop_pooled"]
-    assert cls.required_features(configs["T+FRR+TCFM"]) == ["encoders/resnet152/crop_pooled"]
-    assert cls.required_features(configs["T+V"]) == ["encoders/resnet152/grid"]
+    assert cls.required_features(configs["full"]) == [CROPS, SCORES]  # scores: the 0.95 cut when reading
+    assert cls.required_features(configs["T+FRR+TCFM"]) == [CROPS, SCORES]
+    assert cls.required_features(configs["T+V"]) == [GRID]
     assert (configs["T+V"].use_tcfm, configs["T+V+TCFM"].use_tcfm, configs["T+FRR+TCFM"].use_prompt) == (
         False,
         True,
@@ -182,7 +176,7 @@ def test_posts_without_visual_features_use_text_only(use_frr, tiny_bert):
     with torch.no_grad():
         before = model.fused_states(batch)
         changed = {**batch, "visual": {k: v.clone() for k, v in batch["visual"].items()}}
-        path = "encoders/resnet152/crop_pooled" if use_frr else "encoders/resnet152/grid"
+        path = CROPS if use_frr else GRID
         changed["visual"][path][1:] = 7.0  # padding slots / zeros of the posts without visual features
         changed["visual"][path][0] += 1.0
         after = model.fused_states(changed)

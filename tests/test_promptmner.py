@@ -32,7 +32,7 @@ IMAGE_OK = [True, True, False]
 
 def feature_spec(config) -> FeatureSpec:
     rng = np.random.default_rng(0)
-    shapes, globals_, attrs = {}, {}, {"encoders/clip": {"logit_scale": 100.0}}
+    shapes, globals_, attrs = {}, {}, {"encoders/clip/RN50": {"logit_scale": 100.0}}
     for path in get_model_class("promptmner").required_features(config):
         if path.endswith("prompt_embed"):
             globals_[path] = rng.standard_normal((NUM_PROMPTS, CLIP_WIDTH)).astype(np.float32)
@@ -53,7 +53,7 @@ def make_batch(tokenizer, spec: FeatureSpec) -> dict:
             if word is not None and word_index[b, word] == 0:
                 word_index[b, word] = position
     ok = torch.tensor(IMAGE_OK)
-    visual = {"images/ok": ok, "objects/mask": torch.zeros(len(POSTS), 1, dtype=torch.bool)}
+    visual = {"images/ok": ok}
     generator = torch.Generator().manual_seed(0)
     for path, shape in spec.shapes.items():
         if path in spec.globals:
@@ -155,11 +155,12 @@ def test_mas_selects_the_query_projection_by_query_and_key_modality():
 
 def test_required_features_follow_the_prompt_variant():
     cls = get_model_class("promptmner")
-    assert cls.required_features(cls.Config(prompts="continuous")) == ["encoders/clip/image_embed"]
+    assert cls.required_features(cls.Config(prompts="continuous")) == ["encoders/clip/RN50/image_embed"]
     assert cls.required_features(cls.Config(prompts="kb")) == [
-        "prompts/promptmner_kb/image_relevance",
-        "prompts/promptmner_kb/prompt_embed",
+        "prompts/RN50/promptmner_kb/image_relevance",
+        "prompts/RN50/promptmner_kb/prompt_embed",
     ]
+    assert cls.required_features(cls.Config(clip_model="ViT-B-32"))[0] == "encoders/clip/ViT-B-32/image_embed"
     with pytest.raises(ValueError, match="valid values: task, kb, expert, continuous"):
         cls.required_features(cls.Config(prompts="nope"))
 
@@ -181,10 +182,10 @@ def test_presets_match_table_1():
 
 
 def test_clip_logit_scale_reads_log_or_linear_form():
-    assert _clip_logit_scale(FeatureSpec(attrs={"encoders/clip": {"logit_scale": 4.60517}})) == pytest.approx(
-        100, rel=1e-4
-    )
-    assert _clip_logit_scale(FeatureSpec(attrs={"encoders/clip": {"logit_scale": 100.0}})) == 100.0
+    config = get_model_class("promptmner").Config()
+    log_form = FeatureSpec(attrs={"encoders/clip/RN50": {"logit_scale": 4.60517}})
+    assert _clip_logit_scale(log_form, config) == pytest.approx(100, rel=1e-4)
+    assert _clip_logit_scale(FeatureSpec(attrs={"encoders/clip/RN50": {"logit_scale": 100.0}}), config) == 100.0
 
 
 @pytest.mark.parametrize("preset", list(get_model_class("promptmner").PRESETS))

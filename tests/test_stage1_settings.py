@@ -11,17 +11,25 @@ from mner.trainer.cli import main
 
 
 def register_clip_model():
-    """A bert_crf reading the CLIP image embedding whose paper wants a ResNet CLIP."""
+    """A bert_crf reading the CLIP image embedding whose paper wants a ResNet CLIP (RN50), declared as data."""
+    from dataclasses import dataclass
+
+    from mner.pipeline.stage1 import PaperNeeds, declare_needs
     from mner.trainer.models import MODEL_REGISTRY, register_model
     from mner.trainer.models.bert_crf import BertCRF
-    from mner.trainer.models.stage1 import Stage1Setting
 
     if "test_rn_clip_crf" in MODEL_REGISTRY:
         return
+    declare_needs(PaperNeeds("test_rn_clip_crf", slots={"clip_model": "RN50"},
+                             reads=("encoders/clip/{clip_model}/image_embed",), source="a test paper"))
+
+    @dataclass
+    class Config(BertCRF.Config):
+        clip_model: str = "RN50"  # the instance read
+
     register_model("test_rn_clip_crf")(type("RNClipCRF", (BertCRF,), {
-        "required_features": staticmethod(lambda config: ["encoders/clip/image_embed"]),
-        "stage1_settings": staticmethod(lambda config: [Stage1Setting(
-            "encoders/clip", "model", r"open_clip/RN\w*", "--clip-model RN50", "a test paper", match="pattern")]),
+        "Config": Config,
+        "required_features": staticmethod(lambda config: [f"encoders/clip/{config.clip_model}/image_embed"]),
     }))
 
 
@@ -37,8 +45,8 @@ def test_cache_from_other_stage1_settings_is_refused_unless_overridden(
     code = main([*args, "--out", str(tmp_path / "refused")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "encoders/clip model matching open_clip/RN" in err and "'ViT-B-32'" in err  # what and what was found
-    assert "--clip-model RN50" in err and "mner-features extract" in err  # how to fix it
+    assert "clip_model 'RN50' (a test paper)" in err and "it has ViT-B-32" in err  # what and what was found
+    assert "--clip-model RN50" in err and "mner-features extract" in err  # how to fix it (adds an instance)
     assert "stage1_mismatch=warn" in err  # how to go on anyway
     assert not (tmp_path / "refused").exists()
 
@@ -50,6 +58,9 @@ def test_cache_from_other_stage1_settings_is_refused_unless_overridden(
     assert len(recorded) == 1 and "RN50" in recorded[0]
     config = json.loads((tmp_path / "warned" / "config.json").read_text())
     assert config["features"]["stage1_mismatches"] == recorded
+    assert config["features"]["instances"] == {"clip_model": "ViT-B-32"}  # the instance read, recorded
+    assert config["model_config"]["clip_model"] == "ViT-B-32"
+    assert config["features"]["instances_read"] == ["encoders/clip/ViT-B-32"]
 
     code = main([*args, "--set", "stage1_mismatch=maybe", "--out", str(tmp_path / "bad")])
     assert code == 2 and "valid values: error, warn" in capsys.readouterr().err

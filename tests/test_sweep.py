@@ -86,7 +86,7 @@ datasets = ["sample"]
 [[experiments]]
 model = "vcrmner"
 switches = {{full = [], wo-ev = ["use_visual_evaluation=false"]}}
-sets = ["num_blocks=1", "num_heads=2", "max_objects=2", "epochs=2", "stage1_mismatch=warn"]
+sets = ["num_blocks=1", "num_heads=2", "max_objects=2", "epochs=2"]
 datasets = ["sample"]
 """
 

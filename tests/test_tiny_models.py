@@ -75,7 +75,7 @@ def test_tiny_encoder(name):
 
 
 def test_clip_test_is_also_a_clip_model_name():
-    """``--encoder clip --clip-model clip-test`` fills the ``encoders/clip`` group the trainer reads."""
+    """``--encoder clip --clip-model clip-test`` fills an ``encoders/clip/clip-test`` instance the trainer reads."""
     via_model = create_encoder("clip", config=EncoderConfig(clip_model="clip-test"))
     assert via_model.name == "clip" and via_model.pretrained() == "random"
     text = via_model.encode_text(["a photo of a person", "a photo of a city"])

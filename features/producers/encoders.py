@@ -224,9 +224,9 @@ class ClipEncoder(Encoder):
         super().__init__(config)
         import open_clip
 
-        if config.clip_model == CLIP_TEST_MODEL:
+        if config.clip_model == CLIP_TEST_MODEL or config.clip_model.endswith("-test"):  # <arch>-test: tiny
             self.always_random = True
-            with seeded_if_random(CLIP_TEST_MODEL, True):
+            with seeded_if_random(config.clip_model, True):
                 self.model = build_tiny_clip()
             self.model_name = f"open_clip/CLIP({TinyClipShape()})"
             self.tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the bundled BPE vocabulary (offline)

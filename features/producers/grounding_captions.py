@@ -13,7 +13,6 @@ The generic loop (``extract.py``) calls ``produce`` per chunk. Two rules differ 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,8 +32,9 @@ from mner.features.producers.grounding import (
     stack_rows,
 )
 from mner.features.producers.grounding_clip import DEFAULT_LAYERS, ClipGroundingConfig, ClipGroundingStates
-from mner.features.producers.registry import ChunkBatch, Layout, Producer
+from mner.features.producers.registry import ChunkBatch, Producer, register_producer
 from mner.features.run.images import LoadedImage
+from mner.pipeline.cache.groups import CAPTIONS, CLIP_GROUNDING, GROUNDING
 
 PLACEHOLDER_ID = "<placeholder>"  # the id the loop gives the gray image when it builds placeholder rows
 
@@ -98,26 +98,45 @@ def _as_loaded(batch: ChunkBatch, i: int) -> LoadedImage | None:
     return LoadedImage(batch.image_ids[i], "ok", image=batch.images[i], scale=batch.scales[i])
 
 
+@register_producer(GROUNDING)
 class GroundingProducer(Producer):
-    group = "grounding"
-    owns = "grounding"
+    """Up to three grounding crops per image (--grounding owlv2 | detector | files)."""
 
-    def __init__(self, build_grounder, *, method: str, config: GroundingConfig, texts: dict[str, list[list[str]]]):
-        self._build, self.method, self.config, self.texts = build_grounder, method, config, texts
-        self.grounder = None
-        self.needs_pixels = GROUNDERS[method].needs_image
+    def __init__(self, run, group: str):
+        from mner.features.run.extract import seed_random_init
+
+        super().__init__(run, group)
+        opts, grounding = run.opts, run.opts.grounding
+        if grounding is None or not grounding.method:
+            raise ValueError("grounding crops need --grounding owlv2 | detector | files (--grounding-clip encodes "
+                             "grounding crops: add --grounding owlv2 | detector | files)")
+        check_grounding_options(grounding)
+        self.method = grounding.method
+        detector = run.first_detector() if self.method == "detector" else None
+        self.config = GroundingConfig(
+            model=grounding.model, random_init=opts.random_init, threshold=grounding.threshold, fill=grounding.fill,
+            query_rule=grounding.queries, maps=list(grounding.maps), crop_dirs=list(grounding.crop_dirs),
+            batch_size=opts.batch_size, device=opts.device, detector_model=detector or "")
+        self.texts = group_texts(run.dataset)
+        self.needs_pixels = GROUNDERS[self.method].needs_image
         self.every_image = not self.needs_pixels
-        self.reads = ("objects/boxes", "objects/scores") if method == "detector" else ()
+        self.reads = (f"objects/{detector}/boxes", f"objects/{detector}/scores") if detector else ()
+        if self.method == "files":
+            files = create_grounder("files", self.config)
+            # every mapping problem fails here; checked against all of --data's ids, not this shard's,
+            # so every shard records the same provenance (merge compares it)
+            files.bind(run.dataset.image_ids())
+            self.input_fingerprint = files.mapping.crops_sha256  # changed crop files never resume old chunks
+            self._build = lambda: files
+        else:
+            def build():
+                seed_random_init("grounding", opts.random_init)
+                return create_grounder(self.method, self.config)
+            self._build = build
+        self.grounder = None
 
     def load(self) -> None:
         self.grounder = self._build()
-
-    def datasets(self) -> dict[str, Layout]:
-        size = self.config.crop_size
-        return {"pixels": Layout("grounding", "uint8", (3, size, size)),
-                "boxes": Layout("grounding", "float32", (4,)),
-                "scores": Layout("grounding", "float32"), "source": Layout("grounding", "uint8"),
-                "query": Layout("grounding", "uint8", ragged_bytes=True), "reason": Layout("image", "uint8")}
 
     def produce(self, batch: ChunkBatch) -> dict:
         items, placeholder = [], []
@@ -125,8 +144,8 @@ class GroundingProducer(Producer):
             detections = None
             if self.reads:  # detector boxes are stored in original pixels; crops are cut from the loaded image
                 scale = np.float32(batch.scales[i] or 1.0)
-                detections = (np.asarray(batch.inputs["objects/boxes"][i]).reshape(-1, 4) / scale,
-                              np.asarray(batch.inputs["objects/scores"][i]))
+                detections = (np.asarray(batch.inputs[self.reads[0]][i]).reshape(-1, 4) / scale,
+                              np.asarray(batch.inputs[self.reads[1]][i]))
             items.append(GroundingInput(image_id, _as_loaded(batch, i), self.texts.get(image_id, []), detections))
             placeholder.append(image_id == PLACEHOLDER_ID)
         real = [item for item, gray in zip(items, placeholder) if not gray]
@@ -140,16 +159,23 @@ class GroundingProducer(Producer):
         return dict(self.grounder.provenance_fields(), grounding=self.method)
 
 
+@register_producer(CLIP_GROUNDING)
 class ClipGroundingProducer(Producer):
     """Frozen CLIP hidden states of every stored crop (reads grounding/pixels: this run's or the cache's)."""
 
-    group = "encoders/clip_grounding"
     needs_pixels = False
     every_image = True
     reads = ("grounding/pixels",)
 
-    def __init__(self, config: ClipGroundingConfig, crop_size: int):
-        self.config, self.crop_size, self.states = config, crop_size, None
+    def __init__(self, run, group: str):
+        super().__init__(run, group)
+        opts, grounding = run.opts, run.opts.grounding
+        if grounding is None:
+            raise ValueError("encoders/clip_grounding needs --grounding-clip")
+        self.config = ClipGroundingConfig(model=grounding.clip_model, layers=tuple(grounding.clip_layers),
+                                          random_init=opts.random_init, batch_size=opts.batch_size,
+                                          device=opts.device)
+        self.crop_size, self.states = CROP_SIZE, None
 
     def load(self) -> None:
         from mner.features.run.extract import seed_random_init
@@ -157,10 +183,10 @@ class ClipGroundingProducer(Producer):
         seed_random_init("clip_grounding", self.config.random_init)
         self.states = ClipGroundingStates(self.config)
 
-    def datasets(self) -> dict[str, Layout]:
+    def dims(self) -> dict[str, int]:
         if self.states is None:
             self.load()
-        return {"states": Layout("grounding", "float16", self.states.row_shape(self.crop_size))}
+        return dict(zip(("L", "T", "D"), self.states.row_shape(self.crop_size)))
 
     def produce(self, batch: ChunkBatch) -> dict:
         shape = (-1, 3, self.crop_size, self.crop_size)
@@ -175,19 +201,37 @@ class ClipGroundingProducer(Producer):
         return dict(self.states.provenance_fields(), encoder="clip_grounding", crop_source="grounding/pixels")
 
 
+@register_producer(CAPTIONS)
 class CaptionsProducer(Producer):
-    group = "captions"
+    """One caption per image: --captions blip, or a user JSONL/TSV file (read and checked here)."""
 
-    def __init__(self, build_captioner, *, needs_image: bool):
-        self._build, self.captioner = build_captioner, None
-        self.needs_pixels = needs_image
-        self.every_image = not needs_image
+    def __init__(self, run, group: str):
+        from mner.features.run.extract import seed_random_init
+
+        super().__init__(run, group)
+        opts, captions = run.opts, run.opts.captions
+        if captions is None:
+            raise ValueError("captions need --captions blip | FILE")
+        config = CaptionConfig(model=captions.model, random_init=opts.random_init, max_new_tokens=captions.max_tokens,
+                               num_beams=captions.beams, prompt=captions.prompt, batch_size=opts.batch_size,
+                               device=opts.device)
+        self.captioner = None
+        if is_caption_file(captions.source):
+            captioner = create_captioner(captions.source, config)  # malformed lines fail here
+            captioner.bind(run.dataset.image_ids())  # all of --data: the same provenance in every shard
+            self.input_fingerprint = captioner.file.sha256
+            self._build, self.needs_pixels = (lambda: captioner), False
+        elif captions.source not in CAPTIONERS:
+            create_captioner(captions.source, config)  # raises: the valid values
+        else:
+            def build():
+                seed_random_init("captions", opts.random_init)
+                return create_captioner(captions.source, config)
+            self._build, self.needs_pixels = build, True
+        self.every_image = not self.needs_pixels
 
     def load(self) -> None:
         self.captioner = self._build()
-
-    def datasets(self) -> dict[str, Layout]:
-        return {"text": Layout("image", "uint8", ragged_bytes=True), "reason": Layout("image", "uint8")}
 
     def produce(self, batch: ChunkBatch) -> dict:
         items = [(image_id, None if image_id == PLACEHOLDER_ID else _as_loaded(batch, i))
@@ -214,81 +258,3 @@ def check_grounding_options(grounding: GroundingOptions) -> None:
         raise ValueError(f"--grounding-threshold {grounding.threshold}: must be a probability in 0..1")
     if (grounding.maps or grounding.crop_dirs) and grounding.method != "files":
         raise ValueError("--grounding-map / --grounding-crops-dir are read only with --grounding files")
-
-
-def plan_grounding_captions(extraction, existing: set[str], built: list[Producer]):
-    """(producers for --grounding / --grounding-clip / --captions, groups kept from the cache); ``built``: the others.
-
-    User files are read and checked here, so a malformed mapping or captions line fails before any compute.
-    """
-    from mner.features.run.extract import seed_random_init
-
-    opts = extraction.opts
-    grounding: GroundingOptions | None = opts.grounding
-    captions: CaptionOptions | None = opts.captions
-    producers: list[Producer] = []
-    skipped: list[str] = []
-    if grounding is not None:
-        check_grounding_options(grounding)
-        grounding_config = GroundingConfig(
-            model=grounding.model, random_init=opts.random_init, threshold=grounding.threshold, fill=grounding.fill,
-            query_rule=grounding.queries, maps=list(grounding.maps), crop_dirs=list(grounding.crop_dirs),
-            batch_size=opts.batch_size, device=opts.device, detector_model=opts.detector)
-        if grounding.method == "":
-            if "grounding" not in existing:
-                raise ValueError("--grounding-clip encodes grounding crops: add --grounding owlv2 | detector | files")
-        elif "grounding" in existing:
-            skipped.append("grounding")
-            kept = extraction.cache.provenance("grounding").get("grounding")
-            if kept != grounding.method:
-                print(f"note: {extraction.out} already has grounding crops from --grounding {kept}; --grounding "
-                      f"{grounding.method} is ignored (use --overwrite to rebuild)", file=sys.stderr)
-        else:
-            if grounding.method == "detector" and "objects" not in existing and \
-                    not any(p.group == "objects" for p in built):
-                raise ValueError("--grounding detector crops the objects group's boxes: the run needs a --detector")
-            fingerprint = None
-            if grounding.method == "files":
-                files = create_grounder("files", grounding_config)
-                # every mapping problem fails here; checked against all of --data's ids, not this shard's,
-                # so every shard records the same provenance (merge compares it)
-                files.bind(extraction.dataset.image_ids())
-                fingerprint = files.mapping.crops_sha256
-
-                def build_grounder():
-                    return files
-            else:
-                def build_grounder():
-                    seed_random_init("grounding", opts.random_init)
-                    return create_grounder(grounding.method, grounding_config)
-            producers.append(GroundingProducer(build_grounder, method=grounding.method, config=grounding_config,
-                                               texts=group_texts(extraction.dataset)))
-            producers[-1].input_fingerprint = fingerprint  # changed crop files never resume an old run's chunks
-        if grounding.clip:
-            if "encoders/clip_grounding" in existing:
-                skipped.append("encoders/clip_grounding")
-            else:
-                producers.append(ClipGroundingProducer(ClipGroundingConfig(
-                    model=grounding.clip_model, layers=tuple(grounding.clip_layers), random_init=opts.random_init,
-                    batch_size=opts.batch_size, device=opts.device), CROP_SIZE))
-    if captions is not None:
-        if "captions" in existing:
-            skipped.append("captions")
-        else:
-            caption_config = CaptionConfig(
-                model=captions.model, random_init=opts.random_init, max_new_tokens=captions.max_tokens,
-                num_beams=captions.beams, prompt=captions.prompt, batch_size=opts.batch_size, device=opts.device)
-            if is_caption_file(captions.source):
-                captioner = create_captioner(captions.source, caption_config)  # malformed lines fail here
-                captioner.bind(extraction.dataset.image_ids())  # all of --data: the same provenance in every shard
-                producers.append(CaptionsProducer(lambda: captioner, needs_image=False))
-                producers[-1].input_fingerprint = captioner.file.sha256
-            elif captions.source not in CAPTIONERS:
-                create_captioner(captions.source, caption_config)  # raises: the valid values
-            else:
-                def build_captioner():
-                    seed_random_init("captions", opts.random_init)
-                    return create_captioner(captions.source, caption_config)
-
-                producers.append(CaptionsProducer(build_captioner, needs_image=True))
-    return producers, skipped

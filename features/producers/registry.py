@@ -1,33 +1,33 @@
-"""Producers: one per feature group, called by the generic chunked loop in ``extract.py``.
+"""Producers: one per feature group spec, registered by the spec's name, called by the generic loop in
+``features/run/extract.py``.
 
-A producer turns one chunk of images into the rows of its group. The loop owns everything else:
-decoding, placeholders, resume, shards, the lock, streaming assembly and provenance common to all
-groups. Adding a group (grounding crops, captions, ...) is its spec plus one producer class here or
-in its own module, registered with ``@register_producer``; nothing in the loop changes.
+A producer turns one chunk of images into the rows of one **instance** of its group
+(``objects/fasterrcnn``, ``crops/maskrcnn/clip/ViT-B-16``). The loop owns everything else: decoding,
+placeholders, resume, shards, the lock, assembly and the provenance common to all groups. What a
+producer's rows look like (row kinds, dtypes, shapes, which index slices them) comes from its group's
+``GroupSpec`` alone; the producer only says what it reads and the values of the spec's symbolic dims.
 
-The contract, in the order the loop uses it:
+Adding a group = a spec (``mner.pipeline.cache.register_group``) + a producer class registered with
+``@register_producer(spec)`` (tests/test_throwaway_group.py does both from a test). The contract:
 
-- ``group``: the cache group written ("objects", "encoders/clip", "prompts/vcrmner").
-- ``datasets() -> {key: Layout}``: what ``produce`` returns per chunk: row kind ("image" or a ragged
-  kind such as "object"), dtype and per-row shape; ``Layout.ragged_bytes`` for a list of bytes per row.
-- ``owns``: the ragged row kind whose per-image counts this producer decides ("object" for the
-  detector; grounding crops would own "grounding"); its ``produce`` returns ``counts`` (n,) int64.
-- ``reads``: datasets of other groups it needs, per image (e.g. "encoders/clip/image_embed"): taken
-  from this run's chunk when the group is computed now, from the cache otherwise.
-- ``needs_pixels`` / ``needs_crops``: whether the chunk must carry decoded images / object crops.
-- ``every_image``: rows that do not depend on the picture (a user's crop or caption files) are
-  produced for every image of the chunk, whatever its status, with no placeholder copying;
-  ``input_fingerprint``: a hash of such input files, part of the chunk files' resume key.
-- ``pixels``: "pil" (``batch.images`` are PIL images) or "tensors" (``batch.decoded`` are the loader's
-  uint8 tensors, already resized in its workers for the inputs ``pixel_inputs()`` asks for).
-- ``load()``: build models; called once, only when the run has rows to compute.
-- ``produce(batch) -> {key: array or list[bytes]}``: rows for ``batch``'s images, which are all
-  usable (ok, or the one placeholder image: the loop computes placeholders once and copies them).
-  ``batch.shared`` is one dict for all producers of a chunk: what one computes for the same images
-  (decoded crops, device tensors, a crop bank) the next one reuses.
-- ``global_datasets()``, ``attrs()``, ``provenance()``: written once when the group is assembled.
-  ``provenance()`` returns model, pretrained (tag | "sha256:..." | "random"), preprocessing,
-  thresholds and any extra fields.
+- ``__init__(run, group, **slots)``: ``run`` is the extraction (``run.opts``, ``run.stages``,
+  ``run.dataset``, ``run.cache`` (None for a new cache), ``run.shared_model(key, build)``), ``group``
+  the instance path, ``slots`` its slot values (``detector="maskrcnn"``). Builds nothing heavy.
+- ``reads``: dataset paths of other groups it needs per image (``objects/maskrcnn/boxes``): taken from
+  this run's chunk when that group is computed now, from the cache otherwise. The plan adds the groups
+  they belong to.
+- ``needs_pixels`` / ``pixels`` ("pil": ``batch.images``; "tensors": ``batch.decoded``, resized in the
+  loader's workers for what ``pixel_inputs()`` asks); ``every_image``: rows that do not depend on the
+  picture (user files) are produced for every image whatever its status; ``input_fingerprint``: a hash
+  of such input files (part of the resume key).
+- ``load()``: build models (once, only when the run has rows to compute); ``dims()``: the values of the
+  spec's symbolic dims (known after ``load``); ``row_datasets()``: the per-chunk datasets it makes (default:
+  every row dataset of the spec).
+- ``produce(batch) -> {dataset: rows}`` for ``batch``'s usable images; a group that owns a ragged index
+  (its spec declares an ``index`` dataset) also returns ``counts`` (n,) per image. ``batch.shared`` is one
+  dict for all producers of a chunk (decoded crops, device tensors).
+- ``global_datasets()``, ``attrs()``, ``provenance()`` (model, pretrained, preprocessing, thresholds and
+  its spec's provenance fields; ``stands_for`` {slot: real model} for tiny test variants).
 """
 
 from __future__ import annotations
@@ -37,15 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Layout:
-    """One dataset a producer returns per chunk."""
-
-    rows: str  # "image" or a ragged kind ("object", "grounding")
-    dtype: str = "float16"  # stored dtype ("float16" features, "float32" boxes, "int32" class ids)
-    shape: tuple = ()  # per-row shape
-    ragged_bytes: bool = False  # a list of bytes per row (JPEG crops), stored flat + offsets
+from mner.pipeline.cache.groups import CLIP, CLIP_CROPS, OBJECTS, PROMPT_CROPS, PROMPTS, RESNET, RESNET_CROPS, SWIN
+from mner.pipeline.cache.specs import GroupSpec, get_group
 
 
 @dataclass
@@ -53,9 +46,8 @@ class ChunkBatch:
     """The images one ``produce`` call sees (a sub-list of a chunk, or the placeholder image alone)."""
 
     image_ids: list[str]
-    images: list  # RGB PIL images (``needs_pixels``), else Nones
+    images: list  # RGB PIL images (``needs_pixels`` with pixels "pil"), else Nones
     scales: list[float]  # original pixels per loaded pixel (boxes are stored in original pixels)
-    crops: list[list[bytes]] | None = None  # JPEG crops per image (``needs_crops``)
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # ``reads`` path -> value per image
     shared: dict = field(default_factory=dict)  # scratch shared by all producers of one chunk (same images)
     decoded: list | None = None  # loader.DecodedImage per image (producers with pixels = "tensors")
@@ -65,29 +57,33 @@ class ChunkBatch:
 
 
 class Producer:
-    group = ""
-    owns: str | None = None
+    spec: GroupSpec  # set by @register_producer
     reads: tuple[str, ...] = ()
     needs_pixels = True
-    needs_crops = False
     every_image = False  # rows that do not depend on the picture (user files): produced for every image
     input_fingerprint: str | None = None  # hash of the producer's own input files: part of the resume key
     pixels = "pil"  # "pil": batch.images | "tensors": batch.decoded (resized in the loader's workers)
+
+    def __init__(self, run, group: str, **slots: str):
+        self.run, self.group, self.slots = run, group, slots
 
     def pixel_inputs(self) -> dict:
         """What the loader's workers must prepare: {"detector": ResizeSpec} and/or {"encoder": InputSpec}."""
         return {}
 
-    def datasets(self) -> dict[str, Layout]:
-        raise NotImplementedError
-
     def load(self) -> None:
         """Build the models (only called when there is something to compute)."""
+
+    def dims(self) -> dict[str, int]:
+        return {}
+
+    def row_datasets(self) -> list[str]:
+        return [d.name for d in self.spec.datasets if d.rows not in ("index", "global")]
 
     def produce(self, batch: ChunkBatch) -> dict[str, np.ndarray | list[bytes]]:
         raise NotImplementedError
 
-    def global_datasets(self) -> dict[str, tuple[np.ndarray | list, str]]:
+    def global_datasets(self) -> dict[str, np.ndarray | list]:
         return {}
 
     def attrs(self) -> dict:
@@ -96,71 +92,94 @@ class Producer:
     def provenance(self) -> dict:
         raise NotImplementedError
 
+    # derived from the spec -------------------------------------------------------------------------
+    @property
+    def owned_index(self) -> str | None:
+        """The index dataset this group defines (``objects/maskrcnn/offsets``), if any."""
+        own = next((d for d in self.spec.datasets if d.rows == "index"), None)
+        return f"{self.group}/{own.name}" if own else None
 
-def check_layouts(producer: Producer) -> None:
-    """A producer's layouts must agree with its group's declared spec (checked before any chunk runs)."""
-    from mner.pipeline.cache import get_group
-
-    spec = get_group(producer.group)
-    layouts = producer.datasets()
-    for key, layout in layouts.items():
-        declared = spec.dataset(key)
-        if (declared.per_image_kind, declared.dtype, declared.ragged_values) != \
-                (layout.rows, layout.dtype, layout.ragged_bytes):
-            raise ValueError(f"producer of {producer.group}/{key}: rows {layout.rows}, dtype {layout.dtype}, "
-                             f"ragged {layout.ragged_bytes} disagree with the declared spec ({declared.rows}, "
-                             f"{declared.dtype}, encoding {declared.encoding})")
-    missing = [d.name for d in spec.datasets if d.required and d.rows not in ("global", "index")
-               and d.name not in layouts and d.name not in producer.global_datasets()]
-    if missing:
-        raise ValueError(f"producer of {producer.group} makes no {', '.join(missing)}, which its spec requires")
+    def row_shape(self, key: str) -> tuple:
+        dims = self.dims()
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.spec.dataset(key).shape)
 
 
-PRODUCERS: dict[str, Callable[..., Producer]] = {}
+PRODUCERS: dict[str, type[Producer]] = {}
 
 
-def register_producer(kind: str):
-    """``kind`` is the group root a producer class serves ("objects", "encoders", "prompts", ...)."""
-    def decorator(cls):
-        PRODUCERS[kind] = cls
+def register_producer(spec: GroupSpec):
+    """Register the producer of every instance of ``spec`` (keyed by the spec's name)."""
+    def decorator(cls: type[Producer]) -> type[Producer]:
+        cls.spec = spec
+        PRODUCERS[spec.name] = cls
         return cls
     return decorator
+
+
+def unregister_producer(spec: GroupSpec) -> None:
+    PRODUCERS.pop(spec.name, None)
+
+
+def producer_for(run, group: str) -> Producer:
+    """The producer of one group instance (``objects/fasterrcnn``), from the registry."""
+    import mner.features.producers.grounding_captions  # noqa: F401  (registers grounding, clip_grounding, captions)
+
+    spec = get_group(group)
+    cls = PRODUCERS.get(spec.name)
+    if cls is None:
+        raise ValueError(f"no producer is registered for {spec.name} (needed for {group}); registered: "
+                         f"{', '.join(sorted(PRODUCERS))}")
+    return cls(run, group, **(spec.matches(group) or {}))
+
+
+def tiny_stands_for(model: str) -> str | None:
+    """The real model a ``<name>-test`` variant stands for (``maskrcnn-test`` -> ``maskrcnn``)."""
+    if model == "clip-test":
+        return "ViT-B-32"
+    if model == "swin-test":
+        from mner.pipeline.stage1 import ESPVR
+
+        return ESPVR.slots["swin_model"]
+    return model[: -len("-test")] if model.endswith("-test") else None
+
+
+def stands_for(slots: dict[str, str]) -> dict:
+    """``{"stands_for": {slot: real model}}`` for the tiny test variants among ``slots`` (else {})."""
+    found = {slot: real for slot, value in slots.items() if (real := tiny_stands_for(value))}
+    return {"stands_for": found} if found else {}
 
 
 # --------------------------------------------------------------------------------------------- objects
 
 
-@register_producer("objects")
+@register_producer(OBJECTS)
 class ObjectsProducer(Producer):
     """Detector boxes, scores, classes, and each object's crop as JPEG (encoded by the background writer).
 
     Detection runs batched on the device (``stages.ImageStages.detect``); the crops the encoders read
     are cut from the decoded image at these boxes, on the device, not from the stored JPEG."""
 
-    group = "objects"
-    owns = "object"
     pixels = "tensors"
 
-    def __init__(self, build_detector: Callable, *, stages, crop_max_side: int, crop_quality: int, extra: dict):
-        self._build, self.extra = build_detector, extra
-        self.crop_max_side, self.crop_quality = crop_max_side, crop_quality
-        self.stages = stages
-        self.detector = None
-
-    def datasets(self) -> dict[str, Layout]:
-        return {"boxes": Layout("object", "float32", (4,)), "scores": Layout("object", "float32"),
-                "class_ids": Layout("object", "int32"), "crop_jpeg": Layout("object", "uint8", ragged_bytes=True)}
+    def __init__(self, run, group: str, *, detector: str):
+        super().__init__(run, group, detector=detector)
+        self.detector_name, self.detector = detector, None
 
     def load(self) -> None:
-        self.detector = self._build()
+        from mner.features.run.plan import build_detector
+
+        self.detector = self.run.shared_model(("detector", self.detector_name),
+                                              lambda: build_detector(self.run.opts, self.detector_name))
 
     def pixel_inputs(self) -> dict:
         return {"detector": self.detector.resize_spec}
 
     def produce(self, batch):
-        found = self.stages.detect(self.detector, batch.decoded)  # boxes in decoded-image pixels
-        jpegs = self.stages.jpeg_crops(batch.decoded, [f[0] for f in found], max_side=self.crop_max_side,
-                                       quality=self.crop_quality)
+        stages, opts = self.run.stages, self.run.opts
+        found = stages.detect(self.detector, batch.decoded)  # boxes in decoded-image pixels
+        jpegs = stages.jpeg_crops(batch.decoded, [f[0] for f in found], max_side=opts.crop_max_side,
+                                  quality=opts.crop_quality)
+        batch.shared[("boxes", self.group)] = [f[0] for f in found]  # decoded pixels, for the crop encoders
         return {"counts": np.array([len(f[1]) for f in found], np.int64),
                 "boxes": np.concatenate([f[0] * np.float32(scale) for f, scale in zip(found, batch.scales)]
                                         ).reshape(-1, 4).astype(np.float32),
@@ -172,9 +191,9 @@ class ObjectsProducer(Producer):
         return {"class_names": list(self.detector.class_names)}
 
     def provenance(self) -> dict:
-        fields = dict(self.detector.provenance_fields())
-        fields.update(self.extra, crops={"format": "JPEG", "max_side": self.crop_max_side,
-                                         "quality": self.crop_quality})
+        opts = self.run.opts
+        fields = dict(self.detector.provenance_fields(), detector=self.detector_name, **stands_for(self.slots))
+        fields["crops"] = {"format": "JPEG", "max_side": opts.crop_max_side, "quality": opts.crop_quality}
         return fields
 
 
@@ -198,101 +217,209 @@ def resolved(values: list) -> list[bytes]:
 # -------------------------------------------------------------------------------------------- encoders
 
 
-@register_producer("encoders")
+def encoder_key(family: str, model: str) -> tuple[str, str]:
+    """The registered encoder name and its model option for one instance (``("clip", "RN50")``)."""
+    if family == "resnet":
+        return model, ""  # resnet152 | resnet152-test
+    if family == "swin" and model == "swin-test":
+        return "swin-test", ""
+    return family, model
+
+
 class EncoderProducer(Producer):
-    """A registered image encoder: per-image arrays from the resized image, per-object arrays from crops
-    cut on the device at the objects' boxes (this run's or the cache's), shared with same-size encoders."""
+    """A registered image encoder's per-image arrays from the resized image (one instance per model)."""
 
     pixels = "tensors"
+    family = ""  # "clip" | "resnet" | "swin"
 
-    def __init__(self, name: str, build_encoder: Callable, *, stages, batch_size: int, options: dict | None = None):
-        self.group, self.name, self._build, self.batch_size = f"encoders/{name}", name, build_encoder, batch_size
-        self.stages = stages
+    def __init__(self, run, group: str, **slots: str):
+        super().__init__(run, group, **slots)
+        self.model = next(iter(slots.values()))
         self.encoder = None
-        self.options = options or {}  # the options that select the model (recorded: a later run can match them)
 
     def load(self) -> None:
-        self.encoder = self._build()
-        self.reads = ("objects/boxes",) if self.encoder.crop_datasets else ()
+        self.encoder = self.run.encoder(self.family, self.model)
 
     def pixel_inputs(self) -> dict:
         return {"encoder": self.encoder.image_input}
 
-    def datasets(self) -> dict[str, Layout]:
-        encoder = self.encoder
-        out = {key: Layout("image", "float16", tuple(shape)) for key, shape in encoder.image_datasets.items()}
-        out |= {key: Layout("object", "float16", tuple(shape)) for key, shape in encoder.crop_datasets.items()}
-        return out
+    def row_datasets(self) -> list[str]:
+        return list(self.encoder.image_datasets)
+
+    def dims(self) -> dict[str, int]:
+        return self.run.encoder_dims(self.spec, self.encoder)
 
     def produce(self, batch):
-        arrays = self.stages.image_features(self.encoder, batch.decoded, batch.shared, self.name)
-        if self.encoder.crop_datasets:
-            boxes = [np.asarray(b, np.float32).reshape(-1, 4) / np.float32(scale)  # original -> decoded pixels
-                     for b, scale in zip(batch.inputs["objects/boxes"], batch.scales)]
-            arrays |= self.stages.crop_features(self.encoder, batch.decoded, boxes, batch.shared, self.name)
-        return arrays
+        return self.run.stages.image_features(self.encoder, batch.decoded, batch.shared, self.group)
 
     def attrs(self) -> dict:
-        return self.encoder.attrs()
+        return self.encoder.attrs() if set(self.spec.attrs) else {}
 
     def provenance(self) -> dict:
-        return dict(self.encoder.provenance_fields(), encoder=self.name,
-                    crop_source="roi_align of the decoded image at objects/boxes", **self.options)
+        name, model = encoder_key(self.family, self.model)
+        options = {"clip_model": model, "clip_pretrained": self.run.opts.clip_pretrained} if self.family == "clip" \
+            else {}
+        return dict(self.encoder.provenance_fields(), encoder=name, **options, **stands_for(self.slots))
+
+
+class CropEncoderProducer(EncoderProducer):
+    """The same encoder over one detector's objects: crops cut on the device from the decoded image at the
+    boxes (this run's or the cache's), shared by the encoders of the same crop size."""
+
+    def __init__(self, run, group: str, *, detector: str, **slots: str):
+        super().__init__(run, group, **slots)
+        self.slots = {"detector": detector, **slots}
+        self.detector = detector
+        self.reads = (f"objects/{detector}/boxes",)
+
+    def row_datasets(self) -> list[str]:
+        return list(self.encoder.crop_datasets)
+
+    def produce(self, batch):
+        boxes = batch.shared.get(("boxes", f"objects/{self.detector}"))
+        if boxes is None:  # objects from the cache: original -> decoded pixels
+            boxes = [np.asarray(b, np.float32).reshape(-1, 4) / np.float32(scale)
+                     for b, scale in zip(batch.inputs[self.reads[0]], batch.scales)]
+        return self.run.stages.crop_features(self.encoder, batch.decoded, boxes, batch.shared, self.group,
+                                             boxes_key=self.detector)
+
+    def attrs(self) -> dict:
+        return {}
+
+    def provenance(self) -> dict:
+        source = f"roi_align of the decoded image at objects/{self.detector}/boxes"
+        return dict(super().provenance(), crop_source=source)
+
+
+@register_producer(CLIP)
+class ClipProducer(EncoderProducer):
+    family = "clip"
+
+
+@register_producer(CLIP_CROPS)
+class ClipCropsProducer(CropEncoderProducer):
+    family = "clip"
+
+
+@register_producer(RESNET)
+class ResNetProducer(EncoderProducer):
+    family = "resnet"
+
+
+@register_producer(RESNET_CROPS)
+class ResNetCropsProducer(CropEncoderProducer):
+    family = "resnet"
+
+
+@register_producer(SWIN)
+class SwinProducer(EncoderProducer):
+    family = "swin"
 
 
 # --------------------------------------------------------------------------------------------- prompts
 
 
-@register_producer("prompts")
-class PromptsProducer(Producer):
-    """CLIP prompt sets from the cached (float16) CLIP embeddings: no pixels, one text forward per set."""
+class PromptText:
+    """One prompt set's text embeddings by one CLIP instance, computed once per run (shared by the
+    image-level and the crop-level groups)."""
 
-    needs_pixels = False
-    reads = ("encoders/clip/image_embed", "encoders/clip/crop_embed")
+    def __init__(self, run, clip_model: str, prompt_set: str):
+        from mner.features.producers.prompts import load_prompt_set, prompt_features
 
-    def __init__(self, prompt_set, clip_encoder: Callable, logit_scale: Callable[[], float]):
-        self.prompt_set, self.group = prompt_set, f"prompts/{prompt_set.name}"
-        self._clip, self._logit_scale = clip_encoder, logit_scale
-        self.prompt_embed = None
-
-    def datasets(self) -> dict[str, Layout]:
-        count = len(self.prompt_set.categories)
-        return {"crop_weights": Layout("object", "float16", (count,)),
-                "image_relevance": Layout("image", "float16", (len(self.prompt_set.texts),))}
-
-    def load(self) -> None:
-        from mner.features.producers.prompts import prompt_features
-
-        self.clip, self.logit_scale = self._clip(), float(self._logit_scale())
+        self.prompt_set = load_prompt_set(run.prompt_source(prompt_set))
+        self.clip = run.encoder("clip", clip_model)
+        self.logit_scale = float(run.clip_logit_scale(clip_model, self.clip))
         embed = self.clip.encode_text(self.prompt_set.texts)  # (Q, D)
         empty = np.zeros((0, embed.shape[1]), np.float32)
         self.globals = prompt_features(self.prompt_set, embed, empty, empty, self.logit_scale, np.zeros(0, bool))
 
+
+@register_producer(PROMPTS)
+class PromptsProducer(Producer):
+    """A prompt set embedded by one CLIP instance, and each image's prompt relevance from its cached
+    (float16) embedding: no pixels, one text forward per set."""
+
+    needs_pixels = False
+
+    def __init__(self, run, group: str, *, clip_model: str, prompt_set: str):
+        super().__init__(run, group, clip_model=clip_model, prompt_set=prompt_set)
+        self.reads = (f"encoders/clip/{clip_model}/image_embed",)
+        self.text: PromptText | None = None
+
+    def load(self) -> None:
+        self.text = self.run.shared_model(("prompts", *self.slots.values()),
+                                          lambda: PromptText(self.run, **self.slots))
+
+    def dims(self) -> dict[str, int]:
+        return {"Q": len(self.text.prompt_set.texts), "C": len(self.text.prompt_set.categories)}
+
     def produce(self, batch):
         from mner.features.producers.prompts import prompt_features
 
-        image_embed = np.stack(batch.inputs["encoders/clip/image_embed"])  # (n, D)
-        crop_embed = np.concatenate(batch.inputs["encoders/clip/crop_embed"])  # (m, D)
-        arrays = prompt_features(self.prompt_set, self.globals["prompt_embed"].astype(np.float32), image_embed,
-                                 crop_embed, self.logit_scale, np.ones(len(batch), bool))
-        return {"crop_weights": arrays["crop_weights"], "image_relevance": arrays["image_relevance"]}
+        text = self.text
+        image_embed = np.stack(batch.inputs[self.reads[0]]).reshape(len(batch), -1)  # (n, D)
+        empty = np.zeros((0, image_embed.shape[1]), np.float32)
+        arrays = prompt_features(text.prompt_set, text.globals["prompt_embed"].astype(np.float32), image_embed,
+                                 empty, text.logit_scale, np.ones(len(batch), bool))
+        return {"image_relevance": arrays["image_relevance"]}
 
     def global_datasets(self):
-        return {"prompt_text": (self.prompt_set.texts, "global"),
-                "prompt_category": (self.prompt_set.prompt_category, "global"),
-                "prompt_embed": (self.globals["prompt_embed"], "global"),
-                "centroids": (self.globals["centroids"], "global")}
+        text = self.text
+        return {"prompt_text": text.prompt_set.texts, "prompt_category": text.prompt_set.prompt_category,
+                "prompt_embed": text.globals["prompt_embed"], "centroids": text.globals["centroids"]}
 
     def attrs(self) -> dict:
-        return {"category_names": self.prompt_set.category_names, "logit_scale": self.logit_scale}
+        return {"category_names": self.text.prompt_set.category_names, "logit_scale": self.text.logit_scale}
 
     def provenance(self) -> dict:
-        prompt_set = self.prompt_set
-        return {"model": self.clip.model_name, "pretrained": self.clip.pretrained(),
+        text, prompt_set = self.text, self.text.prompt_set
+        return {"model": text.clip.model_name, "pretrained": text.clip.pretrained(),
                 "preprocessing": {"template": prompt_set.template, "normalise": "unit length before cos"},
-                "thresholds": {"logit_scale": self.logit_scale}, "prompt_set": prompt_set.name,
-                "description": prompt_set.description,
+                "thresholds": {"logit_scale": text.logit_scale}, "prompt_set": prompt_set.name,
+                "description": prompt_set.description, **stands_for({"clip_model": self.slots["clip_model"]}),
                 "formulas": {"centroids": "mean of the category's prompt_embed (VCRMNER eq. 2)",
-                             "crop_weights": "softmax_j(logit_scale * cos(crop_embed_i, centroid_j)) (VCRMNER eq. 4-5)",
                              "image_relevance": "softmax_i(logit_scale * cos(prompt_embed_i, image_embed)) "
                                                 "(PromptMNER eq. 1); 0 for images without features"}}
+
+
+@register_producer(PROMPT_CROPS)
+class PromptCropsProducer(PromptsProducer):
+    """A prompt set's weights of one detector's crops, from their cached CLIP embeddings."""
+
+    def __init__(self, run, group: str, *, detector: str, clip_model: str, prompt_set: str):
+        Producer.__init__(self, run, group, clip_model=clip_model, prompt_set=prompt_set)
+        self.slots = {"clip_model": clip_model, "prompt_set": prompt_set}
+        self.detector = detector
+        self.reads = (f"crops/{detector}/clip/{clip_model}/crop_embed",)
+        self.text = None
+
+    def dims(self) -> dict[str, int]:
+        return {"C": len(self.text.prompt_set.categories)}
+
+    def produce(self, batch):
+        from mner.features.producers.prompts import prompt_features
+
+        text = self.text
+        crop_embed = np.concatenate([np.asarray(v).reshape(-1, text.globals["prompt_embed"].shape[1])
+                                     for v in batch.inputs[self.reads[0]]])  # (m, D)
+        empty = np.zeros((0, crop_embed.shape[1]), np.float32)
+        arrays = prompt_features(text.prompt_set, text.globals["prompt_embed"].astype(np.float32), empty,
+                                 crop_embed, text.logit_scale, np.zeros(0, bool))
+        return {"crop_weights": arrays["crop_weights"]}
+
+    def global_datasets(self):
+        return {}
+
+    def attrs(self) -> dict:
+        return {}
+
+    def provenance(self) -> dict:
+        fields = super().provenance()
+        fields["formulas"] = {"crop_weights": "softmax_j(logit_scale * cos(crop_embed_i, centroid_j)) (VCRMNER eq. "
+                                              f"4-5), centroids of prompts/{self.slots['clip_model']}/"
+                                              f"{self.slots['prompt_set']}"}
+        fields.update(stands_for({"detector": self.detector, "clip_model": self.slots["clip_model"]}))
+        return fields
+
+
+ModelBuilder = Callable[[], object]

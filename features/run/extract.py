@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mner.features.producers.registry import ChunkBatch, Producer, check_layouts, resolved
+from mner.features.producers.registry import ChunkBatch, Producer, resolved
 from mner.features.run.distributed import resolve_device
 from mner.features.run.images import MAX_SIDE, MISSING_POLICIES, LoadedImage, file_fingerprint, placeholder_image
 from mner.features.run.loader import DecodedImage, ImageLoader, LoaderSpec, default_num_workers, prepared_image
@@ -45,10 +45,11 @@ from mner.features.run.parts import (
     save_chunk,
     unpack_bytes,
 )
+from mner.features.run.plan import RunModels, kept_differences, make_plan
 from mner.features.run.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
 from mner.features.run.stages import BackgroundWriter, ImageStages
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
-from mner.pipeline.cache.specs import get_group, index_path
+from mner.pipeline.cache.specs import RAGGED_KINDS, dataset_spec, get_group, index_path
 
 OK = STATUS_NAMES.index("ok")
 
@@ -62,19 +63,22 @@ class ExtractOptions:
     data: str  # dataset folder (or one file) read with mner.pipeline.data.load_dataset
     images: str | None  # folder of <image id>.jpg files; None only with no_images
     out: str  # cache path (a shard adds .shard<i>of<n> before .h5)
-    detector: str = "maskrcnn"  # registered detector name
-    encoders: list[str] = field(default_factory=lambda: ["clip"])  # registered encoder names
-    prompts: list[str] = field(default_factory=list)  # prompt set names (need the clip encoder)
+    detector: str | list[str] | None = None  # registered detector name(s); None: the cache's, else maskrcnn
+    encoders: list[str] | None = None  # registered encoder names; None: clip (nothing extra with for_models)
+    prompts: list[str] = field(default_factory=list)  # prompt set names (embedded by every CLIP model)
+    for_models: list[str] = field(default_factory=list)  # --for: models (or "all") whose paper groups to build
+    tiny: bool = False  # --tiny: every detector/encoder of a --for plan by its tiny test variant (random)
+    override_paper: bool = False  # flags that contradict a --for paper's setting are kept (recorded)
     random_init: bool = False  # random weights everywhere (offline smoke runs), recorded in provenance
     device: str = "auto"  # auto: the LOCAL_RANK GPU under torchrun, else cuda:0, else cpu (distributed.py)
     batch_size: int = 32  # images per detector/encoder forward (crops: 4x)
     num_workers: int | None = None  # loader worker processes; None: all cores but one, at most 8
-    top_k: int = 10  # objects kept per image
-    score_threshold: float = 0.5  # detector score cut
+    top_k: int | None = None  # objects kept per image; None: 10 (every paper's objects are a subset)
+    score_threshold: float | None = None  # detector score cut; None: 0.5 (0 with random_init)
     detector_min_size: int = 800  # detector input shorter side
     detector_weights: str | None = None  # local detector state dict
     detectron2_config: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
-    clip_model: str = "ViT-B-32"
+    clip_model: str | list[str] | None = None  # open_clip architecture(s); None: the cache's, else ViT-B-32
     clip_pretrained: str = "openai"  # open_clip tag or local checkpoint file
     resnet_weights: str | None = None  # local torchvision state dict for resnet152
     swin_model: str = "microsoft/swin-large-patch4-window12-384"  # hub name or local folder
@@ -92,8 +96,18 @@ class ExtractOptions:
     captions: object | None = None  # CaptionOptions: --captions blip | FILE
     command: list[str] | None = None  # the command line as typed (default sys.argv), recorded with absolute paths
 
+    @property
+    def detectors(self) -> list[str]:
+        return [self.detector] if isinstance(self.detector, str) else list(self.detector or [])
+
+    @property
+    def clip_models(self) -> list[str]:
+        return [self.clip_model] if isinstance(self.clip_model, str) else list(self.clip_model or [])
+
     def validate(self) -> None:
         """Bad values fail here, before anything touches the disk (no .parts folder is left behind)."""
+        if self.tiny:
+            self.random_init = True
         def need(ok: bool, flag: str, value, valid: str) -> None:
             if not ok:
                 raise ValueError(f"{flag} {value!r}: must be {valid}")
@@ -102,10 +116,11 @@ class ExtractOptions:
                             ("--detector-min-size", self.detector_min_size), ("--crop-max-side", self.crop_max_side),
                             ("--max-image-side", self.max_image_side)):
             need(isinstance(value, int) and value >= 1, flag, value, "an integer >= 1")
-        need(self.top_k >= 1, "--top-k", self.top_k, "an integer >= 1")
+        need(self.top_k is None or self.top_k >= 1, "--top-k", self.top_k, "an integer >= 1")
         need(self.num_workers is None or self.num_workers >= 0, "--num-workers", self.num_workers, "an integer >= 0")
         need(1 <= self.crop_quality <= 95, "--crop-quality", self.crop_quality, "a JPEG quality in 1..95")
-        need(self.score_threshold >= 0, "--score-threshold", self.score_threshold, "a score >= 0")
+        need(self.score_threshold is None or self.score_threshold >= 0, "--score-threshold", self.score_threshold,
+             "a score >= 0")
         if self.max_bad_images is not None:
             need(0 <= self.max_bad_images <= 1, "--max-bad-images", self.max_bad_images, "a share in 0..1 (0.05 = 5%)")
         need(self.missing_image in MISSING_POLICIES, "--missing-image", self.missing_image,
@@ -139,10 +154,14 @@ class Summary:
     cache_bytes: int = 0  # the cache written
     stages: dict[str, float] = field(default_factory=dict)  # device stages' wall seconds (detector, crops, ...)
     shard_count: int = 1  # > 1: this run wrote one shard of several (merge them when all are done)
+    not_computed: list[str] = field(default_factory=list)  # asked for, kept as cached with other options
+    overrides: list[str] = field(default_factory=list)  # paper settings overridden (--override-paper)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.out}: computed {', '.join(self.computed) or 'nothing'}"
                  + (f"; kept {', '.join(self.skipped)}" if self.skipped else "")]
+        lines += [f"NOT COMPUTED: {note}" for note in self.not_computed]
+        lines += [f"OVERRIDE (recorded in provenance): {note}" for note in self.overrides]
         lines.append(f"images {self.num_images}: " + ", ".join(f"{k} {v}" for k, v in self.status_counts.items()))
         if self.bad_causes:
             lines.append("not ok by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bad_causes.items())))
@@ -203,7 +222,7 @@ def _segments(counts: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- the run
 
 
-class Extraction:
+class Extraction(RunModels):
     """One extraction run over one shard: plan, compute chunks, assemble."""
 
     def __init__(self, opts: ExtractOptions, producers_factory=None):
@@ -222,9 +241,7 @@ class Extraction:
         self.seconds: dict[str, float] = defaultdict(float)
         self.notes: Counter = Counter()
         self.parts_root = Path(f"{self.out}.parts")
-        from mner.features.run.plan import plan_producers  # the registry of the built-in groups
-
-        self._producers_factory = producers_factory or plan_producers
+        self._producers_factory = producers_factory  # tests: (extraction, existing) -> (producers, kept)
 
     # planning --------------------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -237,7 +254,16 @@ class Extraction:
                 raise ValueError(f"{self.out} indexes {self.cache.num_images} other images than --data/--shard "
                                  f"select ({len(self.ids)}); use --overwrite or another --out")
             existing = set(self.cache.groups())
-        self.producers, self.skipped = self._producers_factory(self, existing)
+        self.not_computed: list[str] = []
+        if self._producers_factory is not None:
+            self.producers, self.skipped = self._producers_factory(self, existing)
+            self.plan = None
+        else:
+            self.plan = make_plan(self, existing)
+            self.skipped = [group for group in self.plan.groups if group in existing]
+            self.producers = [self.producer(group) for group in self.plan.groups if group not in existing]
+            self.not_computed = kept_differences(self, self.skipped)
+            print(self.plan.describe(existing), flush=True)  # the plan first: each group and who needs it
         self.computed = [p.group for p in self.producers]
         self.groups_now = {p.group: p for p in self.producers}
         config = {k: v for k, v in asdict(opts).items()
@@ -325,7 +351,7 @@ class Extraction:
         for producer in self.producers:
             with self._timed(f"load {producer.group}"):
                 producer.load()
-            check_layouts(producer)
+            check_producer(producer)
         self._template: dict[str, dict] | None = None
         self.parts.mkdir(parents=True, exist_ok=True)
         chunks = [self.ids[s:s + opts.chunk_size] for s in range(0, len(self.ids), opts.chunk_size)]
@@ -481,17 +507,17 @@ class Extraction:
         shared: dict = {}  # one scratch dict for every producer of this chunk (decoded/resized crops, ...)
         counts: dict[str, np.ndarray] = {}  # ragged row kind -> per-image counts in this chunk
         ok_items = [loaded[i] for i in computed_ok]
-        owned = {p.owns for p in self.producers if p.owns}
-        for kind in self._ragged_kinds():
-            if kind not in owned:
-                counts[kind] = self._cached_counts(kind, rows)
+        owned = {p.owned_index for p in self.producers if p.owned_index}
+        for index in self._ragged_indexes():
+            if index not in owned:
+                counts[index] = self._cached_counts(index, rows)
         for producer in self.producers:
             if getattr(producer, "every_image", False):  # rows independent of the picture (user files)
                 batch = self._batch(producer, loaded, rows, list(range(len(loaded))), outputs, counts)
                 with self._timed(producer.group):
                     outputs[producer.group] = producer.produce(batch)
-                if producer.owns:
-                    counts[producer.owns] = outputs[producer.group]["counts"]
+                if producer.owned_index:
+                    counts[producer.owned_index] = outputs[producer.group]["counts"]
                 continue
             batch = self._batch(producer, ok_items, [rows[i] for i in computed_ok], computed_ok, outputs, counts)
             batch.shared = shared
@@ -499,27 +525,23 @@ class Extraction:
                 produced = producer.produce(batch) if len(batch) else self._empty(producer)
             template = self._placeholder_template(rows, loaded) if any(k == "placeholder" for k, _ in kinds) else {}
             outputs[producer.group] = self._splice(producer, produced, template.get(producer.group), kinds, counts)
-            if producer.owns:
-                counts[producer.owns] = outputs[producer.group]["counts"]
-        for kind in self._ragged_kinds():
-            arrays[f"rows::{kind}"] = counts[kind]
+            if producer.owned_index:
+                counts[producer.owned_index] = outputs[producer.group]["counts"]
+        for index in self._ragged_indexes():
+            arrays[f"rows::{index}"] = counts[index]
         for group, values in outputs.items():
-            for key, layout in self.groups_now[group].datasets().items():
-                if layout.ragged_bytes:
-                    arrays[chunk_key(group, key)] = values[key]  # list of bytes: packed by the writer
-                else:
-                    arrays[chunk_key(group, key)] = values[key]
+            for key in self.groups_now[group].row_datasets():
+                arrays[chunk_key(group, key)] = values[key]  # ragged bytes: a list, packed by the writer
         return arrays
 
-    def _ragged_kinds(self) -> list[str]:
-        return sorted({layout.rows for p in self.producers for layout in p.datasets().values()} - {"image"})
+    def _ragged_indexes(self) -> list[str]:
+        """The index datasets slicing the rows of this run's ragged datasets (``objects/maskrcnn/offsets``)."""
+        return sorted({index for p in self.producers for key in p.row_datasets() if (index := ragged_index(p, key))})
 
-    def _cached_counts(self, kind: str, rows: list[int]) -> np.ndarray:
-        """Per-image counts of a ragged row kind whose owner group is in the cache (not computed now)."""
-        group = next(p.group for p in self.producers if any(layout.rows == kind for layout in p.datasets().values()))
-        index = index_path(group, kind)
+    def _cached_counts(self, index: str, rows: list[int]) -> np.ndarray:
+        """Per-image counts of a ragged set whose owner group is in the cache (not computed now)."""
         if self.cache is None or not self.cache.has(index):
-            raise ValueError(f"{group}: rows of kind {kind!r} need {index} in the cache or computed in this run")
+            raise ValueError(f"rows indexed by {index} need that index in the cache or computed in this run")
         return np.array([self.cache.count(index, row) for row in rows], np.int64)
 
     def _batch(self, producer: Producer, items: list[LoadedImage], rows: list[int], positions: list[int],
@@ -530,46 +552,47 @@ class Extraction:
                            images=[item.image if pil else None for item in items],
                            scales=[item.scale for item in items],
                            decoded=items if producer.needs_pixels and producer.pixels == "tensors" else None)
-        if producer.needs_crops:
-            batch.crops = [self._value("objects/crop_jpeg", row, i, outputs, counts) for row, i in zip(rows, positions)]
         for path in producer.reads:
             batch.inputs[path] = [self._value(path, row, i, outputs, counts) for row, i in zip(rows, positions)]
         return batch
 
     def _value(self, path: str, row: int, i: int, outputs: dict, counts: dict):
         """Dataset ``path`` for cache row ``row`` (position ``i`` in the chunk): this run's value or the cache's."""
-        group, key = path.rsplit("/", 1)
+        _, dataset = dataset_spec(path)
+        group = path.rsplit("/", 1)[0]
         if group in outputs:
-            layout = self.groups_now[group].datasets()[key]
-            values = outputs[group][key]
-            if layout.rows == "image":
+            values = outputs[group][dataset.name]
+            if dataset.per_image_kind == "image":
                 return values[i]
-            starts = _segments(counts[layout.rows])
+            starts = _segments(counts[index_path(group, dataset.rows)])
             return values[starts[i]:starts[i + 1]]
         return self.cache.read(path, row)
 
     def _empty(self, producer: Producer) -> dict:
-        out = {"counts": np.zeros(0, np.int64)} if producer.owns else {}
-        for key, layout in producer.datasets().items():
-            out[key] = [] if layout.ragged_bytes else np.zeros((0, *layout.shape), np.dtype(layout.dtype))
+        out = {"counts": np.zeros(0, np.int64)} if producer.owned_index else {}
+        for key in producer.row_datasets():
+            dataset = producer.spec.dataset(key)
+            shape = (0, *producer.row_shape(key))
+            out[key] = [] if dataset.ragged_values else np.zeros(shape, np.dtype(dataset.dtype))
         return out
 
     def _splice(self, producer: Producer, produced: dict, template: dict | None, kinds, counts) -> dict:
         """Full-chunk rows: ok rows from ``produced``, placeholder rows from the template, others empty/zero."""
         own_counts = None
-        if producer.owns:
+        if producer.owned_index:
             tcount = int(template["counts"][0]) if template else 0
             own_counts = np.array([produced["counts"][j] if k == "ok" else tcount if k == "placeholder" else 0
                                    for k, j in kinds], np.int64)
-        out = {"counts": own_counts} if producer.owns else {}
-        for key, layout in producer.datasets().items():
-            values = produced[key]
-            if layout.rows == "image" and layout.ragged_bytes:  # per-image bytes (e.g. caption text)
+        out = {"counts": own_counts} if producer.owned_index else {}
+        for key in producer.row_datasets():
+            values, dataset = produced[key], producer.spec.dataset(key)
+            rows, ragged_bytes = dataset.per_image_kind, dataset.ragged_values
+            if rows == "image" and ragged_bytes:  # per-image bytes (e.g. caption text)
                 out[key] = [values[j] if k == "ok" else template[key][0] if k == "placeholder" else b""
                             for k, j in kinds]
                 continue
-            if layout.rows == "image":
-                full = np.zeros((len(kinds), *layout.shape), np.dtype(layout.dtype))
+            if rows == "image":
+                full = np.zeros((len(kinds), *producer.row_shape(key)), np.dtype(dataset.dtype))
                 for i, (k, j) in enumerate(kinds):
                     if k == "ok":
                         full[i] = values[j]
@@ -577,8 +600,9 @@ class Extraction:
                         full[i] = template[key][0]
                 out[key] = full
                 continue
-            per_ok = produced["counts"] if producer.owns and layout.rows == producer.owns else \
-                np.array([c for c, (k, _) in zip(counts[layout.rows], kinds) if k == "ok"], np.int64)
+            index = ragged_index(producer, key)
+            per_ok = produced["counts"] if index == producer.owned_index else \
+                np.array([c for c, (k, _) in zip(counts[index], kinds) if k == "ok"], np.int64)
             starts = _segments(per_ok)
             pieces = []
             for k, j in kinds:
@@ -586,11 +610,11 @@ class Extraction:
                     pieces.append(values[starts[j]:starts[j + 1]])
                 elif k == "placeholder":
                     pieces.append(template[key])
-            if layout.ragged_bytes:
+            if ragged_bytes:
                 out[key] = [crop for piece in pieces for crop in piece]
             else:
-                out[key] = np.concatenate(pieces).astype(np.dtype(layout.dtype)) if pieces else \
-                    np.zeros((0, *layout.shape), np.dtype(layout.dtype))
+                out[key] = np.concatenate(pieces).astype(np.dtype(dataset.dtype)) if pieces else \
+                    np.zeros((0, *producer.row_shape(key)), np.dtype(dataset.dtype))
         return out
 
     def _placeholder_template(self, rows: list[int], loaded: list[LoadedImage]) -> dict[str, dict]:
@@ -605,41 +629,42 @@ class Extraction:
                     tensors = producer.needs_pixels and producer.pixels == "tensors"
                     batch = ChunkBatch(["<placeholder>"], [gray if producer.needs_pixels and not tensors else None],
                                        [1.0], decoded=decoded if tensors else None, shared=shared)
-                    if producer.needs_crops:
-                        batch.crops = [self._template_value("objects/crop_jpeg", row, outputs, counts)]
                     for path in producer.reads:
                         batch.inputs[path] = [self._template_value(path, row, outputs, counts)]
                     outputs[producer.group] = producer.produce(batch)
-                    if producer.owns:
-                        counts[producer.owns] = outputs[producer.group]["counts"]
+                    if producer.owned_index:
+                        counts[producer.owned_index] = outputs[producer.group]["counts"]
             self._template = outputs
         return self._template
 
     def _template_value(self, path: str, row: int, outputs: dict, counts: dict):
-        group, key = path.rsplit("/", 1)
+        _, dataset = dataset_spec(path)
+        group = path.rsplit("/", 1)[0]
         if group in outputs:
-            return outputs[group][key] if self.groups_now[group].datasets()[key].rows != "image" else \
-                outputs[group][key][0]
+            values = outputs[group][dataset.name]
+            return values if dataset.per_image_kind != "image" else values[0]
         return self.cache.read(path, row)
 
     # assembly ------------------------------------------------------------------------------------------
     def _assemble(self, paths: list[Path]) -> None:
         """Stream the chunk files into the cache, one chunk in memory at a time."""
         opts = self.opts
-        kinds = self._ragged_kinds()
+        indexes = self._ragged_indexes()
         small = ["images::status", "images::width", "images::height", "images::detail", "images::fingerprint",
-                 "images::cause"] + [f"rows::{kind}" for kind in kinds]
+                 "images::cause"] + [f"rows::{index}" for index in indexes]
         table: dict[str, list] = defaultdict(list)
         for chunk in iter_chunks(paths, small):  # pass 1: the small per-row arrays
             for key, values in chunk.items():
                 table[key].append(values)
         table = {key: np.concatenate(values) for key, values in table.items()}
-        offsets = {kind: _segments(table[f"rows::{kind}"]) for kind in kinds}
+        offsets = {index: _segments(table[f"rows::{index}"]) for index in indexes}
         if self.decode:
             status = table["images::status"]
             self.status_counts = Counter(STATUS_NAMES[s] for s in status)
             self.bad_causes = Counter(c.decode() for s, c in zip(status, table["images::cause"]) if s != OK)
-        self.num_objects = int(offsets["object"][-1]) if "object" in offsets else 0
+        self.num_objects = sum(int(offsets[p.owned_index][-1]) for p in self.producers
+                               if p.owned_index and get_group(p.group).dataset(p.owned_index.rsplit("/", 1)[1]).indexes
+                               == "object")
         with CacheWriter(self.out, overwrite=opts.overwrite) as writer, contextlib.ExitStack() as groups:
             if self.decode:
                 writer.write_images(self.ids, table["images::status"],
@@ -649,9 +674,10 @@ class Extraction:
             writer.write_posts(self.dataset)
             streams = {}
             for producer in self.producers:  # owners first: their index fixes the rows of the others
-                indexes = {"offsets": offsets[producer.owns]} if producer.owns else {}
+                own = {producer.owned_index.rsplit("/", 1)[1]: offsets[producer.owned_index]} \
+                    if producer.owned_index else {}
                 streams[producer.group] = groups.enter_context(writer.group(
-                    producer.group, self._provenance(producer), producer.attrs(), indexes=indexes))
+                    producer.group, self._provenance(producer), producer.attrs(), indexes=own))
                 globals_ = producer.global_datasets()
                 if globals_:
                     streams[producer.group].append(globals_)
@@ -659,13 +685,13 @@ class Extraction:
             for chunk in iter_chunks(paths):  # pass 2: one chunk at a time
                 for producer in self.producers:
                     rows = {}
-                    for key, layout in producer.datasets().items():
+                    for key in producer.row_datasets():
                         name = chunk_key(producer.group, key)
-                        if not layout.ragged_bytes:
+                        if not producer.spec.dataset(key).ragged_values:
                             rows[key] = chunk[name]
                         elif len(chunk[name + "::lengths"]) or name not in started:  # nothing to add: skip
                             rows[key] = unpack_bytes(chunk[name], chunk[name + "::lengths"])
-                            if get_group(producer.group).dataset(key).encoding == "utf-8":  # text (captions)
+                            if producer.spec.dataset(key).encoding == "utf-8":  # text (captions)
                                 rows[key] = [value.decode("utf-8") for value in rows[key]]
                         started.add(name)
                     streams[producer.group].append(rows)
@@ -680,6 +706,10 @@ class Extraction:
                      missing_image=self.opts.missing_image, max_image_side=self.opts.max_image_side,
                      images=os.path.abspath(self.opts.images) if self.opts.images else "none (--no-images)",
                      command=absolute_command(self.opts.command or sys.argv), cwd=os.getcwd())
+        if getattr(self, "plan", None) is not None:
+            extra["for_models"] = sorted(self.plan.needed_by.get(producer.group, []))
+            if self.plan.overrides:
+                extra["paper_overrides"] = list(self.plan.overrides)
         return make_provenance(producer.group, image_ids=self.ids, extra=extra,
                                shard=shard_record(index, count, self.dataset.image_ids()), **core)
 
@@ -693,7 +723,25 @@ class Extraction:
                        seconds=dict(self.seconds), parts_bytes=getattr(self, "parts_bytes", 0),
                        cache_bytes=getattr(self, "cache_bytes", 0),
                        stages={k: v for k, v in self.stages.clock.wall.items() if k in self.stages.clock.device_stages},
-                       shard_count=self.shard[1])
+                       shard_count=self.shard[1], not_computed=list(getattr(self, "not_computed", [])),
+                       overrides=list(self.plan.overrides) if getattr(self, "plan", None) else [])
+
+
+def ragged_index(producer: Producer, key: str) -> str | None:
+    """The index slicing a producer's ragged dataset (``objects/maskrcnn/offsets``), None for image rows."""
+    dataset = producer.spec.dataset(key)
+    return index_path(producer.group, dataset.rows) if dataset.rows in RAGGED_KINDS else None
+
+
+def check_producer(producer: Producer) -> None:
+    """What a producer makes must be declared, and cover what its spec requires (before any chunk runs)."""
+    spec = producer.spec
+    for key in producer.row_datasets():
+        spec.dataset(key)  # an undeclared name raises, naming the declared ones
+    made = set(producer.row_datasets()) | set(producer.global_datasets())
+    missing = [d.name for d in spec.datasets if d.required and d.rows != "index" and d.name not in made]
+    if missing:
+        raise ValueError(f"producer of {producer.group} makes no {', '.join(missing)}, which its spec requires")
 
 
 def run_extraction(opts: ExtractOptions) -> Summary:

@@ -216,8 +216,10 @@ class ImageStages:
         boxes: list[np.ndarray],
         shared: dict | None = None,
         name: str | None = None,
+        boxes_key: str = "",
     ) -> dict[str, np.ndarray]:
-        """Per-object arrays (M, ...) float16 for ``boxes`` (decoded-image pixels, per item, in order)."""
+        """Per-object arrays (M, ...) float16 for ``boxes`` (decoded-image pixels, per item, in order);
+        crops of the same boxes (``boxes_key``: their detector) and size are cut once per chunk."""
         shared = {} if shared is None else shared
         name = name or encoder.name
         total = int(sum(len(b) for b in boxes))
@@ -227,7 +229,7 @@ class ImageStages:
         written = 0
         # the crops of up to batch_size images at a time: device memory is bounded by a batch, not the chunk
         for start in range(0, len(items), self.batch_size):
-            key_crops = ("crops", encoder.crop_size, start)
+            key_crops = ("crops", boxes_key, encoder.crop_size, start)
             if key_crops not in shared:
                 with self.clock("crops"), torch.inference_mode():
                     window = range(start, min(start + self.batch_size, len(items)))

@@ -12,9 +12,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-# Version 2: ragged row sets named by an `index` attr (several per cache: objects, grounding, ...),
-# per-image text, per-group fingerprints. Version 1 files are refused with the re-extract command.
-SCHEMA_VERSION = 2
+# Version 3: groups named by instance (objects/<detector>, encoders/clip/<model>, crops/<detector>/...), so one
+# cache holds several detectors and CLIP models. Version 2: ragged row sets named by an `index` attr, per-image
+# text, per-group fingerprints. Older files are refused with the command that rebuilds them.
+SCHEMA_VERSION = 3
 STATUS_NAMES = ("ok", "missing", "unreadable", "placeholder")
 # Why an image is not ok: the first word of its /images/detail ("corrupt: <path>: <error>"); info counts by it.
 IMAGE_CAUSES = ("no-file", "no-images-folder", "corrupt", "too-large")
@@ -106,6 +107,16 @@ def check_version(handle: h5py.File, path: str) -> None:
             f"make one with `mner-features extract ... --out {path}`"
         )
     found = int(found)
+    if found == 2 and SCHEMA_VERSION == 3:
+        data, images = _built_from(handle)
+        raise SchemaVersionError(
+            f"{path}: a schema-2 feature cache (one detector and one CLIP model per file; written by mner "
+            f"{handle.attrs.get('mner_version', 'unknown')}). This mner reads schema 3, where groups are named by "
+            "the model that made them (objects/<detector>, encoders/clip/<model>, crops/...). Rebuild it (caches "
+            f"are derived data) with:\n  mner-features extract --data {data} --images {images} --out {path} "
+            "--overwrite --for all\n(or the --detector/--encoder/--prompts flags it was built with; "
+            "docs/cache-schema.md, Schema versioning)"
+        )
     if found != SCHEMA_VERSION:
         writer = handle.attrs.get("mner_version", "unknown")
         raise SchemaVersionError(
@@ -114,6 +125,21 @@ def check_version(handle: h5py.File, path: str) -> None:
             f"`mner-features extract ... --out {path} --overwrite` with this mner version (or into a new file), "
             f"or install the mner version that wrote it."
         )
+
+
+def _built_from(handle: h5py.File) -> tuple[str, str]:
+    """The --data folder and --images folder an old cache records (placeholders when it does not)."""
+    data = images = None
+    try:
+        files = json.loads(handle["posts"].attrs["data_files_json"])
+        folders = {os.path.dirname(f) for f in files.values()}
+        data = folders.pop() if len(folders) == 1 else None
+    except (KeyError, ValueError, AttributeError):
+        pass
+    for name in feature_groups(handle):
+        provenance = json.loads(handle[name].attrs["provenance"])
+        images = images or provenance.get("images")
+    return data or "<data folder>", images or "<image folder>"
 
 
 def attrs_dict(obj: h5py.HLObject) -> dict[str, Any]:

@@ -42,9 +42,15 @@ def extract_command_hint(
             except CacheError:
                 options.append(f"<an option that produces {path}>")
                 continue
-        option = get_group(group).option_for(group)
-        if option and option not in options:
-            options.append(option)
+        option = get_group(group).option_for(group) or ""
+        words = option.split()
+        for i, word in enumerate(words):  # "--flag value" pairs and lone flags, each once
+            if not word.startswith("--"):
+                continue
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            pair = f"{word} {value}" if value else word
+            if pair not in options:
+                options.append(pair)
     return " ".join(
         [
             "mner-features extract",
@@ -117,6 +123,18 @@ def _indexes(handle: h5py.File) -> list[str]:
     return sorted(found)
 
 
+def instance_text(group: str, provenance: dict) -> str:
+    """``detector=fasterrcnn`` (and what a tiny variant stands for) for an instance of a slotted spec."""
+    try:
+        slots = get_group(group).matches(group) or {}
+    except CacheError:
+        slots = {}
+    stands_for = provenance.get("stands_for") or {}
+    parts = [f"{slot}={value}" + (f" (stands for {stands_for[slot]})" if stands_for.get(slot) else "")
+             for slot, value in slots.items()]
+    return ", ".join(parts) + ("; " if parts else "") + f"made by {provenance.get('model')}"
+
+
 def _describe_group(handle: h5py.File, group: str) -> list[str]:
     node = handle[group]
     fingerprint = str(node.attrs.get("fingerprint", "none"))[:16]
@@ -135,6 +153,7 @@ def _describe_group(handle: h5py.File, group: str) -> list[str]:
         p = json.loads(node.attrs["provenance"])
         pretrained = p.get("pretrained")
         warn = "  <-- RANDOM WEIGHTS (smoke test only)" if pretrained == "random" else ""
+        lines.append(f"    instance {instance_text(group, p)}")
         lines.append(f"    provenance: model {p.get('model')}, pretrained {pretrained}{warn}")
         shard = p.get("shard")
         shard_text = (
@@ -189,13 +208,16 @@ def schema_tables() -> str:
     out.append("")
     groups = all_groups()
     for position, group in enumerate(groups):
-        option = (group.option or "every extraction").replace("{name}", "<name>")
+        option = group.option or "every extraction"
         out.append(f"### `/{group.name}`\n")
         out.append(f"{group.doc} Produced by: `{option}`.\n")
         twin = next((g for g in groups[:position] if g.datasets == group.datasets), None)
         if twin is not None:
             out.append(f"Same datasets as `/{twin.name}`.\n")
             continue
+        if group.slots:
+            out.append("Instances: " + "; ".join(f"`{{{k}}}` {group.slot_docs.get(k, '')}".rstrip()
+                                                  for k in group.slots) + ".\n")
         if group.dims:
             out.append("Dims: " + "; ".join(f"`{k}` {v}" for k, v in group.dims.items()) + ".\n")
         if group.provenance:

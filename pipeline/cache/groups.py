@@ -6,8 +6,6 @@ write its producer in ``mner.features`` and the model that reads it (docs/archit
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from mner.pipeline.cache.specs import GROUNDING_MAX, GroupSpec, register_group
 from mner.pipeline.cache.specs import DatasetSpec as D
 
@@ -48,9 +46,14 @@ POSTS = register_group(GroupSpec(
     ),
 ))
 
+DETECTOR_SLOT = {"detector": "the --detector that made the objects: maskrcnn, fasterrcnn, detectron2, "
+                                 "maskrcnn-test (a tiny random variant; its provenance names the model it stands for)"}
+CLIP_SLOT = {"clip_model": "the open_clip architecture (--clip-model): ViT-B-32, ViT-B-16, RN50, or a tiny random "
+                           "variant <arch>-test standing for <arch>"}
+
 OBJECTS = register_group(GroupSpec(
-    name="objects", option="--detector maskrcnn",
-    doc="One detector per cache; objects of an image are in descending score. The crops are stored so "
+    name="objects/{detector}", option="--detector {detector}", slot_docs=DETECTOR_SLOT,
+    doc="One instance per detector; objects of an image are in descending score. The crops are stored so "
         "encoders added later read the same pixels. attr class_names.",
     provenance=("detector", "crops"),
     datasets=(
@@ -65,67 +68,84 @@ OBJECTS = register_group(GroupSpec(
 ))
 
 CLIP = register_group(GroupSpec(
-    name="encoders/clip", option="--encoder clip", provenance=("encoder",), attrs=("logit_scale",),
+    name="encoders/clip/{clip_model}", option="--encoder clip --clip-model {clip_model}", slot_docs=CLIP_SLOT,
+    provenance=("encoder",), attrs=("logit_scale",),
     dims={"D": "projected embedding width (512 for ViT-B-32)",
           "P": "patch tokens, class token excluded (49 for ViT-B-32 at 224)",
           "Dp": "transformer width (768 for ViT-B-32)"},
-    doc="open_clip ViT. attr logit_scale (exp of the learned scale, 100 for OpenAI weights).",
+    doc="open_clip image tower, one instance per CLIP model. attr logit_scale (exp of the learned scale, 100 "
+        "for OpenAI weights).",
     datasets=(
         D("image_embed", "image", "float16", ("D",), doc="pooled, projected image embedding"),
         D("patch_tokens", "image", "float16", ("P", "Dp"), required=False,
           doc="visual tokens after ln_post (only for open_clip models that expose tokens)"),
-        D("crop_embed", "object", "float16", ("D",), doc="embedding of each object crop (224x224)"),
     ),
 ))
 
-RESNET152 = register_group(GroupSpec(
-    name="encoders/resnet152", option="--encoder resnet152", provenance=("encoder",),
+CLIP_CROPS = register_group(GroupSpec(
+    name="crops/{detector}/clip/{clip_model}", option="--detector {detector} --encoder clip --clip-model {clip_model}",
+    slot_docs={**DETECTOR_SLOT, **CLIP_SLOT}, provenance=("encoder",),
+    dims={"D": "projected embedding width (512 for ViT-B-32)"},
+    doc="A CLIP model's embedding of one detector's object crops: rows follow objects/{detector}/offsets.",
+    datasets=(D("crop_embed", "object", "float16", ("D",), doc="embedding of each object crop (224x224)"),),
+))
+
+RESNET_SLOT = {"resnet_model": "resnet152, or resnet152-test (tiny random variant standing for resnet152)"}
+
+RESNET = register_group(GroupSpec(
+    name="encoders/resnet/{resnet_model}", option="--encoder {resnet_model}", slot_docs=RESNET_SLOT,
+    provenance=("encoder",),
     dims={"G": "grid side (7 at 224)", "C": "channels (2048)"},
     doc="torchvision ResNet-152 (the -test variant has fewer layers and channels).",
-    datasets=(
-        D("grid", "image", "float16", ("G", "G", "C"), doc="last feature map of the whole image"),
-        D("crop_pooled", "object", "float16", ("C",), doc="average-pooled feature of each object crop"),
-    ),
+    datasets=(D("grid", "image", "float16", ("G", "G", "C"), doc="last feature map of the whole image"),),
+))
+
+RESNET_CROPS = register_group(GroupSpec(
+    name="crops/{detector}/resnet/{resnet_model}", option="--detector {detector} --encoder {resnet_model}",
+    slot_docs={**DETECTOR_SLOT, **RESNET_SLOT}, provenance=("encoder",), dims={"C": "channels (2048)"},
+    doc="ResNet features of one detector's object crops: rows follow objects/{detector}/offsets.",
+    datasets=(D("crop_pooled", "object", "float16", ("C",), doc="average-pooled feature of each object crop"),),
 ))
 
 SWIN = register_group(GroupSpec(
-    name="encoders/swin", option="--encoder swin", provenance=("encoder",),
+    name="encoders/swin/{swin_model}", option="--encoder swin --swin-model {swin_model}",
+    slot_docs={"swin_model": "last segment of --swin-model (swin-large-patch4-window12-384), or swin-test "
+                             "(tiny random variant)"},
+    provenance=("encoder",),
     dims={"G": "grid side (12 at 384)", "C": "channels (1536 for Swin-L)"},
     doc="Hugging Face Swin (microsoft/swin-large-patch4-window12-384 by default).",
     datasets=(D("grid", "image", "float16", ("G", "G", "C"), doc="last hidden state as a grid"),),
 ))
 
+PROMPT_SLOTS = {**CLIP_SLOT, "prompt_set": "a bundled set (" + ", ".join(PROMPT_SETS) + ") or the stem of a "
+                "--prompts FILE.json"}
 
-# Few-layer test variants of the encoders (timm's test_* models): same datasets, tiny dims.
-TEST_VARIANTS = {
-    name: register_group(replace(spec, name=f"{spec.name}-test", option=f"{spec.option}-test",
-                                 doc=f"Test variant of {spec.name} (few layers, small dims): same datasets."))
-    for name, spec in (("clip", CLIP), ("resnet152", RESNET152), ("swin", SWIN))
-}
+PROMPTS = register_group(GroupSpec(
+    name="prompts/{clip_model}/{prompt_set}", option="--prompts {prompt_set} --clip-model {clip_model}",
+    slot_docs=PROMPT_SLOTS, provenance=("prompt_set",), attrs=("category_names", "logit_scale"),
+    dims={"Q": "prompts in the set", "D": "CLIP width", "C": "entity categories (4)"},
+    doc="A prompt set embedded with one CLIP instance's text tower (needs encoders/clip/{clip_model}). attrs "
+        "category_names, logit_scale.",
+    datasets=(
+        D("prompt_text", "global", "uint8", ("Q",), encoding="utf-8", collate=None, doc="the prompts"),
+        D("prompt_category", "global", "int16", ("Q",), collate=None, doc="category of each prompt"),
+        D("prompt_embed", "global", "float32", ("Q", "D"), collate=None, doc="CLIP text embeddings"),
+        D("centroids", "global", "float32", ("C", "D"), collate=None,
+          doc="mean prompt embedding per category (VCRMNER eq. 2)"),
+        D("image_relevance", "image", "float16", ("Q",), doc="p(prompt given the image) (PromptMNER eq. 1)"),
+    ),
+))
 
-
-def _prompt_group(name: str) -> GroupSpec:
-    return GroupSpec(
-        name=f"prompts/{name}", option="--prompts {name}", provenance=("prompt_set",),
-        attrs=("category_names", "logit_scale"),
-        dims={"Q": "prompts in the set", "C": "entity categories (4)", "D": "CLIP width"},
-        doc="A prompt set embedded with the cache's CLIP model (needs encoders/clip): a bundled set or a "
-            "--prompts FILE.json named after the file. attrs category_names, logit_scale.",
-        datasets=(
-            D("prompt_text", "global", "uint8", ("Q",), encoding="utf-8", collate=None, doc="the prompts"),
-            D("prompt_category", "global", "int16", ("Q",), collate=None, doc="category of each prompt"),
-            D("prompt_embed", "global", "float32", ("Q", "D"), collate=None, doc="CLIP text embeddings"),
-            D("centroids", "global", "float32", ("C", "D"), collate=None,
-              doc="mean prompt embedding per category (VCRMNER eq. 2)"),
-            D("crop_weights", "object", "float16", ("C",),
-              doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)"),
-            D("image_relevance", "image", "float16", ("Q",), doc="p(prompt given the image) (PromptMNER eq. 1)"),
-        ),
-    )
-
-
-PROMPTS = {name: register_group(_prompt_group(name)) for name in PROMPT_SETS}
-PROMPTS_FILE = register_group(_prompt_group("*"))  # --prompts FILE.json: the set is named after the file
+PROMPT_CROPS = register_group(GroupSpec(
+    name="crops/{detector}/prompts/{clip_model}/{prompt_set}",
+    option="--detector {detector} --prompts {prompt_set} --clip-model {clip_model}",
+    slot_docs={**DETECTOR_SLOT, **PROMPT_SLOTS}, provenance=("prompt_set",),
+    dims={"C": "entity categories (4)"},
+    doc="A prompt set's weights of one detector's crops (from crops/{detector}/clip/{clip_model} and the "
+        "centroids of prompts/{clip_model}/{prompt_set}).",
+    datasets=(D("crop_weights", "object", "float16", ("C",),
+                doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)"),),
+))
 
 GROUNDING = register_group(GroupSpec(
     name="grounding", option="--grounding owlv2", provenance=("grounding",),

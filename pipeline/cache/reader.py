@@ -181,6 +181,18 @@ class FeatureCache:
     def groups(self) -> list[str]:
         return list(self._group_attrs)
 
+    def instances(self, spec_name: str) -> dict[str, dict[str, str]]:
+        """The instances of a slotted spec in this cache: ``{"objects/maskrcnn": {"detector": "maskrcnn"}}``."""
+        from mner.pipeline.cache.specs import get_group
+
+        spec = get_group(spec_name)
+        found = {}
+        for group in self._group_attrs:
+            values = spec.matches(group)
+            if values is not None and get_group(group) is spec:
+                found[group] = values
+        return found
+
     def group_fingerprints(self) -> dict[str, str]:
         """Per-group checksum stored at write time (images, posts and every feature group)."""
         return dict(self._fingerprints)

@@ -18,6 +18,9 @@ Row kinds (``DatasetSpec.rows``):
 - ``index``: the ``(N+1,)`` int64 offsets that define a ragged set (``indexes`` names the set);
 - ``post`` / ``token``: only in ``/posts``.
 
+Group names may hold instance slots (``objects/{detector}``): every instance of a group is named by
+what made it, and a cache holds several side by side (docs/cache-schema.md, *Instances*).
+
 Variable-length values (JPEG crops, UTF-8 strings) set ``encoding`` and are stored as a flat uint8
 dataset plus ``<name>_offsets``. Symbolic per-row dims (``"D"``) must agree within a group; their
 values are stored in the group attr ``dims``.
@@ -88,25 +91,45 @@ class DatasetSpec:
         return "image" if self.rows == "text" else self.rows
 
 
+SLOT = re.compile(r"\{(\w+)\}")  # an instance slot in a group name: "objects/{detector}"
+SLOT_VALUE = re.compile(r"[A-Za-z0-9_.@+-]+")  # what a slot may hold: one path segment, no "/"
+
+
 @dataclass(frozen=True)
 class GroupSpec:
-    """A feature group: its datasets, the stage-1 option that makes it, what its provenance records."""
+    """A feature group: its datasets, the stage-1 option that makes it, what its provenance records.
 
-    name: str  # path in the file; one segment may be "*" ("prompts/*": any prompt set)
+    ``name`` may hold **instance slots**, whole path segments such as ``{detector}`` in
+    ``objects/{detector}``: one spec then describes every instance of the group, each named by what
+    made it (``objects/maskrcnn`` beside ``objects/fasterrcnn``). Rows of a ragged set follow the
+    index of the instance with the same slot values (``crops/{detector}/clip/{clip_model}`` rows
+    follow ``objects/{detector}/offsets``), so adding an instance never renames another.
+    """
+
+    name: str  # path in the file; segments "{slot}" are instance slots ("objects/{detector}")
     datasets: tuple[DatasetSpec, ...]
     option: str | None = (
-        None  # stage-1 option producing it ("--encoder clip", "--prompts {name}"); None: always
+        None  # stage-1 option producing it, slots filled ("--detector {detector}"); None: always
     )
     provenance: tuple[str, ...] = ()  # fields recorded beyond COMMON_PROVENANCE
     attrs: tuple[str, ...] = ()  # group attrs the writer requires (logit_scale, category_names)
     dims: dict = field(default_factory=dict)  # symbolic dim -> meaning with the usual value (docs)
     doc: str = ""  # one paragraph for docs/cache-schema.md
     feature: bool = True  # False for /images and /posts (no provenance, written by every extraction)
+    slot_docs: dict = field(default_factory=dict)  # slot -> what names an instance, with examples (docs)
 
     def __post_init__(self):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"group {self.name}: duplicate dataset names {names}")
+        for segment in self.name.split("/"):
+            if "{" in segment and not SLOT.fullmatch(segment):
+                raise ValueError(f"group {self.name}: a slot is a whole segment ({{name}}), got {segment!r}")
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The instance slots of the name, in order (``("detector", "clip_model")``)."""
+        return tuple(SLOT.findall(self.name))
 
     def dataset(self, key: str) -> DatasetSpec:
         for spec in self.datasets:
@@ -116,18 +139,29 @@ class GroupSpec:
             f"group {self.name} declares no dataset {key!r}; declared: {', '.join(d.name for d in self.datasets)}"
         )
 
-    def matches(self, name: str) -> str | None:
-        """The wildcard segment's value when ``name`` is an instance of this spec ("" for exact names)."""
-        if "*" not in self.name:
-            return "" if name == self.name else None
-        pattern = "^" + re.escape(self.name).replace(r"\*", "([^/]+)") + "$"
+    def matches(self, name: str) -> dict[str, str] | None:
+        """The slot values when ``name`` is an instance of this spec ({} for names without slots), else None."""
+        if not self.slots:
+            return {} if name == self.name else None
+        pattern = "^" + SLOT.sub(lambda m: f"(?P<{m.group(1)}>[^/]+)", self.name) + "$"
         found = re.match(pattern, name)
-        return found.group(1) if found else None
+        return found.groupdict() if found else None
+
+    def instance(self, **values: str) -> str:
+        """The group path of one instance: ``OBJECTS.instance(detector="maskrcnn")`` -> ``objects/maskrcnn``."""
+        missing = [slot for slot in self.slots if not values.get(slot)]
+        if missing:
+            raise CacheError(f"group {self.name}: no value for slot(s) {missing}")
+        for slot in self.slots:
+            if not SLOT_VALUE.fullmatch(str(values[slot])):
+                raise CacheError(f"group {self.name}: {slot}={values[slot]!r} is not one path segment "
+                                 "(letters, digits, . _ - + @)")
+        return SLOT.sub(lambda m: str(values[m.group(1)]), self.name)
 
     def option_for(self, name: str) -> str | None:
         if self.option is None:
             return None
-        return self.option.format(name=self.matches(name) or name.rsplit("/", 1)[-1])
+        return self.option.format(**(self.matches(name) or {}))
 
 
 _GROUPS: dict[str, GroupSpec] = {}
@@ -157,9 +191,9 @@ def get_group(name: str) -> GroupSpec:
     name = name.strip("/")
     if name in _GROUPS:
         return _GROUPS[name]
-    for spec in _GROUPS.values():
-        if spec.matches(name) is not None:
-            return spec
+    found = [spec for spec in _GROUPS.values() if spec.slots and spec.matches(name) is not None]
+    if found:  # the most specific template: the most literal segments
+        return max(found, key=lambda spec: len(spec.name.split("/")) - len(spec.slots))
     raise CacheError(
         f"no feature group {name!r} is declared; declared: {', '.join(sorted(_GROUPS))}. "
         "Declare it with mner.pipeline.cache.register_group(GroupSpec(...)) (docs/architecture.md)"
@@ -190,19 +224,25 @@ def dataset_spec(path: str) -> tuple[GroupSpec, DatasetSpec]:
 
 
 def index_path(group: str, kind: str) -> str:
-    """Where the offsets of a ragged kind live for datasets of ``group`` (its own index, else the declared one)."""
+    """Where the offsets of a ragged kind live for datasets of ``group``: its own index, else the index of
+    the declared owner instance with the same slot values (``crops/maskrcnn/clip/RN50`` ->
+    ``objects/maskrcnn/offsets``)."""
     own = get_group(group)
     for spec in own.datasets:
         if spec.indexes == kind:
             return f"{group}/{spec.name}"
-    owners = [(g, d) for g in all_groups() for d in g.datasets if d.indexes == kind and "*" not in g.name]
+    owners = [(g, d) for g in all_groups() for d in g.datasets if d.indexes == kind]
     if len(owners) != 1:
         raise CacheError(
             f"{group}: rows {kind!r} need exactly one declared group with an index for {kind!r}, found "
             f"{[g.name for g, _ in owners]}"
         )
     owner, dataset = owners[0]
-    return f"{owner.name}/{dataset.name}"
+    values = own.matches(group.strip("/")) or {}
+    missing = [slot for slot in owner.slots if slot not in values]
+    if missing:
+        raise CacheError(f"{own.name}: its {kind!r} rows follow {owner.name}, whose slot(s) {missing} its name lacks")
+    return f"{owner.instance(**values)}/{dataset.name}"
 
 
 _LOADED = False

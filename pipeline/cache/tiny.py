@@ -13,15 +13,16 @@ import numpy as np
 
 from mner.pipeline.cache.base import decode_ids, fixed_bytes
 from mner.pipeline.cache.provenance import make_provenance
-from mner.pipeline.cache.specs import GroupSpec, all_groups, get_group, index_path
+from mner.pipeline.cache.specs import RAGGED_KINDS, GroupSpec, all_groups, get_group, index_path
 from mner.pipeline.cache.writer import CacheWriter
 
-WILDCARD_NAME = "tiny_set"  # how a "prompts/*" group is instantiated
+TINY_SLOT = "tiny"  # every slot of a spec's tiny instance: objects/tiny, crops/tiny/clip/tiny, ...
 JPEG_SIDE = 8
 
 
-def instance_name(spec: GroupSpec) -> str:
-    return spec.name.replace("*", WILDCARD_NAME)
+def instance_name(spec: GroupSpec, **slots: str) -> str:
+    """The spec's tiny instance: every slot ``tiny`` unless given (``objects/{detector}`` -> ``objects/tiny``)."""
+    return spec.instance(**{slot: slots.get(slot, TINY_SLOT) for slot in spec.slots})
 
 
 def tiny_jpeg(colour: tuple[int, int, int], side: int = JPEG_SIDE) -> bytes:
@@ -55,45 +56,47 @@ def _values(ds, count: int, dims: dict[str, int], rng: np.random.Generator, salt
     return rng.integers(0, 4, (*lead, *shape)).astype(dtype)
 
 
-def tiny_group(writer: CacheWriter, name: str, *, seed: int = 0) -> dict[str, object]:
-    """Write group ``name`` with random values shaped by its spec; returns what was written per dataset."""
+def tiny_group(
+    writer: CacheWriter, name: str, *, seed: int = 0, dims: dict[str, int] | None = None,
+    counts: list[int] | None = None, provenance: dict | None = None,
+) -> dict[str, object]:
+    """Write group ``name`` with random values shaped by its spec; returns what was written per dataset.
+
+    ``dims`` sets symbolic dims (``{"D": 16}``), ``counts`` the rows per image of a group that owns a
+    ragged index, ``provenance`` fields over the tiny ones (``{"stands_for": {"detector": "maskrcnn"}}``).
+    """
     spec = get_group(name)
     rng = np.random.default_rng(seed)
-    dims = _dims(spec)
+    dims = {**_dims(spec), **(dims or {})}
     num_images = writer.num_images
     written: dict[str, object] = {}
     totals = {"image": num_images, "text": num_images}
     for ds in spec.datasets:
         if ds.rows == "index":
-            limit = ds.max_per_image or (3 if ds.indexes == "grounding" else 4)
-            counts = rng.integers(0, limit + 1, num_images)
-            counts[0] = limit  # the largest set, and (below) an image with none
-            counts[min(1, num_images - 1)] = 0
+            limit = ds.max_per_image or 4
+            per_image = rng.integers(0, limit + 1, num_images)
+            per_image[0] = limit  # the largest set, and (below) an image with none
+            per_image[min(1, num_images - 1)] = 0
+            if counts is not None:
+                per_image = np.asarray(counts, np.int64)
             offsets = np.zeros(num_images + 1, np.int64)
-            np.cumsum(counts, out=offsets[1:])
+            np.cumsum(per_image, out=offsets[1:])
             written[ds.name] = offsets
             totals[ds.indexes] = int(offsets[-1])
-    for kind in ("object", "grounding"):
-        if kind not in totals and any(ds.rows == kind for ds in spec.datasets):
-            totals[kind] = int(writer.file[index_path(name, kind)][-1])
+    for kind in {ds.rows for ds in spec.datasets if ds.rows in RAGGED_KINDS} - set(totals):
+        totals[kind] = int(writer.file[index_path(name, kind)][-1])
     for salt, ds in enumerate(spec.datasets):
         if ds.rows != "index":
             written[ds.name] = _values(ds, totals.get(ds.per_image_kind, 0), dims, rng, salt)
-    extra = {field: f"tiny {field}" for field in spec.provenance}
-    provenance = make_provenance(
-        name,
-        model="tiny",
-        pretrained="random",
-        preprocessing={},
-        thresholds={},
-        image_ids=decode_ids(writer.file["images/ids"][()]),
-        extra=extra,
-    )
+    fields = {"model": "tiny", "pretrained": "random", "preprocessing": {}, "thresholds": {},
+              **{field: f"tiny {field}" for field in spec.provenance}, **(provenance or {})}
+    core = {key: fields.pop(key) for key in ("model", "pretrained", "preprocessing", "thresholds")}
+    record = make_provenance(name, image_ids=decode_ids(writer.file["images/ids"][()]), extra=fields, **core)
     attrs = {
         key: [f"{key[:-6]}{i}" for i in range(dims.get("C", 4))] if key.endswith("_names") else 10.0
         for key in spec.attrs
     }
-    writer.write_group(name, written, provenance if spec.feature else None, attrs)
+    writer.write_group(name, written, record if spec.feature else None, attrs)
     return written
 
 
@@ -104,24 +107,37 @@ def write_tiny_cache(
     num_images: int = 6,
     status: list[str] | None = None,
     seed: int = 0,
+    image_ids: list[str] | None = None,
+    posts=None,
+    dims: dict[str, int] | None = None,
+    counts: list[int] | None = None,
+    provenance: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, object]]:
     """A cache with ``groups`` (default: every registered feature group), and any group whose ragged
-    index they need. Returns ``{group: {dataset: values}}``."""
+    index they need. Returns ``{group: {dataset: values}}``.
+
+    ``image_ids`` (sorted here) replace ``img000...``; ``posts`` (a ``mner.pipeline.data.Dataset``) are
+    stored so the trainer needs only the cache; ``dims`` / ``counts`` go to every group (``tiny_group``);
+    ``provenance`` maps a group to fields over the tiny ones."""
     names = groups if groups is not None else [instance_name(g) for g in all_groups() if g.feature]
     needed: list[str] = []
     for name in names:
         for ds in get_group(name).datasets:
-            if ds.rows in ("object", "grounding"):
+            if ds.rows in RAGGED_KINDS:
                 owner = index_path(name, ds.rows).rsplit("/", 1)[0]
                 if owner not in needed and owner != name:
                     needed.append(owner)
     ordered = [*needed, *[n for n in names if n not in needed]]
-    ids = [f"img{i:03d}" for i in range(num_images)]
+    ids = sorted(image_ids) if image_ids is not None else [f"img{i:03d}" for i in range(num_images)]
+    num_images = len(ids)
     written = {}
     with CacheWriter(path, overwrite=True) as writer:
         writer.write_images(
             ids, status or ["ok"] * num_images, width=[64] * num_images, height=[48] * num_images
         )
+        if posts is not None:
+            writer.write_posts(posts)
         for k, name in enumerate(ordered):
-            written[name] = tiny_group(writer, name, seed=seed + k)
+            written[name] = tiny_group(writer, name, seed=seed + k, dims=dims, counts=counts,
+                                       provenance=(provenance or {}).get(name))
     return written

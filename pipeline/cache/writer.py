@@ -439,7 +439,7 @@ class GroupWriter:
             or offsets.dtype.kind not in "iu"
         ):
             raise CacheError(f"{where}: offsets must be ({expected + 1},) integers non-decreasing from 0")
-        limit = spec.max_per_image or (3 if spec.indexes == "grounding" else None)
+        limit = spec.max_per_image
         if limit is not None and len(offsets) > 1 and int(np.diff(offsets).max()) > limit:
             raise CacheError(
                 f"{where}: at most {limit} {spec.indexes} rows per image, found {int(np.diff(offsets).max())}"

@@ -148,12 +148,17 @@ class VisualInputs:
     def __init__(
         self, features: str | Path, required: list[str], model_name: str, *,
         max_objects: int | None = None, use_placeholders: bool = False, stage1_settings: list | None = None,
+        cache=None,
     ):
         from mner.pipeline.cache import FeatureCache
         from mner.trainer.inputs.visual import VisualBatcher  # lazy: text-only runs never touch it
 
         self.path = str(Path(features).resolve())
-        self.cache = FeatureCache(features)
+        self.cache = cache if cache is not None else FeatureCache(features)
+        self.model_config = None  # the configuration with the instances read (open_visual_inputs sets it)
+        self.instances: dict[str, str] = {}  # slot -> instance read ("detector": "maskrcnn")
+        self.instance_notes: list[str] = []  # tiny variants read in place of the paper's models
+        self.instance_mismatches: list[str] = []  # other instances read with stage1_mismatch=warn
         missing = [path for path in required if not self.cache.has(path)]
         if missing:
             from mner.pipeline.cache import MissingFeaturesError
@@ -183,8 +188,12 @@ class VisualInputs:
 
 
 def open_visual_inputs(
-    features, model_cls, model_config, model_name: str, *, use_placeholders: bool = False
+    features, model_cls, model_config, model_name: str, *, use_placeholders: bool = False,
+    on_mismatch: str = "error",
 ) -> VisualInputs | None:
+    """The cache and batcher of a model that reads features; ``visual.model_config`` names the instances read
+    (the paper's detector / CLIP model, a tiny variant standing for it, or with ``on_mismatch="warn"`` the
+    cache's other instance, listed in ``visual.instance_mismatches``)."""
     required = list(model_cls.required_features(model_config))
     if not required:
         return None
@@ -196,11 +205,22 @@ def open_visual_inputs(
             f"model {model_name!r} reads cached visual features ({', '.join(required)}); pass "
             f"--features CACHE.h5. Build one with: {extract_command(extract_command_hint(required), settings)}"
         )
+    from mner.pipeline.cache import FeatureCache
+    from mner.trainer.models.stage1 import choose_model_instances
+
+    cache = FeatureCache(features)
+    model_config, choice, mismatches = choose_model_instances(model_name, model_cls, model_config, cache,
+                                                              on_mismatch=on_mismatch)
+    required = list(model_cls.required_features(model_config))
+    settings = model_stage1_settings(model_cls, model_config)
     max_objects = getattr(model_config, "max_objects", None)
-    return VisualInputs(
+    visual = VisualInputs(
         features, required, model_name, max_objects=max_objects, use_placeholders=use_placeholders,
-        stage1_settings=settings,
+        stage1_settings=settings, cache=cache,
     )
+    visual.model_config, visual.instances = model_config, dict(choice.slots)
+    visual.instance_notes, visual.instance_mismatches = list(choice.notes), mismatches
+    return visual
 
 
 def build_model(model_cls, model_config, *, labels, text_encoder: str, tokenizer, visual: VisualInputs | None):
@@ -396,11 +416,14 @@ def train(
 
     # ---- the feature cache: fingerprints and per-split coverage, refused when too many images are absent
     visual = open_visual_inputs(invocation["features"], model_cls, model_config, model,
-                                use_placeholders=config.use_placeholder_features)
+                                use_placeholders=config.use_placeholder_features, on_mismatch=config.stage1_mismatch)
     stage1_mismatches = []
     if visual is not None:  # the cache must come from the stage-1 settings the model's paper assumes
-        stage1_mismatches = check_cache_settings(model, model_stage1_settings(model_cls, model_config), visual.cache,
-                                                 on_mismatch=config.stage1_mismatch)
+        model_config = visual.model_config  # the instances read (recorded in config.json)
+        for note in visual.instance_notes:
+            log(f"reading {note}")
+        stage1_mismatches = visual.instance_mismatches + check_cache_settings(
+            model, model_stage1_settings(model_cls, model_config), visual.cache, on_mismatch=config.stage1_mismatch)
         if stage1_mismatches:
             warn_loudly("stage-1 settings differ from the model's paper (--set stage1_mismatch=warn):\n  "
                         + "\n  ".join(stage1_mismatches))
@@ -413,6 +436,8 @@ def train(
         cache_info["required"] = visual.required if visual is not None else []
         cache_info["provenance"] = cache_summary(cache)
         cache_info["stage1_mismatches"] = stage1_mismatches
+        cache_info["instances"] = visual.instances if visual is not None else {}
+        cache_info["instances_read"] = sorted({p.rsplit("/", 1)[0] for p in visual.required}) if visual else []
         if visual is not None:
             check_coverage(cache_info["coverage"], cache_path=cache_info["path"], max_share=config.max_missing_images,
                            what="or raise the share with --max-missing-images")
@@ -649,6 +674,8 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
     visual = open_visual_inputs(
         features, model_cls, model_config, run_config["model"], use_placeholders=use_placeholders
     )
+    if visual is not None:
+        model_config = visual.model_config
     skeleton = run_dir / "text_encoder"
     encoder = str(skeleton) if skeleton.is_dir() else run_config["text_encoder"]["name"]
     tokenizer = load_tokenizer(encoder)

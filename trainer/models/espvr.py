@@ -30,11 +30,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from mner.pipeline.stage1 import paper_needs
 from mner.trainer.inputs.segments import SecondSegment
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 
+NEEDS = paper_needs("espvr")  # the paper's Swin model and captioner (mner.pipeline.stage1, read by stage 1 too)
 CAPTIONS = "captions/text"
 IMAGE_OK = "images/ok"
 SPAN_LABELS = ["O", "B-ENT", "I-ENT"]  # ESI's type-less tag set (sec. 3.3)
@@ -53,7 +55,7 @@ class ESPVRConfig:
     cross_heads: int = 8  # heads of the cross-modal layers (not stated; 8 as the text layers)
     dropout: float = 0.4  # dropout everywhere in the head (sec. 4.1: 0.4)
     vrp_training_spans: str = "gold"  # gold | predicted: the spans VRP reads while training
-    swin_group: str = "swin"  # cache group encoders/<swin_group> holding the 12x12 grid
+    swin_model: str = NEEDS.slots["swin_model"]  # encoders/swin/<swin_model> instance read (sec. 4.1: Swin-L); override
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +220,13 @@ class ESPVR(nn.Module):
 
     @staticmethod
     def required_features(config: ESPVRConfig) -> list[str]:
-        paths = [f"encoders/{config.swin_group}/grid"] if config.use_espvr else []
+        paths = [f"encoders/swin/{config.swin_model}/grid"] if config.use_espvr else []
         return paths + ([CAPTIONS] if config.use_captions else [])
+
+    @staticmethod
+    def stage1_settings(config: ESPVRConfig) -> list:
+        """Sec. 3.2: BLIP captions (checked when they are read); the Swin model is the instance choice."""
+        return NEEDS.filled_settings({"swin_model": config.swin_model}) if config.use_captions else []
 
     @staticmethod
     def second_segment(config: ESPVRConfig) -> str | None:
@@ -254,7 +261,7 @@ class ESPVR(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
         if config.use_espvr:
-            self.grid_path = f"encoders/{config.swin_group}/grid"
+            self.grid_path = f"encoders/swin/{config.swin_model}/grid"
             grid_h, grid_w, region_width = features.shapes[self.grid_path]
             if grid_h != grid_w or not 1 <= config.alpha <= grid_h - 1:
                 raise ValueError(f"espvr: alpha={config.alpha} needs a square grid with alpha in 1..side-1; "

@@ -37,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mner.pipeline.stage1 import paper_needs
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import register_model
 from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
 
+NEEDS = paper_needs("mgipscl")  # the paper's grounding crops (mner.pipeline.stage1, read by stage 1 too)
 PIXELS = "grounding/pixels"
 CROP_MASK = "grounding/mask"
 CROP_OFFSETS = "grounding/offsets"
@@ -384,6 +386,11 @@ class MGIPSCL(nn.Module):
         if config.vision_mode not in VISION_MODES:
             raise ValueError(f"mgipscl: vision_mode={config.vision_mode!r}; valid values: {', '.join(VISION_MODES)}")
         return [CROP_OFFSETS, PIXELS if config.vision_mode == "finetune" else STATES]
+
+    @staticmethod
+    def stage1_settings(config: MGIPSCLConfig) -> list:
+        """Sec. 3.1.2: three visual-grounding crops per image (OWLv2 here, or the HVPNeT crop files)."""
+        return NEEDS.filled_settings()
 
     def __init__(self, config: MGIPSCLConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None):
         super().__init__()

@@ -40,19 +40,19 @@ How we read the places the paper leaves open (see docs/models/pmner.md):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mner.pipeline.stage1 import paper_needs
 from mner.trainer.inputs.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
-from mner.trainer.models.stage1 import Stage1Setting
 
-OBJECT_MASK = "objects/mask"
+NEEDS = paper_needs("pmner")  # Faster R-CNN, ResNet-152, score > 0.95, top 5 (mner.pipeline.stage1)
 IMAGE_OK = "images/ok"
 
 # Verbalizer label words (sec. 3.4): one word per tag part, averaged.
@@ -73,16 +73,24 @@ class PMNERConfig:
     template_max_length: int = 20  # pieces of ", the word of <entity> is <mask> ." (sec. 4.1: 20)
     encoded_max_length: int = 256  # pieces of one wrapped input, [CLS] and [SEP] included (sec. 4.1: 256)
     template_chunk: int = 64  # wrapped inputs per encoder pass in template mode (memory bound, no effect on results)
-    max_objects: int = 5  # m: objects per image (sec. 4.1: first five with score > 0.95, selected in stage 1)
+    max_objects: int = 5  # m: objects per image (sec. 4.1: the first five with score > min_object_score)
+    min_object_score: float = 0.95  # objects kept when reading (sec. 4.1: probability > 0.95); not on random weights
     num_heads: int = 12  # heads of every cross-modal / self-attention (sec. 4.1: 12)
     ffn_mult: int = 4  # FFN inner width of eq. 7 = ffn_mult * text width
     dropout: float = 0.1  # dropout in the attentions, the FFN and on the word states
-    resnet_group: str = "resnet152"  # cache group encoders/<resnet_group> holding crop_pooled and grid
+    detector: str = NEEDS.slots["detector"]  # objects/<detector> instance read (sec. 3.2: Faster R-CNN); an override
+    resnet_model: str = NEEDS.slots["resnet_model"]  # encoders/resnet/<resnet_model> (sec. 3.2: ResNet-152); override
 
 
 def visual_path(config: PMNERConfig) -> str:
     """FRR reads the objects' pooled vectors (K, 2048); without FRR, the whole image's 7x7 grid."""
-    return f"encoders/{config.resnet_group}/{'crop_pooled' if config.use_frr else 'grid'}"
+    if config.use_frr:
+        return f"crops/{config.detector}/resnet/{config.resnet_model}/crop_pooled"
+    return f"encoders/resnet/{config.resnet_model}/grid"
+
+
+def score_path(config: PMNERConfig) -> str:
+    return f"objects/{config.detector}/scores"
 
 
 PROMPT_MODES = ("template", "word")
@@ -154,24 +162,18 @@ class PMNER(nn.Module):
 
     @staticmethod
     def required_features(config: PMNERConfig) -> list[str]:
-        return [visual_path(config)]
+        return [visual_path(config), score_path(config)] if config.use_frr else [visual_path(config)]
 
     @staticmethod
-    def stage1_settings(config: PMNERConfig) -> list[Stage1Setting]:
-        """Sec. 3.2 / 4.1: Faster R-CNN objects with score > 0.95, the first five, ResNet-152 features."""
-        resnet = Stage1Setting(f"encoders/{config.resnet_group}", "model", "torchvision/resnet152",
-                               "--encoder resnet152", "P-MNER sec. 3.2: pre-trained 152-layer ResNet")
+    def stage1_settings(config: PMNERConfig) -> list:
+        """Sec. 3.2 / 4.1: Faster R-CNN objects with score > 0.95, the first five, ResNet-152 features. The
+        detector and ResNet are instance choices; a cache with more objects (top 10, score > 0.5) serves the
+        paper: the model keeps the first ``max_objects`` with score > ``min_object_score`` when reading."""
         if not config.use_frr:
-            return [resnet]
-        return [
-            Stage1Setting("objects", "detector", "fasterrcnn", "--detector fasterrcnn",
-                          "P-MNER sec. 3.2: Faster R-CNN"),
-            Stage1Setting("objects", "thresholds.score_threshold", 0.95, "--score-threshold 0.95",
-                          "P-MNER sec. 4.1: objects with a probability above 0.95", match="at_least"),
-            Stage1Setting("objects", "thresholds.top_k", config.max_objects, f"--top-k {config.max_objects}",
-                          "P-MNER sec. 4.1: the first five objects", match="at_least"),
-            resnet,
-        ]
+            return []
+        settings = NEEDS.filled_settings({"detector": config.detector, "resnet_model": config.resnet_model})
+        return [replace(s, expected=config.max_objects, flags=f"--top-k {config.max_objects}")
+                if s.key == "thresholds.top_k" else s for s in settings]
 
     def __init__(
         self, config: PMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None
@@ -186,6 +188,11 @@ class PMNER(nn.Module):
         self.config = config
         self.labels = list(labels)
         self.visual_path = visual_path(config)
+        self.mask_path = f"objects/{config.detector}/mask"
+        # sec. 4.1's score cut, applied when reading (the cache may hold more objects); random detector
+        # weights give meaningless scores, so their objects are kept as cached (the trainer warns about them)
+        objects = (features.attrs.get(f"objects/{config.detector}") or {}).get("provenance", {})
+        self.min_object_score = None if objects.get("pretrained") == "random" else config.min_object_score
 
         # -- sec. 3.1 text encoder (with its MLM head when prompt learning needs it)
         mlm_head = decoder = None
@@ -239,7 +246,10 @@ class PMNER(nn.Module):
         features = visual[self.visual_path].float()
         if self.config.use_frr:
             features = features[:, : self.config.max_objects]  # (B, m, 2048)
-            mask = visual[OBJECT_MASK][:, : self.config.max_objects].bool()  # (B, m)
+            mask = visual[self.mask_path][:, : self.config.max_objects].bool()  # (B, m)
+            if self.min_object_score is not None:  # objects are stored in descending score: a prefix is kept
+                scores = visual[score_path(self.config)][:, : self.config.max_objects]  # (B, m)
+                mask = mask & (scores > self.min_object_score)
         else:
             features = features.flatten(1, -2)  # (B, 7 * 7, 2048)
             ok = visual.get(IMAGE_OK, torch.ones(features.size(0), dtype=torch.bool, device=features.device))

@@ -3,7 +3,7 @@
 Sec. 2.3, prompt-based visual clues: CLIP scores the image against entity-related prompts
 ``P_i = "an image of [w_i]"``, ``p(P_i|I) = softmax_i(logit_scale * cos(s_i, v))`` (eq. 1), and each
 clue token is the weighted prompt embedding ``w_hat_i = p(P_i|I) * s_i``. Discrete prompt sets ran
-once in ``mner-features`` (cached ``prompts/<set>/image_relevance`` (N, Q) and ``prompt_embed``
+once in ``mner-features`` (cached ``prompts/<clip_model>/<set>/image_relevance`` (N, Q) and ``prompt_embed``
 (Q, D)); continuous prompts are learned vectors here, scored against the cached CLIP image
 embedding ``encoders/clip/image_embed`` with CLIP's logit scale.
 
@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mner.pipeline.stage1 import paper_needs
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import gather_first_pieces, init_linear
-from mner.trainer.models.stage1 import Stage1Setting
 
-CLIP_IMAGE_EMBED = "encoders/clip/image_embed"
+NEEDS = paper_needs("promptmner")  # the paper's CLIP model (mner.pipeline.stage1, read by stage 1 too)
 IMAGE_OK = "images/ok"
 DISCRETE_PROMPT_SETS = {"task": "promptmner_task", "kb": "promptmner_kb", "expert": "promptmner_expert"}
 PROMPT_CHOICES = (*DISCRETE_PROMPT_SETS, "continuous")
@@ -55,6 +55,7 @@ class PromptMNERConfig:
     # presets; the default is the other models' 0.1 (0.5 learns ~3x slower in the first epochs: model doc)
     dropout: float = 0.1
     span_loss: str = "sum"  # sum: eq. 6, summed over a post's spans, averaged over posts | mean: over all spans
+    clip_model: str = NEEDS.slots["clip_model"]  # CLIP instance read (sec. 2.3: CLIP's CNN encoder, RN50); override
     clip_logit_scale: float | None = (
         None  # CLIP's 1/tau for continuous prompts; None = the cache's attr (else 100)
     )
@@ -250,18 +251,16 @@ class PromptMNER(nn.Module):
     def required_features(config: PromptMNERConfig) -> list[str]:
         _check_prompts(config.prompts)
         if config.prompts == "continuous":
-            return [CLIP_IMAGE_EMBED]
-        group = f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
+            return [image_embed_path(config)]
+        group = f"prompts/{config.clip_model}/{DISCRETE_PROMPT_SETS[config.prompts]}"
         return [f"{group}/image_relevance", f"{group}/prompt_embed"]
 
     @staticmethod
-    def stage1_settings(config: PromptMNERConfig) -> list[Stage1Setting]:
-        """Sec. 2.3: "the convolutional neural network-based image encoder of CLIP" (a ResNet CLIP;
-        the paper does not say which, RN50 is the smallest)."""
+    def stage1_settings(config: PromptMNERConfig) -> list:
+        """Sec. 2.3: "the convolutional neural network-based image encoder of CLIP" (a ResNet CLIP; the
+        paper does not say which, RN50 is the smallest): the instance choice ``clip_model``."""
         _check_prompts(config.prompts)
-        group = "encoders/clip" if config.prompts == "continuous" else f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
-        return [Stage1Setting(group, "model", r"open_clip/RN[\w-]*", "--clip-model RN50",
-                              "PromptMNER sec. 2.3: CLIP's CNN image encoder", match="pattern")]
+        return NEEDS.filled_settings({"clip_model": config.clip_model})
 
     def __init__(
         self, config: PromptMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None
@@ -302,19 +301,20 @@ class PromptMNER(nn.Module):
 
         # -- visual clues (sec. 2.3): prompt embeddings s_i, cached (discrete) or learned (continuous)
         if config.prompts == "continuous":
-            clip_width = int(features.shapes[CLIP_IMAGE_EMBED][-1])
+            clip_width = int(features.shapes[image_embed_path(config)][-1])
             prompts = torch.randn(config.num_continuous_prompts, clip_width) / math.sqrt(clip_width)
             self.continuous_prompts = nn.Parameter(prompts)  # (Q, D)
-            scale = config.clip_logit_scale or _clip_logit_scale(features)
+            scale = config.clip_logit_scale or _clip_logit_scale(features, config)
             self.register_buffer("logit_scale", torch.tensor(float(scale)), persistent=False)
         else:
-            group = f"prompts/{DISCRETE_PROMPT_SETS[config.prompts]}"
+            group = f"prompts/{config.clip_model}/{DISCRETE_PROMPT_SETS[config.prompts]}"
             self.relevance_path = f"{group}/image_relevance"
             embed_path = f"{group}/prompt_embed"
             if embed_path not in features.globals:
                 raise ValueError(
                     f"the feature spec has no global array {embed_path!r}: build the cache with "
-                    f"`mner-features extract ... --encoder clip --prompts {DISCRETE_PROMPT_SETS[config.prompts]}`"
+                    f"`mner-features extract ... --clip-model {config.clip_model} "
+                    f"--prompts {DISCRETE_PROMPT_SETS[config.prompts]}`"
                 )
             prompt_embed = torch.as_tensor(features.globals[embed_path], dtype=torch.float32)  # (Q, D)
             self.register_buffer("prompt_embed", prompt_embed, persistent=False)
@@ -337,7 +337,7 @@ class PromptMNER(nn.Module):
     def visual_clues(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
         """w_hat_i = p(P_i|I) * s_i for every prompt, zero for posts without a usable image."""
         if self.config.prompts == "continuous":
-            image = F.normalize(visual[CLIP_IMAGE_EMBED].float(), dim=-1)  # (B, D)
+            image = F.normalize(visual[image_embed_path(self.config)].float(), dim=-1)  # (B, D)
             prompts = self.continuous_prompts  # (Q, D)
             relevance = (self.logit_scale * image @ F.normalize(prompts, dim=-1).T).softmax(
                 dim=-1
@@ -492,9 +492,13 @@ def _sep_token_id(tokenizer, encoder_config) -> int:
     return int(token_id)
 
 
-def _clip_logit_scale(features) -> float:
+def image_embed_path(config: PromptMNERConfig) -> str:
+    return f"encoders/clip/{config.clip_model}/image_embed"
+
+
+def _clip_logit_scale(features, config: PromptMNERConfig) -> float:
     """CLIP's 1/tau from the cache attrs; open_clip stores it as log (4.6052 for 100)."""
-    for key in (CLIP_IMAGE_EMBED, "encoders/clip"):
+    for key in (image_embed_path(config), f"encoders/clip/{config.clip_model}"):
         value = (getattr(features, "attrs", None) or {}).get(key, {}).get("logit_scale")
         if value is not None:
             value = float(value)

@@ -9,33 +9,14 @@ from the hint is the one the paper describes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
+from mner.pipeline.stage1 import Choice, Stage1Setting, choose_instances, config_slots, paper_needs
 
-@dataclass(frozen=True)
-class Stage1Setting:
-    group: str  # cache group whose provenance records the value, e.g. "objects"
-    key: str  # dotted key inside that provenance, e.g. "thresholds.score_threshold"
-    expected: Any  # the paper's value; for "pattern" a regular expression
-    flags: str  # the mner-features extract flags that produce it, e.g. "--score-threshold 0.95"
-    source: str  # where the paper says so, e.g. "P-MNER sec. 4.1"
-    match: str = "equal"  # equal | at_least | pattern
-
-    def satisfied_by(self, found: Any) -> bool:
-        if self.match == "equal":
-            return found == self.expected
-        if self.match == "at_least":
-            return isinstance(found, (int, float)) and found >= self.expected
-        if self.match == "pattern":
-            return isinstance(found, str) and re.fullmatch(self.expected, found) is not None
-        raise ValueError(f"Stage1Setting.match={self.match!r}; valid values: equal, at_least, pattern")
-
-    def describe(self) -> str:
-        wanted = {"equal": "{}", "at_least": ">= {}", "pattern": "matching {}"}[self.match].format(self.expected)
-        return f"{self.group} {self.key} {wanted} ({self.source})"
+__all__ = ["Stage1Setting", "check_cache_settings", "choose_model_instances", "extract_command",
+           "missing_features_message", "model_stage1_settings", "stage1_flags", "stage1_mismatches"]
 
 
 def _lookup(provenance: dict, key: str) -> Any:
@@ -57,6 +38,8 @@ def stage1_mismatches(
         provenance = provenance_of(setting.group)
         if provenance is None:
             continue
+        if setting.random_init_free and provenance.get("pretrained") == "random":
+            continue  # random weights: the value means nothing (a score threshold may be lowered)
         found = _lookup(provenance, setting.key)
         if not setting.satisfied_by(found):
             lines.append(f"{setting.describe()}: the cache has {found!r}; extract with {setting.flags}")
@@ -72,13 +55,16 @@ def stage1_flags(settings: Iterable[Stage1Setting]) -> list[str]:
     return flags
 
 
+REPEATABLE = ("--encoder", "--prompts", "--detector", "--clip-model")  # mner-features extract flags given many times
+
+
 def extract_command(base_command: str, settings: Iterable[Stage1Setting]) -> str:
     """``base_command`` (a ``mner-features extract ...`` hint) with the model's settings added: a
     ``--flag value`` of the settings replaces the same flag's value in the hint."""
     words = base_command.split(" ")
     for flags in stage1_flags(settings):
         name, _, value = flags.partition(" ")
-        if name == "--encoder" or name == "--prompts":  # repeatable flags: add if absent
+        if name in REPEATABLE:  # repeatable flags: add if absent
             if f"{name} {value}" not in base_command:
                 words += [name, value]
             continue
@@ -105,6 +91,37 @@ def missing_features_message(model_name: str, cache, missing: list[str], setting
         f"(groups present: {', '.join(cache.groups()) or 'none'}). Add them (existing groups are kept) "
         f"with:\n  {extract_command(cache.hint(missing), settings)}"
     )
+
+
+def choose_model_instances(model_name: str, model_cls, model_config, cache, *, on_mismatch: str):
+    """The instances (detector, CLIP model, ...) the configuration reads in ``cache``, set on a copy of the config.
+
+    The paper's instance, else a tiny test variant standing for it. When the cache has neither but holds
+    another instance of the kind, ``on_mismatch="error"`` raises ``ConfigError`` naming what it has and the
+    extract command that adds the paper's instance (existing ones are kept); ``"warn"`` reads that other
+    instance and returns the mismatch line (the trainer warns and records it). Returns
+    ``(config, choice, mismatch lines)``."""
+    from mner.trainer.core.config import ConfigError
+
+    if on_mismatch not in ON_MISMATCH:
+        raise ConfigError(f"--set stage1_mismatch={on_mismatch}: valid values: {', '.join(ON_MISMATCH)}")
+    needs = paper_needs(model_name)
+    wanted = config_slots(model_config, needs)
+    if not wanted:
+        return model_config, Choice({}), []
+    choice = choose_instances(cache, list(model_cls.required_features(model_config)), wanted)
+    lines = [f"{slot} {value!r} ({needs.source or model_name}): {cache.path} holds no such instance; it has "
+             f"{', '.join(have)}" for slot, (value, have) in choice.unmatched.items()]
+    if lines and on_mismatch == "error":
+        paths = list(model_cls.required_features(model_config))
+        raise ConfigError(
+            f"{cache.path} lacks the stage-1 instances model {model_name!r} reads:\n  - " + "\n  - ".join(lines)
+            + f"\nAdd them (existing instances are kept) with:\n  {cache.hint(paths)}\n"
+            "or pass --set stage1_mismatch=warn to read the cache's instance anyway (recorded in the run's files), "
+            "or choose an instance with --set " + " ".join(f"{slot}=..." for slot in choice.unmatched))
+    for slot, (_, have) in choice.unmatched.items():
+        choice.slots[slot] = have[0]
+    return replace(model_config, **choice.slots), choice, lines
 
 
 def check_cache_settings(model_name: str, settings: list[Stage1Setting], cache, *, on_mismatch: str) -> list[str]:

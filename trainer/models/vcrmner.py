@@ -2,7 +2,8 @@
 
 Stage one of the paper (sec. 3.1: Mask R-CNN objects -> CLIP crop embeddings v_i, prompt centroids
 c_j, eq. 1-5 weights w_sim_ij = softmax_j(logit * v_i . c_j)) ran once in ``mner-features``; this
-model reads ``encoders/clip/crop_embed`` and ``prompts/<set>/crop_weights`` from the cache.
+model reads ``crops/<detector>/clip/<clip_model>/crop_embed`` and
+``crops/<detector>/prompts/<clip_model>/<set>/crop_weights`` from the cache.
 Stage two (sec. 3.2-3.3) lives here: cue_v (eq. 6) -> N interaction blocks (self-attention over the
 text, eq. 8-10, then cross-attention text -> visual cues, eq. 11-13) -> CRF (eq. 14-15).
 """
@@ -15,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mner.pipeline.stage1 import paper_needs
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
-from mner.trainer.models.stage1 import Stage1Setting
 
-CROP_EMBED = "encoders/clip/crop_embed"
+NEEDS = paper_needs("vcrmner")  # the paper's detector and CLIP model (mner.pipeline.stage1, read by stage 1 too)
 
 
 @dataclass
@@ -33,7 +34,8 @@ class VCRMNERConfig:
     use_inter_former: bool = True  # False = "w/o inter-former": [word state ; pooled cue] -> CRF
     use_visual_evaluation: bool = True  # False = "w/o ev": cue_v = v_i, no prompt weighting (eq. 6)
     prompt_set: str = "vcrmner"  # "vcrmner" (prompt centroids) | "vcrmner_words" ("w/o prompt": category words)
-    clip_group: str = "clip"  # cache group encoders/<clip_group> holding crop_embed
+    detector: str = NEEDS.slots["detector"]  # objects/<detector> instance read (sec. 3.1: Mask R-CNN); an override
+    clip_model: str = NEEDS.slots["clip_model"]  # CLIP instance of crops and prompts (sec. 4.1: ViT-B-16); an override
 
 
 class InteractionBlock(nn.Module):
@@ -97,24 +99,17 @@ class VCRMNER(nn.Module):
 
     @staticmethod
     def required_features(config: VCRMNERConfig) -> list[str]:
-        paths = ["objects/offsets", f"encoders/{config.clip_group}/crop_embed"]
+        crops = f"crops/{config.detector}"
+        paths = [f"objects/{config.detector}/offsets", f"{crops}/clip/{config.clip_model}/crop_embed"]
         if config.use_visual_evaluation:
-            paths.append(f"prompts/{config.prompt_set}/crop_weights")
+            paths.append(f"{crops}/prompts/{config.clip_model}/{config.prompt_set}/crop_weights")
         return paths
 
     @staticmethod
-    def stage1_settings(config: VCRMNERConfig) -> list[Stage1Setting]:
-        """Sec. 3.1: Mask R-CNN objects; CLIP ViT base with 16x16 patches encodes crops and prompts."""
-        clip = r"open_clip/ViT-B-16(-quickgelu)?"
-        settings = [
-            Stage1Setting("objects", "detector", "maskrcnn", "--detector maskrcnn", "VCRMNER sec. 3.1: Mask R-CNN"),
-            Stage1Setting(f"encoders/{config.clip_group}", "model", clip, "--clip-model ViT-B-16",
-                          "VCRMNER sec. 3.1 / 4.1: clip-vit base, 16x16 patches", match="pattern"),
-        ]
-        if config.use_visual_evaluation:
-            settings.append(Stage1Setting(f"prompts/{config.prompt_set}", "model", clip, "--clip-model ViT-B-16",
-                                          "VCRMNER eq. 1-5: the same CLIP scores crops and prompts", match="pattern"))
-        return settings
+    def stage1_settings(config: VCRMNERConfig) -> list:
+        """Sec. 3.1: Mask R-CNN objects; CLIP ViT base with 16x16 patches encodes crops and prompts: both are
+        instance choices (``NEEDS.slots``), so no provenance value is checked beyond them."""
+        return NEEDS.filled_settings({"detector": config.detector, "clip_model": config.clip_model})
 
     def __init__(self, config: VCRMNERConfig, *, labels: list[str], text_encoder: str, tokenizer=None, features=None):
         super().__init__()
@@ -122,8 +117,9 @@ class VCRMNER(nn.Module):
             raise ValueError("vcrmner reads cached CLIP crop embeddings: pass --features <cache.h5>")
         self.config = config
         self.labels = list(labels)
-        self.crop_path = f"encoders/{config.clip_group}/crop_embed"
-        self.weight_path = f"prompts/{config.prompt_set}/crop_weights"
+        self.crop_path, *rest = self.required_features(config)[1:]
+        self.weight_path = rest[0] if rest else None
+        self.mask_path = f"objects/{config.detector}/mask"
         self.text_encoder = load_encoder(text_encoder)  # AutoModel by hub name, folder or alias
         width = self.text_encoder.config.hidden_size  # d
         if width % config.num_heads:
@@ -159,7 +155,7 @@ class VCRMNER(nn.Module):
         """
         m = self.config.max_objects  # slots keep stage 1's score order: the first m are the top-m objects
         crops = F.normalize(visual[self.crop_path][:, :m].float(), dim=-1)  # v_i = v'_i / ||v'_i|| (B, K, D), eq. 4
-        mask = visual["objects/mask"][:, :m].bool()  # (B, K)
+        mask = visual[self.mask_path][:, :m].bool()  # (B, K)
         if self.config.use_visual_evaluation:
             relevance = visual[self.weight_path][:, :m].max(dim=-1).values  # max_j w_sim_ij (B, K)
             crops = crops * relevance.unsqueeze(-1)  # (B, K, D)

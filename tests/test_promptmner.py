@@ -13,7 +13,6 @@ from mner.trainer.models import get_model_class
 from mner.trainer.models.promptmner import (
     ModalityAwareLayer,
     _clip_logit_scale,
-    bio_to_spans,
     decode_spans,
     enumerate_spans,
 )
@@ -88,12 +87,6 @@ def test_enumerate_spans_respects_max_width():
     assert list(zip(starts.tolist(), ends.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)]
     starts, ends = enumerate_spans(4, 10)
     assert len(starts) == 4 * 5 // 2 and bool((ends >= starts).all())
-
-
-def test_bio_to_spans_reads_orphans_and_type_changes_like_seqeval():
-    tags = ["B-PER", "I-PER", "I-LOC", "O", "I-ORG", "B-ORG", "I-ORG"]
-    assert bio_to_spans(tags) == [(0, 1, "PER"), (2, 2, "LOC"), (4, 4, "ORG"), (5, 6, "ORG")]
-    assert bio_to_spans(["O", "O"]) == []
 
 
 def test_decode_spans_keeps_the_most_confident_non_overlapping_spans():

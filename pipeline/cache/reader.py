@@ -223,7 +223,7 @@ class FeatureCache:
         return self._info(path).encoding
 
     def index_of(self, path: str) -> str | None:
-        """The offsets dataset slicing a ragged dataset's rows per image ("objects/offsets")."""
+        """The offsets dataset slicing a ragged dataset's rows per image ("objects/maskrcnn/offsets")."""
         return self._info(path).index
 
     def row_shape(self, path: str) -> tuple:

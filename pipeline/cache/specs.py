@@ -186,7 +186,7 @@ def all_groups() -> list[GroupSpec]:
 
 
 def get_group(name: str) -> GroupSpec:
-    """The spec of a group path ("encoders/clip", "prompts/my_set"): exact names win over wildcards."""
+    """The spec of a group path ("objects/maskrcnn", "prompts/RN50/my_set"): exact names win over templates."""
     _load_builtin()
     name = name.strip("/")
     if name in _GROUPS:
@@ -201,7 +201,7 @@ def get_group(name: str) -> GroupSpec:
 
 
 def split_path(path: str) -> tuple[str, str]:
-    """ "encoders/clip/crop_embed" -> ("encoders/clip", "crop_embed"), using the registry to find the group."""
+    """ "encoders/clip/RN50/image_embed" -> ("encoders/clip/RN50", "image_embed"), using the registry to find the group."""
     path = path.strip("/")
     parts = path.split("/")
     for cut in range(len(parts) - 1, 0, -1):

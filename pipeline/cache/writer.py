@@ -158,7 +158,7 @@ class CacheWriter:
 
     # queries -----------------------------------------------------------------------------------------
     def existing_groups(self) -> set[str]:
-        """Feature groups already in the cache (e.g. {"objects", "encoders/clip"}), plus images/posts."""
+        """Feature groups already in the cache (e.g. {"objects/maskrcnn", "encoders/clip/RN50"}), plus images/posts."""
         groups = set(feature_groups(self.file))
         groups.update(name for name in ("images", "posts") if name in self.file)
         return groups

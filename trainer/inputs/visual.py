@@ -38,7 +38,7 @@ def decode_pixels(jpeg: bytes, side: int) -> np.ndarray:
 class VisualBatcher:
     """Turns the cache rows of a batch's images into ``batch["visual"]``.
 
-    ``paths`` are cache dataset paths (``"encoders/clip/crop_embed"``...). Per image rows become (B, ...)
+    ``paths`` are cache dataset paths (``"crops/maskrcnn/clip/ViT-B-16/crop_embed"``...). Per image rows become (B, ...)
     tensors; rows of a ragged per-image set (``object``, ``grounding``) become (B, K, ...) padded to the
     batch's largest count (at least 1) with the set's mask (``objects/mask`` (B, K), ...). Collation
     follows the spec: ``float`` -> float32, ``pixels`` / ``jpeg`` -> uint8 (..., S, S, 3), ``text`` -> a

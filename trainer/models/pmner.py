@@ -2,9 +2,9 @@
 
 Sec. 3.1, text: BERT states R, then self-attention (eq. 2) -> T.
 Sec. 3.2, FRR visual features: Faster R-CNN objects with score > 0.95, top 5, each crop through
-ResNet-152 (cached ``encoders/resnet152/crop_pooled`` (K, 2048)), projected to the text width,
+ResNet-152 (cached ``crops/<detector>/resnet/resnet152/crop_pooled`` (K, 2048)), projected to the text width,
 then visual self-attention (eq. 3) -> V (m rows). Without FRR ("T+V" rows) the m regions are the
-cached 7x7 ResNet-152 grid of the whole image (``encoders/resnet152/grid``).
+cached 7x7 ResNet-152 grid of the whole image (``encoders/resnet/resnet152/grid``).
 Sec. 3.3, TCFM: visual queries over text (eq. 4-5) + LN/FFN (eq. 6-7) -> P (m rows, "text
 features based on visual objects"); "similar to the description above", text queries over V -> q
 and re-fusion, text queries over P -> C, each through the same eq. 4-7 block; ``H = T + V + C`` (eq. 8).
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mner.pipeline.stage1 import paper_needs
+from mner.pipeline.tags import repair_bio
 from mner.trainer.inputs.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
@@ -538,16 +539,10 @@ def _label_words(tag: str) -> tuple[str, ...]:
 
 
 def repair_bio_ids(path: list[int], labels: list[str]) -> list[int]:
-    """Argmax tags -> valid BIO: an I-X that does not follow B-X or I-X becomes B-X."""
+    """Argmax tag ids -> valid BIO (:func:`mner.pipeline.tags.repair_bio`); an I-X stays when there is no B-X."""
     index = {label: i for i, label in enumerate(labels)}
-    repaired, previous = [], "O"
-    for label_id in path:
-        tag = labels[label_id]
-        if tag.startswith("I-") and previous not in (f"B-{tag[2:]}", tag) and f"B-{tag[2:]}" in index:
-            tag = f"B-{tag[2:]}"
-        repaired.append(index[tag])
-        previous = tag
-    return repaired
+    repaired, _ = repair_bio(labels[label_id] for label_id in path)
+    return [index.get(tag, label_id) for tag, label_id in zip(repaired, path)]
 
 
 def _load_encoder_with_mlm_head(name: str) -> tuple[nn.Module, nn.Module | None, nn.Linear | None]:

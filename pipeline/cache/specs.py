@@ -201,7 +201,7 @@ def get_group(name: str) -> GroupSpec:
 
 
 def split_path(path: str) -> tuple[str, str]:
-    """ "encoders/clip/RN50/image_embed" -> ("encoders/clip/RN50", "image_embed"), using the registry to find the group."""
+    """"encoders/clip/RN50/image_embed" -> ("encoders/clip/RN50", "image_embed"), using the registry."""
     path = path.strip("/")
     parts = path.split("/")
     for cut in range(len(parts) - 1, 0, -1):

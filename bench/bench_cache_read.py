@@ -17,58 +17,36 @@ import time
 
 import numpy as np
 
-from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.cache import CacheWriter, FeatureCache
 
 TARGET = 5000.0
-PATHS = (  # what VCRMNER + P-MNER read per image
+PATHS = (  # what VCRMNER + P-MNER + PromptMNER read per image
     "images/status",
-    "objects/boxes",
-    "encoders/clip/image_embed",
-    "encoders/clip/patch_tokens",
-    "encoders/clip/crop_embed",
-    "encoders/resnet152/crop_pooled",
-    "prompts/vcrmner/crop_weights",
-    "prompts/promptmner_task/image_relevance",
+    "objects/maskrcnn/boxes",
+    "encoders/clip/ViT-B-16/image_embed",
+    "encoders/clip/ViT-B-16/patch_tokens",
+    "crops/maskrcnn/clip/ViT-B-16/crop_embed",
+    "crops/maskrcnn/resnet/resnet152/crop_pooled",
+    "crops/maskrcnn/prompts/ViT-B-16/vcrmner/crop_weights",
+    "prompts/RN50/promptmner_task/image_relevance",
 )
+DIMS = {"D": 512, "P": 49, "Dp": 768, "C": 4, "Q": 3}  # CLIP ViT-B-32-shaped tokens, as the figures below
 
 
 def build(path: str, num_images: int, seed: int = 0) -> None:
+    """The groups of PATHS with real widths, from the specs alone (``tiny.tiny_group``): 0..10 objects per image."""
+    from mner.pipeline.cache.tiny import tiny_group
+
     rng = np.random.default_rng(seed)
     ids = sorted({f"{i:07d}" for i in rng.choice(10**7, num_images, replace=False)})
-    counts = rng.integers(0, 11, num_images)  # 0..10 objects per image
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    objects = int(offsets[-1])
-
-    def f16(*shape):
-        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
-
-    def prov(model):
-        return make_provenance("bench", model=model, pretrained="random", preprocessing=None,
-                               thresholds=None, image_ids=ids)
-
-    with CacheWriter(path, overwrite=True, partial=True) as writer:  # only the datasets read
+    groups = {"objects/maskrcnn": {}, "encoders/clip/ViT-B-16": {}, "crops/maskrcnn/clip/ViT-B-16": {},
+              "crops/maskrcnn/resnet/resnet152": {"C": 2048}, "crops/maskrcnn/prompts/ViT-B-16/vcrmner": {},
+              "prompts/RN50/promptmner_task": {}}
+    with CacheWriter(path, overwrite=True) as writer:
         writer.write_images(ids)
-        writer.write_group("objects", {
-            "offsets": (offsets, "offsets"),
-            "boxes": (rng.random((objects, 4), dtype=np.float32) * 500, "object"),
-            "scores": (rng.random(objects, dtype=np.float32), "object"),
-            "class_ids": (rng.integers(0, 80, objects).astype(np.int32), "object"),
-            "crop_jpeg": ([b"\xff\xd8" + rng.bytes(int(n)) for n in rng.integers(2000, 6000, objects)], "object"),
-        }, prov("maskrcnn"))
-        writer.write_group("encoders/clip", {
-            "image_embed": (f16(num_images, 512), "image"),
-            "patch_tokens": (f16(num_images, 49, 768), "image"),
-            "crop_embed": (f16(objects, 512), "object"),
-        }, prov("ViT-B-32"), attrs={"logit_scale": 100.0})
-        writer.write_group("encoders/resnet152", {"crop_pooled": (f16(objects, 2048), "object")}, prov("resnet152"))
-        writer.write_group("prompts/vcrmner", {
-            "centroids": (rng.standard_normal((4, 512), dtype=np.float32), "global"),
-            "crop_weights": (f16(objects, 4), "object"),
-        }, prov("ViT-B-32"))
-        writer.write_group("prompts/promptmner_task", {
-            "prompt_embed": (rng.standard_normal((4, 512), dtype=np.float32), "global"),
-            "image_relevance": (f16(num_images, 4), "image"),
-        }, prov("ViT-B-32"))
+        for k, (group, dims) in enumerate(groups.items()):
+            counts = rng.integers(0, 11, num_images).tolist() if group.startswith("objects/") else None
+            tiny_group(writer, group, seed=seed + k, dims={**DIMS, **dims}, counts=counts)
 
 
 class ImageFeatures:

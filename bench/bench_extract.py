@@ -33,8 +33,8 @@ from mner.features.run.stages import ImageStages
 
 def bare_forwards(extraction: Extraction, ids: list[str], chunk: int) -> tuple[float, dict]:
     """The run's device stages on pre-decoded images (no loader, no writer): seconds and per-stage seconds."""
-    detector = next(p.detector for p in extraction.producers if p.group == "objects")
-    encoders = {p.name: p.encoder for p in extraction.producers if p.group.startswith("encoders/")}
+    detector = next(p.detector for p in extraction.producers if p.group.startswith("objects/"))
+    encoders = {p.group: p.encoder for p in extraction.producers if p.group.startswith("encoders/")}
     run_stages = extraction.stages
     stages = ImageStages(
         run_stages.device, batch_size=run_stages.batch_size, crop_batch_size=run_stages.crop_batch_size

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mner.pipeline.cache import CacheWriter, FeatureCache, make_provenance
+from mner.pipeline.cache import CacheWriter, FeatureCache
 from mner.pipeline.data import load_dataset
 from mner.trainer.core.config import TrainConfig
 from mner.trainer.core.train import parameter_groups
@@ -41,99 +41,60 @@ from mner.trainer.inputs.text_encoder import load_tokenizer, resolve_text_encode
 from mner.trainer.inputs.visual import VisualBatcher
 from mner.trainer.models import available_models, get_model_class
 
-PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
-CLIP_WIDTH, CLIP_PATCHES, CLIP_PATCH_WIDTH = 512, 49, 768  # open_clip ViT-B-32 at 224 px
-NUM_PROMPTS = 40  # VCRMNER: 10 prompts x 4 categories
-# cache group -> {dataset: (rows, per-row shape)}: the layout docs/cache-schema.md describes
-SCHEMA = {
-    "encoders/clip": {
-        "image_embed": ("image", (CLIP_WIDTH,)), "patch_tokens": ("image", (CLIP_PATCHES, CLIP_PATCH_WIDTH)),
-        "crop_embed": ("object", (CLIP_WIDTH,)),
-    },
-    "encoders/resnet152": {"grid": ("image", (7, 7, 2048)), "crop_pooled": ("object", (2048,))},
-    **{
-        f"prompts/{name}": {
-            "prompt_embed": ("global", (NUM_PROMPTS, CLIP_WIDTH)), "centroids": ("global", (4, CLIP_WIDTH)),
-            "prompt_category": ("global", (NUM_PROMPTS,)), "crop_weights": ("object", (4,)),
-            "image_relevance": ("image", (NUM_PROMPTS,)),
-        }
-        for name in PROMPT_SETS
-    },
+# real stage-1 shapes per group spec (open_clip ViT-B-16 / RN50 are 512-d like ViT-B-32; ResNet-152 at 224;
+# Swin-L/4 w12 at 384; VCRMNER's 40 prompts; CONTRACT-10's frozen CLIP states of 128-px grounding crops)
+REAL_DIMS = {
+    "encoders/clip/{clip_model}": {"D": 512, "P": 49, "Dp": 768},
+    "crops/{detector}/clip/{clip_model}": {"D": 512},
+    "encoders/resnet/{resnet_model}": {"G": 7, "C": 2048},
+    "crops/{detector}/resnet/{resnet_model}": {"C": 2048},
+    "encoders/swin/{swin_model}": {"G": 12, "C": 1536},
+    "prompts/{clip_model}/{prompt_set}": {"Q": 40, "C": 4, "D": 512},
+    "crops/{detector}/prompts/{clip_model}/{prompt_set}": {"C": 4},
+    "encoders/clip_grounding": {"L": 2, "T": 17, "D": 768},
 }
-
-
-GROUNDING_SIDE, GROUNDING_LAYERS, GROUNDING_TOKENS, GROUNDING_WIDTH = 128, [6, 12], 17, 768  # CONTRACT-10
-SWIN_GRID, SWIN_WIDTH = 12, 1536
-CAPTION_WORDS = ["a", "man", "woman", "dog", "street", "sign", "crowd", "stage", "game", "city", "photo", "of",
-                 "with", "in", "on", "the"]
 # mgipscl's paper mode needs a CLIP tower: ViT-B/32's shape, random weights (no download offline)
 MODEL_OVERRIDES = {"mgipscl": {"clip_model": "random-vit-b-32"}}
 EXTRA_RUNS = {"mgipscl frozen": ("mgipscl", {"vision_mode": "frozen"})}  # label -> (model, config overrides)
 
 
-def write_issue10_groups(writer: CacheWriter, num_images: int, rng: np.random.Generator, provenance: dict) -> None:
-    """Grounding crops + frozen CLIP states (mgipscl), the Swin grid and captions (espvr)."""
-    counts = rng.integers(0, 4, size=num_images)  # 0..3 crops per image
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    crops = int(offsets[-1])
-    pixels = rng.integers(0, 256, (crops, 3, GROUNDING_SIDE, GROUNDING_SIDE), dtype=np.uint8)
-    writer.write_group("grounding", {"offsets": offsets, "pixels": pixels}, provenance)
-    states = rng.standard_normal((crops, len(GROUNDING_LAYERS), GROUNDING_TOKENS, GROUNDING_WIDTH), dtype=np.float32)
-    writer.write_group("encoders/clip_grounding", {"states": states.astype(np.float16)}, provenance,
-                       {"layers": GROUNDING_LAYERS, "image_size": GROUNDING_SIDE, "patch_size": 32})
-    del states
-    grid = np.concatenate([rng.standard_normal((min(64, num_images - i), SWIN_GRID, SWIN_GRID, SWIN_WIDTH),
-                                               dtype=np.float32).astype(np.float16) for i in range(0, num_images, 64)])
-    writer.write_group("encoders/swin", {"grid": grid}, provenance)
-    captions = [" ".join(rng.choice(CAPTION_WORDS, size=int(rng.integers(6, 14)))) if rng.random() > 0.1 else ""
-                for _ in range(num_images)]  # BLIP-length captions, 10% empty
-    writer.write_group("captions", {"text": captions}, provenance)
-
-
 def write_synthetic_cache(path: Path, image_ids: list[str], *, max_objects: int, seed: int) -> None:
-    """Random features with stage 1's shapes and dtypes for ``image_ids`` (1..max_objects objects each)."""
+    """Random features with stage 1's real shapes for ``image_ids`` (1..max_objects objects each): every
+    group the papers' presets read (``PAPER_NEEDS``), built from the specs alone (``tiny.tiny_group``)."""
+    from mner.pipeline.cache.specs import get_group, index_path, split_path
+    from mner.pipeline.cache.tiny import tiny_group
+    from mner.pipeline.stage1 import PAPER_NEEDS
+
     rng = np.random.default_rng(seed)
     ids = sorted(set(image_ids))
-    counts = rng.integers(1, max_objects + 1, size=len(ids))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    rows = {"image": len(ids), "object": int(offsets[-1])}
-    provenance = make_provenance("bench", model="synthetic", pretrained="random", preprocessing={},
-                                 thresholds={}, image_ids=ids, extra={"note": "bench_step_time.py random values"})
-    with CacheWriter(path, overwrite=True, partial=True) as writer:  # only the datasets read
+    groups = list(dict.fromkeys(split_path(p)[0] for needs in PAPER_NEEDS.values() for p in needs.paths()))
+    owners = [index_path(g, d.rows).rsplit("/", 1)[0] for g in groups for d in get_group(g).datasets
+              if d.rows in ("object", "grounding")]
+    groups = list(dict.fromkeys([*owners, *groups]))
+    note = {"note": "bench_step_time.py random values"}
+    with CacheWriter(path, overwrite=True) as writer:
         writer.write_images(ids, ["ok"] * len(ids))
-        scores = np.sort(rng.uniform(0.5, 1.0, rows["object"]).astype(np.float32))[::-1].copy()
-        writer.write_group("objects", {"offsets": (offsets, "offsets"), "scores": (scores, "object")}, provenance)
-        for group, datasets in SCHEMA.items():
-            arrays = {}
-            for name, (kind, shape) in datasets.items():
-                if name == "prompt_category":
-                    arrays[name] = (np.repeat(np.arange(4, dtype=np.int16), NUM_PROMPTS // 4), kind)
-                    continue
-                lead = (rows[kind],) if kind in rows else ()
-                values = rng.standard_normal(lead + shape, dtype=np.float32)
-                if name in ("crop_weights", "image_relevance"):
-                    values = np.exp(values) / np.exp(values).sum(-1, keepdims=True)
-                arrays[name] = (values, kind)
-            attrs = {"category_names": ["PER", "LOC", "ORG", "MISC"]} if group.startswith("prompts/") else {}
-            if group == "encoders/clip":
-                attrs = {"logit_scale": 100.0}
-            writer.write_group(group, arrays, provenance, attrs)
-        write_issue10_groups(writer, len(ids), rng, provenance)
+        for k, group in enumerate(groups):
+            spec = get_group(group)
+            counts = rng.integers(1, max_objects + 1, size=len(ids)).tolist() if spec.name == "objects/{detector}" \
+                else None
+            tiny_group(writer, group, seed=seed + k, dims=REAL_DIMS.get(spec.name), counts=counts, provenance=note)
 
 
 class InStepClip(torch.nn.Module):
     """Published-code baseline: a frozen CLIP image tower encodes each batch's crops inside the step."""
 
-    def __init__(self, model: torch.nn.Module, crop_path: str, max_objects: int, clip_model: str = "ViT-B-32"):
+    def __init__(self, model: torch.nn.Module, crop_path: str, max_objects: int, clip_model: str = "ViT-B-32",
+                 mask_path: str = "objects/maskrcnn/mask"):
         super().__init__()
         import open_clip
 
-        self.model, self.crop_path, self.max_objects = model, crop_path, max_objects
+        self.model, self.crop_path, self.max_objects, self.mask_path = model, crop_path, max_objects, mask_path
         self.clip = open_clip.create_model(clip_model, pretrained=None).visual.eval().requires_grad_(False)
 
     def forward(self, batch: dict) -> dict:
         visual = dict(batch["visual"])
-        mask = visual["objects/mask"][:, : self.max_objects]  # (B, K)
+        mask = visual[self.mask_path][:, : self.max_objects]  # (B, K)
         crops = torch.randn(int(mask.sum()), 3, 224, 224, device=mask.device)  # stands in for decoded crops
         with torch.no_grad():
             embed = self.clip(crops)  # (n_crops, D)
@@ -236,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         model = cls(config, labels=labels, text_encoder=encoder_path, tokenizer=tokenizer,
                     features=cache.feature_spec(required) if required else None)
         if in_step_clip:
-            model = InStepClip(model, model.crop_path, config.max_objects)
+            model = InStepClip(model, model.crop_path, config.max_objects, mask_path=model.mask_path)
         timers[label] = (StepTimer(model, loader, lr=1e-5), args.clip_steps if in_step_clip else args.steps)
 
     # Round robin, one step per model per round: load changes on a shared machine hit every model alike.

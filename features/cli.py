@@ -36,6 +36,9 @@ def extract(
     for_models: list[str] = typer.Option([], "--for", help="repeatable: build what these models' paper preset "
                                          "and ablation rows read (vcrmner | pmner | promptmner | mgipscl | espvr "
                                          "| all), in one pass; the plan is printed first"),
+    group: list[str] = typer.Option([], "--group", help="repeatable: any declared group instance to build, by "
+                                     "path (crops/fasterrcnn/clip/RN50, a group a plugin registered); its producer "
+                                     "comes from the registry"),
     tiny: bool = typer.Option(False, "--tiny", help="with --for: every detector and encoder by its tiny random "
                               "test variant (implies --random-init; each records the model it stands for)"),
     override_paper: bool = typer.Option(False, "--override-paper", help="with --for: keep flags that contradict "
@@ -128,7 +131,7 @@ def extract(
     try:
         opts = ExtractOptions(
             data=data, images=images, out=out, detector=list(detector), prompts=list(prompts),
-            encoders=list(encoder) if encoder else None, for_models=list(for_models), tiny=tiny,
+            encoders=list(encoder) if encoder else None, for_models=list(for_models), tiny=tiny, groups=list(group),
             override_paper=override_paper,
             random_init=random_init, device=device, batch_size=batch_size, num_workers=num_workers, top_k=top_k,
             score_threshold=score_threshold, detector_min_size=detector_min_size, detector_weights=detector_weights,

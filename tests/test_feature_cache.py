@@ -18,8 +18,8 @@ from helpers.cache import (
     IDS,
     OBJECTS,
     PATCHES,
+    PROMPT_GROUP,
     PROMPT_TEXTS,
-    PROMPTS,
     RESNET,
     WEIGHTS,
     _shard_ids,
@@ -95,8 +95,8 @@ def test_read_back_every_kind(cache_path):
         np.testing.assert_allclose(cache.read(f"{CLIP}/patch_tokens", row), record["patch_tokens"], atol=4e-3)
         assert cache.read(f"{WEIGHTS}/crop_weights", row).shape == (k, CATEGORIES)
     assert 0 in counts and 3 in counts and set(cache.status.tolist()) == {0, 1, 2, 3}
-    assert cache.read_global(f"{PROMPTS}/prompt_text") == PROMPT_TEXTS
-    assert cache.read_global(f"{PROMPTS}/centroids").shape == (CATEGORIES, CLIP_DIM)
+    assert cache.read_global(f"{PROMPT_GROUP}/prompt_text") == PROMPT_TEXTS
+    assert cache.read_global(f"{PROMPT_GROUP}/centroids").shape == (CATEGORIES, CLIP_DIM)
     with pytest.raises(KeyError, match="not in"):
         cache.row_of("no-such-image")
 
@@ -129,7 +129,7 @@ def test_dtypes_no_vlen_and_provenance_everywhere(cache_path):
             kinds = ("post", "token", "offsets", "flat") if name.startswith("posts/") else STORED_ROWS
             assert dataset.attrs["rows"] in kinds, name
         for name in (f"{CLIP}/image_embed", f"{CLIP}/patch_tokens", f"{CROPS}/crop_embed",
-                     f"{WEIGHTS}/crop_weights", f"{PROMPTS}/image_relevance"):
+                     f"{WEIGHTS}/crop_weights", f"{PROMPT_GROUP}/image_relevance"):
             assert datasets[name].dtype == np.float16, name
         assert datasets[f"{OBJECTS}/boxes"].dtype == np.float32 and datasets["images/ids"].dtype.kind == "S"
         for group in GROUPS:
@@ -142,12 +142,32 @@ def test_dtypes_no_vlen_and_provenance_everywhere(cache_path):
             assert prov["image_list_hash"] == hashlib.sha256("\n".join(IDS).encode()).hexdigest()
     cache = FeatureCache(cache_path)
     assert set(cache.random_init_groups()) == set(GROUPS) - {"objects/maskrcnn"}
-    spec = cache.feature_spec([f"{CLIP}/patch_tokens", f"{OBJECTS}/boxes", f"{PROMPTS}/centroids"])
+    spec = cache.feature_spec([f"{CLIP}/patch_tokens", f"{OBJECTS}/boxes", f"{PROMPT_GROUP}/centroids"])
     assert spec.shapes[f"{CLIP}/patch_tokens"] == (PATCHES, CLIP_DIM)
     assert spec.shapes[f"{OBJECTS}/boxes"] == (4,)
-    assert spec.globals[f"{PROMPTS}/centroids"].shape == (CATEGORIES, CLIP_DIM)
+    assert spec.globals[f"{PROMPT_GROUP}/centroids"].shape == (CATEGORIES, CLIP_DIM)
     assert spec.attrs["encoders/clip/ViT-B-32"]["logit_scale"] == 100.0
     assert "images/status" not in spec.globals and f"{OBJECTS}/boxes" not in spec.globals
+
+
+def test_a_schema_2_cache_gets_the_command_that_rebuilds_it(cache_path, tmp_path, capsys):
+    """Schema 2 held one detector and one CLIP model per file; schema 3 names instances. An old cache is one
+    clear error naming the rebuild command with the data and image folders it records."""
+    import shutil
+
+    from mner.features.cli import main as features_main
+
+    old = shutil.copy(cache_path, tmp_path / "old.h5")
+    with h5py.File(old, "r+") as handle:
+        handle.attrs["mner_schema_version"] = 2
+        prov = json.loads(handle[OBJECTS].attrs["provenance"])
+        handle[OBJECTS].attrs["provenance"] = json.dumps({**prov, "images": "/data/t15_images"})
+    with pytest.raises(SchemaVersionError) as error:
+        FeatureCache(old)
+    message = str(error.value)
+    assert "schema-2" in message and "schema 3" in message
+    assert f"mner-features extract --data data --images /data/t15_images --out {old} --overwrite --for all" in message
+    assert features_main(["info", str(old)]) == 1 and "--for all" in capsys.readouterr().err
 
 
 def test_schema_version_refused(cache_path):

@@ -303,3 +303,31 @@ def test_a_killed_process_counts_as_dead_even_before_it_is_reaped():
     finally:
         child.kill()
         child.wait()
+
+
+def test_dry_run_lists_runs_the_cache_cannot_serve_with_the_extract_command(tmp_path, tiny_bert, sample_cache, capsys):
+    """A P-MNER grid on a cache that holds VCRMNER's instances only: before any training, the dry run names the
+    P-MNER runs it cannot serve and the extract command that adds what they need (``--for pmner``)."""
+    grid_file = write_grid(tmp_path / "s.toml", f"""
+seeds = [1]
+[datasets.sample]
+data = "{SAMPLE}"
+features = "{sample_cache}"
+[[experiments]]
+model = "vcrmner"
+sets = ["num_heads=2"]
+datasets = ["sample"]
+[[experiments]]
+model = "pmner"
+switches = {{frr = [], grid = ["use_frr=false"]}}
+datasets = ["sample"]
+""", tiny_bert=tiny_bert)
+    assert main(["sweep", str(grid_file), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count(" no-stage1 ") == 2 and listing.count(" todo ") == 1  # vcrmner is served
+    assert "stage-1: 2 run(s) the cache cannot serve" in listing
+    assert "detector 'fasterrcnn'" in listing and "it has maskrcnn-test" in listing  # FRR: another detector
+    assert "lacks encoders/resnet/resnet152/grid" in listing  # the grid rows: no ResNet at all
+    command = next(line for line in listing.splitlines() if "mner-features extract" in line)
+    assert f"--out {sample_cache}" in command and command.endswith("--for pmner")
+    assert not (tmp_path / "runs").exists()

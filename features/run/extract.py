@@ -68,6 +68,7 @@ class ExtractOptions:
     encoders: list[str] | None = None  # registered encoder names; None: clip (nothing extra with for_models)
     prompts: list[str] = field(default_factory=list)  # prompt set names (embedded by every CLIP model)
     for_models: list[str] = field(default_factory=list)  # --for: models (or "all") whose paper groups to build
+    groups: list[str] = field(default_factory=list)  # --group: any declared group instance, by path
     tiny: bool = False  # --tiny: every detector/encoder of a --for plan by its tiny test variant (random)
     override_paper: bool = False  # flags that contradict a --for paper's setting are kept (recorded)
     random_init: bool = False  # random weights everywhere (offline smoke runs), recorded in provenance

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mner.features.producers.registry import encoder_key, producer_for, tiny_stands_for
 from mner.pipeline.cache.specs import get_group, split_path
@@ -68,9 +69,11 @@ def flag_groups(opts, cache) -> list[str]:
     clip_models = list(dict.fromkeys(opts.clip_models)) or \
         cached_slot_values(cache, "encoders/clip/{clip_model}", "clip_model") or [DEFAULT_CLIP]
     groups = [f"objects/{d}" for d in detectors]
-    encoders = opts.encoders if opts.encoders is not None else ([] if opts.for_models else ["clip"])
-    if opts.for_models and not (opts.detectors or opts.encoders is not None or opts.prompts or opts.clip_models):
-        groups = []  # --for alone: only the grounding/captions options below (set from the papers)
+    alone = (opts.for_models or opts.groups) and not (opts.detectors or opts.encoders is not None or opts.prompts
+                                                      or opts.clip_models)
+    encoders = opts.encoders if opts.encoders is not None else ([] if alone else ["clip"])
+    if alone:
+        groups = []  # --for / --group alone: only the grounding/captions options below (set from the papers)
     for name in dict.fromkeys(encoders):
         if name in ("clip", "clip-test"):
             for clip in clip_models if name == "clip" else ["clip-test"]:
@@ -172,8 +175,10 @@ def make_plan(extraction, existing: set[str]) -> Plan:
     plan = Plan([])
     wanted = model_groups(opts, plan) if opts.for_models else []
     explicit = opts.detectors or opts.encoders is not None or opts.clip_models or opts.prompts
-    if not opts.for_models or explicit or opts.grounding is not None or opts.captions is not None:
+    if (not opts.for_models and not opts.groups) or explicit or opts.grounding is not None \
+            or opts.captions is not None:
         wanted += [g for g in flag_groups(opts, cache) if g not in wanted]
+    wanted += [g.strip("/") for g in opts.groups if g.strip("/") not in wanted]  # --group: any declared instance
     if opts.score_threshold is None:
         opts.score_threshold = 0.0 if opts.random_init else DEFAULT_SCORE
         if opts.random_init:
@@ -270,7 +275,9 @@ def build_encoder(opts, family: str, model: str):
 
     name, option = encoder_key(family, model)
     seed_random_init(f"{name}/{option}" if option else name, opts.random_init)
-    swin_model = opts.swin_model if family != "swin" or swin_slot(opts.swin_model) == model else f"microsoft/{model}"
+    swin_model = opts.swin_model if family != "swin" or swin_slot(opts.swin_model) == model else model
+    if family == "swin" and "/" not in swin_model and not Path(swin_model).exists():
+        swin_model = f"microsoft/{swin_model}"  # the instance name of a hub model (--swin-model swin-large-...)
     return create_encoder(name, config=EncoderConfig(
         random_init=opts.random_init, weights=opts.resnet_weights if name == "resnet152" else None,
         clip_model=option or DEFAULT_CLIP, clip_pretrained=opts.clip_pretrained, swin_model=swin_model,

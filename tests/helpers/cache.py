@@ -65,7 +65,7 @@ def provenance(component: str, model: str, ids: list[str], pretrained: str = "ra
 
 
 OBJECTS, CLIP, CROPS = "objects/maskrcnn", "encoders/clip/ViT-B-32", "crops/maskrcnn/clip/ViT-B-32"
-PROMPTS, WEIGHTS = "prompts/ViT-B-32/vcrmner", "crops/maskrcnn/prompts/ViT-B-32/vcrmner"
+PROMPT_GROUP, WEIGHTS = "prompts/ViT-B-32/vcrmner", "crops/maskrcnn/prompts/ViT-B-32/vcrmner"
 RESNET = "encoders/resnet/resnet152"
 GROUPS = ("objects/maskrcnn", "encoders/clip/ViT-B-32", "crops/maskrcnn/clip/ViT-B-32", "prompts/ViT-B-32/vcrmner",
           "crops/maskrcnn/prompts/ViT-B-32/vcrmner")  # what write_cache writes by default

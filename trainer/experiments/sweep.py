@@ -181,10 +181,87 @@ def check_inputs(grid: Grid, runs: list[RunSpec]) -> list[str]:
     return missing
 
 
+def stage1_problems(grid: Grid, runs: list[RunSpec]) -> dict[str, str]:
+    """Runs whose cache cannot serve their model's stage-1 settings: run id -> why (missing instances or
+    datasets, provenance that differs from the paper). Checked like ``mner-train`` does, before any training."""
+    from mner.pipeline.cache import CacheError, FeatureCache
+    from mner.trainer.core.config import resolve_configs
+    from mner.trainer.models import get_model_class
+    from mner.trainer.models.stage1 import check_cache_settings, choose_model_instances, model_stage1_settings
+
+    caches: dict[str, FeatureCache | None] = {}
+    verdicts: dict[tuple, str | None] = {}
+    problems: dict[str, str] = {}
+    for spec in runs:
+        features = grid.datasets[spec.train_on].features
+        key = (spec.model, spec.preset, spec.sets, features)
+        if key not in verdicts:
+            verdicts[key] = None
+            model_cls = get_model_class(spec.model)
+            try:
+                model_config, train_config = resolve_configs(model_cls, preset=spec.preset, sets=list(spec.sets))
+            except (ConfigError, ValueError) as error:
+                verdicts[key] = f"its settings do not resolve: {error}"
+                continue
+            if not model_cls.required_features(model_config) or features is None or not Path(features).exists():
+                continue  # text only, or a missing cache (listed under missing inputs)
+            if features not in caches:
+                try:
+                    caches[features] = FeatureCache(features)
+                except CacheError as error:
+                    caches[features] = None
+                    verdicts[key] = str(error).splitlines()[0]
+                    continue
+            cache = caches[features]
+            if cache is None:
+                continue
+            try:
+                model_config, _, _ = choose_model_instances(spec.model, model_cls, model_config, cache,
+                                                            on_mismatch=train_config.stage1_mismatch)
+                missing = [p for p in model_cls.required_features(model_config) if not cache.has(p)]
+                if missing:
+                    verdicts[key] = f"{features} lacks {', '.join(missing)}"
+                else:
+                    check_cache_settings(spec.model, model_stage1_settings(model_cls, model_config), cache,
+                                         on_mismatch=train_config.stage1_mismatch)
+            except ConfigError as error:
+                verdicts[key] = f"{features}: " + " ".join(str(error).split("\n")[1:2]).strip(" -")
+        if verdicts[key]:
+            problems[spec.run_id] = verdicts[key]
+    return problems
+
+
+def stage1_commands(grid: Grid, runs: list[RunSpec], problems: dict[str, str]) -> list[str]:
+    """One ``mner-features extract --for ...`` per cache: adds what its unserved runs need (existing groups kept)."""
+    from mner.pipeline.cache import CacheError, FeatureCache
+
+    models: dict[str, list[str]] = {}
+    for spec in runs:
+        if spec.run_id in problems:
+            features = grid.datasets[spec.train_on].features
+            if spec.model not in models.setdefault(features, []):
+                models[features].append(spec.model)
+    commands = []
+    for features, names in models.items():
+        data = next(entry.data for entry in grid.datasets.values() if entry.features == features) or "<data folder>"
+        images = "<image folder>"
+        try:
+            cache = FeatureCache(features)
+            images = next((cache.provenance(g).get("images") for g in cache.groups()), None) or images
+        except (CacheError, OSError):  # an unreadable cache: the placeholder is the hint
+            pass
+        commands.append(f"mner-features extract --data {data} --images {images} --out {features} "
+                        + " ".join(f"--for {name}" for name in sorted(names)))
+    return commands
+
+
 def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
     lines = [f"{grid.path}: {len(runs)} runs under {grid.out}"]
+    problems = stage1_problems(grid, runs)
     for number, spec in enumerate(runs, 1):
         state = run_state(grid.out / spec.run_id)
+        if spec.run_id in problems and state != "done":
+            state = "no-stage1"  # the cache cannot serve it: listed below with the command that adds it
         if state == "done":
             try:
                 check_recorded_spec(spec, grid.out / spec.run_id)
@@ -196,6 +273,12 @@ def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
     missing = check_inputs(grid, runs)
     if missing:
         lines.append("missing inputs (these runs would fail): " + "; ".join(missing))
+    if problems:
+        lines.append(f"stage-1: {len(problems)} run(s) the cache cannot serve (they would fail):")
+        for run_id, why in problems.items():
+            lines.append(f"  {run_id}: {why}")
+        lines.append("add what they need (existing groups are kept) with:")
+        lines += [f"  {command}" for command in stage1_commands(grid, runs, problems)]
     return "\n".join(lines)
 
 

@@ -144,6 +144,12 @@ def extract(
                                         grounding_queries, grounding_map, grounding_crops_dir, grounding_clip,
                                         grounding_clip_model, grounding_clip_layers),
             captions=caption_options(captions, caption_model, caption_max_tokens, caption_beams, caption_prompt),
+            # the --grounding* / --caption* values for the groups a --for plan adds (grounding owlv2, captions blip)
+            grounding_settings=grounding_options("", grounding_model, grounding_threshold, grounding_fill,
+                                                 grounding_queries, [], [], True, grounding_clip_model,
+                                                 grounding_clip_layers),
+            caption_settings=caption_options("blip", caption_model, caption_max_tokens, caption_beams,
+                                             caption_prompt),
         )
         opts.validate()
         _check_names(opts)

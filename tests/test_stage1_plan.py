@@ -21,7 +21,8 @@ from mner.trainer.models import available_models, get_model_class
 
 IDS = ["11", "12", "13", "14", "15", "16"]  # 16 has no picture
 POST = "IMGID:{}\nRT\tO\n@John\tB-PER\nSmith\tI-PER\nin\tO\nNew\tB-LOC\nYork\tI-LOC\n"
-FAST = ["--detector-min-size", "64", "--chunk-size", "3", "--batch-size", "3", "--no-progress"]
+FAST = ["--detector-min-size", "64", "--chunk-size", "3", "--batch-size", "3", "--no-progress",
+        "--caption-beams", "1", "--caption-max-tokens", "4"]  # the captioner's settings refine the plan too
 
 
 def write_corpus(root: Path) -> tuple[Path, Path]:
@@ -68,6 +69,7 @@ def test_for_all_plans_one_cache_for_every_paper(all_cache, corpus, capsys):
     assert not any(g.startswith(("crops/fasterrcnn-test/clip", "crops/maskrcnn-test/resnet")) for g in groups)
     assert cache.provenance("objects/maskrcnn-test")["stands_for"] == {"detector": "maskrcnn"}
     assert cache.provenance("objects/fasterrcnn-test")["for_models"] == ["pmner"]
+    assert cache.provenance("captions")["thresholds"]["num_beams"] == 1  # --caption-beams refined the plan
     # the plan is printed first: each group and the papers that need it; a second run computes nothing
     capsys.readouterr()
     assert extract(corpus, all_cache, "--for", "all", "--tiny") == 0

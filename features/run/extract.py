@@ -96,6 +96,8 @@ class ExtractOptions:
     progress: bool = True
     grounding: object | None = None  # GroundingOptions (features/producers/grounding_captions.py): --grounding ...
     captions: object | None = None  # CaptionOptions: --captions blip | FILE
+    grounding_settings: object | None = None  # GroundingOptions of the flags, for grounding a --for plan adds
+    caption_settings: object | None = None  # CaptionOptions of the flags, for captions a --for plan adds
     command: list[str] | None = None  # the command line as typed (default sys.argv), recorded with absolute paths
 
     @property

@@ -15,7 +15,7 @@ the model cuts them when reading); a flag that contradicts one is an error namin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mner.features.producers.registry import encoder_key, producer_for, tiny_stands_for
@@ -153,7 +153,7 @@ def apply_extract_option(opts, plan: Plan, model: str, option: str, value) -> No
 
     if option == "grounding":
         if opts.grounding is None:
-            opts.grounding = GroundingOptions(method=value)
+            opts.grounding = replace(opts.grounding_settings or GroundingOptions(), method=value, clip=False)
         elif not opts.grounding.method:
             opts.grounding.method = value
         elif opts.grounding.method not in (value, "files"):
@@ -163,10 +163,10 @@ def apply_extract_option(opts, plan: Plan, model: str, option: str, value) -> No
             plan.overrides.append(message)
     elif option == "grounding_clip":
         if opts.grounding is None:
-            opts.grounding = GroundingOptions(method="")
+            opts.grounding = replace(opts.grounding_settings or GroundingOptions(), method="", clip=False)
         opts.grounding.clip = opts.grounding.clip or bool(value)
     elif option == "captions" and opts.captions is None:
-        opts.captions = CaptionOptions(source=value)
+        opts.captions = replace(opts.caption_settings or CaptionOptions(), source=value)
 
 
 def make_plan(extraction, existing: set[str]) -> Plan:

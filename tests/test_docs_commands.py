@@ -253,25 +253,39 @@ def stage1_problems(extract: DocCommand, train: DocCommand) -> list[str]:
                                       sets=given.get("--set"))
     extracted, problems = parsed_options(extract), []
     for setting in model_stage1_settings(model_cls, model_config):
-        name, _, wanted = setting.flags.partition(" ")
-        values = extracted.get(name) or extract_default(name)
-        values = values if isinstance(values, list) else [values]
-        if name in ("--encoder", "--prompts"):
-            ok = wanted in values
-        elif setting.match == "at_least":
-            ok = float(values[-1]) >= float(wanted)
-        else:
-            ok = values[-1] == wanted or _same_number(values[-1], wanted)
-        if not ok:
-            problems.append(f"{setting.describe()}: the extract command gives {name} {values[-1]}; add {setting.flags}")
+        for name, wanted in flag_pairs(setting.flags):
+            values = extracted.get(name) or extract_default(name)
+            values = values if isinstance(values, list) else [values]
+            # a repeated flag (--encoder, one --clip-model per instance) serves the setting when one value does
+            if wanted is None:
+                ok = name in extracted
+            elif setting.match == "at_least":
+                ok = any(_number(v) is not None and _number(v) >= float(wanted) for v in values)
+            elif setting.match == "at_most":  # the cache holds a superset the model cuts when reading
+                ok = any(_number(v) is not None and _number(v) <= float(wanted) for v in values)
+            else:
+                ok = any(v == wanted or (_number(v) is not None and _number(v) == _number(wanted)) for v in values)
+            if not ok:
+                problems.append(f"{setting.describe()}: the extract command gives {name} "
+                                f"{' '.join(values)}; add {setting.flags}")
     return problems
 
 
-def _same_number(a: str, b: str) -> bool:
+def flag_pairs(flags: str) -> list[tuple[str, str | None]]:
+    """"--grounding owlv2 --grounding-clip" -> [("--grounding", "owlv2"), ("--grounding-clip", None)]."""
+    words, pairs = shlex.split(flags), []
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            pairs.append((word, value))
+    return pairs
+
+
+def _number(text: str | None) -> float | None:
     try:
-        return float(a) == float(b)
-    except ValueError:
-        return False
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def cache_pairs(docs: list[DocCommand]) -> list[tuple[DocCommand, DocCommand]]:
@@ -342,6 +356,7 @@ def test_the_checker_names_what_is_wrong():
     extract, train = (DocCommand("x.md:1", program, argv, literal=True) for program, *argv in commands_in(shell_words(
         "mner-features extract --data d --images i --out c.h5 --detector maskrcnn --prompts vcrmner\n"
         "mner-train --features c.h5 --model vcrmner --preset paper")))
+    assert flag_pairs("--grounding owlv2 --grounding-clip") == [("--grounding", "owlv2"), ("--grounding-clip", None)]
     assert cache_pairs([extract, train]) == [(extract, train)]
     assert any("--clip-model ViT-B-16" in line for line in stage1_problems(extract, train))
 

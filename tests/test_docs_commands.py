@@ -1,4 +1,5 @@
-"""Every ``mner-features`` / ``mner-train`` command in README.md, docs/ and the model pages names real
+"""Every ``mner-features`` / ``mner-train`` command in README.md, docs/, the model pages, sample/run.sh and
+the bench/*.sh scripts names real
 sub-commands, real flags and valid values, checked against the live CLIs (click introspection of the
 typer apps, the model registry, presets and ``--set`` keys, the detector / encoder / prompt-set
 registries). Nothing is executed: no data is read and no model is built.
@@ -18,6 +19,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+SCRIPTS = [ROOT / "sample" / "run.sh", *sorted((ROOT / "bench").glob("*.sh"))]  # commands the docs point at
 PROGRAMS = {"mner-features": "features", "mner-train": "trainer",
             "mner.features.cli": "features", "mner.trainer.cli": "trainer"}
 SEPARATORS = {"&&", "||", ";", "|", "&", "do", "then", "\n"}  # a command starts after one of these
@@ -89,6 +91,8 @@ def commands_in(words: list[str]) -> list[list[str]]:
 def doc_commands(path: Path) -> list[DocCommand]:
     text = path.read_text(encoding="utf-8")
     name = str(path.relative_to(ROOT))
+    if path.suffix == ".sh":
+        return [DocCommand(name, program, argv, literal=True) for program, *argv in commands_in(shell_words(text))]
     result = []
     for block in FENCE.finditer(text):
         line = text.count("\n", 0, block.start(2)) + 1
@@ -141,12 +145,12 @@ def problems_of(doc: DocCommand) -> list[str]:
     if argv[0] not in group.commands:
         return [f"unknown sub-command {argv[0]!r}; valid: {', '.join(sorted(group.commands))}"]
     command = group.commands[argv[0]]
-    options, problems, given, positional = options_of(command), [], {}, []
+    options, problems, given, positional, expansions = options_of(command), [], {}, [], []
     words = iter(argv[1:])
     for word in words:
-        if word in ("--help", "-h") or is_placeholder(word):
+        if word in ("--help", "-h", "..."):
             continue
-        if word.startswith("-") and len(word) > 1:
+        if word.startswith("-") and len(word) > 1 and not is_placeholder(word):
             name, _, inline_value = word.partition("=")
             param = options.get(name)
             if param is None:
@@ -165,8 +169,10 @@ def problems_of(doc: DocCommand) -> list[str]:
                     problems.append(f"{argv[0]}: {name} {value!r}; valid: {', '.join(choices)}")
             given.setdefault(param.name, []).append(value)
         else:
-            positional.append(word)
+            (expansions if is_placeholder(word) else positional).append(word)
     arguments = [p for p in command.params if p.param_type_name == "argument"]
+    # a shell expansion ($OUT, "${COMMON[@]}") fills a missing argument, else it stands for options
+    positional += expansions[:max(0, len(arguments) - len(positional))]
     for argument, value in zip(arguments, positional):
         given.setdefault(argument.name, []).append(value)
     if not any(p.nargs == -1 for p in arguments) and len(positional) > len(arguments):
@@ -314,7 +320,7 @@ def cache_pairs(docs: list[DocCommand]) -> list[tuple[DocCommand, DocCommand]]:
     return pairs
 
 
-ALL = [doc for path in DOCS for doc in doc_commands(path)]
+ALL = [doc for path in [*DOCS, *SCRIPTS] for doc in doc_commands(path)]
 PAIRS = cache_pairs(ALL)
 
 
@@ -322,6 +328,7 @@ def test_the_docs_hold_commands_of_both_programs():
     assert sum(doc.literal for doc in ALL) >= 40, len(ALL)  # the parser finds the fenced commands
     assert {doc.program for doc in ALL} == {"features", "trainer"}
     assert any(doc.where.startswith("README.md") and doc.literal for doc in ALL)
+    assert any(doc.where.startswith("sample/run.sh") for doc in ALL)
 
 
 @pytest.mark.parametrize("doc", ALL, ids=str)

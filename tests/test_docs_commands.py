@@ -247,17 +247,36 @@ def extract_default(option: str) -> str | list[str]:
     return [str(v) for v in param.default] if isinstance(param.default, (list, tuple)) else str(param.default)
 
 
+DEFAULT_INSTANCES = {"--detector": ["maskrcnn"], "--clip-model": ["ViT-B-32"], "--encoder": ["clip"]}
+
+
 def stage1_problems(extract: DocCommand, train: DocCommand) -> list[str]:
-    """The paper settings of the trained model that the documented extract command does not give."""
+    """The paper instances and settings of the trained model that the documented extract command does not give:
+    ``--for <model>`` / ``--for all`` gives them all; otherwise the flags that make each group instance the model
+    reads (its specs' options: --detector, --encoder, --clip-model, --prompts) and the settings' flags."""
+    from mner.pipeline.cache import extract_command_hint
     from mner.trainer.core.config import resolve_configs
     from mner.trainer.models import get_model_class
     from mner.trainer.models.stage1 import model_stage1_settings
 
     given = parsed_options(train)
-    model_cls = get_model_class((given.get("--model") or ["bert_crf"])[-1])
+    model = (given.get("--model") or ["bert_crf"])[-1]
+    model_cls = get_model_class(model)
     model_config, _ = resolve_configs(model_cls, preset=(given.get("--preset") or [None])[-1],
                                       sets=given.get("--set"))
     extracted, problems = parsed_options(extract), []
+    if {"all", model} & set(extracted.get("--for") or []):
+        return []  # the plan builds what the paper preset and its ablation rows read
+    hint = extract_command_hint(model_cls.required_features(model_config)).split("--out <cache.h5>", 1)[1]
+    for name, wanted in flag_pairs(hint):  # the instances the model reads
+        values = extracted.get(name) or DEFAULT_INSTANCES.get(name) or extract_default(name)
+        values = values if isinstance(values, list) else [values]
+        if name == "--swin-model":
+            values = [v.rstrip("/").rsplit("/", 1)[-1] for v in values]
+        if wanted is not None and wanted not in values and not (name == "--encoder" and wanted in
+                                                                  ("clip", "swin") and name in extracted):
+            problems.append(f"{model} reads the {name} {wanted} instance: the extract command gives {name} "
+                            f"{' '.join(values)}; add {name} {wanted} (or use --for {model})")
     for setting in model_stage1_settings(model_cls, model_config):
         for name, wanted in flag_pairs(setting.flags):
             values = extracted.get(name) or extract_default(name)
@@ -273,7 +292,7 @@ def stage1_problems(extract: DocCommand, train: DocCommand) -> list[str]:
                 ok = any(v == wanted or (_number(v) is not None and _number(v) == _number(wanted)) for v in values)
             if not ok:
                 problems.append(f"{setting.describe()}: the extract command gives {name} "
-                                f"{' '.join(values)}; add {setting.flags}")
+                                f"{' '.join(str(v) for v in values)}; add {setting.flags}")
     return problems
 
 

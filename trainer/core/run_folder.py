@@ -21,13 +21,14 @@ and when finished: ``model.safetensors`` (best dev epoch), ``metrics.json``, ``p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import socket
 import time
 from pathlib import Path
+
+from mner.pipeline.hashing import sha256_hex
 
 MARKER = "mner-run.json"
 CHECKPOINT = "checkpoint"
@@ -132,11 +133,7 @@ def read_run_config(run_dir: Path) -> dict:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_hex(path)
 
 
 def verify_weights(run_dir: Path) -> str | None:

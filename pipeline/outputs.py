@@ -26,8 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 RUN_MARKER = "mner-run.json"  # the marker of a run folder (trainer/core/run_folder.py writes it)
+REPORT_MARKER = "mner-report.json"  # the marker of a `mner-train report` folder (tables and figures)
 PREDICTIONS_RECORD_KEY = "mner_predictions"  # set in the <out>.json record of `mner-train predict`
-KINDS = {"cache": "an mner feature cache", "run": "an mner run folder", "predictions": "an mner prediction file"}
+KINDS = {"cache": "an mner feature cache", "run": "an mner run folder", "predictions": "an mner prediction file",
+         "report": "an mner report folder"}
+FOLDER_KINDS = ("run", "report")
 # The longest suffix mner appends to an output's name: ".tmp-<host>-<pid>" (caches, chunk files).
 TEMP_SUFFIX_BYTES = len(f".tmp-{socket.gethostname() or 'unknown-host'}-{4_194_304}") + 8
 
@@ -50,12 +53,20 @@ def is_mner_cache(path: str | os.PathLike) -> bool:
         return False
 
 
-def is_mner_run(path: str | os.PathLike) -> bool:
+def _marked(path: str | os.PathLike, marker_name: str, key: str) -> bool:
     try:
-        marker = json.loads((Path(path) / RUN_MARKER).read_text(encoding="utf-8"))
+        marker = json.loads((Path(path) / marker_name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("mner_run") == 1
+    return isinstance(marker, dict) and marker.get(key) == 1
+
+
+def is_mner_run(path: str | os.PathLike) -> bool:
+    return _marked(path, RUN_MARKER, "mner_run")
+
+
+def is_mner_report(path: str | os.PathLike) -> bool:
+    return _marked(path, REPORT_MARKER, "mner_report")
 
 
 def predictions_record(path: str | os.PathLike) -> Path:
@@ -74,7 +85,8 @@ def is_mner_predictions(path: str | os.PathLike) -> bool:
                                          or {"run", "data_hash", "posts"} <= set(record))
 
 
-_IS_MINE = {"cache": is_mner_cache, "run": is_mner_run, "predictions": is_mner_predictions}
+_IS_MINE = {"cache": is_mner_cache, "run": is_mner_run, "predictions": is_mner_predictions,
+            "report": is_mner_report}
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -148,7 +160,7 @@ def check_output(
         if _same_path(path, Path(source)):
             raise OutputError(f"{flag} {path} is also an input of this command ({source}); mner never writes over "
                               f"its input: choose another {flag}")
-    folder_kind = kind == "run"
+    folder_kind = kind in FOLDER_KINDS
     if not folder_kind and path.is_dir():
         example = path / ("features.h5" if kind == "cache" else "predictions.conll")
         raise OutputError(f"{flag} {path} is a folder; name a file, e.g. {flag} {example}")
@@ -158,7 +170,7 @@ def check_output(
         return "new"
     mine = _IS_MINE[kind](path)
     if not mine:
-        why = {"cache": "no mner_schema_version attribute", "run": f"no {RUN_MARKER}",
+        why = {"cache": "no mner_schema_version attribute", "run": f"no {RUN_MARKER}", "report": f"no {REPORT_MARKER}",
                "predictions": f"no {predictions_record(path).name} record"}[kind]
         raise OutputError(f"{flag} {path} exists and is not {KINDS[kind]} ({why}); mner never replaces such a "
                           f"file, even with --overwrite: choose another {flag}")

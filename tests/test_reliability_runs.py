@@ -85,6 +85,9 @@ def test_a_second_trainer_on_a_live_run_folder_is_refused_naming_the_holder(smal
             err = one_line_error(capsys)
             assert f"pid {holder.pid}" in err and "one writer per run folder" in err
         assert not out.exists()
+        from mner.trainer.experiments.sweep import run_state
+
+        assert run_state(out) == "running"  # a sweep skips it instead of failing on the lock
     finally:
         holder.kill()
         holder.wait()
@@ -229,3 +232,20 @@ def test_train_into_a_read_only_or_missing_parent_is_one_line(small_data, tiny_b
     locked.mkdir(mode=0o500)
     assert main(train_args(small_data, tiny_bert, locked / "run")) == 2
     assert "permission denied" in one_line_error(capsys)
+
+
+def test_report_figures_follow_the_output_rule(finished_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(finished_run), "--out", str(out), "--bootstrap", "10"]) == 0
+    assert (out / "mner-report.json").is_file() and (out / "results.csv").is_file()
+    assert main(["report", str(finished_run), "--out", str(out)]) == 2  # mner's, but only with --overwrite
+    assert "--overwrite" in one_line_error(capsys)
+    assert main(["report", str(finished_run), "--out", str(out), "--overwrite"]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("my numbers\n")
+    assert main(["report", str(finished_run), "--out", str(mine), "--overwrite"]) == 2
+    assert "not an mner report folder" in one_line_error(capsys)
+    assert (mine / "results.csv").read_text() == "my numbers\n"
+    assert main(["report", str(finished_run), "--out", str(finished_run), "--overwrite"]) == 2  # its input
+    assert "also an input" in one_line_error(capsys)

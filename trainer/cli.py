@@ -160,11 +160,13 @@ def report_command(
     min_coverage: float = typer.Option(0.9, help="Flag runs whose test posts have an image feature row for "
                                        "less than this share. Example: --min-coverage 0.95"),
     bootstrap: int = typer.Option(1000, help="Bootstrap samples of the significance test. Example: --bootstrap 5000"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report in --out (only a folder an earlier "
+                                   "`mner-train report` wrote)."),
 ) -> None:
     """Collect finished runs into results.{csv,parquet,md} (mean +/- std beside the papers) and PNG plots."""
     from mner.trainer.experiments.report import report
 
-    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
+    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,19 @@ def _pid_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status and "\nState:\tX" not in status
 
 
+def _lock_held(run_dir: Path) -> bool:
+    """``<run>.lock`` held by a live trainer: a live pid on this host, or a fresh heartbeat from another."""
+    from mner.pipeline.cache.lock import STALE_AFTER_S, host_name, read_holder
+
+    holder = read_holder(f"{run_dir}.lock")
+    if holder is None:
+        return False
+    pid = holder.get("pid")
+    if holder.get("host") == host_name() and isinstance(pid, int) and pid > 0:
+        return pid != os.getpid() and _pid_alive(pid)
+    return holder.get("age_s", 0.0) <= STALE_AFTER_S
+
+
 def _temp_dirs(run_dir: Path) -> list[Path]:
     return sorted(run_dir.parent.glob(f"{run_dir.name}.tmp-*")) if run_dir.parent.is_dir() else []
 
@@ -65,6 +78,8 @@ def run_state(run_dir: Path) -> str:
         return "done"
     if (run_dir / "metrics.json").is_file():
         return "trained"
+    if _lock_held(run_dir):  # another trainer (this host or another) holds the run folder's lock
+        return "running"
     marker = read_marker(run_dir)
     if marker is not None:
         pid = marker.get("pid")

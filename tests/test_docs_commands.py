@@ -1,4 +1,5 @@
-"""Every ``mner-features`` / ``mner-train`` command in README.md, docs/ and the model pages names real
+"""Every ``mner-features`` / ``mner-train`` command in README.md, docs/, the model pages, sample/run.sh and
+the bench/*.sh scripts names real
 sub-commands, real flags and valid values, checked against the live CLIs (click introspection of the
 typer apps, the model registry, presets and ``--set`` keys, the detector / encoder / prompt-set
 registries). Nothing is executed: no data is read and no model is built.
@@ -18,6 +19,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+SCRIPTS = [ROOT / "sample" / "run.sh", *sorted((ROOT / "bench").glob("*.sh"))]  # commands the docs point at
 PROGRAMS = {"mner-features": "features", "mner-train": "trainer",
             "mner.features.cli": "features", "mner.trainer.cli": "trainer"}
 SEPARATORS = {"&&", "||", ";", "|", "&", "do", "then", "\n"}  # a command starts after one of these
@@ -89,6 +91,8 @@ def commands_in(words: list[str]) -> list[list[str]]:
 def doc_commands(path: Path) -> list[DocCommand]:
     text = path.read_text(encoding="utf-8")
     name = str(path.relative_to(ROOT))
+    if path.suffix == ".sh":
+        return [DocCommand(name, program, argv, literal=True) for program, *argv in commands_in(shell_words(text))]
     result = []
     for block in FENCE.finditer(text):
         line = text.count("\n", 0, block.start(2)) + 1
@@ -141,12 +145,12 @@ def problems_of(doc: DocCommand) -> list[str]:
     if argv[0] not in group.commands:
         return [f"unknown sub-command {argv[0]!r}; valid: {', '.join(sorted(group.commands))}"]
     command = group.commands[argv[0]]
-    options, problems, given, positional = options_of(command), [], {}, []
+    options, problems, given, positional, expansions = options_of(command), [], {}, [], []
     words = iter(argv[1:])
     for word in words:
-        if word in ("--help", "-h") or is_placeholder(word):
+        if word in ("--help", "-h", "..."):
             continue
-        if word.startswith("-") and len(word) > 1:
+        if word.startswith("-") and len(word) > 1 and not is_placeholder(word):
             name, _, inline_value = word.partition("=")
             param = options.get(name)
             if param is None:
@@ -165,8 +169,10 @@ def problems_of(doc: DocCommand) -> list[str]:
                     problems.append(f"{argv[0]}: {name} {value!r}; valid: {', '.join(choices)}")
             given.setdefault(param.name, []).append(value)
         else:
-            positional.append(word)
+            (expansions if is_placeholder(word) else positional).append(word)
     arguments = [p for p in command.params if p.param_type_name == "argument"]
+    # a shell expansion ($OUT, "${COMMON[@]}") fills a missing argument, else it stands for options
+    positional += expansions[:max(0, len(arguments) - len(positional))]
     for argument, value in zip(arguments, positional):
         given.setdefault(argument.name, []).append(value)
     if not any(p.nargs == -1 for p in arguments) and len(positional) > len(arguments):
@@ -314,7 +320,7 @@ def cache_pairs(docs: list[DocCommand]) -> list[tuple[DocCommand, DocCommand]]:
     return pairs
 
 
-ALL = [doc for path in DOCS for doc in doc_commands(path)]
+ALL = [doc for path in [*DOCS, *SCRIPTS] for doc in doc_commands(path)]
 PAIRS = cache_pairs(ALL)
 
 
@@ -322,6 +328,7 @@ def test_the_docs_hold_commands_of_both_programs():
     assert sum(doc.literal for doc in ALL) >= 40, len(ALL)  # the parser finds the fenced commands
     assert {doc.program for doc in ALL} == {"features", "trainer"}
     assert any(doc.where.startswith("README.md") and doc.literal for doc in ALL)
+    assert any(doc.where.startswith("sample/run.sh") for doc in ALL)
 
 
 @pytest.mark.parametrize("doc", ALL, ids=str)
@@ -391,3 +398,45 @@ def test_files_and_modules_the_docs_name_exist():
     assert len(paths) > 20 and modules  # the patterns find what the docs name
     assert sorted(p for p in paths if not (ROOT / p).exists()) == []
     assert sorted(m for m in modules if importlib.util.find_spec(m) is None) == []
+
+
+def script_options(script: Path) -> set[str] | None:
+    """The ``--options`` a script's argparse parser declares (None: the script declares none)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            found |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value)[:2] == "--"}
+    return found or None
+
+
+def script_commands() -> list[tuple[str, Path, list[str]]]:
+    """``python bench/x.py --flag ...`` lines of the docs' shell blocks: (where, script, its words)."""
+    found = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for block in FENCE.finditer(text):
+            if block.group(1).strip() not in SHELL_FENCES:
+                continue
+            words = shell_words(block.group(2))
+            for i, word in enumerate(words[:-1]):
+                if word == "python" and re.fullmatch(r"(bench|sample)/\w+\.py", words[i + 1]):
+                    end = next((j for j in range(i + 2, len(words)) if words[j] in ENDS), len(words))
+                    found.append((f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, block.start(2)) + 1}",
+                                  ROOT / words[i + 1], words[i + 2:end]))
+    return found
+
+
+def test_documented_bench_and_sample_scripts_take_the_flags_given():
+    commands = script_commands()
+    assert len(commands) >= 10  # the docs run the bench scripts with flags
+    assert {"--images", "--chunk-size"} <= script_options(ROOT / "bench" / "bench_extract.py")
+    problems = []
+    for where, script, words in commands:
+        declared = script_options(script)
+        unknown = [w.split("=")[0] for w in words if w.startswith("--") and declared is not None
+                   and w.split("=")[0] not in declared | {"--help"}]
+        if unknown:
+            problems.append(f"{where}: {script.relative_to(ROOT)} has no {', '.join(unknown)}")
+    assert not problems, "\n".join(problems)

@@ -117,6 +117,7 @@ class GroupSpec:
     doc: str = ""  # one paragraph for docs/cache-schema.md
     feature: bool = True  # False for /images and /posts (no provenance, written by every extraction)
     slot_docs: dict = field(default_factory=dict)  # slot -> what names an instance, with examples (docs)
+    finite: bool = True  # float rows must be finite: the writer refuses NaN/Inf naming the image (False: allowed)
 
     def __post_init__(self):
         names = [d.name for d in self.datasets]

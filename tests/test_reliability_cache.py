@@ -104,7 +104,7 @@ def test_merge_replaces_only_an_mner_cache_and_only_with_overwrite(tmp_path, cap
         assert main(["merge", *map(str, parts), "--out", str(readme), *extra]) == 1
         assert "not an mner feature cache" in one_line(capsys) and readme.read_text() == "# notes\n"
     full = tmp_path / "full.h5"
-    write_tiny_cache(full, ["encoders/clip", "prompts/vcrmner"])
+    write_tiny_cache(full, ["encoders/clip/tiny", "prompts/tiny/vcrmner"])
     before = full.read_bytes()
     assert main(["merge", *map(str, parts), "--out", str(full)]) == 1
     assert "pass --overwrite" in one_line(capsys) and full.read_bytes() == before
@@ -133,7 +133,7 @@ def test_extract_overwrite_never_replaces_another_programs_file(corpus, tmp_path
 
 def test_writer_refuses_non_finite_features_naming_the_image(tmp_path):
     ids = ["a", "b", "c"]
-    provenance = make_provenance("encoders/clip", model="m", pretrained="random", preprocessing={},
+    provenance = make_provenance("encoders/clip/m", model="m", pretrained="random", preprocessing={},
                                  thresholds={}, image_ids=ids)
     path = tmp_path / "c.h5"
     embed = np.ones((3, 4), np.float32)
@@ -141,7 +141,7 @@ def test_writer_refuses_non_finite_features_naming_the_image(tmp_path):
     with pytest.raises(CacheError, match=r"NaN or Inf .* image\(s\) b;"), \
             CacheWriter(path, partial=True) as writer:
         writer.write_images(ids)
-        writer.write_group("encoders/clip", {"image_embed": embed}, provenance)
+        writer.write_group("encoders/clip/m", {"image_embed": embed}, provenance)
     assert not path.exists() and not list(tmp_path.iterdir())  # no cache, no temp, no lock
 
 
@@ -150,15 +150,15 @@ def test_writer_refuses_non_finite_features_naming_the_image(tmp_path):
 
 def test_verify_and_info_verify_find_changed_bytes(tmp_path, capsys):
     path = tmp_path / "c.h5"
-    write_tiny_cache(path, ["objects", "encoders/clip"])
+    write_tiny_cache(path, ["objects/tiny", "encoders/clip/tiny"])
     assert main(["verify", str(path)]) == 0
-    assert capsys.readouterr().out.count("ok ") == 3  # images, objects, encoders/clip
-    corrupt(path, "encoders/clip/image_embed")
+    assert capsys.readouterr().out.count("ok ") == 3  # images, objects/tiny, encoders/clip/tiny
+    corrupt(path, "encoders/clip/tiny/image_embed")
     assert main(["verify", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "MISMATCH /encoders/clip" in out and "image_embed rows 0.." in out and "ok       /objects" in out
+    assert "MISMATCH /encoders/clip/tiny" in out and "image_embed rows 0.." in out and "ok       /objects/tiny" in out
     assert main(["info", str(path), "--verify"]) == 1
-    assert "MISMATCH /encoders/clip" in capsys.readouterr().out
+    assert "MISMATCH /encoders/clip/tiny" in capsys.readouterr().out
 
 
 def test_trainer_startup_check_catches_changed_bytes_without_touching_rng(tmp_path, monkeypatch):
@@ -169,29 +169,29 @@ def test_trainer_startup_check_catches_changed_bytes_without_touching_rng(tmp_pa
     path = tmp_path / "c.h5"
     monkeypatch.setattr(integrity, "SAMPLE_BYTES", 0)  # force the sampled path on a tiny cache
     monkeypatch.setattr(integrity, "BLOCK_BYTES", 1)  # (one block per row: blocks exist to sample)
-    write_tiny_cache(path, ["objects", "encoders/clip"], num_images=40)
+    write_tiny_cache(path, ["objects/tiny", "encoders/clip/tiny"], num_images=40)
     states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
-    record = integrity.check_groups_at_startup(path, ["encoders/clip", "objects"])
-    checked = record["encoders/clip"]["checked"]  # "sampled k of n blocks", k < n: not the whole group
+    record = integrity.check_groups_at_startup(path, ["encoders/clip/tiny", "objects/tiny"])
+    checked = record["encoders/clip/tiny"]["checked"]  # "sampled k of n blocks", k < n: not the whole group
     assert checked.startswith("sampled ") and int(checked.split()[1]) < int(checked.split()[3])
     assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2])
     monkeypatch.setattr(integrity, "SAMPLED_BLOCKS", 10_000)  # every block: the changed one is among them
-    corrupt(path, "encoders/clip/image_embed")
+    corrupt(path, "encoders/clip/tiny/image_embed")
     with pytest.raises(CacheError, match="no longer match the checksums"):
-        integrity.check_groups_at_startup(path, ["encoders/clip"])
+        integrity.check_groups_at_startup(path, ["encoders/clip/tiny"])
 
 
 def test_extract_refuses_to_build_a_group_on_changed_bytes(corpus, tmp_path, capsys):
     data, images = corpus
     out = tmp_path / "c.h5"
     assert extract(data, images, out) == 0
-    corrupt(out, "encoders/clip/crop_embed", payload=np.float16([3.0, -2.0]).tobytes())
+    corrupt(out, "crops/fasterrcnn-test/clip/clip-test/crop_embed", payload=np.float16([3.0, -2.0]).tobytes())
     capsys.readouterr()
     assert extract(data, images, out, "--prompts", "vcrmner") == 1
     err = one_line(capsys)
-    assert "/encoders/clip no longer match their checksums" in err
-    assert "prompts/vcrmner" not in FeatureCache(out).groups()
+    assert "/crops/fasterrcnn-test/clip/clip-test no longer match their checksums" in err
+    assert "prompts/clip-test/vcrmner" not in FeatureCache(out).groups()
     assert no_parts(tmp_path)
 
 
@@ -252,13 +252,13 @@ def test_read_only_output_folder_is_one_line(corpus, tmp_path, capsys):
 def test_disk_full_leaves_no_lock_or_temp_and_keeps_the_existing_cache(tmp_path, capsys):
     with small_tmpfs(tmp_path / "full", "600k") as folder:
         path = folder / "c.h5"
-        write_tiny_cache(path, ["encoders/clip"])
+        write_tiny_cache(path, ["encoders/clip/tiny"])
         before = path.read_bytes()
         ids = FeatureCache(path).image_ids
-        provenance = make_provenance("encoders/resnet152", model="m", pretrained="random", preprocessing={},
+        provenance = make_provenance("encoders/resnet/m", model="m", pretrained="random", preprocessing={},
                                      thresholds={}, image_ids=ids)
         with pytest.raises(OSError) as caught, CacheWriter(path, partial=True) as writer:
-            writer.write_group("encoders/resnet152", {"grid": np.ones((len(ids), 20, 20, 2048), np.float16)},
+            writer.write_group("encoders/resnet/m", {"grid": np.ones((len(ids), 20, 20, 2048), np.float16)},
                                provenance)
         assert caught.value.errno == errno.ENOSPC
         assert sorted(p.name for p in folder.iterdir()) == ["c.h5"] and path.read_bytes() == before
@@ -313,7 +313,7 @@ def test_os_errors_are_described_in_one_line_with_the_fix():
 
 def test_zeroed_metadata_is_one_line_in_info_verify_and_the_reader(tmp_path, capsys):
     path = tmp_path / "c.h5"
-    write_tiny_cache(path, ["objects", "encoders/clip"])
+    write_tiny_cache(path, ["objects/tiny", "encoders/clip/tiny"])
     with open(path, "r+b") as raw:  # object headers after the superblock: h5py answers KeyError
         raw.seek(512)
         raw.write(bytes(4096))

@@ -55,11 +55,14 @@ def _values(ds, count: int, dims: dict[str, int], rng: np.random.Generator, salt
     return rng.integers(0, 4, (*lead, *shape)).astype(dtype)
 
 
-def tiny_group(writer: CacheWriter, name: str, *, seed: int = 0) -> dict[str, object]:
-    """Write group ``name`` with random values shaped by its spec; returns what was written per dataset."""
+def tiny_group(
+    writer: CacheWriter, name: str, *, seed: int = 0, dims: dict[str, int] | None = None
+) -> dict[str, object]:
+    """Write group ``name`` with random values shaped by its spec; returns what was written per dataset.
+    ``dims`` sets symbolic dims (``{"G": 12}``: the 12x12 grid a model insists on); others stay tiny."""
     spec = get_group(name)
     rng = np.random.default_rng(seed)
-    dims = _dims(spec)
+    dims = {**_dims(spec), **(dims or {})}
     num_images = writer.num_images
     written: dict[str, object] = {}
     totals = {"image": num_images, "text": num_images}
@@ -104,9 +107,11 @@ def write_tiny_cache(
     num_images: int = 6,
     status: list[str] | None = None,
     seed: int = 0,
+    dims: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, dict[str, object]]:
     """A cache with ``groups`` (default: every registered feature group), and any group whose ragged
-    index they need. Returns ``{group: {dataset: values}}``."""
+    index they need; ``dims`` maps a group to the symbolic dims it should not take small
+    (see :func:`tiny_group`). Returns ``{group: {dataset: values}}``."""
     names = groups if groups is not None else [instance_name(g) for g in all_groups() if g.feature]
     needed: list[str] = []
     for name in names:
@@ -123,5 +128,5 @@ def write_tiny_cache(
             ids, status or ["ok"] * num_images, width=[64] * num_images, height=[48] * num_images
         )
         for k, name in enumerate(ordered):
-            written[name] = tiny_group(writer, name, seed=seed + k)
+            written[name] = tiny_group(writer, name, seed=seed + k, dims=(dims or {}).get(name))
     return written

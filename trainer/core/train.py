@@ -7,7 +7,6 @@ once on the longest post of every split, all before the run folder is created (s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -226,33 +225,39 @@ def make_post_dataset(posts, tokenizer, *, label_to_id, max_length, visual, spli
 
 
 def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, group_by_length: bool = False) -> DataLoader:
+                seed: int = 0, group_by_length: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Training loaders draw batches from a sampler whose order depends only on (seed, epoch), so a
-    resumed run replays exactly the batches an uninterrupted one would have seen."""
+    resumed run replays exactly the batches an uninterrupted one would have seen; with several
+    processes each loader holds its ``rank``'s share (every post once per epoch over all processes)."""
     if shuffle:
         lengths = [len(a.input_ids) for a in dataset.aligned]
         sampler_cls = LengthGroupedBatchSampler if group_by_length else ShuffledBatchSampler
-        return DataLoader(dataset, batch_sampler=sampler_cls(lengths, batch_size, seed=seed),
-                          collate_fn=collator, num_workers=num_workers)
+        sampler = sampler_cls(lengths, batch_size, seed=seed, rank=rank, world_size=world_size)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- prediction
 
 
+# Decoding runs in full precision everywhere: dev F1 during training, the final dev/test scores, `evaluate`
+# and `predict`. Under bf16/fp16 autocast the emissions into the CRF would be low-precision Linear outputs
+# whose Viterbi can tie differently, so `evaluate` would disagree with metrics.json on a GPU.
+DECODE_PRECISION = "fp32"
+
+
 @torch.no_grad()
 def predict_tags(model, dataset: PostDataset, collator: Collator, *, labels: list[str], device: torch.device,
-                 batch_size: int, num_workers: int = 0, desc: str = "decode", autocast=None) -> list[list[str]]:
+                 batch_size: int, num_workers: int = 0, desc: str = "decode") -> list[list[str]]:
     """One tag per word of every post; words the model cannot see (word_mask False) are ``O``.
-    ``autocast`` is the training precision's context factory (None: full precision)."""
+    Always in full precision (``DECODE_PRECISION``), whatever the training precision."""
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     predictions: list[list[str]] = []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     for batch in bar:
         word_mask = batch["word_mask"]
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            paths = model.decode(to_device(batch, device))
+        paths = model.decode(to_device(batch, device))
         for row, path in enumerate(paths):
             n_words = len(dataset.posts[len(predictions)].tokens)
             kept = word_mask[row, :n_words].tolist()
@@ -299,12 +304,12 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
             item["labels"] = [label_to_id.get(tag, 0) for tag in post.tags] if post.tags is not None else None
             batch = to_device(collator([item]), device)
             try:
-                with autocast():
-                    net.train()
-                    if item["labels"] is not None:
+                net.train()
+                if item["labels"] is not None:
+                    with autocast():  # the training step's precision
                         net(batch)
-                    net.eval()
-                    (path,) = net.decode(batch)
+                net.eval()
+                (path,) = net.decode(batch)  # decoding's (full) precision
             except (RuntimeError, ValueError, IndexError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ConfigError(
@@ -454,7 +459,8 @@ def train(
     check_longest_posts(net, {"train": train_set, **eval_sets}, collator, label_to_id=label_to_id,
                         device=engine.device, autocast=engine.autocast)
     train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
-                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
+                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length,
+                               rank=engine.rank, world_size=engine.world_size)
     sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
     net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
@@ -503,7 +509,7 @@ def train(
 
     record = {
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
-        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "precision": engine.precision, "decode_precision": DECODE_PRECISION, "world_size": engine.world_size, "grad_accum": config.grad_accum,
         "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
@@ -521,12 +527,10 @@ def train(
         ) from None
 
     # ---- the best epoch's weights on dev and test
-    from safetensors.torch import load_file
-
     engine.writer.wait()
     engine.wait()
     final = latest_checkpoint(out)
-    engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
+    engine.load_weights(net, final / "best_model.safetensors")
     engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
         "model": model, "preset": invocation["preset"], "best_epoch": state.best_epoch, "epochs_run": state.epoch,
@@ -536,8 +540,7 @@ def train(
     }
     for split, eval_set in eval_sets.items():
         pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=label_list, device=engine.device,
-                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
-                            autocast=engine.autocast)
+                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
         if engine.is_main:
@@ -599,9 +602,12 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
                                   desc=f"epoch {epoch}")
         train_seconds = time.time() - epoch_start
         dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
-                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
-                                autocast=engine.autocast)
-        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
+        dev_f1, agreement = engine.agree(net, score_split(eval_set.posts, dev_pred)["micro"]["f1"])
+        if agreement and not agreement["replicas_agree"]:
+            warn_loudly(f"epoch {epoch}: the {engine.world_size} processes disagree (dev F1 by rank "
+                        f"{agreement['dev_f1_by_rank']}, or their weights / buffers differ); process 0's "
+                        "dev F1 decides; recorded in metrics.json history")
         improved = dev_f1 > state.best_f1
         if improved:
             state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
@@ -614,7 +620,7 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         checkpoint_start = time.time()
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
                               "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
-                              "cpu_seconds": None})
+                              "cpu_seconds": None, **agreement})
         snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
             engine.writer.submit(functools.partial(

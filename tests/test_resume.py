@@ -124,8 +124,15 @@ def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_pat
     assert main([*train_args(small_data, tiny_bert, run, epochs=1), "--overwrite", "--precision", "bf16",
                  "--grad-accum", "2"]) == 0
     assert not (run / "stale.txt").exists() and (run / "metrics.json").is_file()
-    record = json.loads((run / "metrics.json").read_text())["run"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    record = metrics["run"]
     assert record["precision"] == "bf16" and record["optimizer_steps_per_epoch"] == 2 and record["world_size"] == 1
+    # trained under bf16 autocast, decoded in fp32 like `evaluate` (issue 19, point 3): the same scores
+    assert record["decode_precision"] == "fp32"
+    assert main(["evaluate", str(run), "--split", "dev", "--device", "cpu"]) == 0
+    (evaluated,) = (run / "eval").glob("dev-*.json")
+    result = json.loads(evaluated.read_text())
+    assert result["decode_precision"] == "fp32" and result["micro"] == metrics["dev"]["micro"]
 
 
 def _record_training_posts(record: str) -> None:

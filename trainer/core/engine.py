@@ -28,6 +28,9 @@ from mner.pipeline.background import BackgroundWriter
 from mner.trainer.core.config import ConfigError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# The process-group backend for several processes; unset: accelerate's choice (NCCL on GPUs, gloo on CPUs).
+# ``gloo`` lets two processes share one GPU (NCCL refuses two ranks on one device): bench/gpu_check.sh.
+DDP_BACKEND_ENV = "MNER_DDP_BACKEND"
 SHOW_LOSS_EVERY = 50  # training steps between two progress-bar loss updates (each one waits for the device)
 # Test-only: the process SIGKILLs itself at this global training step (1-based); see tests/test_resume.py.
 KILL_AT_STEP_ENV = "MNER_TEST_SIGKILL_AT_STEP"
@@ -137,7 +140,7 @@ class Engine:
     def __init__(self, *, device: str, precision: str, grad_accum: int):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
@@ -152,7 +155,9 @@ class Engine:
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=MIXED_PRECISION[self.precision], gradient_accumulation_steps=grad_accum,
             # ablation switches leave some parameters unused in forward; DDP must not wait for their gradients
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                             *([InitProcessGroupKwargs(backend=os.environ[DDP_BACKEND_ENV])]
+                               if os.environ.get(DDP_BACKEND_ENV) else [])],
         )
         self.grad_accum = grad_accum
         self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)

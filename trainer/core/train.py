@@ -86,6 +86,13 @@ def warn_loudly(message: str) -> None:
     log(f"{bar}\nWARNING: {message}\n{bar}")
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Process ``rank``'s seed after the model is built: rank 0 keeps ``seed`` (a one-process run is
+    unchanged), the others differ, so data-parallel processes do not share dropout masks (the same
+    masks on every process would shrink the noise the gradient average sees)."""
+    return seed if rank == 0 else (seed * 1000003 + rank) % 2**31
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -279,6 +286,14 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
 # ----------------------------------------------------------------------------- checks before epoch 1
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator ``fork_rng`` must save and restore for work on ``device``:
+    ``devices=[]`` forks the CPU generator only, and dropout on a GPU draws from that GPU's."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def longest_post(dataset: PostDataset) -> int:
     return max(range(len(dataset)), key=lambda i: (len(dataset.aligned[i].input_ids), len(dataset.posts[i].tokens)))
 
@@ -287,7 +302,7 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
                         device: torch.device, autocast) -> None:
     """One forward in train mode and one decode in eval mode on the longest post of every split, so a
     shape problem surfaces in seconds instead of after the last epoch. Random state is left untouched."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=rng_devices(device)), torch.no_grad():
         for split, dataset in datasets.items():
             index = longest_post(dataset)
             post = dataset.posts[index]
@@ -569,6 +584,8 @@ def build_training(request: RunRequest, data: RunData, inputs: RunInputs) -> Tra
     sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
     net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
+    if engine.rank > 0:  # DDP made the weights rank 0's; each process now draws its own dropout masks
+        seed_everything(rank_seed(config.seed, engine.rank))
     scheduler = build_schedule(optimizer, engine.optimizer_steps_per_epoch(train_loader) * config.epochs, config)
     return Training(engine=engine, net=net, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                     sampler=sampler)
@@ -698,6 +715,7 @@ def process_record(request: RunRequest, training: Training, cache_info: dict | N
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
         "precision": engine.precision, "decode_precision": DECODE_PRECISION, "world_size": engine.world_size,
         "grad_accum": config.grad_accum,
+        "rank_seeds": [rank_seed(config.seed, rank) for rank in range(engine.world_size)],
         "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(training.train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},

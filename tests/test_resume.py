@@ -7,11 +7,11 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from helpers.data import write_generated_splits
+from helpers.forked import recorded_posts, run_forked
 
 from mner.trainer.cli import main
 
@@ -135,139 +135,16 @@ def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_pat
     assert result["decode_precision"] == "fp32" and result["micro"] == metrics["dev"]["micro"]
 
 
-def _record_training_posts(record: str) -> None:
-    """In a forked worker: note the index of every training post that each epoch reads (appended to
-    ``record`` as one JSON line per run), by wrapping the dataset and the engine's epoch."""
-    from mner.trainer.core.engine import Engine
-    from mner.trainer.inputs.batching import PostDataset
-
-    epochs: list[list[int]] = []
-    training = []
-    train_epoch, get_item = Engine.train_epoch, PostDataset.__getitem__
-
-    def recorded_epoch(self, *args, **kwargs):
-        epochs.append([])
-        training.append(True)
-        try:
-            return train_epoch(self, *args, **kwargs)
-        finally:
-            training.pop()
-
-    def recorded_item(self, index):
-        if training:
-            epochs[-1].append(index)
-        return get_item(self, index)
-
-    Engine.train_epoch, PostDataset.__getitem__ = recorded_epoch, recorded_item
-
-    def flush() -> None:
-        with open(record, "a") as stream:
-            stream.write(json.dumps(epochs) + "\n")
-        epochs.clear()
-
-    return flush
-
-
-def _process(argvs: list[list[str]], env: dict, log: str, record: str | None = None) -> None:
-    import torch
-    from accelerate.state import AcceleratorState
-
-    torch.set_num_threads(1)  # as DataLoader workers do: a forked OpenMP pool must not be reused
-    os.environ.update(env)
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that trained alone
-    flush = _record_training_posts(record) if record else None
-    code = 0
-    with open(log, "w") as stream:
-        os.dup2(stream.fileno(), 2)
-        sys.stderr = stream
-        try:
-            for argv in argvs:  # several runs in one process group (one group per test, not per run)
-                code = code or main(argv)
-                if flush:
-                    flush()
-        except BaseException:
-            import traceback
-
-            traceback.print_exc(file=stream)
-            stream.flush()
-            code = 1
-    os._exit(code)
-
-
-def run_forked(argvs: list, tmp_path: Path, *, timeout: float = 240, record: bool = False,
-               **env) -> tuple[list[int | None], list[str]]:
-    """``mner-train`` in forked processes (one per entry; several form a DDP group like torchrun's workers):
-    separate processes that can be killed, without paying the imports again. An entry is one argv or a
-    list of argvs run one after the other. Returns exit codes (None: still running after ``timeout``
-    seconds, then killed) and stderr; with ``record``, ``tmp_path/posts<rank>.jsonl`` lists the training
-    posts each epoch of each run read."""
-    import multiprocessing
-    import socket
-    import time
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    world = len(argvs)
-    logs = [tmp_path / f"process{rank}.log" for rank in range(world)]
-    context = multiprocessing.get_context("fork")
-    processes = []
-    for rank, argv in enumerate(argvs):
-        runs = argv if argv and isinstance(argv[0], list) else [argv]
-        rank_env = dict(env)
-        if world > 1:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        recording = str(tmp_path / f"posts{rank}.jsonl") if record else None
-        processes.append(context.Process(target=_process, args=(runs, rank_env, str(logs[rank]), recording)))
-        processes[-1].start()
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(timeout=max(deadline - time.monotonic(), 0))
-    codes = [p.exitcode for p in processes]
-    for process in processes:
-        if process.exitcode is None:  # hung (a collective call no other process makes): not left behind
-            process.kill()
-            process.join()
-    return codes, [log.read_text() for log in logs]
-
-
-# every registered model, tiny; pmner's RegionStandardizer buffers must stay identical across processes
-DDP_MODELS = {
-    "bert_crf": [],
-    "vcrmner": ["--set", "num_heads=2", "--set", "num_blocks=1"],
-    "promptmner": ["--set", "num_continuous_prompts=4"],
-    "pmner": ["--set", "num_heads=2", "--set", "resnet_group=resnet152-test"],
-    "mgipscl": ["--set", "clip_model=tiny-random", "--set", "num_heads=2"],
-    "espvr": ["--set", "swin_group=swin-test", "--set", "cross_width=32", "--set", "cross_heads=2"],
-}
 DDP_TRAIN_POSTS = 21  # batch 4 over 2 processes: 6 batches of which the last is short
 
 
 @pytest.fixture(scope="module")
 def ddp_inputs(tmp_path_factory) -> tuple[Path, Path]:
     """Posts with their own image ids (one image missing) and a tiny cache with what every model reads."""
-    from mner.pipeline.cache.tiny import write_tiny_cache
+    from mner.pipeline.cache.tiny import write_tiny_training_inputs
 
-    folder = tmp_path_factory.mktemp("ddp")
-    rng = random.Random(3)
-    names = {"PER": ["john", "smith"], "LOC": ["paris", "london"]}
-    filler = ["the", "a", "in", "at", "of", "to", "and", "is", "rt", "with", "new", "city", "visit", "love"]
-    for split, count in (("train", DDP_TRAIN_POSTS), ("valid", 6), ("test", 6)):
-        lines = []
-        for n in range(count):
-            entity_type = ("PER", "LOC")[n % 2]
-            lines += [f"IMGID:img{n:03d}", *[f"{w}\tO" for w in rng.sample(filler, rng.randint(1, 6))],
-                      f"{rng.choice(names[entity_type])}\tB-{entity_type}", ""]
-        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    groups = ["objects", "encoders/clip", "encoders/resnet152-test", "encoders/swin-test", "grounding",
-              "encoders/clip_grounding", "captions", "prompts/vcrmner", "prompts/promptmner_task"]
-    status = ["ok"] * DDP_TRAIN_POSTS
-    status[6] = "missing"
-    write_tiny_cache(folder / "cache.h5", groups, num_images=DDP_TRAIN_POSTS, status=status,
-                     dims={"encoders/swin-test": {"G": 12}, "prompts/vcrmner": {"C": 4},
-                           "prompts/promptmner_task": {"C": 4}})
-    return folder, folder / "cache.h5"
+    data, cache = write_tiny_training_inputs(tmp_path_factory.mktemp("ddp"), train_posts=DDP_TRAIN_POSTS)
+    return Path(data), Path(cache)
 
 
 def test_two_process_ddp_every_model_sees_every_post_once_and_ranks_agree(ddp_inputs, tiny_bert, tmp_path):
@@ -275,6 +152,8 @@ def test_two_process_ddp_every_model_sees_every_post_once_and_ranks_agree(ddp_in
     registered model in turn, 21 posts in batches of 4 (a short batch), early stopping on (patience 1):
     each epoch the two processes together read every training post exactly once, they agree on
     weights, buffers and dev F1 every epoch, and nothing hangs (a hang is killed and fails the test)."""
+    from mner.pipeline.cache.tiny import EVERY_MODEL_FLAGS as DDP_MODELS
+
     data, cache = ddp_inputs
     runs = [["--features", str(cache), "--data", str(data), "--model", model, "--text-encoder", str(tiny_bert),
              "--epochs", "3", "--patience", "1", "--batch-size", "4", "--max-length", "24", "--device", "cpu",
@@ -282,8 +161,7 @@ def test_two_process_ddp_every_model_sees_every_post_once_and_ranks_agree(ddp_in
              "--out", str(tmp_path / model), *flags] for model, flags in DDP_MODELS.items()]
     codes, logs = run_forked([runs, runs], tmp_path, timeout=180, record=True)
     assert codes == [0, 0], [log[-3000:] for log in logs]
-    seen = [[json.loads(line) for line in (tmp_path / f"posts{rank}.jsonl").read_text().splitlines()]
-            for rank in range(2)]
+    seen = recorded_posts(tmp_path, 2)
     for index, model in enumerate(DDP_MODELS):
         metrics = json.loads((tmp_path / model / "metrics.json").read_text())
         assert metrics["run"]["world_size"] == 2, model

@@ -130,3 +130,49 @@ def write_tiny_cache(
         for k, name in enumerate(ordered):
             written[name] = tiny_group(writer, name, seed=seed + k, dims=(dims or {}).get(name))
     return written
+
+
+# what every registered model reads, with the dims the models insist on (ESPVR's 12x12 Swin grid, four
+# entity categories); tests/test_resume.py and bench/gpu_check.py train every model on it
+PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
+EVERY_MODEL_GROUPS = ("objects", "encoders/clip", "encoders/resnet152-test", "encoders/swin-test", "grounding",
+                      "encoders/clip_grounding", "captions", *(f"prompts/{name}" for name in PROMPT_SETS))
+EVERY_MODEL_DIMS = {"encoders/swin-test": {"G": 12}, **{f"prompts/{name}": {"C": 4} for name in PROMPT_SETS}}
+EVERY_MODEL_FLAGS = {  # tiny settings per model, pointing the models at the -test groups
+    "bert_crf": [],
+    "vcrmner": ["--set", "num_heads=2", "--set", "num_blocks=1"],
+    "promptmner": ["--set", "num_continuous_prompts=4"],
+    "pmner": ["--set", "num_heads=2", "--set", "resnet_group=resnet152-test"],
+    "mgipscl": ["--set", "clip_model=tiny-random", "--set", "num_heads=2"],
+    "espvr": ["--set", "swin_group=swin-test", "--set", "cross_width=32", "--set", "cross_heads=2"],
+}
+
+
+def write_tiny_training_inputs(
+    folder: str | os.PathLike, *, train_posts: int = 21, eval_posts: int = 6, missing: tuple[int, ...] = (6,),
+    seed: int = 3,
+) -> tuple[str, str]:
+    """Twitter-format splits (post ``n`` of every split names image ``img<n>``) and a tiny cache with
+    what every model reads; the images in ``missing`` have no usable picture. Returns (data folder,
+    cache path); train with ``EVERY_MODEL_FLAGS[model]``, ``--set stage1_mismatch=warn`` and
+    ``--max-missing-images 1``."""
+    import random
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = {"PER": ["john", "smith"], "LOC": ["paris", "london"]}
+    filler = ["the", "a", "in", "at", "of", "to", "and", "is", "rt", "with", "new", "city", "visit", "love"]
+    for split, count in (("train", train_posts), ("valid", eval_posts), ("test", eval_posts)):
+        lines = []
+        for n in range(count):
+            entity_type = ("PER", "LOC")[n % 2]
+            lines += [f"IMGID:img{n:03d}", *[f"{w}\tO" for w in rng.sample(filler, rng.randint(1, 6))],
+                      f"{rng.choice(names[entity_type])}\tB-{entity_type}", ""]
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    images = max(train_posts, eval_posts)
+    status = ["missing" if i in missing else "ok" for i in range(images)]
+    write_tiny_cache(folder / "cache.h5", list(EVERY_MODEL_GROUPS), num_images=images, status=status,
+                     dims=EVERY_MODEL_DIMS)
+    return str(folder), str(folder / "cache.h5")

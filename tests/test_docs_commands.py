@@ -1,4 +1,5 @@
-"""Every ``mner-features`` / ``mner-train`` command in README.md, docs/ and the model pages names real
+"""Every ``mner-features`` / ``mner-train`` command in README.md, docs/, the model pages, sample/run.sh and
+the bench/*.sh scripts names real
 sub-commands, real flags and valid values, checked against the live CLIs (click introspection of the
 typer apps, the model registry, presets and ``--set`` keys, the detector / encoder / prompt-set
 registries). Nothing is executed: no data is read and no model is built.
@@ -18,6 +19,7 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+SCRIPTS = [ROOT / "sample" / "run.sh", *sorted((ROOT / "bench").glob("*.sh"))]  # commands the docs point at
 PROGRAMS = {"mner-features": "features", "mner-train": "trainer",
             "mner.features.cli": "features", "mner.trainer.cli": "trainer"}
 SEPARATORS = {"&&", "||", ";", "|", "&", "do", "then", "\n"}  # a command starts after one of these
@@ -89,6 +91,8 @@ def commands_in(words: list[str]) -> list[list[str]]:
 def doc_commands(path: Path) -> list[DocCommand]:
     text = path.read_text(encoding="utf-8")
     name = str(path.relative_to(ROOT))
+    if path.suffix == ".sh":
+        return [DocCommand(name, program, argv, literal=True) for program, *argv in commands_in(shell_words(text))]
     result = []
     for block in FENCE.finditer(text):
         line = text.count("\n", 0, block.start(2)) + 1
@@ -141,12 +145,12 @@ def problems_of(doc: DocCommand) -> list[str]:
     if argv[0] not in group.commands:
         return [f"unknown sub-command {argv[0]!r}; valid: {', '.join(sorted(group.commands))}"]
     command = group.commands[argv[0]]
-    options, problems, given, positional = options_of(command), [], {}, []
+    options, problems, given, positional, expansions = options_of(command), [], {}, [], []
     words = iter(argv[1:])
     for word in words:
-        if word in ("--help", "-h") or is_placeholder(word):
+        if word in ("--help", "-h", "..."):
             continue
-        if word.startswith("-") and len(word) > 1:
+        if word.startswith("-") and len(word) > 1 and not is_placeholder(word):
             name, _, inline_value = word.partition("=")
             param = options.get(name)
             if param is None:
@@ -165,8 +169,10 @@ def problems_of(doc: DocCommand) -> list[str]:
                     problems.append(f"{argv[0]}: {name} {value!r}; valid: {', '.join(choices)}")
             given.setdefault(param.name, []).append(value)
         else:
-            positional.append(word)
+            (expansions if is_placeholder(word) else positional).append(word)
     arguments = [p for p in command.params if p.param_type_name == "argument"]
+    # a shell expansion ($OUT, "${COMMON[@]}") fills a missing argument, else it stands for options
+    positional += expansions[:max(0, len(arguments) - len(positional))]
     for argument, value in zip(arguments, positional):
         given.setdefault(argument.name, []).append(value)
     if not any(p.nargs == -1 for p in arguments) and len(positional) > len(arguments):
@@ -253,25 +259,39 @@ def stage1_problems(extract: DocCommand, train: DocCommand) -> list[str]:
                                       sets=given.get("--set"))
     extracted, problems = parsed_options(extract), []
     for setting in model_stage1_settings(model_cls, model_config):
-        name, _, wanted = setting.flags.partition(" ")
-        values = extracted.get(name) or extract_default(name)
-        values = values if isinstance(values, list) else [values]
-        if name in ("--encoder", "--prompts"):
-            ok = wanted in values
-        elif setting.match == "at_least":
-            ok = float(values[-1]) >= float(wanted)
-        else:
-            ok = values[-1] == wanted or _same_number(values[-1], wanted)
-        if not ok:
-            problems.append(f"{setting.describe()}: the extract command gives {name} {values[-1]}; add {setting.flags}")
+        for name, wanted in flag_pairs(setting.flags):
+            values = extracted.get(name) or extract_default(name)
+            values = values if isinstance(values, list) else [values]
+            # a repeated flag (--encoder, one --clip-model per instance) serves the setting when one value does
+            if wanted is None:
+                ok = name in extracted
+            elif setting.match == "at_least":
+                ok = any(_number(v) is not None and _number(v) >= float(wanted) for v in values)
+            elif setting.match == "at_most":  # the cache holds a superset the model cuts when reading
+                ok = any(_number(v) is not None and _number(v) <= float(wanted) for v in values)
+            else:
+                ok = any(v == wanted or (_number(v) is not None and _number(v) == _number(wanted)) for v in values)
+            if not ok:
+                problems.append(f"{setting.describe()}: the extract command gives {name} "
+                                f"{' '.join(values)}; add {setting.flags}")
     return problems
 
 
-def _same_number(a: str, b: str) -> bool:
+def flag_pairs(flags: str) -> list[tuple[str, str | None]]:
+    """"--grounding owlv2 --grounding-clip" -> [("--grounding", "owlv2"), ("--grounding-clip", None)]."""
+    words, pairs = shlex.split(flags), []
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            pairs.append((word, value))
+    return pairs
+
+
+def _number(text: str | None) -> float | None:
     try:
-        return float(a) == float(b)
-    except ValueError:
-        return False
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def cache_pairs(docs: list[DocCommand]) -> list[tuple[DocCommand, DocCommand]]:
@@ -300,7 +320,7 @@ def cache_pairs(docs: list[DocCommand]) -> list[tuple[DocCommand, DocCommand]]:
     return pairs
 
 
-ALL = [doc for path in DOCS for doc in doc_commands(path)]
+ALL = [doc for path in [*DOCS, *SCRIPTS] for doc in doc_commands(path)]
 PAIRS = cache_pairs(ALL)
 
 
@@ -308,6 +328,7 @@ def test_the_docs_hold_commands_of_both_programs():
     assert sum(doc.literal for doc in ALL) >= 40, len(ALL)  # the parser finds the fenced commands
     assert {doc.program for doc in ALL} == {"features", "trainer"}
     assert any(doc.where.startswith("README.md") and doc.literal for doc in ALL)
+    assert any(doc.where.startswith("sample/run.sh") for doc in ALL)
 
 
 @pytest.mark.parametrize("doc", ALL, ids=str)
@@ -342,6 +363,7 @@ def test_the_checker_names_what_is_wrong():
     extract, train = (DocCommand("x.md:1", program, argv, literal=True) for program, *argv in commands_in(shell_words(
         "mner-features extract --data d --images i --out c.h5 --detector maskrcnn --prompts vcrmner\n"
         "mner-train --features c.h5 --model vcrmner --preset paper")))
+    assert flag_pairs("--grounding owlv2 --grounding-clip") == [("--grounding", "owlv2"), ("--grounding-clip", None)]
     assert cache_pairs([extract, train]) == [(extract, train)]
     assert any("--clip-model ViT-B-16" in line for line in stage1_problems(extract, train))
 
@@ -376,3 +398,45 @@ def test_files_and_modules_the_docs_name_exist():
     assert len(paths) > 20 and modules  # the patterns find what the docs name
     assert sorted(p for p in paths if not (ROOT / p).exists()) == []
     assert sorted(m for m in modules if importlib.util.find_spec(m) is None) == []
+
+
+def script_options(script: Path) -> set[str] | None:
+    """The ``--options`` a script's argparse parser declares (None: the script declares none)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            found |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value)[:2] == "--"}
+    return found or None
+
+
+def script_commands() -> list[tuple[str, Path, list[str]]]:
+    """``python bench/x.py --flag ...`` lines of the docs' shell blocks: (where, script, its words)."""
+    found = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for block in FENCE.finditer(text):
+            if block.group(1).strip() not in SHELL_FENCES:
+                continue
+            words = shell_words(block.group(2))
+            for i, word in enumerate(words[:-1]):
+                if word == "python" and re.fullmatch(r"(bench|sample)/\w+\.py", words[i + 1]):
+                    end = next((j for j in range(i + 2, len(words)) if words[j] in ENDS), len(words))
+                    found.append((f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, block.start(2)) + 1}",
+                                  ROOT / words[i + 1], words[i + 2:end]))
+    return found
+
+
+def test_documented_bench_and_sample_scripts_take_the_flags_given():
+    commands = script_commands()
+    assert len(commands) >= 10  # the docs run the bench scripts with flags
+    assert {"--images", "--chunk-size"} <= script_options(ROOT / "bench" / "bench_extract.py")
+    problems = []
+    for where, script, words in commands:
+        declared = script_options(script)
+        unknown = [w.split("=")[0] for w in words if w.startswith("--") and declared is not None
+                   and w.split("=")[0] not in declared | {"--help"}]
+        if unknown:
+            problems.append(f"{where}: {script.relative_to(ROOT)} has no {', '.join(unknown)}")
+    assert not problems, "\n".join(problems)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import resource
@@ -31,7 +32,7 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # The process-group backend for several processes; unset: accelerate's choice (NCCL on GPUs, gloo on CPUs).
 # ``gloo`` lets two processes share one GPU (NCCL refuses two ranks on one device): bench/gpu_check.sh.
 DDP_BACKEND_ENV = "MNER_DDP_BACKEND"
-SHOW_LOSS_EVERY = 50  # training steps between two progress-bar loss updates (each one waits for the device)
+LOSS_READ_EVERY = 10  # GPU training steps between two reads of the losses on the host (each one waits for the device)
 # Test-only: the process SIGKILLs itself at this global training step (1-based); see tests/test_resume.py.
 KILL_AT_STEP_ENV = "MNER_TEST_SIGKILL_AT_STEP"
 
@@ -134,6 +135,38 @@ def join_optimizer_state(tensors: dict, rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or Inf: the step, the batch and what the batch held (see ``likely_cause``)."""
+
+    def __init__(self, step: int, loss: float, batch: dict, model):
+        self.step, self.loss = step, loss
+        index = batch.get("post_index")
+        self.post_indices = [int(i) for i in index.tolist()] if isinstance(index, torch.Tensor) else []
+        self.bad_rows: list[int] = []  # batch rows whose cached features are not finite
+        self.cause = likely_cause(batch, model, self.bad_rows)
+        super().__init__(f"training loss is {loss} at step {step}")
+
+
+def likely_cause(batch: dict, model, bad_rows: list[int]) -> str:
+    """Why a loss is not finite, from what can be checked cheaply after the fact."""
+    bad_inputs = []
+    for key, value in (batch.get("visual") or {}).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1:
+            finite = torch.isfinite(value).reshape(value.shape[0], -1).all(dim=1)  # (B,)
+            if not bool(finite.all()):
+                bad_inputs.append(key)
+                bad_rows.extend(int(i) for i in torch.nonzero(~finite).flatten().tolist() if i not in bad_rows)
+    bad_rows.sort()
+    if bad_inputs:
+        return (f"the batch's cached features hold NaN/Inf ({', '.join(bad_inputs)}): check the cache with "
+                "`mner-features verify CACHE` and re-extract the images named")
+    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return ("the model's weights became non-finite at an earlier step: the learning rates are too high "
+                "(lower --head-lr / --encoder-lr / --crf-lr) or fp16 overflowed (use --precision bf16 or fp32)")
+    return ("the loss overflowed on finite inputs and weights: lower the learning rates, or use --precision fp32 "
+            "(fp16/bf16 overflow)")
+
+
 class Engine:
     """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
 
@@ -226,10 +259,15 @@ class Engine:
         """One pass over ``loader``; returns the mean training loss over all processes."""
         accelerator = self.accelerator
         model.train()
-        # the loss is summed on the device and read on the host every SHOW_LOSS_EVERY steps only: a
-        # ``loss.item()`` per step makes the CPU wait for the GPU and starves its queue
-        loss_sum, steps = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        # The losses are read on the host once per window of steps: every step on a CPU (where reading costs
+        # nothing), every LOSS_READ_EVERY steps on a GPU, where a ``loss.item()`` per step makes the CPU wait
+        # for the GPU and starves its queue. The window's batches are kept until then, so a non-finite loss
+        # still names its own step and batch; several processes agree on stopping once per window.
+        read_every = 1 if self.device.type == "cpu" else LOSS_READ_EVERY
+        window: list[tuple[int, torch.Tensor, dict]] = []  # (global step, loss on the device, batch)
+        loss_sum, steps = 0.0, 0
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
+        last = len(loader)
         for batch in bar:
             self.global_step += 1
             if self._kill_at and self.global_step == self._kill_at:
@@ -245,12 +283,29 @@ class Engine:
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            window.append((self.global_step, loss.detach(), batch))
             steps += 1
-            if steps % SHOW_LOSS_EVERY == 0 and self.is_main and not bar.disable:
-                bar.set_postfix(loss=f"{float(loss_sum) / steps:.3f}")
-        mean = (loss_sum / max(steps, 1)).float()
+            if len(window) == read_every or steps == last:
+                loss_sum += self._read_losses(window, model)
+                window = []
+                bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
+        if window:  # a loader shorter than it said
+            loss_sum += self._read_losses(window, model)
+        mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)
         return float(accelerator.reduce(mean, "mean")) if self.world_size > 1 else float(mean)
+
+    def _read_losses(self, window: list[tuple[int, torch.Tensor, dict]], model) -> float:
+        """The window's losses on the host (one copy); raises NonFiniteLoss at its first non-finite one,
+        on every process when any process has one (so none waits in a later all-reduce)."""
+        values = torch.stack([loss.float() for _, loss, _ in window]).tolist()
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        diverged = bad is not None
+        if self.world_size > 1:
+            diverged = bool(self.accelerator.reduce(torch.tensor(float(diverged), device=self.device), "sum") > 0)
+        if diverged:
+            step, _, batch = window[bad if bad is not None else -1]
+            raise NonFiniteLoss(step, values[bad] if bad is not None else float("nan"), batch, model)
+        return float(sum(values))
 
     # ------------------------------------------------------------------ agreement between processes
     def agree(self, model, dev_f1: float) -> tuple[float, dict]:

@@ -235,3 +235,23 @@ def test_every_process_draws_its_own_dropout_and_one_process_is_unchanged():
 
     assert rank_seed(13, 0) == 13
     assert len({rank_seed(13, rank) for rank in range(8)}) == 8
+
+
+# ------------------------------------------------------------------------------- 8. the loss, read per window
+def test_losses_read_once_per_window_still_name_the_step_and_batch_that_diverged():
+    """On a GPU the engine reads the losses of LOSS_READ_EVERY steps at once (one host copy instead of
+    one ``.item()`` per step); a non-finite loss still names its own step and posts."""
+    from mner.trainer.core.engine import Engine, NonFiniteLoss
+
+    engine = Engine(device="cpu", precision="fp32", grad_accum=1)
+    model = torch.nn.Linear(2, 2)
+    window = [(5 + i, torch.tensor(value), {"post_index": torch.tensor([2 * i, 2 * i + 1])})
+              for i, value in enumerate([1.5, 2.5, 0.5])]
+    with counting_host_reads() as counts:
+        assert engine._read_losses(window, model) == pytest.approx(4.5)
+    assert counts["reads"] == 1
+    window[1] = (6, torch.tensor(float("nan")), window[1][2])
+    with pytest.raises(NonFiniteLoss) as caught:
+        engine._read_losses(window, model)
+    assert caught.value.step == 6 and caught.value.post_indices == [2, 3]
+    engine.end()

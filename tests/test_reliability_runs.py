@@ -52,8 +52,9 @@ def test_predict_never_writes_over_its_input_or_a_foreign_file(finished_run, sma
     gold.write_bytes((small_data / "test.txt").read_bytes())
     before = gold.read_bytes()
     args = ["predict", str(finished_run), "--data", str(gold), "--device", "cpu"]
-    assert main([*args, "--out", str(gold), "--overwrite"]) == 2
-    assert "also an input" in one_line_error(capsys) and gold.read_bytes() == before
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, "--out", str(gold), *extra]) == 2
+        assert "also an input" in one_line_error(capsys) and gold.read_bytes() == before
     readme = tmp_path / "README.md"
     readme.write_text("notes\n")
     assert main([*args, "--out", str(readme), "--overwrite"]) == 2  # not mner's: refused even with --overwrite
@@ -74,7 +75,7 @@ def test_a_second_trainer_on_a_live_run_folder_is_refused_naming_the_holder(smal
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from mner.pipeline.cache.lock import CacheLock
-        CacheLock({str(out)!r}, what="run folder").acquire()
+        CacheLock({str(out)!r}).acquire()  # <out>.lock, as a live trainer holds it
         print("held", flush=True)
         time.sleep(120)
     """)], stdout=subprocess.PIPE, text=True)

@@ -109,7 +109,7 @@ def write_tiny_cache(
     seed: int = 0,
     image_ids: list[str] | None = None,
     posts=None,
-    dims: dict[str, int] | None = None,
+    dims: dict | None = None,
     counts: list[int] | None = None,
     provenance: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, object]]:
@@ -117,8 +117,9 @@ def write_tiny_cache(
     index they need. Returns ``{group: {dataset: values}}``.
 
     ``image_ids`` (sorted here) replace ``img000...``; ``posts`` (a ``mner.pipeline.data.Dataset``) are
-    stored so the trainer needs only the cache; ``dims`` / ``counts`` go to every group (``tiny_group``);
-    ``provenance`` maps a group to fields over the tiny ones."""
+    stored so the trainer needs only the cache; ``dims`` sets symbolic dims, for every group
+    (``{"D": 16}``) or per group (``{"encoders/swin/swin-test": {"G": 12}}``); ``counts`` the rows per
+    image of the groups that own a ragged index; ``provenance`` maps a group to fields over the tiny ones."""
     names = groups if groups is not None else [instance_name(g) for g in all_groups() if g.feature]
     needed: list[str] = []
     for name in names:
@@ -138,6 +139,81 @@ def write_tiny_cache(
         if posts is not None:
             writer.write_posts(posts)
         for k, name in enumerate(ordered):
-            written[name] = tiny_group(writer, name, seed=seed + k, dims=dims, counts=counts,
+            group_dims = (dims or {}).get(name) if dims and all(isinstance(v, dict) for v in dims.values()) \
+                else dims
+            written[name] = tiny_group(writer, name, seed=seed + k, dims=group_dims, counts=counts,
                                        provenance=(provenance or {}).get(name))
     return written
+
+
+# what every registered model reads: each paper's instances by their tiny variants (provenance stands_for the
+# paper's model, so no stage-1 mismatch), with the dims the models insist on (ESPVR's 12x12 Swin grid, four
+# entity categories); tests/test_resume.py and bench/gpu_check.py train every model on it
+def tiny_instance(slot: str, value: str) -> str:
+    """The registered tiny variant of a paper's model (``maskrcnn`` -> ``maskrcnn-test``, Swin -> ``swin-test``)."""
+    return "swin-test" if slot == "swin_model" else f"{value}-test"
+
+
+def _every_model_groups() -> tuple[tuple[str, ...], dict[str, dict], dict[str, dict]]:
+    from mner.pipeline.cache.specs import split_path
+    from mner.pipeline.stage1 import PAPER_NEEDS
+
+    groups, stands_for = [], {}
+    for needs in PAPER_NEEDS.values():
+        slots = {slot: tiny_instance(slot, value) for slot, value in needs.slots.items()}
+        for path in needs.paths(slots):
+            group = split_path(path)[0]
+            if group not in groups:
+                groups.append(group)
+            values = get_group(group).matches(group) or {}
+            stands_for[group] = {"stands_for": {k: needs.slots[k] for k in values if k in needs.slots}}
+        for setting in needs.filled_settings(slots):  # provenance values the paper's settings accept
+            value = setting.expected.split("|")[0] if setting.match == "pattern" else setting.expected
+            *parents, leaf = setting.key.split(".")
+            node = stands_for.setdefault(setting.group, {})
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    dims = {g: {"G": 12} for g in groups if g.startswith("encoders/swin/")}  # ESPVR's 12x12 grid
+    dims.update({g: {"C": 4} for g in groups if "prompts/" in g})  # four entity categories
+    return tuple(groups), dims, stands_for
+
+
+EVERY_MODEL_GROUPS, EVERY_MODEL_DIMS, EVERY_MODEL_PROVENANCE = _every_model_groups()
+EVERY_MODEL_FLAGS = {  # tiny settings per model (the instances are the tiny variants of the papers' models)
+    "bert_crf": [],
+    "vcrmner": ["--set", "num_heads=2", "--set", "num_blocks=1"],
+    "promptmner": ["--set", "num_continuous_prompts=4"],
+    "pmner": ["--set", "num_heads=2"],
+    "mgipscl": ["--set", "clip_model=tiny-random", "--set", "num_heads=2"],
+    "espvr": ["--set", "cross_width=32", "--set", "cross_heads=2"],
+}
+
+
+def write_tiny_training_inputs(
+    folder: str | os.PathLike, *, train_posts: int = 21, eval_posts: int = 6, missing: tuple[int, ...] = (6,),
+    seed: int = 3,
+) -> tuple[str, str]:
+    """Twitter-format splits (post ``n`` of every split names image ``img<n>``) and a tiny cache with
+    what every model reads; the images in ``missing`` have no usable picture. Returns (data folder,
+    cache path); train with ``EVERY_MODEL_FLAGS[model]`` and ``--max-missing-images 1``."""
+    import random
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = {"PER": ["john", "smith"], "LOC": ["paris", "london"]}
+    filler = ["the", "a", "in", "at", "of", "to", "and", "is", "rt", "with", "new", "city", "visit", "love"]
+    for split, count in (("train", train_posts), ("valid", eval_posts), ("test", eval_posts)):
+        lines = []
+        for n in range(count):
+            entity_type = ("PER", "LOC")[n % 2]
+            lines += [f"IMGID:img{n:03d}", *[f"{w}\tO" for w in rng.sample(filler, rng.randint(1, 6))],
+                      f"{rng.choice(names[entity_type])}\tB-{entity_type}", ""]
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    images = max(train_posts, eval_posts)
+    status = ["missing" if i in missing else "ok" for i in range(images)]
+    write_tiny_cache(folder / "cache.h5", list(EVERY_MODEL_GROUPS), num_images=images, status=status,
+                     dims=EVERY_MODEL_DIMS, provenance=EVERY_MODEL_PROVENANCE)
+    return str(folder), str(folder / "cache.h5")

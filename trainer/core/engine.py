@@ -149,7 +149,8 @@ class BackgroundWriter:
 class Engine:
     """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
 
-    def __init__(self, *, device: str, precision: str, grad_accum: int):
+    def __init__(self, *, device: str, precision: str, grad_accum: int, log_with: list[str] | None = None,
+                 project_dir: str | Path | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
@@ -167,6 +168,7 @@ class Engine:
             cpu=cpu, mixed_precision=MIXED_PRECISION[self.precision], gradient_accumulation_steps=grad_accum,
             # ablation switches leave some parameters unused in forward; DDP must not wait for their gradients
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            log_with=log_with, project_dir=None if project_dir is None else str(project_dir),  # live tracking
         )
         self.grad_accum = grad_accum
         self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
@@ -217,8 +219,9 @@ class Engine:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, model, loader, optimizer, scheduler, *, max_grad_norm: float, desc: str,
-                    on_step: Callable[[int], None] | None = None) -> float:
-        """One pass over ``loader``; returns the mean training loss over all processes."""
+                    on_step: Callable[[int], None] | None = None, tracker=None) -> float:
+        """One pass over ``loader``; returns the mean training loss over all processes. ``tracker``
+        (trainer/core/tracking.py) gets each batch's loss, the learning rates and the gradient norm."""
         accelerator = self.accelerator
         model.train()
         loss_sum, steps = 0.0, 0
@@ -229,16 +232,22 @@ class Engine:
                 os.kill(os.getpid(), signal.SIGKILL)
             if on_step is not None:
                 on_step(self.global_step)
+            tracking = tracker is not None and tracker.active
+            grad_norm = None
             with accelerator.accumulate(model):
                 loss = model(batch)["loss"]
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                if accelerator.sync_gradients and (max_grad_norm > 0 or tracking):  # inf: measure, do not clip
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+                rates = tracker.learning_rates(optimizer) if tracking else None  # the rates this step uses
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.item()
+            if tracking:
+                tracker.step(self.global_step, loss=loss.item(), rates=rates,
+                             grad_norm=None if grad_norm is None else float(grad_norm))
             steps += 1
             bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
         mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)

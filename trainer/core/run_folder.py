@@ -116,7 +116,7 @@ def require_finished(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- resuming with the stored options
 
 
-RESUME_MAY_CHANGE = ("device", "num_workers")  # do not change results
+RESUME_MAY_CHANGE = ("device", "num_workers", "track")  # do not change results
 
 
 def invocation_record(**given) -> dict:

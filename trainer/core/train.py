@@ -53,6 +53,7 @@ from mner.trainer.core.run_folder import (
     write_marker,
 )
 from mner.trainer.core.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.core.tracking import LOG_DIR, Tracker
 from mner.trainer.evaluation.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.inputs.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
 from mner.trainer.inputs.segments import second_segment_for
@@ -351,12 +352,14 @@ def train(
     allow_missing_images: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    observers: list | None = None,
 ) -> Path:
     """Train one model and return its finished run directory.
 
     ``flags`` holds explicit command-line values for TrainConfig fields (None = not given); they
     override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
     unfinished run in ``out`` with its stored options; options given again must agree with them.
+    ``observers`` (:class:`~mner.trainer.core.tracking.RunObserver`) watch the epochs: tune's pruner.
     """
     started = time.time()
     out = Path(out)
@@ -370,6 +373,7 @@ def train(
                                            flags=invocation["flags"])
     extra_types = parse_label_types(invocation["labels"])
     check_device_and_precision(config.device, config.precision)
+    tracker = Tracker(config.track, observers=observers or [])  # --track: a missing package is an error now
     if invocation["allow_missing_images"]:
         config.max_missing_images = 1.0
 
@@ -430,7 +434,7 @@ def train(
     train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=label_to_id, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
     eval_sets = {split: make_post_dataset(dataset.splits[split], split=split, label_to_id=None, **common)
-                 for split in ("dev", "test") if dataset.splits.get(split)}
+                 for split in ("dev", "test") if dataset.splits.get(split) and (split == "dev" or config.score_test)}
     for split, found in unseen.items():
         warn_loudly(describe_unseen(split, found))
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
@@ -438,7 +442,8 @@ def train(
                         second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
 
     # ---- the engine, the model, the checks on the longest posts
-    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum,
+                    log_with=tracker.log_with, project_dir=out / LOG_DIR)
     seed_everything(config.seed)
     try:
         net = build_model(model_cls, model_config, labels=label_list, text_encoder=config.text_encoder,
@@ -510,15 +515,22 @@ def train(
     }
     log(f"training {model} on {len(train_set)} posts, {len(train_loader)} steps/epoch, device {engine.device}, "
         f"{engine.precision}, {engine.world_size} process(es)")
+    tracker.start(engine.accelerator, out=out, run_config=run_config, record=record, epochs=config.epochs,
+                  epochs_done=state.epoch, steps_done=engine.global_step, history=state.history)
     try:
         run_epochs(engine, state, net, optimizer, scheduler, train_loader, sampler, config=config, out=out,
-                   eval_set=eval_sets["dev"], collator=collator, labels=label_list)
+                   eval_set=eval_sets["dev"], collator=collator, labels=label_list, tracker=tracker)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
+        engine.end()
         raise RunInterrupted(
             f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
             f"mner-train --out {out} --resume"
         ) from None
+    except Exception:  # an observer stopped the run (tune's pruner): its checkpoints stay complete, resumable
+        engine.writer.wait()
+        engine.end()
+        raise
 
     # ---- the best epoch's weights on dev and test
     from safetensors.torch import load_file
@@ -585,8 +597,10 @@ def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epo
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
-               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str]) -> None:
-    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop."""
+               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str],
+               tracker: Tracker) -> None:
+    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop;
+    ``tracker`` gets each step and each finished epoch."""
     epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
                      disable=not engine.is_main)
     for epoch in epoch_bar:
@@ -596,12 +610,13 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                                  desc=f"epoch {epoch}")
+                                  desc=f"epoch {epoch}", tracker=tracker)
         train_seconds = time.time() - epoch_start
         dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
                                 batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
                                 autocast=engine.autocast)
-        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+        dev_scores = score_split(eval_set.posts, dev_pred)
+        dev_f1 = dev_scores["micro"]["f1"]
         improved = dev_f1 > state.best_f1
         if improved:
             state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
@@ -628,6 +643,8 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
             f"{time.time() - epoch_start:.0f}s")
         if state.stopped_early:
             log(f"early stop: no better dev F1 for {config.patience} epochs")
+        tracker.epoch(epoch, engine.global_step, dev_scores=dev_scores, entry=state.history[-1],
+                      memory=engine.peak_memory_mb())
     epoch_bar.close()
 
 

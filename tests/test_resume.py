@@ -7,11 +7,11 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from test_train import write_generated_splits
+from helpers.data import write_generated_splits
+from helpers.processes import run_forked
 
 from mner.trainer.cli import main
 
@@ -126,45 +126,6 @@ def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_pat
     assert not (run / "stale.txt").exists() and (run / "metrics.json").is_file()
     record = json.loads((run / "metrics.json").read_text())["run"]
     assert record["precision"] == "bf16" and record["optimizer_steps_per_epoch"] == 2 and record["world_size"] == 1
-
-
-def _process(argv: list[str], env: dict, log: str) -> None:
-    import torch
-    from accelerate.state import AcceleratorState
-
-    torch.set_num_threads(1)  # as DataLoader workers do: a forked OpenMP pool must not be reused
-    os.environ.update(env)
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that trained alone
-    with open(log, "w") as stream:
-        os.dup2(stream.fileno(), 2)
-        sys.stderr = stream
-        code = main(argv)
-    os._exit(code)
-
-
-def run_forked(argvs: list[list[str]], tmp_path: Path, **env) -> tuple[list[int], list[str]]:
-    """``mner-train`` in forked processes (one per argv; several form a DDP group like torchrun's workers):
-    separate processes that can be killed, without paying the imports again. Returns exit codes and stderr."""
-    import multiprocessing
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    world = len(argvs)
-    logs = [tmp_path / f"process{rank}.log" for rank in range(world)]
-    context = multiprocessing.get_context("fork")
-    processes = []
-    for rank, argv in enumerate(argvs):
-        rank_env = dict(env)
-        if world > 1:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        processes.append(context.Process(target=_process, args=(argv, rank_env, str(logs[rank]))))
-        processes[-1].start()
-    for process in processes:
-        process.join(timeout=240)
-    return [p.exitcode for p in processes], [log.read_text() for log in logs]
 
 
 def test_two_process_ddp_on_cpu_with_gloo(small_data, tiny_bert, tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 from experiment_helpers import SAMPLE
+from helpers.processes import run_forked
 from optuna.trial import TrialState
-from test_resume import _process, run_forked
 
 from mner.trainer.cli import main
 from mner.trainer.experiments.grid import load_grid
@@ -46,20 +46,6 @@ def write_space(path: Path, tiny_bert: Path, *, out: Path, trials: int = 6, epoc
     path.write_text(SPACE.format(out=out, data=SAMPLE, encoder=tiny_bert, epochs=epochs, trials=trials) + extra,
                     encoding="utf-8")
     return path
-
-
-def fork_workers(argvs: list[list[str]], tmp_path: Path, **env) -> tuple[list[int], list[str]]:
-    """Independent ``mner-train`` processes started together (not a DDP group): exit codes and stderr."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork")
-    logs = [tmp_path / f"worker{n}.log" for n in range(len(argvs))]
-    processes = [context.Process(target=_process, args=(argv, env, str(log))) for argv, log in zip(argvs, logs)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-    return [p.exitcode for p in processes], [log.read_text() for log in logs]
 
 
 def study_of(out: Path, name: str):
@@ -146,8 +132,8 @@ def test_two_workers_on_one_study_run_different_trials(tmp_path, tiny_bert):
     space = write_space(tmp_path / "space.toml", tiny_bert, out=out, trials=4, epochs=1)
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    codes, logs = fork_workers([["tune", str(space)], ["tune", str(space)]], tmp_path,
-                               MNER_TEST_TUNE_BARRIER=f"{barrier}:2")
+    codes, logs = run_forked([["tune", str(space)], ["tune", str(space)]], tmp_path, ddp=False,
+                             MNER_TEST_TUNE_BARRIER=f"{barrier}:2")
     assert codes == [0, 0], logs
     trials = study_of(out, "space").trials
     counted = [t for t in trials if not t.user_attrs.get("not_counted")]

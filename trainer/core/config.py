@@ -38,7 +38,7 @@ class TrainConfig:
     grad_accum: int = 1  # batches whose gradients are summed before one optimiser step
     max_missing_images: float = 0.05  # refuse a split when more than this share of its posts has no cache row
     stage1_mismatch: str = "error"  # error | warn: cache extracted with other stage-1 settings than the model's paper
-    track: str = "none"  # none | tensorboard | wandb | mlflow: live curves through accelerate's trackers (docs/training.md)
+    track: str = "none"  # none | tensorboard | wandb | mlflow: live curves through accelerate's trackers
     score_test: bool = True  # decode and score the test split after training (tune's trials: false, never test)
 
 

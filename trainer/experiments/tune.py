@@ -104,9 +104,11 @@ def tune_record(space: Space, url: str) -> dict:
     """What tune.json holds: enough for ``report`` to open the study and write the best configuration."""
     return {"space": str(space.path), "study": space.study, "storage": url, "fingerprint": space.fingerprint,
             "trials": space.trials, "pruner": space.pruner, "sampler": space.sampler,
-            "base": space.base.as_dict(), "seeds": space.seeds, "params": {k: repr(v) for k, v in space.params.items()},
+            "base": space.base.as_dict(), "seeds": space.seeds,
+            "params": {k: repr(v) for k, v in space.params.items()},
             "datasets": {name: {"data": e.data, "features": e.features, "paper": e.paper}
-                         for name, e in space.grid.datasets.items() if name in (space.base.train_on, space.base.test_on)},
+                         for name, e in space.grid.datasets.items()
+                         if name in (space.base.train_on, space.base.test_on)},
             "best_out": str(space.out / "best")}
 
 

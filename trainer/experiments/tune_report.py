@@ -41,7 +41,8 @@ def load_study(folder: Path):
     try:
         study = optuna.load_study(study_name=record["study"], storage=open_storage(record["storage"]))
     except KeyError:
-        raise ConfigError(f"{folder / TUNE_FILE}: the study {record['study']!r} is not in {record['storage']}") from None
+        raise ConfigError(f"{folder / TUNE_FILE}: the study {record['study']!r} is not in "
+                          f"{record['storage']}") from None
     return record, study
 
 
@@ -71,7 +72,8 @@ def markdown(record: dict, rows: list[dict], imp: dict | None, why: str, best: d
     states = {s: sum(1 for r in counted if r["state"] == s) for s in ("complete", "pruned", "fail", "running")}
     names = list(record["params"])
     lines = [f"# Study `{record['study']}`", "",
-             f"Space `{record['space']}`, configuration `{record['base']['config_id']}` (seed {record['base']['seed']}), "
+             f"Space `{record['space']}`, configuration `{record['base']['config_id']}` "
+             f"(seed {record['base']['seed']}), "
              f"pruner {record['pruner']}, sampler {record['sampler']}, budget {record['trials']} trials. "
              f"Objective: the best epoch's dev F1 (test is never decoded by a trial).", "",
              "Trials: " + ", ".join(f"{n} {s}" for s, n in states.items() if n)
@@ -149,8 +151,8 @@ def tune_report(folder: Path, out: Path) -> dict:
     if complete:
         trial = max(complete, key=lambda t: t.value)
         best = {"number": trial.number, "dev_f1": trial.value, "params": dict(trial.params)}
-        files["grid"].write_text(best_grid_text(record, trial.params, value=trial.value, trial=trial.number),
-                                 encoding="utf-8")
+        files["grid"].write_text(best_grid_text(record, trial.params, value=trial.value, trial=trial.number,
+                                                path=files["grid"]), encoding="utf-8")
     else:
         files.pop("grid")
     imp, why = importances(study)

@@ -199,7 +199,8 @@ def load_space(path: str | Path, *, out: str | Path | None = None, sets: list[st
                                     "see grids/tune/bert_crf.toml")
     unknown = sorted(set(search) - SEARCH_KEYS)
     if unknown:
-        raise _fail(path, "search", f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(SEARCH_KEYS))}")
+        raise _fail(path, "search", f"unknown key(s) {', '.join(unknown)}; "
+                                    f"valid keys: {', '.join(sorted(SEARCH_KEYS))}")
     configs = sorted({spec.config_id for spec in grid.runs})
     if len(configs) != 1:
         raise _fail(path, "experiments", f"a space searches one configuration, this file defines {len(configs)} "
@@ -261,13 +262,14 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def best_grid_text(tune_record: dict, params: dict[str, Any], *, value: float, trial: int, out: str | None = None) -> str:
+def best_grid_text(tune_record: dict, params: dict[str, Any], *, value: float, trial: int, path: Path,
+                   out: str | None = None) -> str:
     """A grid file (for ``mner-train sweep``) that trains the best trial's configuration with every seed
     of the space; ``tune_record`` is the study folder's tune.json."""
     spec = tune_record["base"]
     lines = [f"# The best configuration of the study {tune_record['study']!r} ({tune_record['space']}):",
              f"# trial {trial}, dev F1 {100 * value:.2f}. Its seeds, scored on test:",
-             f"#   mner-train sweep {{this file}} && mner-train report {out or tune_record['best_out']}",
+             f"#   mner-train sweep {path} && mner-train report {out or tune_record['best_out']}",
              f"name = {toml_value(tune_record['study'] + '-best')}",
              f"out = {toml_value(out or tune_record['best_out'])}",
              f"seeds = {toml_value(tune_record['seeds'])}", ""]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers.data import write_generated_splits
+from helpers.events import scalar_events
 from helpers.processes import run_forked
 
 from mner.trainer.cli import main
@@ -131,8 +132,10 @@ def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_pat
 def test_two_process_ddp_on_cpu_with_gloo(small_data, tiny_bert, tmp_path):
     """Two processes train one DDP model over gloo (what `torchrun --nproc_per_node 2` starts)."""
     out = tmp_path / "ddp"
-    codes, logs = run_forked([train_args(small_data, tiny_bert, out, 1)] * 2, tmp_path)
+    codes, logs = run_forked([[*train_args(small_data, tiny_bert, out, 1), "--track", "tensorboard"]] * 2, tmp_path)
     assert codes == [0, 0], logs
+    steps = sorted(step for tag, step, _ in scalar_events(out / "tracking") if tag == "train/loss")
+    assert steps == [1, 2]  # only process 0 logs: each of its steps once, nothing from process 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["world_size"] == 2 and metrics["epochs_run"] == 1
     assert "2 steps/epoch" in logs[0] and "2 process(es)" in logs[0]  # 4 batches shared by two processes

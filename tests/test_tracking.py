@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from experiment_helpers import SAMPLE
+from helpers.events import scalar_events
 
 from mner.trainer.cli import main
 
@@ -19,22 +20,6 @@ STEPS_PER_EPOCH = 5  # 36 sample posts, batch 8
 def train_args(encoder: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(SAMPLE), "--text-encoder", str(encoder), "--epochs", "2", "--batch-size", "8",
             "--max-length", "32", "--device", "cpu", "--seed", "3", "--patience", "0", "--out", str(out), *extra]
-
-
-def scalar_events(folder: Path) -> list[tuple[str, int, float]]:
-    """Every scalar (tag, step, value) in every event file under ``folder``, duplicates included."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
-    events = []
-    for path in sorted(folder.rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "scalars" or value.HasField("simple_value"):
-                    number = value.simple_value if value.HasField("simple_value") else \
-                        float(tensor_util.make_ndarray(value.tensor))
-                    events.append((value.tag, event.step, number))
-    return events
 
 
 def test_tensorboard_events_match_metrics_history(tmp_path, tiny_bert):
@@ -99,3 +84,16 @@ def test_missing_tracker_package_is_a_one_line_error(tmp_path, tiny_bert, capsys
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert main(train_args(tiny_bert, tmp_path / "run", "--track", "neptune")) == 2
     assert "--track neptune: must be one of none, tensorboard, wandb, mlflow" in capsys.readouterr().err
+
+
+def test_a_grid_turns_tracking_on_for_every_run(tmp_path):
+    from mner.trainer.core.config import resolve_configs
+    from mner.trainer.experiments.grid import load_grid
+    from mner.trainer.models import get_model_class
+
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text('[datasets.d]\ndata = "d"\n[train]\ntrack = "tensorboard"\n'
+                         '[[experiments]]\nmodel = "bert_crf"\ndatasets = ["d"]\n', encoding="utf-8")
+    (spec,) = load_grid(grid_file).runs
+    _, config = resolve_configs(get_model_class("bert_crf"), sets=list(spec.sets))
+    assert config.track == "tensorboard"

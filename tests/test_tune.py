@@ -164,3 +164,16 @@ def test_a_pruned_trial_stops_after_its_epoch_and_keeps_a_resumable_folder(tmp_p
         assert marker["status"] == "unfinished" and marker["epochs_done"] == 1  # stopped after epoch 1
         assert not (folder / "metrics.json").exists()
     assert sorted(study.trials[1].intermediate_values) == [1]
+
+
+BUNDLED = sorted((Path(__file__).resolve().parent.parent / "grids" / "tune").glob("*.toml"))
+
+
+def test_bundled_spaces_cover_every_model_s_learning_rates_and_dropout():
+    from mner.trainer.models import available_models
+
+    spaces = [load_space(path) for path in BUNDLED]  # each one parses and passes the option checks
+    for model in available_models():
+        (space,) = [s for s in spaces if s.base.model == model and s.base.config_id.startswith("t15/")]
+        assert {"encoder_lr", "head_lr", "dropout"} <= set(space.params), space.path
+        assert space.pruner != "none" and space.trials >= 20

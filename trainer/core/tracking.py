@@ -32,7 +32,7 @@ from typing import Any
 from mner.trainer.core.config import TRACKERS, ConfigError
 
 # tracker -> (module it needs, how to install it)
-REQUIRES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
+REQUIRES = {"tensorboard": ("tensorboard", "pip install 'mner[tensorboard]'  (or: pip install tensorboard)"),
             "wandb": ("wandb", "pip install 'mner[wandb]'  (or: pip install wandb)"),
             "mlflow": ("mlflow", "pip install 'mner[mlflow]'  (or: pip install mlflow)")}
 TRACKING_FILE = "tracking.json"  # <run>/tracking.json: which tracker run this run folder logs to

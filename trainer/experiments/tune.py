@@ -428,7 +428,8 @@ def tune(space_file: str | Path, *, out: str | Path | None = None, trials: int |
 
     missing = check_inputs(space.grid, [space.base])
     if dry:
-        print(describe(space, storage))
+        print(describe(space, storage) + (f"\nmissing inputs (trials would fail): {'; '.join(missing)}" if missing
+                                          else ""))
         return 0
     if missing:
         raise ConfigError(f"{space.path}: missing inputs: {'; '.join(missing)}. Pass --data NAME=FOLDER / "

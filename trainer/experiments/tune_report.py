@@ -128,7 +128,7 @@ def plot_trials(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_xlabel("trial")
     ax.set_ylabel("dev F1 (%)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 from experiment_helpers import SAMPLE
-from helpers.processes import run_forked
+from helpers.forked import run_forked
 from optuna.trial import TrialState
 
 from mner.trainer.cli import main

@@ -204,14 +204,21 @@ class Tracker:
 
     learning_rates = staticmethod(learning_rates)
 
-    def step(self, step: int, *, loss: float, rates: dict[str, float], grad_norm: float | None) -> None:
-        """One batch's scalars (process 0; a no-op without a tracker); ``rates`` from :func:`learning_rates`."""
-        if not self.active or step <= self.skip_until_step:
+    def steps(self, window: list[tuple[int, Any, dict]], tracked: list[tuple[dict, Any]]) -> None:
+        """A window of batches, logged once its losses are on the host (the engine reads them per window):
+        ``window`` holds (step, loss tensor, batch), ``tracked`` (learning rates, gradient norm tensor or None)."""
+        if not self.active:
             return
-        values = {"train/loss": float(loss), **rates}
-        if grad_norm is not None:
-            values["train/grad_norm"] = float(grad_norm)
-        self.accelerator.log(values, step=step)
+        import torch
+
+        losses = torch.stack([loss.float() for _, loss, _ in window]).tolist()
+        for (step, _, _), loss, (rates, norm) in zip(window, losses, tracked):
+            if step <= self.skip_until_step:
+                continue
+            values = {"train/loss": loss, **rates}
+            if norm is not None:
+                values["train/grad_norm"] = float(norm)
+            self.accelerator.log(values, step=step)
 
     def epoch(self, epoch: int, step: int, *, dev_scores: dict, entry: dict, memory: dict) -> None:
         """One finished (checkpointed) epoch: log its scalars, then ask the observers (which may stop the run)."""

@@ -244,26 +244,43 @@ def write_tables(rows: list[dict], out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- entry point
 
 
+REPORT_FILES = ("results.csv", "results.parquet", "results.md", "dev_f1.png", "per_type_f1.png", "low_resource.png",
+                "significance.json")
+
+
 def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min_coverage: float = 0.9,
-           bootstrap: int = 1000) -> dict:
-    """The ``report`` command: collect, aggregate, write tables and plots (and the paired test)."""
+           bootstrap: int = 1000, overwrite: bool = False) -> dict:
+    """The ``report`` command: collect, aggregate, write tables and plots (and the paired test).
+
+    ``out`` follows the output rule (pipeline/outputs.py): a new or empty folder, or, with
+    ``overwrite``, a folder an earlier report marked (``mner-report.json``); never a run folder."""
+    from mner.pipeline.outputs import REPORT_MARKER, check_output
     from mner.trainer.core.train import log
 
     if compare and len(compare) != 2:
         raise ConfigError(f"--compare takes exactly two configuration ids (give it twice), got {len(compare)}")
     if not 0.0 <= min_coverage <= 1.0:
         raise ConfigError(f"--min-coverage {min_coverage}: expected a share in [0, 1], e.g. 0.9")
-    from mner.trainer.experiments.tune_report import find_tune_folders, is_trial_folder, tune_report
+    from mner.trainer.experiments.tune_report import TUNE_REPORT_FILES, find_tune_folders, is_trial_folder, tune_report
 
     out = Path(out)
     studies = find_tune_folders(runs)  # mner-train tune folders: their trials are reported on their own (dev only)
+    found = [run for run in find_runs(runs, required=not studies) if not is_trial_folder(run, studies)]
+    records = [load_run(run, min_coverage=min_coverage) for run in found]
+    check_output(out, kind="report", overwrite=overwrite, inputs=runs, create_folder=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:  # an earlier report's files go: a stale plot or test never sits beside new tables
+        (out / name).unlink(missing_ok=True)
+    for pattern in TUNE_REPORT_FILES:
+        for stale in out.glob(pattern):
+            stale.unlink()
+    (out / REPORT_MARKER).write_text(json.dumps({"mner_report": 1, "runs": [str(Path(r).resolve()) for r in runs]})
+                                     + "\n", encoding="utf-8")
     result: dict = {"studies": [tune_report(folder, out) for folder in studies]}
     for study in result["studies"]:
         log(f"study {study['study']}: " + ", ".join(study["files"]))
-    found = [run for run in find_runs(runs, required=not studies) if not is_trial_folder(run, studies)]
-    if not found:
+    if not records:
         return result
-    records = [load_run(run, min_coverage=min_coverage) for run in found]
     rows = aggregate(records)
     written = write_tables(rows, out)
     from mner.trainer.experiments.report_plots import plot_dev_curves, plot_low_resource, plot_per_type

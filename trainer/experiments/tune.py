@@ -277,6 +277,7 @@ def run_trial(study, trial, space: Space, *, device: str | None) -> tuple[str, f
     import optuna
     from optuna.trial import TrialState
 
+    from mner.trainer.core.train import TrainingDiverged
     from mner.trainer.experiments.sweep import launch_training, run_state
 
     run_dir = Path(trial.user_attrs.get("run_dir") or space.out / TRIALS_DIR / f"{trial.number:04d}")
@@ -302,6 +303,12 @@ def run_trial(study, trial, space: Space, *, device: str | None) -> tuple[str, f
             study.tell(trial, state=TrialState.PRUNED)
             write_trial_file(run_dir, trial, state="pruned", value=value, extra={"reason": str(pruned)})
             return "pruned", value
+        except TrainingDiverged as diverged:  # a NaN/Inf loss: these values are bad, not broken (stopped like a prune)
+            value = max(pruner.reported.values()) if pruner.reported else None
+            trial.set_user_attr("diverged", str(diverged).splitlines()[0][:500])
+            study.tell(trial, state=TrialState.PRUNED)
+            write_trial_file(run_dir, trial, state="diverged", value=value, extra={"reason": str(diverged)[:2000]})
+            return "diverged", value
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     value = float(metrics["dev"]["micro"]["f1"])
     study.tell(trial, value)

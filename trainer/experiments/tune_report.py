@@ -16,6 +16,8 @@ from mner.trainer.core.config import ConfigError
 from mner.trainer.experiments.tune import TRIALS_DIR, TUNE_FILE, open_storage, trial_table
 from mner.trainer.experiments.tune_space import best_grid_text, set_value
 
+TUNE_REPORT_FILES = ("*-trials.md", "*-trials.csv", "*-dev_f1.png", "*-best-grid.toml")  # per study, in the report
+
 
 def find_tune_folders(paths: list[Path]) -> list[Path]:
     """Study folders (holding tune.json) given as such or anywhere below the given folders."""

@@ -210,6 +210,11 @@ def load_space(path: str | Path, *, out: str | Path | None = None, sets: list[st
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise _fail(path, "search.seed", f"expected an integer, got {seed!r}")
     base = dataclasses.replace(grid.runs[0], seed=seed)
+    from mner.trainer.experiments.sweep import check_run_settings, describe_invalid
+
+    invalid = check_run_settings([base])  # the sweep's own check: model, preset, --set keys and values
+    if invalid:
+        raise _fail(path, "experiments", describe_invalid(invalid))
 
     def integer(key: str, default: int, minimum: int) -> int:
         value = search.get(key, default)

@@ -78,15 +78,21 @@ def test_space_errors_are_one_line_and_name_the_fix(tmp_path, tiny_bert, capsys)
 
 
 def test_study_killed_in_its_fourth_trial_then_rerun_counts_each_trial_once(tmp_path, tiny_bert, capsys):
-    """Acceptance: 6 trials, pruning on; SIGKILL in trial 4 (number 3, epoch 2, step 7); the rerun resumes it."""
+    """Acceptance: 6 trials of 3 epochs, pruning on; SIGKILL in trial 4 (number 3) at step 12, in its third epoch
+    (epoch 1's checkpoint is on disk by then: epoch 2's snapshot waited for it); the rerun resumes it."""
     out = tmp_path / "study"
-    space = write_space(tmp_path / "space.toml", tiny_bert, out=out)
-    (code,), (log,) = run_forked([["tune", str(space)]], tmp_path, MNER_TEST_TUNE_SIGKILL="3:7")
+    space = write_space(tmp_path / "space.toml", tiny_bert, out=out, epochs=3)
+    (code,), (log,) = run_forked([["tune", str(space)]], tmp_path, MNER_TEST_TUNE_SIGKILL="3:12")
     assert code == -9, log[-3000:]
     study = study_of(out, "space")
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials[:3])
     assert study.trials[3].state == TrialState.RUNNING and len(study.trials) == 4  # killed inside trial 4
     killed_params = study.trials[3].params
+    from mner.trainer.core.run_folder import STATE_FILE, latest_checkpoint
+
+    checkpoint = latest_checkpoint(out / "trials" / "0003")  # the last complete one (the marker may lag it)
+    epochs_done = json.loads((checkpoint / STATE_FILE).read_text())["epoch"]
+    assert epochs_done in (1, 2)
 
     (code,), (log,) = run_forked([["tune", str(space)]], tmp_path)
     assert code == 0, log[-3000:]
@@ -100,10 +106,11 @@ def test_study_killed_in_its_fourth_trial_then_rerun_counts_each_trial_once(tmp_
     (retry,) = [t for t in counted if t.user_attrs.get("retry_of") == 3]
     assert retry.params == killed_params and retry.user_attrs["run_dir"] == str(out / "trials" / "0003")
     metrics = json.loads((out / "trials" / "0003" / "metrics.json").read_text())
-    assert [r["after_epoch"] for r in metrics["run"]["resumes"]] == [1]  # resumed after epoch 1, not restarted
+    assert [r["after_epoch"] for r in metrics["run"]["resumes"]] == [epochs_done]  # resumed, not restarted
     assert "test" not in metrics  # a trial never decodes test
     for trial in counted:  # the pruner saw every epoch (the retry reports epoch 1 from the folder's history)
-        assert sorted(trial.intermediate_values) == ([1, 2] if trial.state == TrialState.COMPLETE else [1])
+        reported = sorted(trial.intermediate_values)  # a pruned trial stops before its last epoch
+        assert reported == [1, 2, 3] if trial.state == TrialState.COMPLETE else reported in ([1], [1, 2])
         history = json.loads((Path(trial.user_attrs["run_dir"]) / "trial.json").read_text())
         assert history["number"] == trial.number and history["state"] in ("complete", "pruned")
     assert retry.intermediate_values[1] == pytest.approx(metrics["history"][0]["dev_f1"])

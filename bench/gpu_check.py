@@ -317,13 +317,15 @@ def check_stage1(inputs: Inputs, args) -> tuple[bool, dict]:
     gpu_cache, gpu_stats = extract(args.device, 64, "gpu64.h5")
     _, small_stats = extract(args.device, 16, "gpu16.h5")
     cpu, gpu = CacheArrays(h5py.File(cpu_cache, "r")), CacheArrays(h5py.File(gpu_cache, "r"))
-    same_objects = np.array_equal(cpu.read("objects/offsets"), gpu.read("objects/offsets"))
+    objects = "objects/fasterrcnn-test"
+    same_objects = np.array_equal(cpu.read(f"{objects}/offsets"), gpu.read(f"{objects}/offsets"))
     box_error = box_share = None
     if same_objects:  # fp16 backbones can swap two near-tied detections: most boxes must agree to 1 px
-        per_box = np.abs(cpu.read("objects/boxes") - gpu.read("objects/boxes")).max(axis=1)
+        per_box = np.abs(cpu.read(f"{objects}/boxes") - gpu.read(f"{objects}/boxes")).max(axis=1)
         box_error, box_share = float(per_box.max()), float((per_box < 1.0).mean())
     feature_error = {}
-    for path in ("encoders/clip-test/image_embed", "encoders/resnet152-test/grid", "encoders/clip-test/crop_embed"):
+    for path in ("encoders/clip/clip-test/image_embed", "encoders/resnet/resnet152-test/grid",
+                 "crops/fasterrcnn-test/clip/clip-test/crop_embed"):
         a, b = cpu.read(path).astype(np.float32), gpu.read(path).astype(np.float32)
         if path.endswith("crop_embed") and box_error is not None:  # crops of the boxes that agree
             a, b = a[per_box < 1.0], b[per_box < 1.0]

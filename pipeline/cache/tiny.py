@@ -58,12 +58,13 @@ def _values(ds, count: int, dims: dict[str, int], rng: np.random.Generator, salt
 
 def tiny_group(
     writer: CacheWriter, name: str, *, seed: int = 0, dims: dict[str, int] | None = None,
-    counts: list[int] | None = None, provenance: dict | None = None,
+    counts: list[int] | None = None, provenance: dict | None = None, attrs: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Write group ``name`` with random values shaped by its spec; returns what was written per dataset.
 
     ``dims`` sets symbolic dims (``{"D": 16}``), ``counts`` the rows per image of a group that owns a
-    ragged index, ``provenance`` fields over the tiny ones (``{"stands_for": {"detector": "maskrcnn"}}``).
+    ragged index, ``provenance`` fields over the tiny ones (``{"stands_for": {"detector": "maskrcnn"}}``),
+    ``attrs`` group attributes whose value matters (``{"layers": [1, 2]}``).
     """
     spec = get_group(name)
     rng = np.random.default_rng(seed)
@@ -92,11 +93,12 @@ def tiny_group(
               **{field: f"tiny {field}" for field in spec.provenance}, **(provenance or {})}
     core = {key: fields.pop(key) for key in ("model", "pretrained", "preprocessing", "thresholds")}
     record = make_provenance(name, image_ids=decode_ids(writer.file["images/ids"][()]), extra=fields, **core)
-    attrs = {
+    group_attrs = {
         key: [f"{key[:-6]}{i}" for i in range(dims.get("C", 4))] if key.endswith("_names") else 10.0
         for key in spec.attrs
     }
-    writer.write_group(name, written, record if spec.feature else None, attrs)
+    group_attrs.update(attrs or {})
+    writer.write_group(name, written, record if spec.feature else None, group_attrs)
     return written
 
 
@@ -112,6 +114,7 @@ def write_tiny_cache(
     dims: dict | None = None,
     counts: list[int] | None = None,
     provenance: dict[str, dict] | None = None,
+    attrs: dict[str, dict[str, object]] | None = None,
 ) -> dict[str, dict[str, object]]:
     """A cache with ``groups`` (default: every registered feature group), and any group whose ragged
     index they need. Returns ``{group: {dataset: values}}``.
@@ -142,7 +145,7 @@ def write_tiny_cache(
             group_dims = (dims or {}).get(name) if dims and all(isinstance(v, dict) for v in dims.values()) \
                 else dims
             written[name] = tiny_group(writer, name, seed=seed + k, dims=group_dims, counts=counts,
-                                       provenance=(provenance or {}).get(name))
+                                       provenance=(provenance or {}).get(name), attrs=(attrs or {}).get(name))
     return written
 
 
@@ -180,6 +183,8 @@ def _every_model_groups() -> tuple[tuple[str, ...], dict[str, dict], dict[str, d
 
 
 EVERY_MODEL_GROUPS, EVERY_MODEL_DIMS, EVERY_MODEL_PROVENANCE = _every_model_groups()
+EVERY_MODEL_DIMS["encoders/clip_grounding"] = {"L": 2, "T": 5, "D": 16}
+EVERY_MODEL_ATTRS = {"encoders/clip_grounding": {"layers": [1, 2]}}  # MGIPS-CL's frozen mode reads them
 EVERY_MODEL_FLAGS = {  # tiny settings per model (the instances are the tiny variants of the papers' models)
     "bert_crf": [],
     "vcrmner": ["--set", "num_heads=2", "--set", "num_blocks=1"],
@@ -215,5 +220,5 @@ def write_tiny_training_inputs(
     images = max(train_posts, eval_posts)
     status = ["missing" if i in missing else "ok" for i in range(images)]
     write_tiny_cache(folder / "cache.h5", list(EVERY_MODEL_GROUPS), num_images=images, status=status,
-                     dims=EVERY_MODEL_DIMS, provenance=EVERY_MODEL_PROVENANCE)
+                     dims=EVERY_MODEL_DIMS, provenance=EVERY_MODEL_PROVENANCE, attrs=EVERY_MODEL_ATTRS)
     return str(folder), str(folder / "cache.h5")

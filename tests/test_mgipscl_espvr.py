@@ -399,3 +399,12 @@ def test_mgipscl_default_clip_tower_offline_is_a_one_line_error(monkeypatch):
         with pytest.raises(ValueError, match="vision_mode=frozen") as err:
             build_clip_tower(name)
         assert "\n" not in str(err.value)
+
+
+def test_mgipscl_paper_preset_marks_what_the_paper_does_not_state():
+    cls = get_model_class("mgipscl")
+    assert cls.PRESETS["paper"]["warmup_ratio"] == 0.06 and cls.PRESETS["paper"]["clip_lr"] == 3e-5  # sec. 4.3
+    source = Path(inspect.getsourcefile(cls)).read_text()
+    for field in ("crf_lr=", "head_lr=", "batch_size=", "temperature=", "contrastive_dim="):
+        line = next(line for line in source.splitlines() if line.strip().startswith(field))
+        assert "NOT STATED" in line, line

@@ -408,3 +408,22 @@ def test_mgipscl_paper_preset_marks_what_the_paper_does_not_state():
     for field in ("crf_lr=", "head_lr=", "batch_size=", "temperature=", "contrastive_dim="):
         line = next(line for line in source.splitlines() if line.strip().startswith(field))
         assert "NOT STATED" in line, line
+
+
+def test_espvr_gold_spans_and_straight_through_change_nothing_without_a_usable_image(tiny_bert):
+    """On a cache without pictures (every image missing: the real-text runs) no post has a block, so
+    reading gold spans or passing the block's gradient cannot change the loss or its gradients; only
+    the b_0 token adds something (a constant token: the grid of a missing image is zeros)."""
+    results = {}
+    for name, switches in {"paper": {}, "gold": {"vrp_training_spans": "gold"}, "st": {"straight_through": True},
+                           "b0": {"global_token": True}}.items():
+        torch.manual_seed(0)
+        model, batch, _ = build("espvr", tiny_bert, np.random.default_rng(0), dropout=0.0, **switches)
+        batch["visual"]["images/ok"] = torch.zeros(len(batch["input_ids"]), dtype=torch.bool)
+        loss = model.train()(batch)["loss"]
+        loss.backward()
+        results[name] = (loss.detach(), model.text_encoder.embeddings.word_embeddings.weight.grad.clone())
+    for name in ("gold", "st"):
+        torch.testing.assert_close(results[name][0], results["paper"][0])
+        torch.testing.assert_close(results[name][1], results["paper"][1])
+    assert not torch.allclose(results["b0"][0], results["paper"][0])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import LABELS, text_batch, tiny_feature_spec, tiny_visual
+from helpers.fusion import build
 
 from mner.trainer.models import get_model_class
 
@@ -43,20 +43,6 @@ def test_ips_cl_and_standard_cl_match_eq_16_17(k):
     assert standard_contrastive_loss(matrix, 0.1).item() == pytest.approx(expected_cl, rel=1e-9)
     if k == 1:  # K = 1 picks each text's best image, which is not its own in rows 1, 2 and 4
         assert expected_ips < expected_cl
-
-
-def build(name, tiny_bert, rng, **overrides):
-    from transformers import AutoTokenizer
-
-    cls = get_model_class(name)
-    config = cls.Config(**{**getattr(cls, "TINY_OVERRIDES", {}), "num_heads": 2, **overrides})
-    paths = cls.required_features(config)
-    spec = tiny_feature_spec(paths, rng)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    model = cls(config, labels=LABELS, text_encoder=str(tiny_bert), tokenizer=tokenizer, features=spec)
-    batch, _ = text_batch(tokenizer)
-    batch["visual"] = tiny_visual(paths, spec, rng)
-    return model, batch, tokenizer
 
 
 def test_mgipscl_contrastive_losses_on_hand_set_summaries(tiny_bert):

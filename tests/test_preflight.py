@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_models import LABELS, POSTS, text_batch, tiny_feature_spec, tiny_visual
+from helpers.models import LABELS, POSTS, text_batch, tiny_feature_spec, tiny_visual
 
 from mner.trainer.models import available_models, get_model_class
 
@@ -91,7 +91,7 @@ def test_preflight_check_changes_no_parameter_buffer_or_random_state(name, tiny_
 def test_pmner_template_mode_counts_each_region_once_per_post(tiny_bert):
     """Each wrapped word used to re-enter its post's regions into the running statistics: a region of a
     12-word post weighed 12 times one of a 2-word post."""
-    from test_pmner import OBJECTS, build, make_batch
+    from helpers.pmner import OBJECTS, build, make_batch
 
     torch.manual_seed(0)
     model, tokenizer = build(tiny_bert, prompt_mode="template", dropout=0.0)

@@ -18,6 +18,8 @@ app = typer.Typer(
     ),
 )
 SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report")
+# recent typer releases parse with their own copy of click, whose usage errors derive from typer.TyperException
+USAGE_ERROR = getattr(typer, "TyperException", click.exceptions.ClickException)
 
 
 @app.command("train")
@@ -89,7 +91,7 @@ def evaluate_command(
     split: str = typer.Option("test", help="test | dev | train. Example: --split dev"),
     data: Path | None = typer.Option(None, help="Other data (cross-domain). Example: --data data/twitter2017"),
     features: Path | None = typer.Option(None, help="Cache for --data's images. Example: --features cache/t17.h5"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Score even when posts' images are absent from the cache."),
 ) -> None:
@@ -108,15 +110,19 @@ def predict_command(
     data: Path = typer.Option(..., help="Posts to tag (tags optional). Example: --data some/posts"),
     out: Path | None = typer.Option(None, help="Output .conll or .parquet. Example: --out tagged.conll"),
     features: Path | None = typer.Option(None, help="Cache holding --data's images (multimodal models)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Tag even when posts' images are absent from the cache."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out written by mner-train predict (never another file, "
+        "never an input)."),
 ) -> None:
     """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
     <out>.json beside the output names the cache used and any warning about it."""
     from mner.trainer.evaluation.evaluate import predict_run
 
-    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images)
+    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images,
+                overwrite=overwrite)
 
 
 @app.command("sweep")
@@ -156,20 +162,24 @@ def report_command(
     min_coverage: float = typer.Option(0.9, help="Flag runs whose test posts have an image feature row for "
                                        "less than this share. Example: --min-coverage 0.95"),
     bootstrap: int = typer.Option(1000, help="Bootstrap samples of the significance test. Example: --bootstrap 5000"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report in --out (only a folder an earlier "
+                                   "`mner-train report` wrote)."),
 ) -> None:
     """Collect finished runs into results.{csv,parquet,md} (mean +/- std beside the papers) and PNG plots."""
     from mner.trainer.experiments.report import report
 
-    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
+    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``mner-train``); returns the exit status so tests can call it directly."""
     from mner.pipeline.cache import CacheError
     from mner.pipeline.data import DataFormatError
+    from mner.pipeline.devices import DeviceError
+    from mner.pipeline.outputs import OutputError, describe_os_error
     from mner.trainer.core.config import ConfigError
     from mner.trainer.core.run_folder import RunFolderError
-    from mner.trainer.core.train import RunInterrupted
+    from mner.trainer.core.train import RunInterrupted, TrainingDiverged
     from mner.trainer.inputs.text_encoder import TextEncoderError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -177,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ["train", *args]
     try:
         result = app(args=args, prog_name="mner-train", standalone_mode=False)
-    except click.exceptions.ClickException as err:
+    except (click.exceptions.ClickException, USAGE_ERROR) as err:  # a wrong flag: usage, valid values, exit 2
         err.show()
         return err.exit_code
-    except click.exceptions.Abort:  # click turns Ctrl-C outside training into Abort
+    except (click.exceptions.Abort, typer.Abort):  # click turns Ctrl-C outside training into Abort
         print("mner-train: interrupted", file=sys.stderr)
         return 130
     except RunInterrupted as err:
@@ -189,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mner-train: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CacheError, DataFormatError, TextEncoderError, RunFolderError, FileExistsError,
-            FileNotFoundError) as err:
+    except TrainingDiverged as err:
         print(f"mner-train: error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, CacheError, DataFormatError, DeviceError, TextEncoderError, RunFolderError, OutputError,
+            FileExistsError, FileNotFoundError) as err:
+        print(f"mner-train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only file system, a name too long: one line, not a traceback
+        print(f"mner-train: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown model name: the registry's message lists the valid ones
         print(f"mner-train: error: {err.args[0]}", file=sys.stderr)

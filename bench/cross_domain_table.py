@@ -4,6 +4,9 @@ A run trained on dataset S keeps its in-domain test scores in ``metrics.json`` (
 scores on the other dataset's test split are the ``eval/test-*.json`` that ``mner-train evaluate``
 wrote with that dataset's ``data_source`` path.
 
+The last table is the real-text convergence of every model trained on Twitter-2015 against bert_crf
+(docs/models/README.md): test F1 at the best dev epoch and dev F1 after each epoch.
+
 Usage: python bench/cross_domain_table.py WORK_DIR T15_DIR T17_DIR
 """
 
@@ -53,6 +56,24 @@ def main(argv: list[str]) -> None:
         if rows:
             print(f"\n{title}, test split\n\n{header}")
             print("\n".join(rows))
+    convergence(work)
+
+
+def convergence(work: Path) -> None:
+    runs = {model: work / "t15" / model / "metrics.json" for model in MODELS}
+    runs = {model: json.loads(path.read_text()) for model, path in runs.items() if path.is_file()}
+    if "bert_crf" not in runs:
+        return
+    baseline = 100 * runs["bert_crf"]["test"]["micro"]["f1"]
+    print("\nTwitter-2015, convergence against bert_crf\n")
+    print("| model | test F1 | vs bert_crf | dev F1 after epochs 1 / 2 | s per epoch (train + dev) |")
+    print("|---|---|---|---|---|")
+    for model, metrics in runs.items():
+        f1 = 100 * metrics["test"]["micro"]["f1"]
+        dev = " / ".join(f"{100 * h['dev_f1']:.2f}" for h in metrics["history"])
+        seconds = " / ".join(f"{h['train_seconds'] + h.get('eval_seconds', 0):.0f}" for h in metrics["history"])
+        delta = "-" if model == "bert_crf" else f"{f1 - baseline:+.2f}"
+        print(f"| {model} | **{f1:.2f}** | {delta} | {dev} | {seconds} |")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from mner.trainer.core.run_folder import (
     write_marker,
 )
 from mner.trainer.core.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.core.tracking import LOG_DIR, Tracker
 from mner.trainer.evaluation.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.inputs.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
 from mner.trainer.inputs.segments import second_segment_for
@@ -92,6 +93,13 @@ def log(message: str) -> None:
 def warn_loudly(message: str) -> None:
     bar = "!" * 78
     log(f"{bar}\nWARNING: {message}\n{bar}")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Process ``rank``'s seed after the model is built: rank 0 keeps ``seed`` (a one-process run is
+    unchanged), the others differ, so data-parallel processes do not share dropout masks (the same
+    masks on every process would shrink the noise the gradient average sees)."""
+    return seed if rank == 0 else (seed * 1000003 + rank) % 2**31
 
 
 def seed_everything(seed: int) -> None:
@@ -235,33 +243,39 @@ def make_post_dataset(posts, tokenizer, *, label_to_id, max_length, visual, spli
 
 
 def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, group_by_length: bool = False) -> DataLoader:
+                seed: int = 0, group_by_length: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Training loaders draw batches from a sampler whose order depends only on (seed, epoch), so a
-    resumed run replays exactly the batches an uninterrupted one would have seen."""
+    resumed run replays exactly the batches an uninterrupted one would have seen; with several
+    processes each loader holds its ``rank``'s share (every post once per epoch over all processes)."""
     if shuffle:
         lengths = [len(a.input_ids) for a in dataset.aligned]
         sampler_cls = LengthGroupedBatchSampler if group_by_length else ShuffledBatchSampler
-        return DataLoader(dataset, batch_sampler=sampler_cls(lengths, batch_size, seed=seed),
-                          collate_fn=collator, num_workers=num_workers)
+        sampler = sampler_cls(lengths, batch_size, seed=seed, rank=rank, world_size=world_size)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- prediction
 
 
+# Decoding runs in full precision everywhere: dev F1 during training, the final dev/test scores, `evaluate`
+# and `predict`. Under bf16/fp16 autocast the emissions into the CRF would be low-precision Linear outputs
+# whose Viterbi can tie differently, so `evaluate` would disagree with metrics.json on a GPU.
+DECODE_PRECISION = "fp32"
+
+
 @torch.no_grad()
 def predict_tags(model, dataset: PostDataset, collator: Collator, *, labels: list[str], device: torch.device,
-                 batch_size: int, num_workers: int = 0, desc: str = "decode", autocast=None) -> list[list[str]]:
+                 batch_size: int, num_workers: int = 0, desc: str = "decode") -> list[list[str]]:
     """One tag per word of every post; words the model cannot see (word_mask False) are ``O``.
-    ``autocast`` is the training precision's context factory (None: full precision)."""
+    Always in full precision (``DECODE_PRECISION``), whatever the training precision."""
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     predictions: list[list[str]] = []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     for batch in bar:
         word_mask = batch["word_mask"]
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            paths = model.decode(to_device(batch, device))
+        paths = model.decode(to_device(batch, device))
         for row, path in enumerate(paths):
             n_words = len(dataset.posts[len(predictions)].tokens)
             kept = word_mask[row, :n_words].tolist()
@@ -290,6 +304,14 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- checks before epoch 1
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator ``fork_rng`` must save and restore for work on ``device``:
+    ``devices=[]`` forks the CPU generator only, and dropout on a GPU draws from that GPU's."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def longest_post(dataset: PostDataset) -> int:
@@ -325,12 +347,12 @@ def check_one_longest_post(net, split: str, dataset: PostDataset, collator: Coll
     item["labels"] = [label_to_id.get(tag, 0) for tag in post.tags] if post.tags is not None else None
     batch = to_device(collator([item]), device)
     try:
-        with autocast():
-            net.train()
-            if item["labels"] is not None:
+        net.train()
+        if item["labels"] is not None:
+            with autocast():  # the training step's precision
                 net(batch)
-            net.eval()
-            (path,) = net.decode(batch)
+        net.eval()
+        (path,) = net.decode(batch)  # decoding's (full) precision
     except (RuntimeError, ValueError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -346,8 +368,7 @@ def check_one_longest_post(net, split: str, dataset: PostDataset, collator: Coll
 def restored_random_states(device: torch.device):
     """Python's, numpy's, torch's CPU and (on CUDA) the device's generator states are what they were."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = [device] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=rng_devices(torch.device(device))):
         try:
             yield
         finally:
@@ -391,6 +412,7 @@ class RunRequest:
     model_config: Any  # its Config, after preset, --set and flags
     config: TrainConfig  # the training options, after preset, --set and flags
     extra_types: list[str]  # --labels: entity types added to those seen in training
+    tracker: Tracker  # --track's tracker and the run's observers (trainer/core/tracking.py)
 
 
 @dataclasses.dataclass
@@ -462,6 +484,7 @@ def train_locked(
     allow_missing_images: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    observers: list | None = None,
 ) -> Path:
     """Train one model and return its finished run directory (the caller holds the run folder's lock).
 
@@ -469,16 +492,18 @@ def train_locked(
     override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
     unfinished run in ``out`` with its stored options; options given again must agree with them.
     Every step up to :func:`open_run_folder` only reads and checks, so a refused run writes nothing.
+    ``observers`` (:class:`~mner.trainer.core.tracking.RunObserver`) watch the epochs: tune's pruner.
     """
     started = time.time()
     request = resolve_request(out, model=model, data=data, features=features, preset=preset, sets=sets,
                               flags=flags, labels=labels, allow_missing_images=allow_missing_images,
-                              overwrite=overwrite, resume=resume)
+                              overwrite=overwrite, resume=resume, observers=observers)
     data_and_labels = load_data_and_labels(request)
     inputs = build_inputs(request, data_and_labels)
     training = build_training(request, data_and_labels, inputs)
     run_config = describe_run(request, data_and_labels, inputs)
     state = open_run_folder(request, training, run_config, inputs.tokenizer)
+    start_tracking(request, training, inputs, run_config, state)
     fit(request, training, data_and_labels, inputs, state)
     finish(request, training, data_and_labels, inputs, state, started=started)
     return request.out
@@ -486,7 +511,7 @@ def train_locked(
 
 def resolve_request(
     out: str | Path, *, model, data, features, preset, sets, flags, labels, allow_missing_images: bool,
-    overwrite: bool, resume: bool,
+    overwrite: bool, resume: bool, observers: list | None = None,
 ) -> RunRequest:
     """The options checked and resolved (a resumed run's own options); nothing is read or written yet,
     so every process can call it."""
@@ -503,8 +528,9 @@ def resolve_request(
     check_device_and_precision(config.device, config.precision)
     if invocation["allow_missing_images"]:
         config.max_missing_images = 1.0
+    tracker = Tracker(config.track, observers=observers or [])  # --track: a missing package is an error here
     return RunRequest(out=out, mode=mode, invocation=invocation, model=model_name, model_cls=model_cls,
-                      model_config=model_config, config=config, extra_types=extra_types)
+                      model_config=model_config, config=config, extra_types=extra_types, tracker=tracker)
 
 
 def load_data_and_labels(request: RunRequest) -> RunData:
@@ -584,7 +610,8 @@ def build_inputs(request: RunRequest, data: RunData) -> RunInputs:
     train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=data.label_to_id, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
     eval_sets = {split: make_post_dataset(data.dataset.splits[split], split=split, label_to_id=None, **common)
-                 for split in ("dev", "test") if data.dataset.splits.get(split)}
+                 for split in ("dev", "test")
+                 if data.dataset.splits.get(split) and (split == "dev" or config.score_test)}  # tune: never test
     for split, found in data.unseen.items():
         warn_loudly(describe_unseen(split, found))
     collator = Collator(
@@ -626,13 +653,17 @@ def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, config: T
 def build_training(request: RunRequest, data: RunData, inputs: RunInputs) -> Training:
     """The engine, the checked model, AdamW over the model's parameter groups, the loader and the schedule."""
     config = request.config
-    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum,
+                    log_with=request.tracker.log_with, project_dir=request.out / LOG_DIR)
     net = build_checked_model(request, data, inputs, engine)
     train_loader = make_loader(inputs.train_set, inputs.collator, batch_size=config.batch_size, shuffle=True,
-                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
+                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length,
+                               rank=engine.rank, world_size=engine.world_size)
     sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
     net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
+    if engine.rank > 0:  # DDP made the weights rank 0's; each process now draws its own dropout masks
+        seed_everything(rank_seed(config.seed, engine.rank))
     scheduler = build_schedule(optimizer, engine.optimizer_steps_per_epoch(train_loader) * config.epochs, config)
     return Training(engine=engine, net=net, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                     sampler=sampler)
@@ -686,6 +717,14 @@ def open_run_folder(request: RunRequest, training: Training, run_config: dict, t
     return state
 
 
+def start_tracking(request: RunRequest, training: Training, inputs: RunInputs, run_config: dict,
+                   state: TrainerState) -> None:
+    """Open the tracker run (or continue the run folder's own) with config.json and the run record."""
+    request.tracker.start(training.engine.accelerator, out=request.out, run_config=run_config,
+                          record=process_record(request, training, inputs.cache_info), epochs=request.config.epochs,
+                          epochs_done=state.epoch, steps_done=training.engine.global_step, history=state.history)
+
+
 def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState) -> None:
     """The epochs; Ctrl-C leaves the last finished epoch's checkpoint complete and says how to resume."""
     engine, out = training.engine, request.out
@@ -694,9 +733,10 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
     try:
         run_epochs(engine, state, training.net, training.optimizer, training.scheduler, training.train_loader,
                    training.sampler, config=request.config, out=out, eval_set=inputs.eval_sets["dev"],
-                   collator=inputs.collator, labels=data.labels)
+                   collator=inputs.collator, labels=data.labels, tracker=request.tracker)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
+        engine.end()
         raise RunInterrupted(
             f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
             f"mner-train --out {out} --resume"
@@ -704,19 +744,21 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
     except NonFiniteLoss as err:
         engine.writer.wait()
         raise TrainingDiverged(describe_divergence(err, inputs.train_set, state, out)) from None
+    except Exception:  # an observer stopped the run (tune's pruner): its checkpoints stay complete, resumable
+        engine.writer.wait()
+        engine.end()
+        raise
 
 
 def finish(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState, *,
            started: float) -> None:
     """The best epoch's weights scored on dev and test; predictions, metrics.json and model.safetensors
     written, the checkpoints removed and the run marked finished."""
-    from safetensors.torch import load_file
-
     out, engine, config, net = request.out, training.engine, request.config, training.net
     engine.writer.wait()
     engine.wait()
     final = latest_checkpoint(out)
-    engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
+    engine.load_weights(net, final / "best_model.safetensors")
     engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
         "model": request.model, "preset": request.invocation["preset"], "best_epoch": state.best_epoch,
@@ -726,8 +768,7 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
     }
     for split, eval_set in inputs.eval_sets.items():
         pred = predict_tags(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels, device=engine.device,
-                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
-                            autocast=engine.autocast)
+                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
         if engine.is_main:
@@ -770,7 +811,9 @@ def process_record(request: RunRequest, training: Training, cache_info: dict | N
     config, engine = request.config, training.engine
     return {
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
-        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "precision": engine.precision, "decode_precision": DECODE_PRECISION, "world_size": engine.world_size,
+        "grad_accum": config.grad_accum,
+        "rank_seeds": [rank_seed(config.seed, rank) for rank in range(engine.world_size)],
         "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(training.train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
@@ -832,8 +875,10 @@ def describe_divergence(err: NonFiniteLoss, train_set: PostDataset, state: Train
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
-               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str]) -> None:
-    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop."""
+               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str],
+               tracker: Tracker) -> None:
+    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop;
+    ``tracker`` gets each step and each finished epoch."""
     epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
                      disable=not engine.is_main)
     for epoch in epoch_bar:
@@ -843,12 +888,16 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                                  desc=f"epoch {epoch}")
+                                  desc=f"epoch {epoch}", tracker=tracker)
         train_seconds = time.time() - epoch_start
         dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
-                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
-                                autocast=engine.autocast)
-        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
+        dev_scores = score_split(eval_set.posts, dev_pred)
+        dev_f1, agreement = engine.agree(net, dev_scores["micro"]["f1"])
+        if agreement and not agreement["replicas_agree"]:
+            warn_loudly(f"epoch {epoch}: the {engine.world_size} processes disagree (dev F1 by rank "
+                        f"{agreement['dev_f1_by_rank']}, or their weights / buffers differ); process 0's "
+                        "dev F1 decides; recorded in metrics.json history")
         improved = dev_f1 > state.best_f1
         if improved:
             state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
@@ -861,7 +910,7 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         checkpoint_start = time.time()
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
                               "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
-                              "cpu_seconds": None})
+                              "cpu_seconds": None, **agreement})
         snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
             engine.writer.submit(functools.partial(
@@ -875,6 +924,8 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
             f"{time.time() - epoch_start:.0f}s")
         if state.stopped_early:
             log(f"early stop: no better dev F1 for {config.patience} epochs")
+        tracker.epoch(epoch, engine.global_step, dev_scores=dev_scores, entry=state.history[-1],
+                      memory=engine.peak_memory_mb())
     epoch_bar.close()
 
 

@@ -210,7 +210,15 @@ def evaluate_run(
     from mner.trainer.core.labels import describe_unseen, unseen_types
     from mner.trainer.core.run_folder import read_run_config, require_finished
     from mner.trainer.core.run_record import short_fingerprint
-    from mner.trainer.core.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
+    from mner.trainer.core.train import (
+        DECODE_PRECISION,
+        load_posts,
+        load_run,
+        log,
+        make_post_dataset,
+        predict_tags,
+        warn_loudly,
+    )
     from mner.trainer.inputs.batching import Collator
     from mner.trainer.inputs.segments import second_segment_for
 
@@ -245,7 +253,8 @@ def evaluate_run(
     scores = entity_scores([list(p.tags) for p in posts], predictions)
     stem = f"{split}-{dataset.data_hash[:8]}" + (f"-cache{short_fingerprint(cache['fingerprint'])}" if cache else "")
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
-              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings, **scores}
+              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings,
+              "decode_precision": DECODE_PRECISION, **scores}
     write_json(run_dir / "eval" / f"{stem}.json", result)
     write_conll(run_dir / "eval" / f"{stem}.conll", posts, predictions)
     write_parquet(run_dir / "eval" / f"{stem}.parquet", posts, predictions)
@@ -270,7 +279,7 @@ def predict_run(
     from mner.pipeline.data import load_dataset
     from mner.pipeline.outputs import PREDICTIONS_RECORD_KEY, check_output, predictions_record
     from mner.trainer.core.run_folder import read_run_config, require_finished
-    from mner.trainer.core.train import SPLITS, load_run, log, make_post_dataset, predict_tags
+    from mner.trainer.core.train import DECODE_PRECISION, SPLITS, load_run, log, make_post_dataset, predict_tags
     from mner.trainer.inputs.batching import Collator
     from mner.trainer.inputs.segments import second_segment_for
 
@@ -296,7 +305,8 @@ def predict_run(
     # the record first: an output that exists always has the record that lets a rerun --overwrite it
     write_json(predictions_record(out), {
         PREDICTIONS_RECORD_KEY: 1, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
-        "data_hash": dataset.data_hash, "posts": len(posts), "cache": cache, "warnings": warnings})
+        "data_hash": dataset.data_hash, "posts": len(posts), "cache": cache, "warnings": warnings,
+        "decode_precision": DECODE_PRECISION})
     temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         (write_parquet if out.suffix == ".parquet" else write_conll)(temp, posts, predictions)

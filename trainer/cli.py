@@ -63,6 +63,9 @@ def train_command(
         "(`mner-train --out RUN --resume` is enough)."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the mner run in --out (never a folder mner did not write)."),
+    boxes: Path | None = typer.Option(
+        None, help="GMNER: folder of Pascal VOC <image id>.xml gold boxes; adds the grounding head (candidates: "
+        "the cache's detector objects) and GMNER/MNER/EEG scores. Example: --boxes data/twitter-gmner/xml"),
 ) -> None:
     """Train a model (the default command: `mner-train --data ...` means `mner-train train --data ...`).
 
@@ -80,7 +83,7 @@ def train_command(
         out = (Path("runs") / f"{model or 'bert_crf'}-{source.stem if source else 'data'}"
                f"-s{seed if seed is not None else 'default'}")
     train(out=out, model=model, data=data, features=features, preset=preset, sets=set_, flags=flags, labels=labels,
-          allow_missing_images=allow_missing_images, overwrite=overwrite, resume=resume)
+          allow_missing_images=allow_missing_images, overwrite=overwrite, resume=resume, boxes=boxes)
 
 
 @app.command("evaluate")
@@ -92,14 +95,30 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Score even when posts' images are absent from the cache."),
+    boxes: Path | None = typer.Option(
+        None, help="GMNER gold boxes (<image id>.xml); default: the run's own when it trained with --boxes. "
+        "Example: --boxes data/twitter-gmner/xml"),
+    uncovered: str | None = typer.Option(
+        None, help="How boxed entities no candidate reaches count: hindex (cannot be right; default) | mqspn "
+        "(None is right). Example: --uncovered mqspn"),
+    iou: float | None = typer.Option(None, help="IoU a predicted box needs with a gold box (default 0.5). "
+                                     "Example: --iou 0.5"),
+    iou_compare: str | None = typer.Option(None, help="'>=' (default) or '>'. Example: --iou-compare '>'"),
 ) -> None:
-    """Score a trained run; writes <run>/eval/<split>-<datahash>[-cache<fingerprint>].json, .conll and .parquet."""
+    """Score a trained run; writes <run>/eval/<split>-<datahash>[-cache<fingerprint>].json, .conll and .parquet
+    (with --boxes also GMNER/MNER/EEG and the grounded predictions .jsonl / .entities.parquet)."""
     from mner.trainer.evaluation.evaluate import evaluate_run
 
     if split not in ("train", "dev", "test"):
         raise click.BadParameter(f"{split!r}; valid values: train, dev, test", param_hint="--split")
+    if uncovered is not None and uncovered not in ("hindex", "mqspn"):
+        raise click.BadParameter(f"{uncovered!r}; valid values: hindex, mqspn", param_hint="--uncovered")
+    if iou_compare is not None and iou_compare not in (">=", ">"):
+        raise click.BadParameter(f"{iou_compare!r}; valid values: >=, >", param_hint="--iou-compare")
+    gmner_sets = {k: v for k, v in {"gmner_uncovered": uncovered, "gmner_iou": iou,
+                                    "gmner_iou_compare": iou_compare}.items() if v is not None}
     evaluate_run(run, split=split, data=data, features=features, device=device,
-                 allow_missing_images=allow_missing_images)
+                 allow_missing_images=allow_missing_images, boxes=boxes, gmner_sets=gmner_sets)
 
 
 @app.command("predict")

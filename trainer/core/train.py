@@ -351,6 +351,7 @@ def train(
     allow_missing_images: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    boxes: str | Path | None = None,
 ) -> Path:
     """Train one model and return its finished run directory.
 
@@ -361,12 +362,16 @@ def train(
     started = time.time()
     out = Path(out)
     given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
-                              labels=labels, allow_missing_images=allow_missing_images)
+                              labels=labels, allow_missing_images=allow_missing_images,
+                              boxes=str(Path(boxes).resolve()) if boxes is not None else None)
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
     invocation = options_for_resume(out, given) if mode == "resume" else given
     model = invocation["model"] = invocation["model"] or "bert_crf"
     model_cls = get_model_class(model)
-    model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
+    from mner.trainer.gmner.config import split_gmner_sets  # GMNER (--boxes): its gmner_* --set keys
+
+    model_sets, grounding_config = split_gmner_sets(invocation["sets"], boxes=invocation.get("boxes"))
+    model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=model_sets,
                                            flags=invocation["flags"])
     extra_types = parse_label_types(invocation["labels"])
     check_device_and_precision(config.device, config.precision)
@@ -416,6 +421,14 @@ def train(
         if visual is not None:
             check_coverage(cache_info["coverage"], cache_path=cache_info["path"], max_share=config.max_missing_images,
                            what="or raise the share with --max-missing-images")
+    gmner = None
+    if invocation.get("boxes") is not None:  # GMNER: gold boxes, candidates of the cache, the grounding head
+        from mner.trainer.gmner.data import GmnerTask
+
+        gmner = GmnerTask(invocation["boxes"], dataset.splits, cache if cache_info is not None else None,
+                          grounding_config)
+        for warning in gmner.warnings:
+            warn_loudly(warning)
     if visual is not None and visual.random_init:
         warn_loudly(
             f"the feature cache {visual.path} holds features from RANDOMLY INITIALISED weights "
@@ -436,6 +449,10 @@ def train(
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
                         visual_batcher=visual.batcher if visual is not None else None,
                         second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
+    if gmner is not None:
+        train_set = gmner.wrap_dataset("train", train_set)
+        eval_sets = {split: gmner.wrap_dataset(split, ds) for split, ds in eval_sets.items()}
+        collator = gmner.wrap_collator(collator)
 
     # ---- the engine, the model, the checks on the longest posts
     engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
@@ -451,6 +468,11 @@ def train(
 
         use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=engine.device,
                                 batch_size=config.eval_batch_size)
+    if gmner is not None:
+        try:
+            net = gmner.wrap_model(net, label_list).to(engine.device)
+        except ValueError as err:
+            raise ConfigError(f"model {model} with --boxes: {err}") from None
     check_longest_posts(net, {"train": train_set, **eval_sets}, collator, label_to_id=label_to_id,
                         device=engine.device, autocast=engine.autocast)
     train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
@@ -472,6 +494,8 @@ def train(
         "data": {**data_info, "hash": dataset.data_hash, "files": dataset.files, "notes": dataset.notes},
         "features": cache_info, "invocation": invocation,
     }
+    if gmner is not None:
+        run_config["gmner"] = {**gmner.record(), "feature_width": gmner.feature_width}
 
     # ---- the run folder: a fresh one, or the unfinished one resumed from its last checkpoint
     state = TrainerState()
@@ -535,15 +559,34 @@ def train(
         "unseen_types": unseen,
     }
     for split, eval_set in eval_sets.items():
-        pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=label_list, device=engine.device,
-                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
-                            autocast=engine.autocast)
+        if gmner is not None:
+            from mner.trainer.gmner.data import (
+                format_grounded,
+                predict_grounded,
+                score_grounded,
+                split_metrics,
+                write_grounded,
+            )
+
+            pred, regions = predict_grounded(engine.unwrap(net), eval_set, collator, labels=label_list,
+                                             device=engine.device, batch_size=config.eval_batch_size,
+                                             num_workers=config.num_workers, desc=split, autocast=engine.autocast)
+        else:
+            pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=label_list, device=engine.device,
+                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
+                                autocast=engine.autocast)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
         if engine.is_main:
             write_conll(out / "predictions" / f"{split}.conll", eval_set.posts, pred)
             write_parquet(out / "predictions" / f"{split}.parquet", eval_set.posts, pred)
         log(format_scores(scores, f"{split} (best epoch {state.best_epoch})"))
+        if gmner is not None:
+            grounded = score_grounded(eval_set.prepared, regions, grounding_config)
+            scores.update(split_metrics(grounded))
+            if engine.is_main:
+                write_grounded(out / "predictions" / split, eval_set.posts, eval_set.prepared, regions)
+            log(format_grounded(grounded, f"{split} GMNER"))
     metrics["alignment"] = {
         split: {"words": ds.report.words, "zero_piece": ds.report.zero_piece, "truncated": ds.report.truncated}
         for split, ds in [("train", train_set), *eval_sets.items()]
@@ -554,6 +597,10 @@ def train(
     if visual is not None:
         metrics["random_init_features"] = visual.random_init
         metrics["stage1_mismatches"] = stage1_mismatches
+    if gmner is not None:
+        metrics["gmner"] = gmner.record()
+        metrics["gmner"]["train_coverage"] = score_grounded(train_set.prepared, [[] for _ in train_set.prepared],
+                                                           grounding_config)["box_coverage"]
     metrics["history"] = state.history
     metrics["run"] = {**record, "resumes": state.resumes, "epoch_seconds": [h["seconds"] for h in state.history],
                       "seconds_this_process": round(time.time() - started, 1), "peak_memory": engine.peak_memory_mb()}
@@ -655,5 +702,11 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
     torch_device = resolve_device(device)
     net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
                       tokenizer=tokenizer, visual=visual)
+    if run_config.get("gmner"):  # trained with --boxes: the grounding head as it was sized then
+        from mner.trainer.gmner.config import GroundingConfig
+        from mner.trainer.gmner.head import GroundedModel
+
+        net = GroundedModel(net, grounding_config=GroundingConfig(**run_config["gmner"]["config"]),
+                            feature_width=run_config["gmner"]["feature_width"], labels=run_config["labels"])
     load_model(net, str(run_dir / "model.safetensors"), device="cpu")
     return net.to(torch_device), run_config, tokenizer, visual, torch_device

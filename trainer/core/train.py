@@ -536,7 +536,9 @@ def train(
         f"{engine.precision}, {engine.world_size} process(es)")
     try:
         run_epochs(engine, state, net, optimizer, scheduler, train_loader, sampler, config=config, out=out,
-                   eval_set=eval_sets["dev"], collator=collator, labels=label_list)
+                   eval_set=eval_sets["dev"], collator=collator, labels=label_list,
+                   dev_score=gmner.dev_score(eval_sets["dev"], collator, labels=label_list, device=engine.device,
+                                             config=config, autocast=engine.autocast) if gmner is not None else None)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
         raise RunInterrupted(
@@ -632,8 +634,10 @@ def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epo
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
-               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str]) -> None:
-    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop."""
+               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str],
+               dev_score=None) -> None:
+    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop.
+    ``dev_score(model) -> float`` replaces the dev entity F1 as the selection score (GMNER runs)."""
     epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
                      disable=not engine.is_main)
     for epoch in epoch_bar:
@@ -645,10 +649,13 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
                                   desc=f"epoch {epoch}")
         train_seconds = time.time() - epoch_start
-        dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
-                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
-                                autocast=engine.autocast)
-        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+        if dev_score is not None:
+            dev_f1 = dev_score(engine.unwrap(net))
+        else:
+            dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
+                                    batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
+                                    autocast=engine.autocast)
+            dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
         improved = dev_f1 > state.best_f1
         if improved:
             state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0

@@ -298,7 +298,7 @@ def evaluate_run(
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
               "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings, **scores}
     if gmner_result is not None:
-        result["gmner"] = gmner_result["record"]
+        result["boxes"] = gmner_result["record"]  # reader counts, settings, candidates (scores are above)
         gmner_result["write"](run_dir / "eval" / stem)
     write_json(run_dir / "eval" / f"{stem}.json", result)
     write_conll(run_dir / "eval" / f"{stem}.conll", posts, predictions)

@@ -178,11 +178,23 @@ class GmnerTask:
 
         return GroundedModel(net, grounding_config=self.config, feature_width=self.feature_width, labels=labels)
 
+    def dev_score(self, dev_set: GroundedPostDataset, collator, *, labels, device, config, autocast):
+        """The selection score of a GMNER run: dev GMNER F1 (the tagger's F1 alone would keep an epoch
+        whose head has not learned yet)."""
+
+        def score(model) -> float:
+            _, regions = predict_grounded(model, dev_set, collator, labels=labels, device=device,
+                                          batch_size=config.eval_batch_size, num_workers=config.num_workers,
+                                          autocast=autocast, desc="dev")
+            return score_grounded(dev_set.prepared, regions, self.config)["gmner"]["f1"]
+
+        return score
+
     def record(self) -> dict:
         """What metrics.json / config.json keep about the boxes (reader counts per split, settings, source)."""
         return {
             "boxes": self.boxes, "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
-            "settings": self.config.settings().as_dict(),
+            "settings": self.config.settings().as_dict(), "selection": "dev GMNER F1",
             "candidates": None if self.source is None else {
                 "objects": self.source.instance, "features": self.source.feature_path,
                 "max_candidates": self.config.gmner_max_candidates},

@@ -125,8 +125,12 @@ class GroundedModel(nn.Module):
         layer = getattr(self.base, self._states.module_name)
         if isinstance(layer, nn.Linear):
             return layer.in_features
+        width = getattr(self.base, "word_states_width", None)
         encoder = getattr(self.base, "text_encoder", None)
-        width = getattr(getattr(encoder, "config", None), "hidden_size", None)
+        width = width or getattr(getattr(encoder, "config", None), "hidden_size", None)
+        if width is None:  # an encoder rebuilt from its parts (PromptMNER): the word-embedding width
+            width = next((m.embedding_dim for n, m in self.base.named_modules()
+                          if n.endswith("word_embeddings") and isinstance(m, nn.Embedding)), None)
         if width is None:
             raise ValueError(f"cannot tell the width of {type(self.base).__name__}'s word states")
         return int(width)

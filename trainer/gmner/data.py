@@ -190,9 +190,22 @@ class GmnerTask:
 
         return score
 
-    def record(self) -> dict:
+    def finish_split(self, split: str, dataset: GroundedPostDataset, regions, out: Path | None) -> dict:
+        """Score one split's grounded predictions, write them under ``out/predictions`` (when given) and
+        return the keys its metrics.json entry gets."""
+        grounded = score_grounded(dataset.prepared, regions, self.config)
+        if out is not None:
+            write_grounded(Path(out) / "predictions" / split, dataset.posts, dataset.prepared, regions)
+        _log(format_grounded(grounded, f"{split} GMNER"))
+        return split_metrics(grounded)
+
+    def record(self, train_set: GroundedPostDataset | None = None) -> dict:
         """What metrics.json / config.json keep about the boxes (reader counts per split, settings, source)."""
-        return {
+        extra = {}
+        if train_set is not None:  # the training posts' coverage (their gold boxes, this detector)
+            extra["train_coverage"] = score_grounded(train_set.prepared, [[] for _ in train_set.prepared],
+                                                     self.config)["box_coverage"]
+        return extra | {
             "boxes": self.boxes, "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "settings": self.config.settings().as_dict(), "selection": "dev GMNER F1",
             "candidates": None if self.source is None else {

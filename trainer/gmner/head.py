@@ -192,3 +192,12 @@ class GroundedModel(nn.Module):
             group["name"] = "grounding" + group["name"][len("head"):]
             groups.append(group)
         return groups
+
+
+def rebuild_grounded(base: nn.Module, run_config: dict) -> GroundedModel:
+    """A finished GMNER run's model (before its weights are loaded), sized as config.json recorded it."""
+    from mner.trainer.gmner.config import GroundingConfig
+
+    record = run_config["gmner"]
+    return GroundedModel(base, grounding_config=GroundingConfig(**record["config"]),
+                         feature_width=record["feature_width"], labels=run_config["labels"])

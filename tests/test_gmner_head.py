@@ -61,9 +61,13 @@ def build(name, preset, tiny_bert):
 
 
 def head_cases() -> list:
-    """Each model's defaults (the suite stays fast: tests/test_models.py already runs every preset bare)
-    and PMNER's template mode, which has no per-word states and must say so."""
-    cases = [pytest.param(name, None, id=name) for name in available_models()]
+    """What grids/gmner.toml runs: each model's "paper" preset where it has one (else its defaults; the
+    suite stays fast: tests/test_models.py runs every preset bare), and PMNER's template mode, which has
+    no per-word states and must say so."""
+    cases = []
+    for name in available_models():
+        preset = "paper" if name != "pmner" and "paper" in (get_model_class(name).PRESETS or {}) else None
+        cases.append(pytest.param(name, preset, id=f"{name}-{preset or 'default'}"))
     template = next(p for p, v in get_model_class("pmner").PRESETS.items() if v.get("prompt_mode") == "template")
     return [*cases, pytest.param("pmner", template, id="pmner-template")]
 

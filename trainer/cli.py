@@ -157,12 +157,14 @@ def sweep_command(
     seeds: list[int] | None = typer.Option(None, "--seed", help="Replace the grid's seeds; repeatable. "
                                            "Example: --seed 1 --seed 2"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N for every run. Example: --device cpu"),
+    boxes: list[str] | None = typer.Option(None, help="GMNER gold boxes (XML folder) of a grid dataset; repeatable. "
+                                           "Example: --boxes t15=data/twitter-gmner/xml"),
 ) -> int:
     """Run a grid of models x presets x switches x seeds x datasets/protocols; done runs are skipped."""
     from mner.trainer.experiments.sweep import sweep
 
     return sweep(grid, out=out, dry=dry_run, task=task, sets=set_, data=data, features=features,
-                 datasets=datasets, seeds=seeds, device=device)
+                 datasets=datasets, seeds=seeds, device=device, boxes=boxes)
 
 
 @app.command("report")

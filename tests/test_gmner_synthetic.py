@@ -77,6 +77,20 @@ def test_the_grounding_head_picks_the_region_the_picture_decides(tmp_path, tiny_
     assert {"pred", "gold", "image_id"} <= set(first) and all("box" in p for p in first["pred"])
     assert (tmp_path / "head" / "predictions" / "test.conll").read_text().splitlines()[1].count("\t") == 2
 
+    # the report's GMNER columns; the figure of one post (and a clear note when its picture is gone)
+    from mner.trainer.experiments.report import report
+    from mner.trainer.gmner.figures import show_post
+
+    rows = report([tmp_path / "head", tmp_path / "soft"], out=tmp_path / "report", bootstrap=10)["rows"]
+    assert {round(r["test_GMNER_F1_mean"], 6) for r in rows} == {100 * test["gmner"]["f1"],
+                                                                100 * soft["test"]["gmner"]["f1"]}
+    assert all(r["test_box_coverage"] == 100.0 for r in rows)
+    assert "## GMNER" in (tmp_path / "report" / "results.md").read_text()
+    png, note = show_post(tmp_path / "head", "test-0")
+    assert png.is_file() and note is None and png.stat().st_size > 0
+    _, note = show_post(tmp_path / "head", first["image_id"], images=tmp_path / "nowhere", out=tmp_path / "x.png")
+    assert "not available" in note
+
     # the evaluation switches are recorded; MQSPN and H-Index agree when every boxed entity is covered
     assert train_main(["evaluate", str(tmp_path / "head"), "--split", "test", "--uncovered", "mqspn",
                        "--iou-compare", ">", "--device", "cpu"]) == 0

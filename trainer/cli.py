@@ -17,7 +17,7 @@ app = typer.Typer(
         "--epochs 4 --out runs/t15-bert-crf"
     ),
 )
-SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report")
+SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report", "show")
 
 
 @app.command("train")
@@ -182,6 +182,25 @@ def report_command(
     from mner.trainer.experiments.report import report
 
     report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
+
+
+@app.command("show")
+def show_command(
+    run: Path = typer.Argument(..., help="A run with grounded predictions (--boxes). Example: runs/gmner-vcrmner"),
+    post: str = typer.Option(..., help="Post id (test-12) or image id (71044). Example: --post test-12"),
+    split: str | None = typer.Option(None, help="test | dev (default: test, then dev). Example: --split dev"),
+    images: Path | None = typer.Option(None, help="Folder of <image id>.jpg (default: the one the cache was "
+                                       "extracted from). Example: --images data/twitter-gmner/images"),
+    out: Path | None = typer.Option(None, help="PNG to write (default RUN/figures/<post id>.png). "
+                                    "Example: --out post.png"),
+) -> None:
+    """GMNER: draw one post's picture with its gold (green) and predicted (orange) regions, labelled."""
+    from mner.trainer.gmner.figures import show_post
+
+    path, note = show_post(run, post, split=split, images=images, out=out)
+    if note:
+        print(f"mner-train show: {note}", file=sys.stderr)
+    print(path)
 
 
 def main(argv: list[str] | None = None) -> int:

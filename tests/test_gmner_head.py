@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_models import LABELS, POSTS, text_batch, tiny_feature_spec, tiny_visual
+from helpers.models import LABELS, POSTS, text_batch, tiny_feature_spec, tiny_visual
 
 from mner.trainer.gmner.config import GroundingConfig
 from mner.trainer.gmner.head import GroundedModel, grounding_loss

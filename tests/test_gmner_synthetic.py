@@ -2,7 +2,7 @@
 
 Every post mentions one person by a name that says nothing about the picture; each picture holds three
 drawn rectangles and the person is the red one (a quarter of the pictures have none: no box). Stage 1
-runs for real (``mner-features extract`` with the ``blobs-test`` detector of tests/gmner_synthetic.py and
+runs for real (``mner-features extract`` with the ``blobs-test`` detector of tests/helpers/gmner.py and
 the tiny CLIP), then ``mner-train --boxes``. Text alone cannot pick the region: a tagger without the
 grounding head predicts every entity without a box and gets only the unboxed quarter right; with the
 head, the cached crop embeddings decide. Also checks the reader's counts against the generator's truth,
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gmner_synthetic import register_blob_detector, write_gmner_dataset
+from helpers.gmner import register_blob_detector, write_gmner_dataset
 
 POSTS = {"train": 48, "dev": 16, "test": 32}
 COMMON = ["--epochs", "6", "--batch-size", "8", "--encoder-lr", "1e-3", "--head-lr", "3e-3", "--crf-lr", "5e-2",

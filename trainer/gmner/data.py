@@ -230,8 +230,8 @@ def predict_grounded(model, dataset: GroundedPostDataset, collator, *, labels: l
 
     from tqdm.auto import tqdm
 
+    from mner.pipeline.tags import extract_entities
     from mner.trainer.core.train import make_loader, to_device
-    from mner.trainer.evaluation.evaluate import extract_entities
 
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mner.pipeline.data import Post
 from mner.pipeline.gmner import Box, BoxProblem, ImageBoxes, read_box_dir
-from mner.trainer.evaluation.evaluate import extract_entities
+from mner.pipeline.tags import extract_entities
 
 MAX_LISTED = 20  # unmatched names and problems listed per split in the report (all are counted)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.trainer.evaluation.evaluate import extract_entities
+from mner.pipeline.tags import extract_entities
 from mner.trainer.gmner.candidates import GEOMETRY_WIDTH
 from mner.trainer.models import default_parameter_groups
 from mner.trainer.models.layers import init_linear

@@ -63,9 +63,9 @@ def passes(iou: np.ndarray | float, threshold: float, compare: str) -> np.ndarra
 class CandidateSource:
     """Reads candidates from a feature cache: one detector instance and (optionally) one feature dataset."""
 
-    def __init__(self, cache, *, instance: str = "objects", features: str = "auto", max_candidates: int = 0):
+    def __init__(self, cache, *, instance: str = "auto", features: str = "auto", max_candidates: int = 0):
         self.cache = cache
-        self.instance = instance
+        self.instance = instance = self._instance(instance)
         self.paths = objects_paths(instance)
         self.max_candidates = max_candidates
         self.warnings: list[str] = []
@@ -78,6 +78,24 @@ class CandidateSource:
         self.status = np.asarray(cache.status)
         self.widths = np.asarray(cache.read_global("images/width")) if cache.has("images/width") else None
         self.heights = np.asarray(cache.read_global("images/height")) if cache.has("images/height") else None
+
+    def _instance(self, instance: str) -> str:
+        """``auto``: the cache's one detector instance (a group with boxes and offsets under ``objects``)."""
+        found = sorted(g for g in self.cache.groups() if g.split("/")[0] == "objects"
+                       and all(self.cache.has(p) for p in objects_paths(g).values()))
+        if instance != "auto":
+            if found and instance.strip("/") not in found:
+                from mner.trainer.core.config import ConfigError
+
+                raise ConfigError(f"--set gmner_objects={instance}: {self.cache.path} has no such detector instance; "
+                                  f"valid values: auto, {', '.join(found)}")
+            return instance.strip("/")
+        if len(found) > 1:
+            from mner.trainer.core.config import ConfigError
+
+            raise ConfigError(f"{self.cache.path} holds several detector instances ({', '.join(found)}): choose the "
+                              f"candidates with --set gmner_objects={found[0]}")
+        return found[0] if found else "objects"
 
     def _feature_path(self, features: str) -> str | None:
         if features == "none":

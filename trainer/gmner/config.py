@@ -21,7 +21,7 @@ class GroundingConfig:
     gmner_iou: float = 0.5  # IoU a candidate / predicted box needs with a gold box (targets, coverage, metrics)
     gmner_iou_compare: str = ">="  # ">=" or ">" (H-Index's soft targets keep IoU > 0.5)
     gmner_uncovered: str = "hindex"  # hindex: boxed entities no candidate reaches cannot be right | mqspn: None is
-    gmner_objects: str = "objects"  # cache group of the detector instance whose objects are the candidates
+    gmner_objects: str = "auto"  # detector instance whose objects are the candidates: auto (the only one) | group
     gmner_features: str = "auto"  # per-object features: auto (first encoder's crop_embed/crop_pooled) | none | path
     gmner_max_candidates: int = 0  # keep each image's first k objects by score (0: all cached)
     gmner_dim: int = 128  # width of the grounding head

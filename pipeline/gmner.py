@@ -41,12 +41,12 @@ class ImageBoxes:
     image_id: str
     path: str
     size: tuple[int, int] | None  # (width, height) from <size>; None when absent, zero or unreadable
-    objects: list[tuple[str, Box]] = field(default_factory=list)  # (name with single spaces, box)
+    objects: list[tuple[str, Box]] = field(default_factory=list)  # (<name> text exactly as written, box)
     problems: list[BoxProblem] = field(default_factory=list)
 
 
 def normalise_name(name: str) -> str:
-    """``<name>`` text as the entity's tokens joined by single spaces (stray spaces and newlines removed)."""
+    """Whitespace collapsed to single spaces: only used to explain an unmatched name (matching is exact)."""
     return " ".join(name.split())
 
 
@@ -83,8 +83,8 @@ def read_box_xml(path: str | Path, image_id: str | None = None) -> ImageBoxes:
             result.size = (round(width), round(height))
     for number, obj in enumerate(root.findall("object"), start=1):  # direct children, as VOC
         name_element = obj.find("name")
-        name = normalise_name(name_element.text or "") if name_element is not None else ""
-        if not name:
+        name = (name_element.text or "") if name_element is not None else ""
+        if not name.strip():
             result.problems.append(BoxProblem(str(path), f"object {number} <name>", "missing or empty"))
             continue
         box_element = obj.find("bndbox")

@@ -261,7 +261,7 @@ def evaluate_run(
 
         predictions, gmner_result, grounded_stem = evaluate_grounded(
             run_dir, run_config, model, post_set, collator, split=split, posts=posts, boxes=boxes,
-            cache_path=cache_path or features, gmner_sets=gmner_sets or {}, device=torch_device)
+            cache_path=cache_path, features=features, gmner_sets=gmner_sets or {}, device=torch_device)
         stem += grounded_stem
     scores = entity_scores([list(p.tags) for p in posts], predictions)
     if gmner_result is not None:

@@ -326,7 +326,7 @@ def format_grounded(scores: dict, title: str) -> str:
 
 
 def evaluate_grounded(run_dir, run_config: dict, model, post_set, collator, *, split: str, posts: Sequence[Post],
-                      boxes, cache_path, gmner_sets: dict, device) -> tuple[list[list[str]], dict, str]:
+                      boxes, cache_path, gmner_sets: dict, device, features=None) -> tuple[list[list[str]], dict, str]:
     """``mner-train evaluate --boxes``: tags, the GMNER result and the file-name suffix of its settings.
     A run trained without the head is scored with every entity predicted without a region."""
     import dataclasses
@@ -342,7 +342,7 @@ def evaluate_grounded(run_dir, run_config: dict, model, post_set, collator, *, s
     except TypeError as err:
         raise ConfigError(f"GMNER option: {err}") from None
     config.check()
-    path = cache_path or (run_config.get("features") or {}).get("path")
+    path = cache_path or features or (run_config.get("features") or {}).get("path")
     cache = FeatureCache(path) if path and Path(path).exists() else None
     if trained and cache is None:
         raise ConfigError(f"{run_dir} grounds entities in the candidates of a feature cache: pass --features CACHE.h5")
@@ -358,5 +358,9 @@ def evaluate_grounded(run_dir, run_config: dict, model, post_set, collator, *, s
     _log(format_grounded(grounded, f"{split} GMNER ({'grounding head' if trained else 'no grounding head: None'})"))
     compare = "ge" if config.gmner_iou_compare == ">=" else "gt"
     suffix = f"-gmner-{config.gmner_uncovered}-iou{compare}{config.gmner_iou:g}"
+    if cache is not None and cache_path is None:  # a text-only tagger: name the candidates' cache in the file
+        from mner.trainer.core.run_record import short_fingerprint
+
+        suffix = f"-cache{short_fingerprint(cache.fingerprint)}{suffix}"
     return tags, {"scores": split_metrics(grounded), "record": task.record(),
                   "write": lambda stem: write_grounded(stem, posts, dataset.prepared, regions)}, suffix

@@ -7,7 +7,7 @@ import numpy as np
 
 from mner.pipeline.data import load_dataset
 from mner.pipeline.gmner import read_box_xml
-from mner.trainer.gmner.candidates import entity_targets, scale_boxes
+from mner.trainer.gmner.candidates import entity_targets, scale_boxes, size_relation
 from mner.trainer.gmner.gold import read_gold
 
 TRAIN = """IMGID:71044
@@ -103,6 +103,10 @@ def test_boxes_are_scaled_to_the_cached_size_and_targets_follow_iou():
     assert changed and scaled.tolist() == [[50, 25, 100, 75]]
     same, changed = scale_boxes([(1, 2, 3, 4)], (500, 250), (500, 250))
     assert not changed and same.tolist() == [[1, 2, 3, 4]]
+    # an EXIF-rotated picture: the XML gives the size transposed; the boxes are kept and the image reported
+    assert size_relation((250, 500), (500, 250)) == "transposed"
+    kept, changed = scale_boxes([(1, 2, 3, 4)], (250, 500), (500, 250))
+    assert not changed and kept.tolist() == [[1, 2, 3, 4]]
     candidates = np.array([[50, 25, 100, 75], [50, 25, 100, 125], [0, 0, 10, 10]], float)  # IoU 1, 0.5, 0
     index, covered = entity_targets(scaled, candidates, style="index", threshold=0.5, compare=">=")
     assert covered and index.tolist() == [0, 1, 1, 0]

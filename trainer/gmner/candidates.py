@@ -5,7 +5,10 @@ and :func:`objects_paths`: the boxes, scores and one per-object feature dataset 
 Objects of an image whose status is not ``ok`` are never candidates (a placeholder's detections are
 boxes on a gray stand-in picture, not on the post's image), and an image absent from the cache has
 none. Gold boxes are compared with candidates in the cached image's pixels: where the XML's
-``<size>`` differs from the cached width/height, the gold boxes are scaled (and the image counted).
+``<size>`` differs from the cached width/height, the gold boxes are scaled (and the image counted);
+where it is the cached size transposed (a picture whose EXIF orientation stage 1 applied but the
+annotation tool did not), the boxes cannot be mapped without the orientation: they are kept as
+written and the image is counted apart (``transposed_images``) and warned about.
 """
 
 from __future__ import annotations
@@ -153,11 +156,21 @@ class CandidateSource:
         return Candidates(boxes, scores, features, empty.size)
 
 
+def size_relation(xml_size: tuple[int, int] | None, image_size: tuple[int, int] | None) -> str:
+    """``same`` (or unknown), ``transposed`` (width and height swapped) or ``scaled``."""
+    if xml_size is None or image_size is None or tuple(xml_size) == tuple(image_size):
+        return "same"
+    if tuple(xml_size) == (image_size[1], image_size[0]):
+        return "transposed"
+    return "scaled"
+
+
 def scale_boxes(boxes: list[Box], xml_size: tuple[int, int] | None, image_size: tuple[int, int] | None
                 ) -> tuple[np.ndarray, bool]:
-    """Gold boxes in the cached image's pixels; True when they had to be scaled."""
+    """Gold boxes in the cached image's pixels; True when they had to be scaled (a transposed size is
+    left as written, see the module docstring)."""
     array = np.asarray(boxes, np.float64).reshape(-1, 4)
-    if xml_size is None or image_size is None or tuple(xml_size) == tuple(image_size):
+    if size_relation(xml_size, image_size) != "scaled":
         return array, False
     sx, sy = image_size[0] / xml_size[0], image_size[1] / xml_size[1]
     return array * np.array([sx, sy, sx, sy]), True

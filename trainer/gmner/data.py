@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from mner.pipeline.data import Post
-from mner.trainer.gmner.candidates import CandidateSource, entity_targets, geometry, scale_boxes
+from mner.trainer.gmner.candidates import CandidateSource, entity_targets, geometry, scale_boxes, size_relation
 from mner.trainer.gmner.config import GroundingConfig
 from mner.trainer.gmner.gold import BoxReport, PostGold, gold_entities, read_gold
 from mner.trainer.gmner.metrics import GoldRegion, PredRegion, gmner_scores
@@ -31,7 +31,7 @@ class PostGrounding:
     size: tuple[int, int] | None  # cached image (width, height)
     gold: list[GoldRegion]  # every gold entity, boxes scaled to the cached image
     targets: np.ndarray  # (E, 1+k) training target of every gold entity
-    scaled: bool  # the XML's <size> differed from the cached image's
+    xml_size: str  # the XML's <size> against the cached image's: same | scaled | transposed
 
 
 def prepare_posts(posts: Sequence[Post], golds: Sequence[PostGold], source: CandidateSource | None,
@@ -43,17 +43,16 @@ def prepare_posts(posts: Sequence[Post], golds: Sequence[PostGold], source: Cand
             boxes, scores, size = candidates.boxes, candidates.scores, candidates.size
         else:
             boxes, scores, size = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), None
-        regions, targets, scaled = [], [], False
+        regions, targets = [], []
         for entity in gold.entities:
-            gold_boxes, was_scaled = scale_boxes(entity.boxes, gold.xml_size, size)
-            scaled |= was_scaled
+            gold_boxes, _ = scale_boxes(entity.boxes, gold.xml_size, size)
             target, covered = entity_targets(gold_boxes, boxes, style=config.gmner_targets,
                                              threshold=config.gmner_iou, compare=config.gmner_iou_compare)
             regions.append(GoldRegion(entity.start, entity.end, entity.type, gold_boxes, covered))
             targets.append(target)
         prepared.append(PostGrounding(post.image_id, boxes, scores, size, regions,
                                       np.stack(targets) if targets else np.zeros((0, 1 + len(boxes)), np.float32),
-                                      scaled))
+                                      size_relation(gold.xml_size, size)))
     return prepared
 
 
@@ -148,6 +147,7 @@ class GmnerTask:
         self.warnings = list(self.source.warnings) if self.source is not None else [
             "no feature cache: no post has a candidate region, every boxed entity is uncovered"]
         self.scaled: dict[str, int] = {}
+        self.transposed: dict[str, int] = {}
         for split, report in self.reports.items():
             _log(f"--boxes {report.message(split)}")
             if report.problems:
@@ -164,7 +164,14 @@ class GmnerTask:
         golds = [self.golds[split][index[id(post)]] if id(post) in index else
                  PostGold(gold_entities(post), None, False) for post in posts]
         prepared = prepare_posts(posts, golds, self.source, self.config)
-        self.scaled[split] = sum(p.scaled for p in prepared)
+        self.scaled[split] = sum(p.xml_size == "scaled" for p in prepared)
+        self.transposed[split] = sum(p.xml_size == "transposed" for p in prepared)
+        if self.transposed[split]:
+            message = (f"{split}: {self.transposed[split]} XML files give the cached picture's size transposed "
+                       "(EXIF orientation applied in stage 1, not by the annotation tool?): their boxes are used "
+                       "as written and may be misplaced")
+            self.warnings.append(message)
+            _log(f"WARNING {message}")
         return prepared
 
     def wrap_dataset(self, split: str, dataset) -> GroundedPostDataset:
@@ -211,7 +218,8 @@ class GmnerTask:
             "candidates": None if self.source is None else {
                 "objects": self.source.instance, "features": self.source.feature_path,
                 "max_candidates": self.config.gmner_max_candidates},
-            "reader": {split: {**report.as_dict(), "scaled_images": self.scaled.get(split)}
+            "reader": {split: {**report.as_dict(), "scaled_images": self.scaled.get(split),
+                               "transposed_images": self.transposed.get(split)}
                        for split, report in self.reports.items()},
             "warnings": self.warnings,
         }

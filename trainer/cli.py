@@ -18,6 +18,8 @@ app = typer.Typer(
     ),
 )
 SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report", "show")
+# recent typer releases parse with their own copy of click, whose usage errors derive from typer.TyperException
+USAGE_ERROR = getattr(typer, "TyperException", click.exceptions.ClickException)
 
 
 @app.command("train")
@@ -218,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ["train", *args]
     try:
         result = app(args=args, prog_name="mner-train", standalone_mode=False)
-    except click.exceptions.ClickException as err:
+    except (click.exceptions.ClickException, USAGE_ERROR) as err:  # a wrong flag: usage, valid values, exit 2
         err.show()
         return err.exit_code
-    except click.exceptions.Abort:  # click turns Ctrl-C outside training into Abort
+    except (click.exceptions.Abort, typer.Abort):  # click turns Ctrl-C outside training into Abort
         print("mner-train: interrupted", file=sys.stderr)
         return 130
     except RunInterrupted as err:

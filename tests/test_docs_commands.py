@@ -398,3 +398,45 @@ def test_files_and_modules_the_docs_name_exist():
     assert len(paths) > 20 and modules  # the patterns find what the docs name
     assert sorted(p for p in paths if not (ROOT / p).exists()) == []
     assert sorted(m for m in modules if importlib.util.find_spec(m) is None) == []
+
+
+def script_options(script: Path) -> set[str] | None:
+    """The ``--options`` a script's argparse parser declares (None: the script declares none)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            found |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value)[:2] == "--"}
+    return found or None
+
+
+def script_commands() -> list[tuple[str, Path, list[str]]]:
+    """``python bench/x.py --flag ...`` lines of the docs' shell blocks: (where, script, its words)."""
+    found = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for block in FENCE.finditer(text):
+            if block.group(1).strip() not in SHELL_FENCES:
+                continue
+            words = shell_words(block.group(2))
+            for i, word in enumerate(words[:-1]):
+                if word == "python" and re.fullmatch(r"(bench|sample)/\w+\.py", words[i + 1]):
+                    end = next((j for j in range(i + 2, len(words)) if words[j] in ENDS), len(words))
+                    found.append((f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, block.start(2)) + 1}",
+                                  ROOT / words[i + 1], words[i + 2:end]))
+    return found
+
+
+def test_documented_bench_and_sample_scripts_take_the_flags_given():
+    commands = script_commands()
+    assert len(commands) >= 10  # the docs run the bench scripts with flags
+    assert {"--images", "--chunk-size"} <= script_options(ROOT / "bench" / "bench_extract.py")
+    problems = []
+    for where, script, words in commands:
+        declared = script_options(script)
+        unknown = [w.split("=")[0] for w in words if w.startswith("--") and declared is not None
+                   and w.split("=")[0] not in declared | {"--help"}]
+        if unknown:
+            problems.append(f"{where}: {script.relative_to(ROOT)} has no {', '.join(unknown)}")
+    assert not problems, "\n".join(problems)

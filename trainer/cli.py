@@ -132,12 +132,16 @@ def predict_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Tag even when posts' images are absent from the cache."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out written by mner-train predict (never another file, "
+        "never an input)."),
 ) -> None:
     """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
     <out>.json beside the output names the cache used and any warning about it."""
     from mner.trainer.evaluation.evaluate import predict_run
 
-    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images)
+    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images,
+                overwrite=overwrite)
 
 
 @app.command("sweep")
@@ -179,11 +183,13 @@ def report_command(
     min_coverage: float = typer.Option(0.9, help="Flag runs whose test posts have an image feature row for "
                                        "less than this share. Example: --min-coverage 0.95"),
     bootstrap: int = typer.Option(1000, help="Bootstrap samples of the significance test. Example: --bootstrap 5000"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report in --out (only a folder an earlier "
+                                   "`mner-train report` wrote)."),
 ) -> None:
     """Collect finished runs into results.{csv,parquet,md} (mean +/- std beside the papers) and PNG plots."""
     from mner.trainer.experiments.report import report
 
-    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
+    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap, overwrite=overwrite)
 
 
 @app.command("show")
@@ -210,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     from mner.pipeline.cache import CacheError
     from mner.pipeline.data import DataFormatError
     from mner.pipeline.devices import DeviceError
+    from mner.pipeline.outputs import OutputError, describe_os_error
     from mner.trainer.core.config import ConfigError
     from mner.trainer.core.run_folder import RunFolderError
-    from mner.trainer.core.train import RunInterrupted
+    from mner.trainer.core.train import RunInterrupted, TrainingDiverged
     from mner.trainer.inputs.text_encoder import TextEncoderError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -232,9 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mner-train: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CacheError, DataFormatError, DeviceError, TextEncoderError, RunFolderError,
+    except TrainingDiverged as err:
+        print(f"mner-train: error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, CacheError, DataFormatError, DeviceError, TextEncoderError, RunFolderError, OutputError,
             FileExistsError, FileNotFoundError) as err:
         print(f"mner-train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only file system, a name too long: one line, not a traceback
+        print(f"mner-train: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown model name: the registry's message lists the valid ones
         print(f"mner-train: error: {err.args[0]}", file=sys.stderr)

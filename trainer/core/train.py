@@ -7,7 +7,6 @@ once on the longest post of every split, all before the run folder is created (s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from mner.pipeline.data import Dataset, Post, load_dataset
 from mner.pipeline.devices import resolve_device
 from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
-from mner.trainer.core.engine import Engine, check_device_and_precision
+from mner.trainer.core.engine import Engine, NonFiniteLoss, check_device_and_precision
 from mner.trainer.core.labels import (
     build_labels,
     check_case_conflicts,
@@ -40,16 +39,23 @@ from mner.trainer.core.labels import (
 )
 from mner.trainer.core.run_folder import (
     STATE_FILE,
+    RunFolderError,
     check_out,
+    checkpoint_candidates,
+    checkpoint_files,
+    checkpoint_problem,
     checkpoint_staging,
     commit_checkpoint,
     invocation_record,
     latest_checkpoint,
     link_or_copy,
     options_for_resume,
+    read_run_config,
     remove_checkpoints,
     require_finished,
     resume_differences,
+    sha256_file,
+    verify_weights,
     write_json_atomic,
     write_marker,
 )
@@ -85,6 +91,13 @@ def log(message: str) -> None:
 def warn_loudly(message: str) -> None:
     bar = "!" * 78
     log(f"{bar}\nWARNING: {message}\n{bar}")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Process ``rank``'s seed after the model is built: rank 0 keeps ``seed`` (a one-process run is
+    unchanged), the others differ, so data-parallel processes do not share dropout masks (the same
+    masks on every process would shrink the noise the gradient average sees)."""
+    return seed if rank == 0 else (seed * 1000003 + rank) % 2**31
 
 
 def seed_everything(seed: int) -> None:
@@ -151,6 +164,17 @@ class VisualInputs:
 
             raise MissingFeaturesError(missing_features_message(model_name, self.cache, missing, stage1_settings or []))
         self.required = list(required)
+        # the groups read (and their ragged indexes), checked against their checksums: whole when small,
+        # by a sample of blocks when large; recorded in the run (pipeline/cache/integrity.py)
+        from mner.pipeline.cache.integrity import check_groups_at_startup
+
+        groups = {"images"}
+        for path in required:
+            groups.add(path.rsplit("/", 1)[0])
+            index = self.cache.index_of(path)
+            if index:
+                groups.add(index.rsplit("/", 1)[0])
+        self.integrity = check_groups_at_startup(self.path, sorted(groups))
         self.spec = self.cache.feature_spec(required)
         # read and pad only the objects the model attends to (its top-m), not every cached detection
         self.batcher = VisualBatcher(
@@ -217,33 +241,39 @@ def make_post_dataset(posts, tokenizer, *, label_to_id, max_length, visual, spli
 
 
 def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, group_by_length: bool = False) -> DataLoader:
+                seed: int = 0, group_by_length: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Training loaders draw batches from a sampler whose order depends only on (seed, epoch), so a
-    resumed run replays exactly the batches an uninterrupted one would have seen."""
+    resumed run replays exactly the batches an uninterrupted one would have seen; with several
+    processes each loader holds its ``rank``'s share (every post once per epoch over all processes)."""
     if shuffle:
         lengths = [len(a.input_ids) for a in dataset.aligned]
         sampler_cls = LengthGroupedBatchSampler if group_by_length else ShuffledBatchSampler
-        return DataLoader(dataset, batch_sampler=sampler_cls(lengths, batch_size, seed=seed),
-                          collate_fn=collator, num_workers=num_workers)
+        sampler = sampler_cls(lengths, batch_size, seed=seed, rank=rank, world_size=world_size)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- prediction
 
 
+# Decoding runs in full precision everywhere: dev F1 during training, the final dev/test scores, `evaluate`
+# and `predict`. Under bf16/fp16 autocast the emissions into the CRF would be low-precision Linear outputs
+# whose Viterbi can tie differently, so `evaluate` would disagree with metrics.json on a GPU.
+DECODE_PRECISION = "fp32"
+
+
 @torch.no_grad()
 def predict_tags(model, dataset: PostDataset, collator: Collator, *, labels: list[str], device: torch.device,
-                 batch_size: int, num_workers: int = 0, desc: str = "decode", autocast=None) -> list[list[str]]:
+                 batch_size: int, num_workers: int = 0, desc: str = "decode") -> list[list[str]]:
     """One tag per word of every post; words the model cannot see (word_mask False) are ``O``.
-    ``autocast`` is the training precision's context factory (None: full precision)."""
+    Always in full precision (``DECODE_PRECISION``), whatever the training precision."""
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     predictions: list[list[str]] = []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     for batch in bar:
         word_mask = batch["word_mask"]
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            paths = model.decode(to_device(batch, device))
+        paths = model.decode(to_device(batch, device))
         for row, path in enumerate(paths):
             n_words = len(dataset.posts[len(predictions)].tokens)
             kept = word_mask[row, :n_words].tolist()
@@ -274,6 +304,14 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
 # ----------------------------------------------------------------------------- checks before epoch 1
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator ``fork_rng`` must save and restore for work on ``device``:
+    ``devices=[]`` forks the CPU generator only, and dropout on a GPU draws from that GPU's."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def longest_post(dataset: PostDataset) -> int:
     return max(range(len(dataset)), key=lambda i: (len(dataset.aligned[i].input_ids), len(dataset.posts[i].tokens)))
 
@@ -282,7 +320,7 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
                         device: torch.device, autocast) -> None:
     """One forward in train mode and one decode in eval mode on the longest post of every split, so a
     shape problem surfaces in seconds instead of after the last epoch. Random state is left untouched."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=rng_devices(device)), torch.no_grad():
         for split, dataset in datasets.items():
             index = longest_post(dataset)
             post = dataset.posts[index]
@@ -290,12 +328,12 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
             item["labels"] = [label_to_id.get(tag, 0) for tag in post.tags] if post.tags is not None else None
             batch = to_device(collator([item]), device)
             try:
-                with autocast():
-                    net.train()
-                    if item["labels"] is not None:
+                net.train()
+                if item["labels"] is not None:
+                    with autocast():  # the training step's precision
                         net(batch)
-                    net.eval()
-                    (path,) = net.decode(batch)
+                net.eval()
+                (path,) = net.decode(batch)  # decoding's (full) precision
             except (RuntimeError, ValueError, IndexError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ConfigError(
@@ -314,6 +352,10 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
 
 class RunInterrupted(Exception):
     """Ctrl-C during training; the message says how to resume."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN/Inf: the run stops (it never finishes "successfully" on NaN weights)."""
 
 
 @dataclasses.dataclass
@@ -382,7 +424,26 @@ class Training:
     sampler: Any  # the loader's batch sampler: its order depends only on (seed, epoch)
 
 
-def train(
+def train(*, out: str | Path, **options) -> Path:
+    """Train one model and return its finished run directory (see :func:`train_locked` for the options).
+
+    One writer per run folder: the first process holds ``<out>.lock`` (host, pid, start time,
+    heartbeat; a dead holder's lock is taken over) for the whole run, so a second trainer on the same
+    ``--out`` is refused with the holder's name instead of both writing into one folder."""
+    from mner.pipeline.cache.lock import CacheLock
+
+    out = Path(out)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: process 0 holds the lock for all of them
+        return train_locked(out=out, **options)
+    if not out.parent.is_dir():
+        from mner.pipeline.outputs import check_writable_folder
+
+        check_writable_folder(out.parent, create=True)
+    with CacheLock(out, what="run folder"):
+        return train_locked(out=out, **options)
+
+
+def train_locked(
     *,
     out: str | Path,
     model: str | None = None,
@@ -397,7 +458,7 @@ def train(
     resume: bool = False,
     boxes: str | Path | None = None,
 ) -> Path:
-    """Train one model and return its finished run directory.
+    """Train one model and return its finished run directory (the caller holds the run folder's lock).
 
     ``flags`` holds explicit command-line values for TrainConfig fields (None = not given); they
     override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
@@ -495,6 +556,7 @@ def open_feature_cache(request: RunRequest, data: RunData) -> tuple[VisualInputs
         cache = visual.cache if visual is not None else FeatureCache(features)
         cache_info = cache_record(cache, {s: p for s, p in data.dataset.splits.items() if s in SPLITS})
         cache_info["required"] = visual.required if visual is not None else []
+        cache_info["integrity"] = visual.integrity if visual is not None else {}
         cache_info["provenance"] = cache_summary(cache)
         cache_info["stage1_mismatches"] = stage1_mismatches
         if visual is not None:
@@ -586,10 +648,13 @@ def build_training(request: RunRequest, data: RunData, inputs: RunInputs) -> Tra
     engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
     net = build_checked_model(request, data, inputs, engine)
     train_loader = make_loader(inputs.train_set, inputs.collator, batch_size=config.batch_size, shuffle=True,
-                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
+                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length,
+                               rank=engine.rank, world_size=engine.world_size)
     sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
     net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
+    if engine.rank > 0:  # DDP made the weights rank 0's; each process now draws its own dropout masks
+        seed_everything(rank_seed(config.seed, engine.rank))
     scheduler = build_schedule(optimizer, engine.optimizer_steps_per_epoch(train_loader) * config.epochs, config)
     return Training(engine=engine, net=net, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                     sampler=sampler)
@@ -620,16 +685,17 @@ def open_run_folder(request: RunRequest, training: Training, run_config: dict, t
         if differ:
             raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(differ)}; resume with "
                               "the run's own options (`mner-train --out RUN --resume` is enough) or start a new run")
-        checkpoint = latest_checkpoint(out)
+        checkpoint, damaged = load_good_checkpoint(engine, out, training.net, training.optimizer, training.scheduler)
         if checkpoint is None:
             log(f"{out}: no epoch had finished; starting it from epoch 1")
         else:
-            engine.load_checkpoint(checkpoint, training.net, training.optimizer, training.scheduler)
-            state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
+            saved = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+            state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
             engine.global_step = state.epoch * len(training.train_loader)
             log(f"resuming {out} after epoch {state.epoch} of {config.epochs} (best dev F1 "
                 f"{100 * state.best_f1:.2f} at epoch {state.best_epoch})")
-        state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              **({"damaged_checkpoints": damaged} if damaged else {})})
     elif engine.is_main:
         if out.exists():
             shutil.rmtree(out)  # check_out allowed it: --overwrite of a marked mner run
@@ -652,27 +718,28 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
                    training.sampler, config=request.config, out=out, eval_set=inputs.eval_sets["dev"],
                    collator=inputs.collator, labels=data.labels,
                    dev_score=inputs.gmner.dev_score(inputs.eval_sets["dev"], inputs.collator, labels=data.labels,
-                                                    device=engine.device, config=request.config,
-                                                    autocast=engine.autocast) if inputs.gmner else None)
+                                                    device=engine.device, config=request.config)
+                   if inputs.gmner else None)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
         raise RunInterrupted(
             f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
             f"mner-train --out {out} --resume"
         ) from None
+    except NonFiniteLoss as err:
+        engine.writer.wait()
+        raise TrainingDiverged(describe_divergence(err, inputs.train_set, state, out)) from None
 
 
 def finish(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState, *,
            started: float) -> None:
     """The best epoch's weights scored on dev and test; predictions, metrics.json and model.safetensors
     written, the checkpoints removed and the run marked finished."""
-    from safetensors.torch import load_file
-
     out, engine, config, net = request.out, training.engine, request.config, training.net
     engine.writer.wait()
     engine.wait()
     final = latest_checkpoint(out)
-    engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
+    engine.load_weights(net, final / "best_model.safetensors")
     engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
         "model": request.model, "preset": request.invocation["preset"], "best_epoch": state.best_epoch,
@@ -686,11 +753,11 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
 
             pred, regions = predict_grounded(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels,
                                              device=engine.device, batch_size=config.eval_batch_size,
-                                             num_workers=config.num_workers, desc=split, autocast=engine.autocast)
+                                             num_workers=config.num_workers, desc=split)
         else:
             pred = predict_tags(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels,
                                 device=engine.device, batch_size=config.eval_batch_size,
-                                num_workers=config.num_workers, desc=split, autocast=engine.autocast)
+                                num_workers=config.num_workers, desc=split)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
         if engine.is_main:
@@ -721,9 +788,12 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
     if engine.is_main:
         os.replace(final / "best_model.safetensors", out / "model.safetensors")
         os.chmod(out / "model.safetensors", 0o644)
+        weights_sha256 = sha256_file(out / "model.safetensors")  # evaluate / predict verify it
+        metrics["run"]["weights_sha256"] = weights_sha256
         write_json_atomic(out / "metrics.json", metrics)
         remove_checkpoints(out)
-        write_marker(out, status="finished", epochs=config.epochs, epochs_done=state.epoch)
+        write_marker(out, status="finished", epochs=config.epochs, epochs_done=state.epoch,
+                     weights_sha256=weights_sha256)
         log(f"run written to {out}")
     engine.wait()
     engine.end()
@@ -734,7 +804,9 @@ def process_record(request: RunRequest, training: Training, cache_info: dict | N
     config, engine = request.config, training.engine
     return {
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
-        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "precision": engine.precision, "decode_precision": DECODE_PRECISION, "world_size": engine.world_size,
+        "grad_accum": config.grad_accum,
+        "rank_seeds": [rank_seed(config.seed, rank) for rank in range(engine.world_size)],
         "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(training.train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
@@ -751,9 +823,48 @@ def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epo
     best = staging / "best_model.safetensors"
     link_or_copy(staging / "model.safetensors" if improved or previous is None
                  else previous / "best_model.safetensors", best)
+    state = {**state, "files": checkpoint_files(staging)}  # verified on --resume (a damaged one is skipped)
     write_json_atomic(staging / STATE_FILE, state)
     commit_checkpoint(out)
     write_marker(out, status="unfinished", epochs=epochs, epochs_done=state["epoch"])
+
+
+def load_good_checkpoint(engine: Engine, out: Path, net, optimizer, scheduler) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match their recorded hashes and load; a damaged newest one
+    falls back to the previous epoch's (``checkpoint.old``). Returns it (None: no epoch had finished)
+    and what was wrong with the ones skipped (warned about and recorded in the run)."""
+    candidates = checkpoint_candidates(out)
+    damaged: list[str] = []
+    for checkpoint in candidates:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            try:
+                engine.load_checkpoint(checkpoint, net, optimizer, scheduler)
+            except ConfigError:
+                raise
+            except Exception as err:  # a truncated safetensors / pickle: try the previous epoch's
+                problem = f"{checkpoint} does not load ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+        if problem is None:
+            if damaged:
+                warn_loudly(f"{'; '.join(damaged)}: resuming from the previous good checkpoint {checkpoint}")
+            return checkpoint, damaged
+        damaged.append(problem)
+    if damaged:
+        raise RunFolderError(f"no intact checkpoint in {out} ({'; '.join(damaged)}); start the run again with "
+                             "--overwrite")
+    return None, damaged
+
+
+def describe_divergence(err: NonFiniteLoss, train_set: PostDataset, state: TrainerState, out: Path) -> str:
+    """One message: the step, the batch's posts (and those with non-finite features), the likely cause."""
+    posts = [train_set.posts[i] for i in err.post_indices if 0 <= i < len(train_set.posts)]
+    shown = ", ".join(f"{p.post_id} ({p.source})" for p in posts[:8]) + (" ..." if len(posts) > 8 else "")
+    bad = [posts[row] for row in err.bad_rows if row < len(posts)]
+    images = ("; posts whose cached features are not finite: "
+              + ", ".join(f"{p.post_id} (image {p.image_id})" for p in bad[:8])) if bad else ""
+    return (f"training stopped: the loss is {err.loss} at step {err.step} (epoch {state.epoch + 1}); batch posts "
+            f"{shown}{images}. Likely cause: {err.cause}. {out} keeps {state.epoch} finished epoch(s) and is not "
+            "a finished run")
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
@@ -773,12 +884,16 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
                                   desc=f"epoch {epoch}")
         train_seconds = time.time() - epoch_start
         if dev_score is not None:
-            dev_f1 = dev_score(engine.unwrap(net))
+            local_f1 = dev_score(engine.unwrap(net))
         else:
             dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
-                                    batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
-                                    autocast=engine.autocast)
-            dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+                                    batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
+            local_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+        dev_f1, agreement = engine.agree(net, local_f1)
+        if agreement and not agreement["replicas_agree"]:
+            warn_loudly(f"epoch {epoch}: the {engine.world_size} processes disagree (dev F1 by rank "
+                        f"{agreement['dev_f1_by_rank']}, or their weights / buffers differ); process 0's "
+                        "dev F1 decides; recorded in metrics.json history")
         improved = dev_f1 > state.best_f1
         if improved:
             state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
@@ -791,7 +906,7 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         checkpoint_start = time.time()
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
                               "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
-                              "cpu_seconds": None})
+                              "cpu_seconds": None, **agreement})
         snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
             engine.writer.submit(functools.partial(
@@ -819,7 +934,8 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
 
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    run_config = read_run_config(run_dir)
+    verify_weights(run_dir)
     model_cls = get_model_class(run_config["model"])
     model_config = model_cls.Config(**run_config["model_config"])
     use_placeholders = run_config.get("train_config", {}).get("use_placeholder_features", False)
@@ -836,5 +952,10 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
         from mner.trainer.gmner.head import rebuild_grounded
 
         net = rebuild_grounded(net, run_config)
-    load_model(net, str(run_dir / "model.safetensors"), device="cpu")
+    try:
+        load_model(net, str(run_dir / "model.safetensors"), device="cpu")
+    except Exception as err:  # a truncated or foreign file (runs from before weights_sha256 was recorded)
+        raise RunFolderError(f"{run_dir / 'model.safetensors'} does not load ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:80] if str(err) else ''}); restore it or train the run "
+                             "again") from None
     return net.to(torch_device), run_config, tokenizer, visual, torch_device

@@ -6,6 +6,7 @@ Entities are chunked by :func:`mner.pipeline.tags.extract_entities` (the rule is
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,15 +213,23 @@ def evaluate_run(
     conventions (``gmner_uncovered``, ``gmner_iou``, ``gmner_iou_compare``).
     """
     from mner.trainer.core.labels import describe_unseen, unseen_types
-    from mner.trainer.core.run_folder import require_finished
+    from mner.trainer.core.run_folder import read_run_config, require_finished
     from mner.trainer.core.run_record import short_fingerprint
-    from mner.trainer.core.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
+    from mner.trainer.core.train import (
+        DECODE_PRECISION,
+        load_posts,
+        load_run,
+        log,
+        make_post_dataset,
+        predict_tags,
+        warn_loudly,
+    )
     from mner.trainer.inputs.batching import Collator
     from mner.trainer.inputs.segments import second_segment_for
 
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    run_config = read_run_config(run_dir)
     posts_data, posts_features = data, None
     if data is None:
         source = run_config["data"]
@@ -267,7 +276,8 @@ def evaluate_run(
     if gmner_result is not None:
         scores.update(gmner_result.pop("scores"))
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
-              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings, **scores}
+              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings,
+              "decode_precision": DECODE_PRECISION, **scores}
     if gmner_result is not None:
         result["boxes"] = gmner_result["record"]  # reader counts, settings, candidates (scores are above)
         gmner_result["write"](run_dir / "eval" / stem)
@@ -286,20 +296,27 @@ def predict_run(
     features: str | Path | None = None,
     device: str = "auto",
     allow_missing_images: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Tag unlabelled posts (every split found in ``data``); ``.parquet`` out -> Parquet, else CoNLL.
-    ``<out>.json`` beside it names the run, the cache used and any warning about it."""
+    ``<out>.json`` beside it names the run, the cache used and any warning about it. An existing
+    ``out`` is replaced only with ``overwrite`` and only when its record says mner wrote it; an input
+    file is never written over (docs/reliability.md)."""
     from mner.pipeline.data import load_dataset
-    from mner.trainer.core.run_folder import require_finished
-    from mner.trainer.core.train import SPLITS, load_run, log, make_post_dataset, predict_tags
+    from mner.pipeline.outputs import PREDICTIONS_RECORD_KEY, check_output, predictions_record
+    from mner.trainer.core.run_folder import read_run_config, require_finished
+    from mner.trainer.core.train import DECODE_PRECISION, SPLITS, load_run, log, make_post_dataset, predict_tags
     from mner.trainer.inputs.batching import Collator
     from mner.trainer.inputs.segments import second_segment_for
 
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    run_config = read_run_config(run_dir)
     dataset = load_dataset(data, require_tags=False)
     posts = [post for split in SPLITS for post in dataset.splits.get(split, [])]
+    out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"
+    inputs = [data, *dataset.files.values(), *(p for p in (features,) if p is not None)]
+    check_output(out, kind="predictions", overwrite=overwrite, inputs=inputs, create_folder=True)
     cache_path, cache, warnings = choose_cache(run_dir, run_config, features=features, data=data, posts=posts,
                                                allow_missing_images=allow_missing_images)
     _announce(cache, warnings)
@@ -311,10 +328,16 @@ def predict_run(
                                                           run_config["train_config"]["max_length"]))
     predictions = predict_tags(model, post_set, collator, labels=run_config["labels"], device=torch_device,
                                batch_size=run_config["train_config"]["eval_batch_size"], desc="predict")
-    out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"
-    (write_parquet if out.suffix == ".parquet" else write_conll)(out, posts, predictions)
-    write_json(out.with_name(out.name + ".json"), {
-        "run": str(run_dir.resolve()), "data": str(Path(data).resolve()), "data_hash": dataset.data_hash,
-        "posts": len(posts), "cache": cache, "warnings": warnings})
+    # the record first: an output that exists always has the record that lets a rerun --overwrite it
+    write_json(predictions_record(out), {
+        PREDICTIONS_RECORD_KEY: 1, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
+        "data_hash": dataset.data_hash, "posts": len(posts), "cache": cache, "warnings": warnings,
+        "decode_precision": DECODE_PRECISION})
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        (write_parquet if out.suffix == ".parquet" else write_conll)(temp, posts, predictions)
+        os.replace(temp, out)
+    finally:
+        temp.unlink(missing_ok=True)
     log(f"{len(posts)} posts tagged -> {out}")
     return out

@@ -185,14 +185,14 @@ class GmnerTask:
 
         return GroundedModel(net, grounding_config=self.config, feature_width=self.feature_width, labels=labels)
 
-    def dev_score(self, dev_set: GroundedPostDataset, collator, *, labels, device, config, autocast):
+    def dev_score(self, dev_set: GroundedPostDataset, collator, *, labels, device, config):
         """The selection score of a GMNER run: dev GMNER F1 (the tagger's F1 alone would keep an epoch
         whose head has not learned yet)."""
 
         def score(model) -> float:
             _, regions = predict_grounded(model, dev_set, collator, labels=labels, device=device,
                                           batch_size=config.eval_batch_size, num_workers=config.num_workers,
-                                          autocast=autocast, desc="dev")
+                                          desc="dev")
             return score_grounded(dev_set.prepared, regions, self.config)["gmner"]["f1"]
 
         return score
@@ -230,12 +230,10 @@ class GmnerTask:
 
 @torch.no_grad()
 def predict_grounded(model, dataset: GroundedPostDataset, collator, *, labels: list[str], device, batch_size: int,
-                     num_workers: int = 0, autocast=None, desc: str = "decode"
-                     ) -> tuple[list[list[str]], list[list[PredRegion]]]:
-    """Tags per word (words the model cannot see are ``O``) and predicted entities with their region.
-    A model without a grounding head predicts every entity with no region."""
-    import contextlib
-
+                     num_workers: int = 0, desc: str = "decode") -> tuple[list[list[str]], list[list[PredRegion]]]:
+    """Tags per word (words the model cannot see are ``O``) and predicted entities with their region, in
+    full precision like the tagger's own decoding. A model without a grounding head predicts every
+    entity with no region."""
     from tqdm.auto import tqdm
 
     from mner.pipeline.tags import extract_entities
@@ -248,12 +246,11 @@ def predict_grounded(model, dataset: GroundedPostDataset, collator, *, labels: l
     grounded = hasattr(model, "decode_grounded")
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr):
         word_mask = batch["word_mask"]
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            moved = to_device(batch, device)
-            if grounded:
-                paths, entities = model.decode_grounded(moved)
-            else:
-                paths, entities = model.decode(moved), None
+        moved = to_device(batch, device)
+        if grounded:
+            paths, entities = model.decode_grounded(moved)
+        else:
+            paths, entities = model.decode(moved), None
         for row, path in enumerate(paths):
             index = len(tags_out)
             n_words = len(dataset.posts[index].tokens)

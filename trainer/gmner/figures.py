@@ -60,6 +60,9 @@ def show_post(run_dir: str | Path, post: str, *, split: str | None = None, image
     from PIL import Image, ImageDraw
 
     run_dir = Path(run_dir)
+    if out is not None and Path(out).exists():  # never replace a file mner did not write
+        raise FileExistsError(f"--out {out} exists; remove it or choose another file (the default, "
+                              f"{run_dir / 'figures'}, is replaced freely)")
     split, record, _ = find_record(run_dir, post, split)
     folder = Path(images) if images is not None else images_folder(run_dir)
     picture, note = None, None

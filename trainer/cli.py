@@ -106,17 +106,30 @@ def evaluate_command(
 def predict_command(
     run: Path = typer.Argument(..., help="A finished run directory. Example: runs/t15-crf"),
     data: Path = typer.Option(..., help="Posts to tag (tags optional). Example: --data some/posts"),
-    out: Path | None = typer.Option(None, help="Output .conll or .parquet. Example: --out tagged.conll"),
-    features: Path | None = typer.Option(None, help="Cache holding --data's images (multimodal models)."),
+    out: Path | None = typer.Option(
+        None, help="Output file; its suffix picks the format: .conll (or .txt), .jsonl, .parquet. "
+        "Example: --out tagged.jsonl"),
+    images: Path | None = typer.Option(
+        None, help="Folder of the posts' images (<IMGID>.jpg ...): images the run's cache lacks are extracted "
+        "once, with the run's own stage-1 models, into a side cache. Example: --images new_posts/images"),
+    side_cache: Path | None = typer.Option(
+        None, help="Where --images are extracted (default <run>/side-caches/<images folder>-<hash>.h5; reused "
+        "by the next call). Example: --side-cache cache/new-posts.h5"),
+    features: Path | None = typer.Option(None, help="Cache holding --data's images (default: the run's cache)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    batch_size: int | None = typer.Option(None, help="Posts per forward (default: the run's eval batch size)."),
     allow_missing_images: bool = typer.Option(
-        False, "--allow-missing-images", help="Tag even when posts' images are absent from the cache."),
+        False, "--allow-missing-images", help="Tag even when posts' images are absent from the caches."),
 ) -> None:
-    """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
-    <out>.json beside the output names the cache used and any warning about it."""
-    from mner.trainer.evaluation.evaluate import predict_run
+    """Tag posts with a trained run. CoNLL `token pred` (`token gold pred` when tags are present), JSONL
+    (entities with offsets and scores) or Parquet; with gold tags also <out>.errors.csv and a type confusion
+    matrix (<out>.confusion.csv/.png). <out>.json records the caches, image statuses and warnings."""
+    from mner.trainer.inference.predict import predict_run
 
-    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images)
+    if batch_size is not None and batch_size < 1:
+        raise click.BadParameter(f"{batch_size}; must be >= 1", param_hint="--batch-size")
+    predict_run(run, data=data, out=out, features=features, images=images, side_cache=side_cache, device=device,
+                batch_size=batch_size, allow_missing_images=allow_missing_images)
 
 
 @app.command("sweep")
@@ -170,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from mner.trainer.core.config import ConfigError
     from mner.trainer.core.run_folder import RunFolderError
     from mner.trainer.core.train import RunInterrupted
+    from mner.trainer.inference.outputs import OutputError
     from mner.trainer.inputs.text_encoder import TextEncoderError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mner-train: interrupted", file=sys.stderr)
         return 130
     except (ConfigError, CacheError, DataFormatError, TextEncoderError, RunFolderError, FileExistsError,
-            FileNotFoundError) as err:
+            FileNotFoundError, OutputError) as err:
         print(f"mner-train: error: {err}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown model name: the registry's message lists the valid ones

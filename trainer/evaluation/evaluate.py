@@ -281,43 +281,9 @@ def evaluate_run(
     return result
 
 
-def predict_run(
-    run_dir: str | Path,
-    *,
-    data: str | Path,
-    out: str | Path | None = None,
-    features: str | Path | None = None,
-    device: str = "auto",
-    allow_missing_images: bool = False,
-) -> Path:
-    """Tag unlabelled posts (every split found in ``data``); ``.parquet`` out -> Parquet, else CoNLL.
-    ``<out>.json`` beside it names the run, the cache used and any warning about it."""
-    from mner.pipeline.data import load_dataset
-    from mner.trainer.core.run_folder import require_finished
-    from mner.trainer.core.train import SPLITS, load_run, log, make_post_dataset, predict_tags
-    from mner.trainer.inputs.batching import Collator
-    from mner.trainer.inputs.segments import second_segment_for
+def predict_run(run_dir, **kwargs):
+    """Moved to :func:`mner.trainer.inference.predict.predict_run` (the Tagger's code path); kept here so
+    existing imports keep working."""
+    from mner.trainer.inference.predict import predict_run as tagger_predict_run
 
-    run_dir = Path(run_dir)
-    require_finished(run_dir)
-    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    dataset = load_dataset(data, require_tags=False)
-    posts = [post for split in SPLITS for post in dataset.splits.get(split, [])]
-    cache_path, cache, warnings = choose_cache(run_dir, run_config, features=features, data=data, posts=posts,
-                                               allow_missing_images=allow_missing_images)
-    _announce(cache, warnings)
-    model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=cache_path, device=device)
-    post_set = make_post_dataset(posts, tokenizer, label_to_id=None,
-                                 max_length=run_config["train_config"]["max_length"], visual=visual, split="predict")
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
-                        second_segment=second_segment_for(type(model), model.config, tokenizer,
-                                                          run_config["train_config"]["max_length"]))
-    predictions = predict_tags(model, post_set, collator, labels=run_config["labels"], device=torch_device,
-                               batch_size=run_config["train_config"]["eval_batch_size"], desc="predict")
-    out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"
-    (write_parquet if out.suffix == ".parquet" else write_conll)(out, posts, predictions)
-    write_json(out.with_name(out.name + ".json"), {
-        "run": str(run_dir.resolve()), "data": str(Path(data).resolve()), "data_hash": dataset.data_hash,
-        "posts": len(posts), "cache": cache, "warnings": warnings})
-    log(f"{len(posts)} posts tagged -> {out}")
-    return out
+    return tagger_predict_run(run_dir, **kwargs)

@@ -338,6 +338,57 @@ class TrainerState:
     resumes: list = dataclasses.field(default_factory=list)  # when and at which epoch the run was resumed
 
 
+@dataclasses.dataclass
+class RunRequest:
+    """What the run was asked for, resolved and checked before anything is read or written."""
+
+    out: Path  # the run folder
+    mode: str  # "fresh" or "resume" (check_out's answer)
+    invocation: dict  # the options as config.json records them (a resumed run's own, checked against the new ones)
+    model: str  # registered model name
+    model_cls: type  # its class
+    model_config: Any  # its Config, after preset, --set and flags
+    config: TrainConfig  # the training options, after preset, --set and flags
+    extra_types: list[str]  # --labels: entity types added to those seen in training
+
+
+@dataclasses.dataclass
+class RunData:
+    """The posts of every split and the label set, which comes from the training split only."""
+
+    dataset: Dataset
+    source: dict  # where the posts were read: {"source": "data" | "features", "path": ...}
+    labels: list[str]  # BIO labels, "O" first
+    label_to_id: dict[str, int]
+    unseen: dict[str, list[str]]  # split -> entity types it holds that training never shows
+
+
+@dataclasses.dataclass
+class RunInputs:
+    """What the model reads: the text encoder's tokenizer, the feature cache and the encoded splits."""
+
+    tokenizer: Any
+    positions: int  # the text encoder's position limit
+    visual: VisualInputs | None  # None: the model reads no cached features
+    cache_info: dict | None  # config.json's "features" entry; None without --features
+    stage1_mismatches: list[str]  # where the cache differs from the paper's stage-1 settings (only with =warn)
+    train_set: PostDataset  # orphan I- tags repaired, --train-fraction applied
+    eval_sets: dict[str, PostDataset]  # "dev", and "test" when the data has it
+    collator: Collator
+
+
+@dataclasses.dataclass
+class Training:
+    """The engine and what it prepared: the model, its optimiser and schedule, the training loader."""
+
+    engine: Engine
+    net: torch.nn.Module  # as prepared by the engine (engine.unwrap(net) is the model itself)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # linear warm-up then linear decay, stepped once per optimiser step
+    train_loader: DataLoader
+    sampler: Any  # the loader's batch sampler: its order depends only on (seed, epoch)
+
+
 def train(
     *,
     out: str | Path,
@@ -357,59 +408,93 @@ def train(
     ``flags`` holds explicit command-line values for TrainConfig fields (None = not given); they
     override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
     unfinished run in ``out`` with its stored options; options given again must agree with them.
+    Every step up to :func:`open_run_folder` only reads and checks, so a refused run writes nothing.
     """
     started = time.time()
+    request = resolve_request(out, model=model, data=data, features=features, preset=preset, sets=sets,
+                              flags=flags, labels=labels, allow_missing_images=allow_missing_images,
+                              overwrite=overwrite, resume=resume)
+    data_and_labels = load_data_and_labels(request)
+    inputs = build_inputs(request, data_and_labels)
+    training = build_training(request, data_and_labels, inputs)
+    run_config = describe_run(request, data_and_labels, inputs)
+    state = open_run_folder(request, training, run_config, inputs.tokenizer)
+    fit(request, training, data_and_labels, inputs, state)
+    finish(request, training, data_and_labels, inputs, state, started=started)
+    return request.out
+
+
+def resolve_request(
+    out: str | Path, *, model, data, features, preset, sets, flags, labels, allow_missing_images: bool,
+    overwrite: bool, resume: bool,
+) -> RunRequest:
+    """The options checked and resolved (a resumed run's own options); nothing is read or written yet,
+    so every process can call it."""
     out = Path(out)
     given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
                               labels=labels, allow_missing_images=allow_missing_images)
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
     invocation = options_for_resume(out, given) if mode == "resume" else given
-    model = invocation["model"] = invocation["model"] or "bert_crf"
-    model_cls = get_model_class(model)
+    model_name = invocation["model"] = invocation["model"] or "bert_crf"
+    model_cls = get_model_class(model_name)
     model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
                                            flags=invocation["flags"])
     extra_types = parse_label_types(invocation["labels"])
     check_device_and_precision(config.device, config.precision)
     if invocation["allow_missing_images"]:
         config.max_missing_images = 1.0
+    return RunRequest(out=out, mode=mode, invocation=invocation, model=model_name, model_cls=model_cls,
+                      model_config=model_config, config=config, extra_types=extra_types)
 
-    # ---- data and labels (from the training split only)
-    dataset, data_info = load_posts(invocation["data"], invocation["features"])
+
+def load_data_and_labels(request: RunRequest) -> RunData:
+    """The posts, and the labels seen in the training split (plus ``--labels``)."""
+    dataset, source = load_posts(request.invocation["data"], request.invocation["features"])
     for split in ("train", "dev"):
         if not dataset.splits.get(split):
-            raise ConfigError(f"{data_info['path']}: no {split} posts; training needs train and dev splits")
-    check_case_conflicts(dataset.splits, extra_types)
-    train_posts = dataset.splits["train"]
-    label_list = build_labels(train_posts, extra_types)
-    label_to_id = {label: i for i, label in enumerate(label_list)}
+            raise ConfigError(f"{source['path']}: no {split} posts; training needs train and dev splits")
+    check_case_conflicts(dataset.splits, request.extra_types)
+    label_list = build_labels(dataset.splits["train"], request.extra_types)
     unseen = {split: found for split in ("dev", "test") if dataset.splits.get(split)
               if (found := unseen_types(dataset.splits[split], label_list))}
+    return RunData(dataset=dataset, source=source, labels=label_list,
+                   label_to_id={label: i for i, label in enumerate(label_list)}, unseen=unseen)
 
-    # ---- the text encoder: reachable, and max_length within its positions; model options in range
+
+def load_text_encoder(request: RunRequest) -> tuple[Any, int]:
+    """The tokenizer and position limit of a reachable text encoder; max_length and the model options in range."""
+    config = request.config
     tokenizer = load_tokenizer(config.text_encoder)
     encoder_config = load_encoder_config(config.text_encoder)
     limit = position_limit(config.text_encoder, tokenizer)
     if config.max_length > limit:
         raise ConfigError(f"--max-length {config.max_length}: the text encoder {config.text_encoder} has "
                           f"{limit} positions; pass --max-length {limit} or less")
-    validate_model_config(model_cls, model_config, text_width=getattr(encoder_config, "hidden_size", None))
+    validate_model_config(request.model_cls, request.model_config,
+                          text_width=getattr(encoder_config, "hidden_size", None))
+    return tokenizer, limit
 
-    # ---- the feature cache: fingerprints and per-split coverage, refused when too many images are absent
-    visual = open_visual_inputs(invocation["features"], model_cls, model_config, model,
+
+def open_feature_cache(request: RunRequest, data: RunData) -> tuple[VisualInputs | None, dict | None, list[str]]:
+    """The model's visual inputs, the cache's record (fingerprints, per-split coverage) and the stage-1
+    mismatches; refused when the cache is not the paper's or too many images are absent."""
+    config, features = request.config, request.invocation["features"]
+    visual = open_visual_inputs(features, request.model_cls, request.model_config, request.model,
                                 use_placeholders=config.use_placeholder_features)
     stage1_mismatches = []
     if visual is not None:  # the cache must come from the stage-1 settings the model's paper assumes
-        stage1_mismatches = check_cache_settings(model, model_stage1_settings(model_cls, model_config), visual.cache,
-                                                 on_mismatch=config.stage1_mismatch)
+        stage1_mismatches = check_cache_settings(request.model,
+                                                 model_stage1_settings(request.model_cls, request.model_config),
+                                                 visual.cache, on_mismatch=config.stage1_mismatch)
         if stage1_mismatches:
             warn_loudly("stage-1 settings differ from the model's paper (--set stage1_mismatch=warn):\n  "
                         + "\n  ".join(stage1_mismatches))
     cache_info = None
-    if invocation["features"] is not None:
+    if features is not None:
         from mner.pipeline.cache import FeatureCache
 
-        cache = visual.cache if visual is not None else FeatureCache(invocation["features"])
-        cache_info = cache_record(cache, {s: p for s, p in dataset.splits.items() if s in SPLITS})
+        cache = visual.cache if visual is not None else FeatureCache(features)
+        cache_info = cache_record(cache, {s: p for s, p in data.dataset.splits.items() if s in SPLITS})
         cache_info["required"] = visual.required if visual is not None else []
         cache_info["provenance"] = cache_summary(cache)
         cache_info["stage1_mismatches"] = stage1_mismatches
@@ -421,61 +506,97 @@ def train(
             f"the feature cache {visual.path} holds features from RANDOMLY INITIALISED weights "
             f"({', '.join(visual.random_init)}): fine for smoke tests, meaningless for results"
         )
+    return visual, cache_info, stage1_mismatches
 
+
+def build_inputs(request: RunRequest, data: RunData) -> RunInputs:
+    """Text encoder and feature cache checked, then every split encoded once (train repaired, dev and test as given)."""
+    config = request.config
+    tokenizer, positions = load_text_encoder(request)
+    visual, cache_info, stage1_mismatches = open_feature_cache(request, data)
+    train_posts = data.dataset.splits["train"]
     if config.train_fraction < 1.0:  # low-resource: nested subsets per seed (10% inside 20% ...)
         from mner.trainer.experiments.protocols import train_subset
 
         train_posts = [train_posts[i] for i in train_subset(len(train_posts), config.train_fraction, config.seed)]
     common = {"tokenizer": tokenizer, "max_length": config.max_length, "visual": visual}
-    train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=label_to_id, **common)
+    train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=data.label_to_id, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
-    eval_sets = {split: make_post_dataset(dataset.splits[split], split=split, label_to_id=None, **common)
-                 for split in ("dev", "test") if dataset.splits.get(split)}
-    for split, found in unseen.items():
+    eval_sets = {split: make_post_dataset(data.dataset.splits[split], split=split, label_to_id=None, **common)
+                 for split in ("dev", "test") if data.dataset.splits.get(split)}
+    for split, found in data.unseen.items():
         warn_loudly(describe_unseen(split, found))
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0,
-                        visual_batcher=visual.batcher if visual is not None else None,
-                        second_segment=second_segment_for(model_cls, model_config, tokenizer, config.max_length))
+    collator = Collator(
+        pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual is not None else None,
+        second_segment=second_segment_for(request.model_cls, request.model_config, tokenizer, config.max_length),
+    )
+    return RunInputs(tokenizer=tokenizer, positions=positions, visual=visual, cache_info=cache_info,
+                     stage1_mismatches=stage1_mismatches, train_set=train_set, eval_sets=eval_sets, collator=collator)
 
-    # ---- the engine, the model, the checks on the longest posts
-    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+
+def build_checked_model(request: RunRequest, data: RunData, inputs: RunInputs, engine: Engine) -> torch.nn.Module:
+    """The model, seeded, on the engine's device, run once on the longest post of every split."""
+    config = request.config
     seed_everything(config.seed)
     try:
-        net = build_model(model_cls, model_config, labels=label_list, text_encoder=config.text_encoder,
-                          tokenizer=tokenizer, visual=visual)
+        net = build_model(request.model_cls, request.model_config, labels=data.labels,
+                          text_encoder=config.text_encoder, tokenizer=inputs.tokenizer, visual=inputs.visual)
     except ValueError as err:
-        raise ConfigError(f"model {model}: {err}") from None
+        raise ConfigError(f"model {request.model}: {err}") from None
     net.to(engine.device)
     if config.fast_ablation:  # not the papers' protocol: frozen encoder, outputs computed once
         from mner.trainer.core.fast_text import use_cached_text_encoder
 
-        use_cached_text_encoder(net, [train_set, *eval_sets.values()], device=engine.device,
+        use_cached_text_encoder(net, [inputs.train_set, *inputs.eval_sets.values()], device=engine.device,
                                 batch_size=config.eval_batch_size)
-    check_longest_posts(net, {"train": train_set, **eval_sets}, collator, label_to_id=label_to_id,
-                        device=engine.device, autocast=engine.autocast)
-    train_loader = make_loader(train_set, collator, batch_size=config.batch_size, shuffle=True,
+    check_longest_posts(net, {"train": inputs.train_set, **inputs.eval_sets}, inputs.collator,
+                        label_to_id=data.label_to_id, device=engine.device, autocast=engine.autocast)
+    return net
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig):
+    """Linear warm-up over ``warmup_ratio`` of the optimiser steps, then linear decay to zero."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total_steps = max(1, total_steps)
+    return get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+
+
+def build_training(request: RunRequest, data: RunData, inputs: RunInputs) -> Training:
+    """The engine, the checked model, AdamW over the model's parameter groups, the loader and the schedule."""
+    config = request.config
+    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+    net = build_checked_model(request, data, inputs, engine)
+    train_loader = make_loader(inputs.train_set, inputs.collator, batch_size=config.batch_size, shuffle=True,
                                num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
     sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
     net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
-    from transformers import get_linear_schedule_with_warmup
+    scheduler = build_schedule(optimizer, engine.optimizer_steps_per_epoch(train_loader) * config.epochs, config)
+    return Training(engine=engine, net=net, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+                    sampler=sampler)
 
-    total_steps = max(1, engine.optimizer_steps_per_epoch(train_loader) * config.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
-    run_config = {
-        "model": model, "preset": invocation["preset"], "sets": invocation["sets"],
-        "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
-        "labels": label_list, "label_map": label_to_id,
-        "text_encoder": {"name": config.text_encoder, "path": resolve_text_encoder(config.text_encoder),
-                         "positions": limit},
-        "data": {**data_info, "hash": dataset.data_hash, "files": dataset.files, "notes": dataset.notes},
-        "features": cache_info, "invocation": invocation,
+def describe_run(request: RunRequest, data: RunData, inputs: RunInputs) -> dict:
+    """config.json: everything that decides the run's result (a resume must match it)."""
+    return {
+        "model": request.model, "preset": request.invocation["preset"], "sets": request.invocation["sets"],
+        "model_config": dataclasses.asdict(request.model_config),
+        "train_config": dataclasses.asdict(request.config),
+        "labels": data.labels, "label_map": data.label_to_id,
+        "text_encoder": {"name": request.config.text_encoder,
+                         "path": resolve_text_encoder(request.config.text_encoder), "positions": inputs.positions},
+        "data": {**data.source, "hash": data.dataset.data_hash, "files": data.dataset.files,
+                 "notes": data.dataset.notes},
+        "features": inputs.cache_info, "invocation": request.invocation,
     }
 
-    # ---- the run folder: a fresh one, or the unfinished one resumed from its last checkpoint
+
+def open_run_folder(request: RunRequest, training: Training, run_config: dict, tokenizer) -> TrainerState:
+    """A fresh run folder, or the unfinished one resumed from its last checkpoint (its state returned)."""
+    out, engine, config = request.out, training.engine, request.config
     state = TrainerState()
-    if mode == "resume":
+    if request.mode == "resume":
         stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
         differ = resume_differences(stored, run_config)
         if differ:
@@ -485,9 +606,9 @@ def train(
         if checkpoint is None:
             log(f"{out}: no epoch had finished; starting it from epoch 1")
         else:
-            engine.load_checkpoint(checkpoint, net, optimizer, scheduler)
+            engine.load_checkpoint(checkpoint, training.net, training.optimizer, training.scheduler)
             state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
-            engine.global_step = state.epoch * len(train_loader)
+            engine.global_step = state.epoch * len(training.train_loader)
             log(f"resuming {out} after epoch {state.epoch} of {config.epochs} (best dev F1 "
                 f"{100 * state.best_f1:.2f} at epoch {state.best_epoch})")
         state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -497,22 +618,21 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, status="unfinished", epochs=config.epochs, epochs_done=0)
         write_json_atomic(out / "config.json", run_config)
-        write_json_atomic(out / "labels.json", {"labels": label_list})
+        write_json_atomic(out / "labels.json", {"labels": run_config["labels"]})
         save_encoder_skeleton(config.text_encoder, tokenizer, out / "text_encoder")
     engine.wait()
+    return state
 
-    record = {
-        "software": software_versions(), "seed": config.seed, "device": str(engine.device),
-        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
-        "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(train_loader),
-        "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
-        "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
-    }
-    log(f"training {model} on {len(train_set)} posts, {len(train_loader)} steps/epoch, device {engine.device}, "
-        f"{engine.precision}, {engine.world_size} process(es)")
+
+def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState) -> None:
+    """The epochs; Ctrl-C leaves the last finished epoch's checkpoint complete and says how to resume."""
+    engine, out = training.engine, request.out
+    log(f"training {request.model} on {len(inputs.train_set)} posts, {len(training.train_loader)} steps/epoch, "
+        f"device {engine.device}, {engine.precision}, {engine.world_size} process(es)")
     try:
-        run_epochs(engine, state, net, optimizer, scheduler, train_loader, sampler, config=config, out=out,
-                   eval_set=eval_sets["dev"], collator=collator, labels=label_list)
+        run_epochs(engine, state, training.net, training.optimizer, training.scheduler, training.train_loader,
+                   training.sampler, config=request.config, out=out, eval_set=inputs.eval_sets["dev"],
+                   collator=inputs.collator, labels=data.labels)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
         raise RunInterrupted(
@@ -520,22 +640,27 @@ def train(
             f"mner-train --out {out} --resume"
         ) from None
 
-    # ---- the best epoch's weights on dev and test
+
+def finish(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState, *,
+           started: float) -> None:
+    """The best epoch's weights scored on dev and test; predictions, metrics.json and model.safetensors
+    written, the checkpoints removed and the run marked finished."""
     from safetensors.torch import load_file
 
+    out, engine, config, net = request.out, training.engine, request.config, training.net
     engine.writer.wait()
     engine.wait()
     final = latest_checkpoint(out)
     engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
     engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
-        "model": model, "preset": invocation["preset"], "best_epoch": state.best_epoch, "epochs_run": state.epoch,
-        "stopped_early": state.stopped_early, "data_hash": dataset.data_hash, "data_source": data_info,
-        "orphan_i": dataset.orphan_i, "repaired_train_tags": train_set.repaired, "labels": label_list,
-        "unseen_types": unseen,
+        "model": request.model, "preset": request.invocation["preset"], "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch, "stopped_early": state.stopped_early, "data_hash": data.dataset.data_hash,
+        "data_source": data.source, "orphan_i": data.dataset.orphan_i, "repaired_train_tags": inputs.train_set.repaired,
+        "labels": data.labels, "unseen_types": data.unseen,
     }
-    for split, eval_set in eval_sets.items():
-        pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=label_list, device=engine.device,
+    for split, eval_set in inputs.eval_sets.items():
+        pred = predict_tags(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels, device=engine.device,
                             batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
                             autocast=engine.autocast)
         scores = score_split(eval_set.posts, pred)
@@ -546,17 +671,21 @@ def train(
         log(format_scores(scores, f"{split} (best epoch {state.best_epoch})"))
     metrics["alignment"] = {
         split: {"words": ds.report.words, "zero_piece": ds.report.zero_piece, "truncated": ds.report.truncated}
-        for split, ds in [("train", train_set), *eval_sets.items()]
+        for split, ds in [("train", inputs.train_set), *inputs.eval_sets.items()]
     }
+    cache_info = inputs.cache_info
     if cache_info is not None:
         metrics["cache"] = {k: cache_info[k] for k in ("path", "fingerprint", "groups")}
         metrics["image_coverage"] = cache_info["coverage"]
-    if visual is not None:
-        metrics["random_init_features"] = visual.random_init
-        metrics["stage1_mismatches"] = stage1_mismatches
+    if inputs.visual is not None:
+        metrics["random_init_features"] = inputs.visual.random_init
+        metrics["stage1_mismatches"] = inputs.stage1_mismatches
     metrics["history"] = state.history
-    metrics["run"] = {**record, "resumes": state.resumes, "epoch_seconds": [h["seconds"] for h in state.history],
-                      "seconds_this_process": round(time.time() - started, 1), "peak_memory": engine.peak_memory_mb()}
+    metrics["run"] = {
+        **process_record(request, training, cache_info), "resumes": state.resumes,
+        "epoch_seconds": [h["seconds"] for h in state.history],
+        "seconds_this_process": round(time.time() - started, 1), "peak_memory": engine.peak_memory_mb(),
+    }
     if engine.is_main:
         os.replace(final / "best_model.safetensors", out / "model.safetensors")
         os.chmod(out / "model.safetensors", 0o644)
@@ -566,7 +695,18 @@ def train(
         log(f"run written to {out}")
     engine.wait()
     engine.end()
-    return out
+
+
+def process_record(request: RunRequest, training: Training, cache_info: dict | None) -> dict:
+    """metrics.json's "run": software, seed, device and precision, and the weights the run read."""
+    config, engine = request.config, training.engine
+    return {
+        "software": software_versions(), "seed": config.seed, "device": str(engine.device),
+        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(training.train_loader),
+        "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
+        "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
+    }
 
 
 def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epochs: int) -> None:

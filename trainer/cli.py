@@ -120,6 +120,9 @@ def predict_command(
     batch_size: int | None = typer.Option(None, help="Posts per forward (default: the run's eval batch size)."),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Tag even when posts' images are absent from the caches."),
+    stage1_weights: list[str] | None = typer.Option(
+        None, "--stage1-weights", help="Local copy of weights the cache's record names, as the extract flag and "
+        "a path; repeatable. Example: --stage1-weights detector-weights=/models/maskrcnn.pth"),
 ) -> None:
     """Tag posts with a trained run. CoNLL `token pred` (`token gold pred` when tags are present), JSONL
     (entities with offsets and scores) or Parquet; with gold tags also <out>.errors.csv and a type confusion
@@ -128,8 +131,16 @@ def predict_command(
 
     if batch_size is not None and batch_size < 1:
         raise click.BadParameter(f"{batch_size}; must be >= 1", param_hint="--batch-size")
+    weights = {}
+    for item in stage1_weights or []:
+        flag, _, path = item.partition("=")
+        valid = ("detector-weights", "resnet-weights", "clip-pretrained", "swin-model")
+        if flag.lstrip("-") not in valid or not path:
+            raise click.BadParameter(f"{item!r}; expected FLAG=PATH with FLAG one of {', '.join(valid)}",
+                                     param_hint="--stage1-weights")
+        weights["--" + flag.lstrip("-")] = path
     predict_run(run, data=data, out=out, features=features, images=images, side_cache=side_cache, device=device,
-                batch_size=batch_size, allow_missing_images=allow_missing_images)
+                batch_size=batch_size, allow_missing_images=allow_missing_images, stage1_weights=weights)
 
 
 @app.command("sweep")

@@ -181,7 +181,7 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
     with the one the run trained on (path and fingerprint), and its coverage of ``posts`` checked like
     at training time. Returns ``(path or None, record or None, warnings)``."""
     from mner.pipeline.cache import FeatureCache
-    from mner.trainer.core.run_record import cache_record, check_coverage
+    from mner.trainer.core.run_record import cache_record, check_coverage, same_image_rows
     from mner.trainer.models import get_model_class
 
     model_cls = get_model_class(run_config["model"])
@@ -198,8 +198,18 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
         if data is not None:
             warnings.append(f"--data {data} without --features: its images are looked up in the training cache "
                             f"{features}; pass --features with the cache built for that data")
-    record = cache_record(FeatureCache(features), {"posts": posts})
-    if trained.get("path") and record["path"] != trained["path"]:
+    cache = FeatureCache(features)
+    record = cache_record(cache, {"posts": posts})
+    grown, how = False, ""
+    if trained.get("fingerprint") and record["fingerprint"] != trained["fingerprint"] \
+            and set(record["groups"]) == set(trained.get("groups") or {}):  # same groups, more images?
+        grown, how = same_image_rows(trained.get("image_fingerprints"), cache)
+    if grown:  # a superset of the training cache whose old rows are unchanged (per-image fingerprints)
+        record["grown_from"] = {"path": trained.get("path"), "fingerprint": trained["fingerprint"], "note": how}
+        from mner.trainer.core.train import log
+
+        log(f"the cache {record['path']} is not the one the run trained with, but {how}")
+    elif trained.get("path") and record["path"] != trained["path"]:
         warnings.append(f"this cache ({record['path']}) is not the one the run trained with ({trained['path']})")
     elif trained.get("fingerprint") and record["fingerprint"] != trained["fingerprint"]:
         changed = sorted(g for g in set(record["groups"]) | set(trained.get("groups", {}))

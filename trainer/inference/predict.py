@@ -31,6 +31,7 @@ def predict_run(
     device: str = "auto",
     batch_size: int | None = None,
     allow_missing_images: bool = False,
+    stage1_weights: dict[str, str] | None = None,
 ) -> Path:
     """Tag every post of ``data`` (tags optional). With ``images``, images no cache holds are extracted
     first into the side cache with the run's own stage-1 record. Returns the output path."""
@@ -54,7 +55,7 @@ def predict_run(
                                       allow_missing_images=allow_missing_images or images is not None)
     _announce(cache, warnings)
     tagger = Tagger.from_run(run_dir, device=device, batch_size=batch_size, features=features,
-                             side_cache=side_cache, progress=True)
+                             side_cache=side_cache, progress=True, stage1_weights=stage1_weights)
     tagged = tagger.tag_posts(posts, images_dir=images)
     report = tagger.last_report
     if images is not None and cache is not None:

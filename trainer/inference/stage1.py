@@ -16,7 +16,8 @@ from mner.trainer.core.config import ConfigError
 
 
 def extract_into_side_cache(*, reference: str | None, side_cache: Path | None, image_ids: list[str],
-                            images_dir: str | Path, device: str = "auto", progress: bool = True) -> int:
+                            images_dir: str | Path, device: str = "auto", progress: bool = True,
+                            weights: dict[str, str] | None = None) -> int:
     """Add ``image_ids`` (files ``<images_dir>/<id>``) to ``side_cache`` with the producers of every
     feature group of ``reference``; returns how many images were added."""
     if reference is None or side_cache is None:
@@ -24,6 +25,7 @@ def extract_into_side_cache(*, reference: str | None, side_cache: Path | None, i
     from mner.features.run.rebuild import RebuildError, extend_side_cache  # lazy: stage 1 only when needed
 
     try:
-        return extend_side_cache(reference, side_cache, image_ids, images_dir, device=device, progress=progress)
+        return extend_side_cache(reference, side_cache, image_ids, images_dir, device=device, progress=progress,
+                                 weights=weights)
     except RebuildError as err:
         raise ConfigError(str(err)) from None

@@ -98,7 +98,8 @@ class Tagger:
     """A finished run's model, tokenizer and feature caches, loaded once and reused across calls."""
 
     def __init__(self, run_dir: Path, *, model, run_config: dict, tokenizer, sources: list, device: torch.device,
-                 batch_size: int, reference_cache: str | None, side_cache: Path | None, progress: bool):
+                 batch_size: int, reference_cache: str | None, side_cache: Path | None, progress: bool,
+                 stage1_weights: dict[str, str] | None = None):
         self.run_dir = run_dir
         self.model = model.eval()
         self.run_config = run_config
@@ -110,6 +111,7 @@ class Tagger:
         self.reference_cache = reference_cache  # the cache whose stage-1 record new images are extracted with
         self.side_cache = side_cache
         self.progress = progress
+        self.stage1_weights = dict(stage1_weights or {})  # local copies of stage-1 weights, by extract flag
         self.max_length = run_config["train_config"]["max_length"]
         self.required = list(type(model).required_features(model.config))
         self.score_kind = "none"
@@ -119,10 +121,11 @@ class Tagger:
     @classmethod
     def from_run(cls, run: str | Path, *, device: str = "auto", batch_size: int | None = None,
                  features: str | Path | None = None, side_cache: str | Path | None = None,
-                 progress: bool = False) -> Tagger:
+                 progress: bool = False, stage1_weights: dict[str, str] | None = None) -> Tagger:
         """Load a finished run once. ``features``: the cache to read images from (default: the one the
         run trained on); ``side_cache``: where images missing from it are extracted (default
-        ``<run>/side-caches/<name>.h5``, chosen per images folder)."""
+        ``<run>/side-caches/<name>.h5``, chosen per images folder); ``stage1_weights``: local copies of
+        the stage-1 weights the cache's record names, by extract flag (``{"--detector-weights": PATH}``)."""
         from safetensors.torch import load_model
 
         from mner.trainer.core.run_folder import require_finished
@@ -159,7 +162,8 @@ class Tagger:
         size = batch_size or run_config["train_config"].get("eval_batch_size") or 32
         return cls(run_dir, model=net.to(torch_device), run_config=run_config, tokenizer=tokenizer, sources=sources,
                    device=torch_device, batch_size=size, reference_cache=reference,
-                   side_cache=Path(side_cache) if side_cache is not None else None, progress=progress)
+                   side_cache=Path(side_cache) if side_cache is not None else None, progress=progress,
+                   stage1_weights=stage1_weights)
 
     @property
     def needs_images(self) -> bool:
@@ -265,7 +269,7 @@ class Tagger:
 
         report.extracted = extract_into_side_cache(
             reference=self.reference_cache, side_cache=side_cache, image_ids=wanted, images_dir=images_dir,
-            device=str(self.device), progress=self.progress)
+            device=str(self.device), progress=self.progress, weights=self.stage1_weights)
         self._open_side_cache(side_cache)
 
     def _open_side_cache(self, side_cache: Path) -> None:

@@ -11,7 +11,7 @@ Public API (other modules rely on exactly these names):
   (``train.txt``, ``valid.txt``/``val.txt``/``dev.txt`` read as ``dev``, ``test.txt``) or one file
   (read as split ``test``).
 - ``read_split(path, split, *, fmt="auto", require_tags=True) -> list[Post]``
-- ``repair_bio(tags) -> tuple[list[str], int]``: orphan I-X -> B-X (training only), count.
+- ``repair_bio`` (from :mod:`mner.pipeline.tags`, where every BIO helper lives): orphan I-X -> B-X.
 - ``hash_files(paths) -> str``
 """
 
@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mner.pipeline.tags import repair_bio
 
 LABEL_TYPES = ("PER", "LOC", "ORG", "MISC")
 SPLIT_NAMES = ("train", "dev", "test")
@@ -96,17 +98,6 @@ class _FileResult:
 
 
 # ---------------------------------------------------------------------------------------------- tags
-
-
-def repair_bio(tags: Sequence[str]) -> tuple[list[str], int]:
-    """Orphan I-X (not after B-X/I-X) -> B-X, so a BIO-constrained CRF can train on every post."""
-    repaired, count, previous = [], 0, "O"
-    for tag in tags:
-        if tag.startswith("I-") and previous not in (f"B-{tag[2:]}", tag):
-            tag, count = f"B-{tag[2:]}", count + 1
-        repaired.append(tag)
-        previous = tag
-    return repaired, count
 
 
 def _count_orphans(tags: Sequence[str]) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import string
 from pathlib import Path
 
 import pytest
+from helpers.data import make_post, write_split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,3 +47,38 @@ def write_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, heads: i
 def tiny_bert(tmp_path_factory) -> Path:
     """Folder of a tiny random BERT: pass it as ``--text-encoder``. Max 64 positions (tests truncation)."""
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("tiny-data")
+    train = [make_post(rng, str(i), orphan=i % 10 == 0) for i in range(48)]
+    train.append([("\u200b", "O"), ("paris", "B-LOC")])  # zero-piece word first: CRF must not break
+    dev = [make_post(rng, str(i)) for i in range(12)]
+    test = [make_post(rng, str(i)) for i in range(12)]
+    test.append([("rt", "O")] + [("london", "B-LOC")] * 40)  # words past --max-length: predicted O
+    write_split(folder / "train.txt", train)
+    write_split(folder / "valid.txt", dev)
+    write_split(folder / "test.txt", test)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_data, tmp_path_factory) -> Path:
+    import numpy as np
+
+    from mner.pipeline.cache import CacheWriter, make_provenance
+    from mner.pipeline.data import load_dataset
+
+    dataset = load_dataset(tiny_data)
+    ids = sorted(set(dataset.image_ids()) - {"5"})  # image 5 is absent from the cache
+    path = tmp_path_factory.mktemp("cache") / "tiny.h5"
+    with CacheWriter(path, partial=True) as writer:
+        writer.write_images(ids, [0] * len(ids), [""] * len(ids), [64] * len(ids), [48] * len(ids))
+        writer.write_posts(dataset)
+        embed = np.random.default_rng(0).standard_normal((len(ids), 16)).astype(np.float16)
+        provenance = make_provenance("encoder", model="ViT-B-32", pretrained="random", preprocessing=None,
+                                     thresholds=None, image_ids=ids)
+        writer.write_group("encoders/clip", {"image_embed": (embed, "image")}, provenance)
+    return path

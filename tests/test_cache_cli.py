@@ -9,7 +9,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from test_feature_cache import IDS, _shard_ids, write_cache
+from helpers.cache import IDS, _shard_ids, write_cache
 
 from mner.features.cli import app, main
 from mner.pipeline.cache import (

@@ -12,7 +12,8 @@ from mner.features.producers.detectors import DetectorConfig, ResizeSpec, create
 from mner.features.producers.encoders import EncoderConfig, InputSpec, create_encoder
 from mner.features.run.images import decode_jpeg
 from mner.features.run.loader import DecodedImage, ImageLoader, LoaderSpec
-from mner.features.run.stages import BackgroundWriter, ImageStages, StageClock
+from mner.features.run.stages import ImageStages, StageClock
+from mner.pipeline.background import BackgroundWriter
 
 
 def _picture(seed=0, size=(160, 120)):

@@ -16,8 +16,8 @@ from mner.pipeline.data import (
     hash_files,
     load_dataset,
     read_split,
-    repair_bio,
 )
+from mner.pipeline.tags import repair_bio
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "twitter_sample"

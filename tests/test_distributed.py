@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from mner.features.run.distributed import merge_hint, resolve_device
+from mner.features.run.distributed import merge_hint
 from mner.features.run.sharding import ShardError, resolve_shard
+from mner.pipeline.devices import DeviceError, resolve_device
 
 
 def test_explicit_shard_wins_over_the_environment():
@@ -22,9 +23,9 @@ def test_torchrun_rank_is_the_shard_and_local_rank_the_gpu():
     assert resolve_shard(None, env) == (5, 8)
     assert resolve_device("auto", env, cuda_count=4) == "cuda:1"
     assert resolve_device("cuda", env, cuda_count=4) == "cuda:1"
-    with pytest.raises(ShardError, match="share"):
+    with pytest.raises(DeviceError, match="share"):
         resolve_device("cuda:0", env, cuda_count=4)  # every rank on cuda:0 is refused
-    with pytest.raises(ShardError, match="GPU"):
+    with pytest.raises(DeviceError, match="GPU"):
         resolve_device("cuda", {"LOCAL_RANK": "4"}, cuda_count=4)
 
 
@@ -53,9 +54,9 @@ def test_device_auto_without_gpu_and_bad_names():
     assert resolve_device("auto", {}, cuda_count=0) == "cpu"
     assert resolve_device("auto", {"LOCAL_RANK": "2"}, cuda_count=0) == "cpu"
     assert resolve_device("cpu", {"LOCAL_RANK": "2"}, cuda_count=4) == "cpu"
-    with pytest.raises(ShardError, match="valid: auto, cpu"):
+    with pytest.raises(DeviceError, match="valid: auto, cpu"):
         resolve_device("gpu", {}, cuda_count=1)
-    with pytest.raises(ShardError, match="sees 0 GPU"):
+    with pytest.raises(DeviceError, match="sees 0 GPU"):
         resolve_device("cuda", {}, cuda_count=0)
 
 

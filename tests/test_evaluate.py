@@ -7,7 +7,8 @@ import random
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from mner.trainer.evaluation.evaluate import entity_scores, extract_entities, read_conll_predictions, write_conll
+from mner.pipeline.tags import extract_entities
+from mner.trainer.evaluation.evaluate import entity_scores, read_conll_predictions, write_conll
 
 TAGS = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 
@@ -23,6 +24,10 @@ def test_chunking_rules():
     assert extract_entities(["O", "I-ORG", "B-ORG", "I-ORG"]) == [("ORG", 1, 1), ("ORG", 2, 3)]
     assert extract_entities(["B-MISC", "I-MISC", "I-MISC"]) == [("MISC", 0, 2)]
     assert extract_entities([]) == []
+    assert extract_entities(["O", "O"]) == []
+    # the spans PromptMNER trains on come from the same chunker: orphans and type changes open entities
+    tags = ["B-PER", "I-PER", "I-LOC", "O", "I-ORG", "B-ORG", "I-ORG"]
+    assert extract_entities(tags) == [("PER", 0, 1), ("LOC", 2, 2), ("ORG", 4, 4), ("ORG", 5, 6)]
     with pytest.raises(ValueError, match="not BIO"):
         extract_entities(["X-PER"])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_images import write_bad_images
+from helpers.data import datasets_of, write_bad_images, write_dataset
 
 from mner.features.cli import main
 from mner.pipeline.cache import STATUS_NAMES, FeatureCache
@@ -16,16 +16,6 @@ from mner.pipeline.cache import STATUS_NAMES, FeatureCache
 FAST = ["--random-init", "--detector", "maskrcnn-test", "--score-threshold", "0", "--top-k", "3",
         "--detector-min-size", "64", "--clip-model", "clip-test", "--chunk-size", "4", "--batch-size", "4",
         "--no-progress"]
-
-
-def write_dataset(folder: Path, image_ids: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    posts = [f"IMGID:{image_id}\nJohn\tB-PER\nin\tO\nParis\tB-LOC\n" for image_id in image_ids]
-    half = max(1, len(posts) // 2)
-    (folder / "train.txt").write_text("\n".join(posts[:half]) + "\n")
-    (folder / "valid.txt").write_text("\n".join(posts[half:]) + "\n")
-    (folder / "test.txt").write_text(posts[0] + "\n")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +29,6 @@ def corpus(tmp_path_factory):
 def extract(corpus, out, *extra) -> int:
     root, data, _ = corpus
     return main(["extract", "--data", str(data), "--images", str(root / "images"), "--out", str(out), *FAST, *extra])
-
-
-def datasets_of(path, group):
-    with h5py.File(path, "r") as handle:
-        out = {}
-        handle[group].visititems(lambda name, obj: out.__setitem__(name, obj[()].tobytes())
-                                 if isinstance(obj, h5py.Dataset) else None)
-        return out, dict(handle[group].attrs)
 
 
 @pytest.fixture(scope="module")

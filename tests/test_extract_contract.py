@@ -12,8 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers.data import write_dataset
 from PIL import Image
-from test_extract import write_dataset
 
 from mner.features.cli import main
 from mner.pipeline.cache import STATUS_NAMES, FeatureCache

@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers.data import datasets_of, write_dataset
 from PIL import Image
-from test_extract import datasets_of, write_dataset
 
 from mner.features.cli import main
 from mner.features.run.extract import shard_of

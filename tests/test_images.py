@@ -4,53 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers.data import _rgb, write_bad_images
 
 from mner.features.run.images import apply_missing_policy, crop_box, decode_jpeg, encode_jpeg, load_image
-
-
-def _rgb(size=(40, 30)):
-    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def write_bad_images(folder) -> dict[str, tuple[str, str | None]]:
-    """id -> (expected status, expected note keyword). Used by the extraction tests too."""
-    folder.mkdir(parents=True, exist_ok=True)
-    expected = {}
-    _rgb().save(folder / "good.jpg")
-    expected["good"] = ("ok", None)
-    expected["missing"] = ("missing", None)
-    (folder / "garbage.jpg").write_bytes(b"\x00\x01garbage" * 50)
-    expected["garbage"] = ("unreadable", None)
-    data = (folder / "good.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    expected["truncated"] = ("unreadable", None)
-    (folder / "text.jpg").write_text("<html>404 not found</html>")
-    expected["text"] = ("unreadable", None)
-    _rgb().convert("CMYK").save(folder / "cmyk.jpg")
-    expected["cmyk"] = ("ok", "CMYK")
-    _rgb().convert("L").save(folder / "gray.jpg")
-    expected["gray"] = ("ok", "L")
-    rgba = _rgb().convert("RGBA")
-    rgba.putalpha(0)
-    rgba.save(folder / "rgba.png")
-    expected["rgba"] = ("ok", "alpha")
-    _rgb().convert("P").save(folder / "palette.png")
-    expected["palette"] = ("ok", "palette")
-    Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)).save(folder / "deep.png")
-    expected["deep"] = ("ok", "I")
-    frames = [Image.new("RGB", (20, 20), c) for c in ("red", "blue")]
-    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
-    expected["anim"] = ("ok", "animated")
-    Image.new("RGB", (1, 1), "white").save(folder / "pixel.jpg")
-    expected["pixel"] = ("ok", "tiny")
-    Image.new("1", (9000, 9000)).save(folder / "bomb.png")
-    expected["bomb"] = ("unreadable", None)
-    _rgb((3000, 100)).save(folder / "huge.jpg")
-    expected["huge"] = ("ok", "huge")
-    _rgb().save(folder / "noext", format="JPEG")
-    expected["noext"] = ("ok", None)
-    return expected
 
 
 def test_every_bad_kind_gets_its_status(tmp_path):

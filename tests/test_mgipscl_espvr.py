@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_models import LABELS, text_batch, tiny_feature_spec, tiny_visual
+from helpers.models import LABELS, text_batch, tiny_feature_spec, tiny_visual
 
 from mner.trainer.models import get_model_class
 

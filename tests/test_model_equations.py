@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import LABELS, text_batch, tiny_feature_spec, tiny_visual
+from helpers.models import LABELS, text_batch, tiny_feature_spec, tiny_visual
 
 from mner.trainer.core.config import resolve_configs
 from mner.trainer.models import get_model_class
@@ -72,7 +72,7 @@ def test_vcrmner_eq6_weights_the_normalised_crop_only_with_visual_evaluation(eva
 
 
 def test_pmner_h_is_t_plus_q_plus_c_with_q_and_c_through_the_eq67_block(tiny_bert):
-    from test_pmner import build, make_batch
+    from helpers.pmner import build, make_batch
 
     model, tokenizer = build(tiny_bert, dropout=0.0, use_prompt=False)
     model.eval()
@@ -105,7 +105,7 @@ def test_pmner_h_is_t_plus_q_plus_c_with_q_and_c_through_the_eq67_block(tiny_ber
 
 
 def test_pmner_verbalizer_scores_are_the_full_mlm_logits_at_the_label_words(tiny_bert):
-    from test_pmner import build
+    from helpers.pmner import build
 
     model, tokenizer = build(tiny_bert)
     verbalizer = model.verbalizer
@@ -124,7 +124,7 @@ def test_pmner_verbalizer_scores_are_the_full_mlm_logits_at_the_label_words(tiny
 
 
 def test_pmner_template_mode_reads_the_mask_of_each_wrapped_word(tiny_bert):
-    from test_pmner import POSTS, build, make_batch
+    from helpers.pmner import POSTS, build, make_batch
 
     model, tokenizer = build(tiny_bert, dropout=0.0, prompt_mode="template", template_chunk=4)
     model.eval()
@@ -165,7 +165,7 @@ def test_pmner_ablation_rows_differ_only_in_prompt_learning():
 
 
 def promptmner_model(tiny_bert, **overrides):
-    from test_promptmner import feature_spec
+    from helpers.promptmner import feature_spec
 
     cls = get_model_class("promptmner")
     config = cls.Config(num_continuous_prompts=4, dropout=0.0, **overrides)
@@ -176,7 +176,7 @@ def promptmner_model(tiny_bert, **overrides):
 
 
 def test_promptmner_continuous_eq1_and_weighted_clue_tokens(tiny_bert):
-    from test_promptmner import make_batch
+    from helpers.promptmner import make_batch
 
     model, spec = promptmner_model(tiny_bert)
     visual = make_batch(tokenizer_of(tiny_bert), spec)["visual"]
@@ -190,7 +190,7 @@ def test_promptmner_continuous_eq1_and_weighted_clue_tokens(tiny_bert):
 
 
 def test_promptmner_clue_positions_segments_and_masking(tiny_bert):
-    from test_promptmner import make_batch
+    from helpers.promptmner import make_batch
 
     model, spec = promptmner_model(tiny_bert)
     batch = make_batch(tokenizer_of(tiny_bert), spec)
@@ -227,7 +227,7 @@ def test_promptmner_clue_positions_segments_and_masking(tiny_bert):
 
 def test_promptmner_mas_blocks_equal_the_per_pair_selection():
     """The block-wise MAS equals choosing, for every (query, key), the projection of its modality pair."""
-    from test_promptmner import tiny_layer
+    from helpers.promptmner import tiny_layer
 
     layer = tiny_layer(use_mas=True)
     with torch.no_grad():
@@ -272,16 +272,12 @@ def test_zero_piece_begin_word_leaves_no_orphan_in_the_crf_gold():
 
 def test_every_model_trains_on_a_zero_piece_begin_word(tiny_bert):
     """End to end through the aligner: the fixture's post 3 has a zero-piece word; make it a B-."""
-    import test_models
+    from helpers.models import POSTS
 
     tokenizer = tokenizer_of(tiny_bert)
-    posts = list(test_models.POSTS)
+    posts = list(POSTS)
     posts[3] = (posts[3][0], ["O", "O", "B-MISC", "I-MISC"] + ["O"] * 28)  # '\u200b' (no piece) is the B-
-    original, test_models.POSTS = test_models.POSTS, posts
-    try:
-        batch, _ = text_batch(tokenizer)
-    finally:
-        test_models.POSTS = original
+    batch, _ = text_batch(tokenizer, posts=posts)
     assert not batch["word_mask"][3, 2] and batch["word_mask"][3, 3]
     cls = get_model_class("bert_crf")
     torch.manual_seed(0)

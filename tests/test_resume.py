@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import write_generated_splits
+from helpers.data import write_generated_splits
 
 from mner.trainer.cli import main
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-from test_train import tiny_cache, tiny_data  # noqa: F401  (module-scoped fixtures)
-
 from mner.trainer.cli import main
 
 
@@ -26,7 +24,7 @@ def register_clip_model():
 
 
 def test_cache_from_other_stage1_settings_is_refused_unless_overridden(
-    tiny_cache,  # noqa: F811  (pytest fixture imported from test_train)
+    tiny_cache,
     tiny_bert,
     tmp_path,
     capsys,
@@ -56,8 +54,8 @@ def test_cache_from_other_stage1_settings_is_refused_unless_overridden(
 
 
 def test_missing_features_hint_carries_the_papers_stage1_settings(
-    tiny_cache,  # noqa: F811  (pytest fixture imported from test_train)
-    tiny_data,  # noqa: F811  (pytest fixture imported from test_train)
+    tiny_cache,
+    tiny_data,
     tiny_bert,
     tmp_path,
     capsys,

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_train import write_generated_splits
+from helpers.data import write_generated_splits
 
 from mner.trainer.cli import main
 from mner.trainer.evaluation.evaluate import extract_entities

@@ -8,54 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.data import write_split
 
 from mner.trainer.cli import main
 from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs
-
-ENTITIES = [(["john", "smith"], "PER"), (["paris"], "LOC"), (["london"], "LOC"), (["apple"], "ORG"),
-            (["google"], "ORG"), (["game"], "MISC")]
-FILLER = ["the", "a", "in", "at", "of", "to", "and", "is", "rt", "with", "new", "city", "visit", "love"]
-
-
-def make_post(rng: random.Random, image_id: str | None, *, orphan: bool = False) -> list[tuple[str, str]]:
-    rows = [(w, "O") for w in rng.sample(FILLER, 3)]
-    words, entity_type = rng.choice(ENTITIES)
-    rows += [(w, ("B-" if i == 0 and not orphan else "I-") + entity_type) for i, w in enumerate(words)]
-    rows += [(w, "O") for w in rng.sample(FILLER, 2)]
-    return rows
-
-
-def write_split(path: Path, posts: list[list[tuple[str, str]]], *, tags: bool = True) -> None:
-    lines = []
-    for n, rows in enumerate(posts):
-        lines.append(f"IMGID:{n}")
-        lines += [f"{w}\t{t}" if tags else w for w, t in rows]
-        lines.append("")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def write_generated_splits(folder: Path, *, seed: int, sizes: tuple[int, int, int], extra_test=()) -> Path:
-    """train/valid/test files of generated posts (``sizes`` posts each), ``extra_test`` appended to test."""
-    rng = random.Random(seed)
-    for name, size in zip(("train.txt", "valid.txt", "test.txt"), sizes):
-        posts = [make_post(rng, str(i)) for i in range(size)]
-        write_split(folder / name, posts + (list(extra_test) if name == "test.txt" else []))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("tiny-data")
-    train = [make_post(rng, str(i), orphan=i % 10 == 0) for i in range(48)]
-    train.append([("\u200b", "O"), ("paris", "B-LOC")])  # zero-piece word first: CRF must not break
-    dev = [make_post(rng, str(i)) for i in range(12)]
-    test = [make_post(rng, str(i)) for i in range(12)]
-    test.append([("rt", "O")] + [("london", "B-LOC")] * 40)  # words past --max-length: predicted O
-    write_split(folder / "train.txt", train)
-    write_split(folder / "valid.txt", dev)
-    write_split(folder / "test.txt", test)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -217,26 +173,6 @@ def register_visual_test_model():
             image = batch["visual"]["encoders/clip/image_embed"]  # (B, D)
             self.seen.append({k: tuple(v.shape) for k, v in batch["visual"].items()})
             return super().word_emissions(batch) + self.visual(image).unsqueeze(1)  # (B, W, T)
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_data, tmp_path_factory) -> Path:
-    import numpy as np
-
-    from mner.pipeline.cache import CacheWriter, make_provenance
-    from mner.pipeline.data import load_dataset
-
-    dataset = load_dataset(tiny_data)
-    ids = sorted(set(dataset.image_ids()) - {"5"})  # image 5 is absent from the cache
-    path = tmp_path_factory.mktemp("cache") / "tiny.h5"
-    with CacheWriter(path, partial=True) as writer:
-        writer.write_images(ids, [0] * len(ids), [""] * len(ids), [64] * len(ids), [48] * len(ids))
-        writer.write_posts(dataset)
-        embed = np.random.default_rng(0).standard_normal((len(ids), 16)).astype(np.float16)
-        provenance = make_provenance("encoder", model="ViT-B-32", pretrained="random", preprocessing=None,
-                                     thresholds=None, image_ids=ids)
-        writer.write_group("encoders/clip", {"image_embed": (embed, "image")}, provenance)
-    return path
 
 
 def test_train_from_cache_posts_with_visual_features(tiny_cache, tiny_bert, tmp_path, capsys):

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from test_train import make_post, write_generated_splits, write_split
+from helpers.data import make_post, write_generated_splits, write_split
 
 from mner.trainer.cli import main
 

@@ -89,7 +89,7 @@ def evaluate_command(
     split: str = typer.Option("test", help="test | dev | train. Example: --split dev"),
     data: Path | None = typer.Option(None, help="Other data (cross-domain). Example: --data data/twitter2017"),
     features: Path | None = typer.Option(None, help="Cache for --data's images. Example: --features cache/t17.h5"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Score even when posts' images are absent from the cache."),
 ) -> None:
@@ -116,7 +116,7 @@ def predict_command(
         None, help="Where --images are extracted (default <run>/side-caches/<images folder>-<hash>.h5; reused "
         "by the next call). Example: --side-cache cache/new-posts.h5"),
     features: Path | None = typer.Option(None, help="Cache holding --data's images (default: the run's cache)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda. Example: --device cpu"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     batch_size: int | None = typer.Option(None, help="Posts per forward (default: the run's eval batch size)."),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Tag even when posts' images are absent from the caches."),
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point (``mner-train``); returns the exit status so tests can call it directly."""
     from mner.pipeline.cache import CacheError
     from mner.pipeline.data import DataFormatError
+    from mner.pipeline.devices import DeviceError
     from mner.trainer.core.config import ConfigError
     from mner.trainer.core.run_folder import RunFolderError
     from mner.trainer.core.train import RunInterrupted
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mner-train: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CacheError, DataFormatError, TextEncoderError, RunFolderError, FileExistsError,
-            FileNotFoundError, OutputError) as err:
+    except (ConfigError, CacheError, DataFormatError, DeviceError, TextEncoderError, RunFolderError,
+            FileExistsError, FileNotFoundError, OutputError) as err:
         print(f"mner-train: error: {err}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown model name: the registry's message lists the valid ones

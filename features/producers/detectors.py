@@ -25,10 +25,11 @@ import math
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from mner.pipeline.hashing import sha256_tag
 
 DETECTORS: dict[str, Callable[..., Detector]] = {}
 
@@ -52,14 +53,6 @@ def create_detector(name: str, **kwargs) -> Detector:
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
     return DETECTORS[name](**kwargs)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 @contextmanager
@@ -179,7 +172,7 @@ class Detector:
         if self.random_weights:
             return "random"
         if self.config.weights:
-            return sha256_file(self.config.weights)
+            return sha256_tag(self.config.weights)
         return self.library_weights()
 
     def library_weights(self) -> str:
@@ -466,7 +459,7 @@ class Detectron2Detector(Detector):
         cfg.MODEL.MASK_ON = False  # masks are not stored: skip the mask head
         self.cfg = cfg
         self.config_name = detectron2_config
-        self.config_hash = sha256_file(config_file)
+        self.config_hash = sha256_tag(config_file)
         self.model_name = f"detectron2/{detectron2_config}"
         self.resize_spec = ResizeSpec(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, rounding="round")
         self.class_names = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", []))
@@ -498,7 +491,7 @@ class Detectron2Detector(Detector):
         from detectron2.utils.file_io import PathManager
 
         local = PathManager.get_local_path(self.checkpoint)  # the zoo's cached download or the local file
-        return f"{self.checkpoint} ({sha256_file(local)})"
+        return f"{self.checkpoint} ({sha256_tag(local)})"
 
     def provenance_fields(self) -> dict:
         fields = super().provenance_fields()

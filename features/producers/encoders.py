@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mner.features.producers.detectors import autocast_for, seeded_if_random, sha256_file
+from mner.features.producers.detectors import autocast_for, seeded_if_random
+from mner.pipeline.hashing import sha256_tag
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,7 +134,7 @@ class Encoder:
             return "random"
         if self.config.weights:
             return (
-                sha256_file(self.config.weights)
+                sha256_tag(self.config.weights)
                 if Path(self.config.weights).is_file()
                 else str(self.config.weights)
             )
@@ -270,7 +271,7 @@ class ClipEncoder(Encoder):
         if self.random_weights:
             return "random"
         if self.config.weights or Path(self.config.clip_pretrained).is_file():
-            return sha256_file(self.config.weights or self.config.clip_pretrained)
+            return sha256_tag(self.config.weights or self.config.clip_pretrained)
         return self.config.clip_pretrained
 
     @property

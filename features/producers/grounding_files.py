@@ -29,6 +29,7 @@ from mner.features.producers.grounding import (
 )
 from mner.features.run.images import EXTENSIONS
 from mner.pipeline.data import DataFormatError
+from mner.pipeline.hashing import sha256_hex, sha256_tag
 
 
 @dataclass
@@ -74,14 +75,6 @@ def _image_id_of(key: str, ids: set[str]) -> str | None:
     return stem if suffix in EXTENSIONS and stem in ids else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_crop_mapping(maps: list[str], crop_dirs: list[str], image_ids: list[str]) -> CropMapping:
     """Validate user-supplied crops before any work: every problem names the mapping file and the entry.
 
@@ -108,7 +101,7 @@ def load_crop_mapping(maps: list[str], crop_dirs: list[str], image_ids: list[str
         if not folder.is_dir():
             raise ValueError(f"--grounding-crops-dir {folder}: no such folder (crops of {path})")
         mapping = _read_mapping(path)
-        files[os.path.abspath(path)] = "sha256:" + _sha256(path)
+        files[os.path.abspath(path)] = sha256_tag(path)
         missing: list[str] = []
         for key, value in mapping.items():
             if not isinstance(key, str):
@@ -139,7 +132,7 @@ def load_crop_mapping(maps: list[str], crop_dirs: list[str], image_ids: list[str
     digest = hashlib.sha256()
     for image_id in sorted(crops):
         for crop in crops[image_id]:
-            digest.update(f"{image_id}\0{crop.name}\0{_sha256(crop)}\n".encode())
+            digest.update(f"{image_id}\0{crop.name}\0{sha256_hex(crop)}\n".encode())
     return CropMapping(crops, files, "sha256:" + digest.hexdigest(), unmatched, truncated)
 
 

@@ -9,12 +9,13 @@ is the end-of-text token of the real CLIP vocabulary, and so it is here.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mner.pipeline.hashing import sha256_tag
 
 CAPTION_WORDS = (
     "a", "an", "the", "of", "in", "on", "with", "and", "at", "man", "woman", "people", "person", "dog",
@@ -48,11 +49,7 @@ def tokenizer_ids(tokenizer) -> dict[str, int]:
 def _weights_hash(folder: Path) -> str | None:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            digest = hashlib.sha256()
-            with open(folder / name, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            return f"sha256:{digest.hexdigest()}"
+            return sha256_tag(folder / name)
     return None
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mner.features.producers.detectors import sha256_file
+from mner.pipeline.hashing import sha256_tag
 
 
 def torchvision_checkpoint(weights) -> dict:
@@ -26,7 +26,7 @@ def torchvision_checkpoint(weights) -> dict:
     if not path.is_file():
         return {"weights": name, "url": weights.url, "checkpoint": None, "sha256": None,
                 "note": f"checkpoint not found at {path} after loading"}
-    return {"weights": name, "url": weights.url, "checkpoint": str(path), "sha256": sha256_file(path)}
+    return {"weights": name, "url": weights.url, "checkpoint": str(path), "sha256": sha256_tag(path)}
 
 
 def pretrained_tag(checkpoint: dict) -> str:
@@ -46,7 +46,7 @@ def open_clip_checkpoint(model: str, tag: str) -> dict:
         path = download_pretrained(config)
     except Exception as error:
         return {"tag": tag, "checkpoint": None, "sha256": None, "note": f"cannot resolve the file: {error}"}
-    return {"tag": tag, "checkpoint": str(path), "sha256": sha256_file(path)}
+    return {"tag": tag, "checkpoint": str(path), "sha256": sha256_tag(path)}
 
 
 def hf_revision(model) -> dict:
@@ -57,5 +57,5 @@ def hf_revision(model) -> dict:
     if source and Path(source).is_dir():
         files = sorted(p for p in Path(source).iterdir() if p.suffix in (".safetensors", ".bin"))
         return {"source": str(Path(source).resolve()), "revision": "local folder",
-                "sha256": {p.name: sha256_file(p) for p in files}}
+                "sha256": {p.name: sha256_tag(p) for p in files}}
     return {"source": source, "revision": revision}

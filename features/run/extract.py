@@ -33,7 +33,6 @@ import torch
 from tqdm import tqdm
 
 from mner.features.producers.registry import ChunkBatch, Producer, check_layouts, resolved
-from mner.features.run.distributed import resolve_device
 from mner.features.run.images import MAX_SIDE, MISSING_POLICIES, LoadedImage, file_fingerprint, placeholder_image
 from mner.features.run.loader import DecodedImage, ImageLoader, LoaderSpec, default_num_workers, prepared_image
 from mner.features.run.parts import (
@@ -46,9 +45,11 @@ from mner.features.run.parts import (
     unpack_bytes,
 )
 from mner.features.run.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
-from mner.features.run.stages import BackgroundWriter, ImageStages
+from mner.features.run.stages import ImageStages
+from mner.pipeline.background import BackgroundWriter
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
 from mner.pipeline.cache.specs import get_group, index_path
+from mner.pipeline.devices import resolve_device
 
 OK = STATUS_NAMES.index("ok")
 

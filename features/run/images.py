@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from mner.pipeline.cache.base import IMAGE_CAUSES
+from mner.pipeline.hashing import sha256_hex
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".JPG", ".JPEG", ".PNG", "")
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs (8000 x 8000)
@@ -159,11 +160,7 @@ def file_fingerprint(images_dir: Path | str | None, image_id: str) -> str:
     path = None if images_dir is None else find_image_file(Path(images_dir), image_id)
     if path is None:
         return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_hex(path)
 
 
 def placeholder_image() -> Image.Image:

@@ -18,10 +18,9 @@ from CUDA events, so the benchmark can report GPU busy share and main-thread CPU
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ from mner.features.producers.crops import CropBank, jpeg_crops
 from mner.features.producers.detectors import Detector
 from mner.features.producers.encoders import Encoder, InputSpec, normalize
 from mner.features.run.loader import DecodedImage
+from mner.pipeline.background import BackgroundWriter
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -82,23 +82,6 @@ class StageClock:
         return {
             name: sum(s.elapsed_time(e) for s, e in pairs) / 1000.0 for name, pairs in self._events.items()
         }
-
-
-class BackgroundWriter:
-    """One thread for what the device need not wait for (JPEG crops, chunk files), ``pending`` at most."""
-
-    def __init__(self, pending: int = 256):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mner-writer")
-        self._slots = threading.BoundedSemaphore(pending)
-
-    def submit(self, function, *args, **kwargs) -> Future:
-        self._slots.acquire()  # back-pressure: the main thread waits when the writer falls behind
-        future = self._pool.submit(function, *args, **kwargs)
-        future.add_done_callback(lambda _: self._slots.release())
-        return future
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 @dataclass

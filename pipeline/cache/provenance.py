@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import sys
 from collections.abc import Sequence
 
 from mner.pipeline.cache.base import CacheError, id_list_hash, library_versions
+from mner.pipeline.hashing import sha256_tag
 
 # Provenance keys that legitimately differ between shards of one extraction.
 SHARD_KEYS = ("command", "cwd", "created", "image_list_hash", "num_images", "shard", "merge")
@@ -16,11 +16,7 @@ SHARD_KEYS = ("command", "cwd", "created", "image_list_hash", "num_images", "sha
 
 def weights_tag(path: str | os.PathLike) -> str:
     """Provenance tag of a local weights file: ``sha256:<hex>``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return sha256_tag(path)
 
 
 def utc_now() -> str:

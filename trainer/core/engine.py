@@ -16,7 +16,6 @@ import random
 import resource
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mner.pipeline.background import BackgroundWriter
 from mner.trainer.core.config import ConfigError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -119,33 +119,6 @@ def join_optimizer_state(tensors: dict, rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-class BackgroundWriter:
-    """One checkpoint write at a time in a thread, overlapping the next epoch; ``wait`` re-raises its error."""
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def _run(self, job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as err:
-            self._error = err
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,), name="mner-checkpoint", daemon=False)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-
 class Engine:
     """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
 
@@ -171,7 +144,7 @@ class Engine:
         self.grad_accum = grad_accum
         self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
         self._kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
-        self.writer = BackgroundWriter()
+        self.writer = BackgroundWriter(pending=1, name="mner-checkpoint")  # one checkpoint write at a time
         self._buffers: dict = {}  # CPU copies reused by every snapshot
 
     # ------------------------------------------------------------------ facts about the processes
@@ -293,5 +266,6 @@ class Engine:
 
     def end(self) -> None:
         self.writer.wait()
+        self.writer.close()
         with contextlib.suppress(Exception):
             self.accelerator.end_training()

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from mner.pipeline.data import LABEL_TYPES, Post
+from mner.pipeline.tags import extract_entities
 from mner.trainer.core.config import ConfigError
-from mner.trainer.evaluation.evaluate import extract_entities
 
 
 def entity_type_counts(posts: Iterable[Post]) -> Counter:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mner.pipeline.data import Dataset, Post, load_dataset
+from mner.pipeline.devices import resolve_device
 from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
 from mner.trainer.core.engine import Engine, check_device_and_precision
 from mner.trainer.core.labels import (
@@ -91,16 +92,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"--device {name!r}: valid values: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -796,7 +787,7 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
     skeleton = run_dir / "text_encoder"
     encoder = str(skeleton) if skeleton.is_dir() else run_config["text_encoder"]["name"]
     tokenizer = load_tokenizer(encoder)
-    torch_device = resolve_device(device)
+    torch_device = torch.device(resolve_device(device))
     net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
                       tokenizer=tokenizer, visual=visual)
     load_model(net, str(run_dir / "model.safetensors"), device="cpu")

@@ -11,7 +11,8 @@ from mner.trainer.core.config import ConfigError
 
 def post_counts(predictions: Path) -> tuple[np.ndarray, list[list[str]]]:
     """Per test post: (gold entities, predicted entities, correct ones) as an int array (posts, 3)."""
-    from mner.trainer.evaluation.evaluate import extract_entities, read_conll_predictions
+    from mner.pipeline.tags import extract_entities
+    from mner.trainer.evaluation.evaluate import read_conll_predictions
 
     gold, pred = read_conll_predictions(predictions)
     counts = np.zeros((len(gold), 3), dtype=np.int64)

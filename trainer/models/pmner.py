@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mner.pipeline.tags import repair_bio
 from mner.trainer.inputs.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import (
@@ -535,16 +536,10 @@ def _label_words(tag: str) -> tuple[str, ...]:
 
 
 def repair_bio_ids(path: list[int], labels: list[str]) -> list[int]:
-    """Argmax tags -> valid BIO: an I-X that does not follow B-X or I-X becomes B-X."""
+    """Argmax tag ids -> valid BIO (:func:`mner.pipeline.tags.repair_bio`); an I-X stays when there is no B-X."""
     index = {label: i for i, label in enumerate(labels)}
-    repaired, previous = [], "O"
-    for label_id in path:
-        tag = labels[label_id]
-        if tag.startswith("I-") and previous not in (f"B-{tag[2:]}", tag) and f"B-{tag[2:]}" in index:
-            tag = f"B-{tag[2:]}"
-        repaired.append(index[tag])
-        previous = tag
-    return repaired
+    repaired, _ = repair_bio(labels[label_id] for label_id in path)
+    return [index.get(tag, label_id) for tag, label_id in zip(repaired, path)]
 
 
 def _load_encoder_with_mlm_head(name: str) -> tuple[nn.Module, nn.Module | None, nn.Linear | None]:

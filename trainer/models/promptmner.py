@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mner.pipeline.tags import extract_entities
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
 from mner.trainer.models.layers import gather_first_pieces, init_linear, record_decoding
@@ -73,21 +74,6 @@ def enumerate_spans(num_words: int, max_width: int) -> tuple[torch.Tensor, torch
             starts.append(start)
             ends.append(end)
     return torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
-
-
-def bio_to_spans(tags: list[str]) -> list[tuple[int, int, str]]:
-    """Entities (start, end inclusive, type) as seqeval reads BIO: an orphan I-X starts an entity."""
-    spans: list[tuple[int, int, str]] = []
-    start, kind = None, None
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, _, tag_type = tag.partition("-")
-        continues = prefix == "I" and kind == tag_type
-        if start is not None and not continues:
-            spans.append((start, i - 1, kind))
-            start, kind = None, None
-        if prefix in ("B", "I") and not continues:
-            start, kind = i, tag_type
-    return spans
 
 
 def decode_spans(
@@ -431,7 +417,7 @@ class PromptMNER(nn.Module):
         targets = torch.zeros(word_mask.size(0), starts.numel(), dtype=torch.long, device=starts.device)
         for row, (label_ids, keep) in enumerate(zip(batch["labels"].tolist(), word_mask.tolist())):
             tags = [self.labels[i] for i, kept in zip(label_ids, keep) if kept]
-            for start, end, kind in bio_to_spans(tags):
+            for kind, start, end in extract_entities(tags):
                 if (start, end) in position and kind in self.entity_types:  # longer spans cannot be predicted
                     targets[row, position[(start, end)]] = 1 + self.entity_types.index(kind)
         return targets

@@ -187,7 +187,7 @@ def extract_new_images(reference: FeatureCache, image_ids: list[str], images_dir
                               progress=progress, command=["mner-features", "extract", "(rebuilt from the record of",
                                                           str(Path(reference.path).resolve()) + ")"],
                               **options)
-        extraction = Extraction(opts)
+        extraction = Extraction(opts, producers_factory=_keep_models_loaded(options, opts.device))
         extraction.ids = sorted(image_ids)  # only the new images, whatever else the posts name
         extraction.run()
     try:
@@ -195,6 +195,34 @@ def extract_new_images(reference: FeatureCache, image_ids: list[str], images_dir
     except RebuildError:
         Path(out).unlink(missing_ok=True)
         raise
+
+
+_LOADED_MODELS: dict[tuple, object] = {}  # (group, options, device) -> built detector / encoder, per process
+
+
+def _keep_models_loaded(options: dict, device: str):
+    """The extraction's planner, with each producer's model built once per process and reused by later calls
+    (a Tagger extracting new images call after call loads its detector and encoders once)."""
+    import functools
+
+    from mner.features.run.plan import plan_producers
+
+    def factory(extraction, existing):
+        producers, skipped = plan_producers(extraction, existing)
+        for producer in producers:
+            build = getattr(producer, "_build", None)
+            if callable(build):
+                key = (producer.group, json.dumps(options, sort_keys=True, default=str), str(device))
+                producer._build = functools.partial(_loaded, key, build)
+        return producers, skipped
+
+    return factory
+
+
+def _loaded(key: tuple, build):
+    if key not in _LOADED_MODELS:
+        _LOADED_MODELS[key] = build()
+    return _LOADED_MODELS[key]
 
 
 def extend_side_cache(reference: str | os.PathLike, side_cache: str | os.PathLike, image_ids: list[str],
@@ -214,7 +242,7 @@ def extend_side_cache(reference: str | os.PathLike, side_cache: str | os.PathLik
     with CacheLock(side_cache), tempfile.TemporaryDirectory(prefix="mner-side-", dir=side_cache.parent) as scratch:
         fresh = Path(scratch) / "new.h5"
         extract_new_images(reference_cache, new, images_dir, fresh, device=device, progress=progress,
-                           weights=weights)
+                           weights=weights, num_workers=0 if len(new) < 64 else None)  # no worker start-up for a few
         if side_cache.exists():
             grow_merge(side_cache, fresh)
         else:

@@ -23,6 +23,8 @@ from mner.features.cli import main as features_main
 from mner.pipeline.cache import FeatureCache
 from mner.trainer.cli import main as train_main
 
+pytestmark = pytest.mark.slow  # stage 1 + a vcrmner run on the bundled sample (about a minute in all)
+
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = ["--random-init", "--detector", "fasterrcnn-test", "--detector-min-size", "64", "--score-threshold", "0",
           "--top-k", "3", "--encoder", "clip", "--clip-model", "clip-test", "--prompts", "vcrmner", "--no-progress",
@@ -86,8 +88,21 @@ def predictions(path: Path) -> list[list[str]]:
             for block in path.read_text().split("\n\n") if block.strip()]
 
 
-def test_predict_on_new_images_equals_growing_the_cache_by_hand(trained, tmp_path):
-    root, cache, run, posts = trained
+@pytest.fixture(scope="module")
+def grown(trained):
+    """The training cache grown by hand: `mner-features extract` with the sample plus the new posts."""
+    root, cache, _, posts = trained
+    grown = root / "grown.h5"
+    shutil.copy(cache, grown)
+    everything = sample_plus(root / "everything", posts)
+    assert features_main(["extract", "--data", str(everything), "--images", str(root / "images"),
+                          "--out", str(grown), *STAGE1]) == 0
+    return grown, everything
+
+
+def test_predict_on_new_images_equals_growing_the_cache_by_hand(trained, grown, tmp_path):
+    root, _, run, posts = trained
+    grown, _ = grown
     side = tmp_path / "side.h5"
     out = tmp_path / "tagged.conll"
     assert train_main(["predict", str(run), "--data", str(posts), "--images", str(root / "images"),
@@ -98,12 +113,7 @@ def test_predict_on_new_images_equals_growing_the_cache_by_hand(trained, tmp_pat
     assert sorted(FeatureCache(side).image_ids) == sorted(i for i, _ in NEW_POSTS[:5])
     assert all(len(line.split("\t")) == 3 for line in out.read_text().splitlines() if "\t" in line)  # token gold pred
 
-    # by hand: grow a copy of the training cache with the new posts, same stage-1 flags, then predict from it
-    grown = tmp_path / "grown.h5"
-    shutil.copy(cache, grown)
-    everything = sample_plus(tmp_path / "everything", posts)
-    assert features_main(["extract", "--data", str(everything), "--images", str(root / "images"),
-                          "--out", str(grown), *STAGE1]) == 0
+    # by hand: a copy of the training cache grown with the new posts, same stage-1 flags, then predict from it
     by_hand = tmp_path / "by_hand.conll"
     assert train_main(["predict", str(run), "--data", str(posts), "--features", str(grown), "--out", str(by_hand),
                        "--device", "cpu"]) == 0
@@ -152,13 +162,10 @@ def by_image(path: Path) -> dict:
     return values
 
 
-def test_grown_cache_equals_a_cache_built_in_one_go(trained, tmp_path):
-    root, cache, _, posts = trained
-    everything = sample_plus(tmp_path / "everything", posts)
-    grown, one_go = tmp_path / "grown.h5", tmp_path / "one_go.h5"
-    shutil.copy(cache, grown)
-    assert features_main(["extract", "--data", str(everything), "--images", str(root / "images"),
-                          "--out", str(grown), *STAGE1]) == 0
+def test_grown_cache_equals_a_cache_built_in_one_go(trained, grown, tmp_path):
+    root, cache, _, _ = trained
+    grown, everything = grown
+    one_go = tmp_path / "one_go.h5"
     assert features_main(["extract", "--data", str(everything), "--images", str(root / "images"),
                           "--out", str(one_go), *STAGE1]) == 0
     a, b = FeatureCache(grown), FeatureCache(one_go)

@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "load_seconds": load_seconds, "calls": figures}
-    print(f"{args.posts} posts ({distinct} new pictures), device {args.device}, {torch.get_num_threads()} torch threads; "
-          f"Tagger.from_run {load_seconds:.1f} s")
+    print(f"{args.posts} posts ({distinct} new pictures), device {args.device}, {torch.get_num_threads()} torch "
+          f"threads; Tagger.from_run {load_seconds:.1f} s")
     for name, row in figures.items():
         print(f"  {name:<34} {row['seconds']:8.1f} s  {row['posts_per_s']:8.2f} posts/s  stage 1 "
               f"{100 * row['stage1_share']:5.1f}%  ({row['extracted']} images extracted)")

@@ -23,5 +23,5 @@ for ((task = 0; task < TASKS; task++)); do
         --out "$OUT" "${seed_flags[@]}" --task "$task/$TASKS" &
 done
 wait
-mner-train report "$OUT" --out "report/$(basename "$OUT")" \
+mner-train report "$OUT" --out "report/$(basename "$OUT")" --overwrite \
     --compare t15-frac0.10/vcrmner/default --compare t15/vcrmner/default

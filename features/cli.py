@@ -112,6 +112,8 @@ def extract(
     from mner.features.producers.grounding_captions import caption_options, grounding_options
     from mner.features.run.extract import ExtractOptions, ImageError, parse_shard, run_extraction
     from mner.pipeline.cache import CacheError
+    from mner.pipeline.data import DataFormatError
+    from mner.pipeline.outputs import OutputError, describe_os_error
 
     try:
         opts = ExtractOptions(
@@ -134,9 +136,17 @@ def extract(
     except ImageError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
-    except (ValueError, RuntimeError, CacheError) as error:
+    except (ValueError, RuntimeError, CacheError, DataFormatError, OutputError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error
+    except OSError as error:  # disk full, read-only file system, a name too long: one line, the path, the fix
+        typer.echo(f"error: {describe_os_error(error, out)}", err=True)
+        raise typer.Exit(1) from error
+    except KeyboardInterrupt as interrupt:
+        signal_name = "SIGTERM" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
+        typer.echo(f"{signal_name}: stopped; finished chunks are kept in {out}.parts and no lock or temp file is "
+                   "left: run the same command again to continue", err=True)
+        raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
     typer.echo(str(summary))
     if summary.shard_count > 1:
         from mner.features.run.distributed import merge_hint
@@ -144,20 +154,65 @@ def extract(
         typer.echo(merge_hint(out, summary.shard_count))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `timeout`): unwinds like Ctrl-C, so the lock and temp files are removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 @app.command()
-def info(path: str = typer.Argument(..., help="cache file")) -> None:
+def info(
+    path: str = typer.Argument(..., help="cache file"),
+    verify_: bool = typer.Option(False, "--verify", help="also recompute every group's checksum against its "
+                                 "data (as `mner-features verify`); exit 1 on a mismatch"),
+) -> None:
     """Print groups (checked against their specs), shapes, fingerprints, provenance and per-image status
     counts with their causes. Exits 1 on a file that is not an mner cache.
 
-    Example: mner-features info cache/t15.h5
+    Example: mner-features info cache/t15.h5 --verify
     """
     from mner.pipeline.cache import CacheError, describe
 
     try:
         typer.echo(describe(path))
+        if verify_:
+            _verify(path)
+        else:
+            typer.echo("checksums: not recomputed (mner-features verify CACHE, or info --verify)")
     except (CacheError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error
+
+
+@app.command()
+def verify(path: str = typer.Argument(..., help="cache file")) -> None:
+    """Recompute every group's checksum against its data: one line per group, exit 0 when all match, 1
+    otherwise (a mismatch names the dataset rows that changed).
+
+    Example: mner-features verify cache/t15.h5
+    """
+    from mner.pipeline.cache import CacheError
+
+    try:
+        _verify(path)
+    except (CacheError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from error
+
+
+def _verify(path: str) -> None:
+    from mner.pipeline.cache.integrity import verify_cache
+
+    result = verify_cache(path)
+    for line in result.lines():
+        typer.echo(line)
+    if not result.ok:
+        typer.echo(f"{path}: checksums do not match (the file changed on disk); re-extract the groups marked "
+                   "MISMATCH (mner-features extract ... --overwrite)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{path}: all {len(result.groups)} groups match their checksums")
 
 
 @app.command()
@@ -166,6 +221,8 @@ def merge(
     out: str = typer.Option(..., help="merged cache"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help="merge even when shards of the "
                                        "extraction are missing (recorded in the merged cache's provenance)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out (only an mner cache, "
+                                   "never another file)"),
 ) -> None:
     """Merge the shards of one extraction into the cache a single process would have written.
 
@@ -174,11 +231,15 @@ def merge(
     Example: mner-features merge cache/t15.shard0of2.h5 cache/t15.shard1of2.h5 --out cache/t15.h5
     """
     from mner.pipeline.cache import CacheError, merge_caches
+    from mner.pipeline.outputs import OutputError, describe_os_error
 
     try:
-        merge_caches(shards, out, allow_partial=allow_partial)
-    except (CacheError, ValueError, OSError) as error:
+        merge_caches(shards, out, allow_partial=allow_partial, overwrite=overwrite)
+    except (CacheError, ValueError, OutputError) as error:
         typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from error
+    except OSError as error:
+        typer.echo(f"error: {describe_os_error(error, out)}", err=True)
         raise typer.Exit(1) from error
     typer.echo(f"merged {len(shards)} shards into {out}")
 
@@ -200,11 +261,20 @@ def _check_names(opts) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``mner-features``; returns the exit code (tests call ``main([...])``)."""
+    import signal
+
     _COMMAND[:] = ["mner-features", *(sys.argv[1:] if argv is None else argv)]
+    try:  # SIGTERM unwinds like Ctrl-C (locks and temp files removed, one line printed)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave it
+        previous = None
     try:
         app(args=argv, prog_name="mner-features")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

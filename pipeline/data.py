@@ -40,7 +40,10 @@ IMGID_PREFIX = "IMGID:"
 DOCSTART = "-DOCSTART-"
 SIDECAR_SUFFIX = ".images.txt"  # CoNLL: <stem>.images.txt holds one image id per sentence
 
+# Tag grammar (docs/data.md): O | <prefix>-<TYPE>; prefix B or I (BIO), S or E (BIOES, converted to
+# B / I); TYPE a letter then letters, digits or '_' (no '-': "B-PER-X" is refused, not read as type PER-X).
 _TAG_RE = re.compile(r"^([BIES])-(\S+)$")
+_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _IMAGE_COMMENT_RE = re.compile(r"^#\s*image\s*:\s*(\S*)\s*$")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -125,6 +128,17 @@ def _check_tag(tag: str, path: Path, line: int) -> tuple[str, bool]:
             "use O, B-TYPE or I-TYPE (BIOES S-/E- also accepted), e.g. B-PER, I-LOC",
         )
     prefix, kind = match.groups()
+    if "-" in kind:
+        raise DataFormatError(
+            path, line, f"tag {tag!r}: entity type {kind!r} contains '-'",
+            f"types are letters, digits and '_' (write {prefix}-{kind.replace('-', '_')}); mner never guesses "
+            "whether the second '-' starts a new type",
+        )
+    if not _TYPE_RE.match(kind):
+        raise DataFormatError(
+            path, line, f"tag {tag!r}: entity type {kind!r} is not a name",
+            "types start with a letter and hold letters, digits and '_' (e.g. B-PER, I-WORK_OF_ART)",
+        )
     alias = TYPE_ALIASES.get(kind)
     return (f"{prefix}-{alias}", True) if alias else (tag, False)
 
@@ -184,6 +198,12 @@ class _PostBuilder:
 
     def begin(self, line: int, image_id: str | None) -> None:
         if image_id is not None:
+            if image_id != image_id.strip():
+                raise DataFormatError(
+                    self.path, line, f"image id {image_id!r} has whitespace around it",
+                    "ids are used exactly as written (the image file is <id>.jpg): remove the spaces, or rename "
+                    "the image file and the id together",
+                )
             if "/" in image_id or "\\" in image_id or ".." in image_id:
                 raise DataFormatError(
                     self.path, line, f"image id {image_id!r} contains a path separator or '..'",
@@ -244,8 +264,8 @@ def _parse_twitter(lines: list[str], builder: _PostBuilder) -> None:
                 raise DataFormatError(path, pending_image, "IMGID line with no tokens",
                                       "remove it or add the post's tokens")
             builder.end()
-            image_id = line[len(IMGID_PREFIX):].strip()
-            if not image_id:
+            image_id = line[len(IMGID_PREFIX):]
+            if not image_id.strip():
                 raise DataFormatError(path, number, "IMGID line without an id", "write IMGID:<image id>")
             builder.begin(number, image_id)
             pending_image = number
@@ -281,6 +301,9 @@ def _parse_conll(lines: list[str], builder: _PostBuilder, sidecar: list[tuple[st
             builder.end()
             continue
         comment = _IMAGE_COMMENT_RE.match(stripped)
+        if comment and line != line.rstrip():
+            raise DataFormatError(path, number, f"image id {comment.group(1)!r} has whitespace after it",
+                                  "ids are used exactly as written: remove the trailing spaces")
         if comment:
             if comment_line is not None:
                 raise DataFormatError(path, comment_line, "'# image:' line with no sentence",
@@ -348,7 +371,10 @@ def _read_sidecar(path: Path) -> list[tuple[str, int]] | None:
         if len(line.split()) != 1:
             raise DataFormatError(sidecar, number, f"expected one image id, found {line[:40]!r}",
                                   "write one id per line")
-        ids.append((line.strip(), number))
+        if line != line.strip():
+            raise DataFormatError(sidecar, number, f"image id {line.strip()!r} has whitespace around it",
+                                  "ids are used exactly as written: remove the spaces")
+        ids.append((line, number))
     return ids
 
 

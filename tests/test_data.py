@@ -383,3 +383,32 @@ def test_real_twitter2015_loads():
     assert data.labels == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
     assert data.splits["train"][0].image_id == "1015799"
     assert any("renamed 3643 OTHER tags to MISC" in note for note in data.notes)
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("B-PER-X", "entity type 'PER-X' contains '-'"),  # never read as a new type PER-X
+    ("I-PER-", "contains '-'"),
+    ("B-1PER", "is not a name"),
+    ("B-PE.R", "is not a name"),
+])
+def test_tag_grammar_refuses_unclear_tags(tmp_path, tag, message):
+    path = write(tmp_path, "test.txt", f"IMGID:1\nGeorge\t{tag}\n")
+    with pytest.raises(DataFormatError, match=rf"test.txt:2: .*{message}"):
+        read_split(path, "test")
+    ok = write(tmp_path, "ok.txt", "IMGID:1\nGeorge\tS-WORK_OF_ART\nx\tB-PER\ny\tE-PER\n")
+    assert read_split(ok, "test")[0].tags == ("B-WORK_OF_ART", "B-PER", "I-PER")
+
+
+def test_image_ids_with_surrounding_whitespace_are_errors(tmp_path):
+    for text, line in (("IMGID:trail \nGeorge\tB-PER\n", 1), ("IMGID:1\nx\tO\n\nIMGID: 2\ny\tO\n", 4)):
+        path = write(tmp_path, "test.txt", text)
+        with pytest.raises(DataFormatError, match=rf"test.txt:{line}: image id .* has whitespace around it"):
+            read_split(path, "test")
+    conll = write(tmp_path, "c.txt", "# image: 42 \nGeorge B-PER\n")
+    with pytest.raises(DataFormatError, match=r"c.txt:1: image id '42' has whitespace after it"):
+        read_split(conll, "test", fmt="conll")
+    write(tmp_path, "s.images.txt", "42 \n")
+    sidecar = write(tmp_path, "s.txt", "George B-PER\n")
+    with pytest.raises(DataFormatError, match=r"s.images.txt:1: image id '42' has whitespace around it"):
+        read_split(sidecar, "test", fmt="conll")
+    assert read_split(write(tmp_path, "t.txt", "IMGID:0042\nx\tO\n"), "test")[0].image_id == "0042"

@@ -200,9 +200,9 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_bert, capsy
 data = "{data}"
 [[experiments]]
 model = "bert_crf"
-switches = {{bad = ["dropout=oops"], good = []}}
+switches = {{bad = ["max_length=100"], good = []}}
 datasets = ["d"]
-""", tiny_bert=tiny_bert)
+""", tiny_bert=tiny_bert)  # settings are valid (checked before the first run); the tiny encoder has 64 positions
     out = tmp_path / "runs"
     assert main(["sweep", str(grid_file), "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -211,7 +211,7 @@ datasets = ["d"]
     log = [json.loads(line) for line in (out / "sweep-log.jsonl").read_text().splitlines()]
     assert [(e["run"], e["status"]) for e in log] == [("d/bert_crf/default+bad/s1", "failed"),
                                                       ("d/bert_crf/default+good/s1", "done")]
-    assert "dropout=oops" in log[0]["error"]
+    assert "--max-length 100" in log[0]["error"]
 
 
 def test_cross_domain_scores_the_other_dataset_with_misc_normalised(tmp_path, tiny_bert):

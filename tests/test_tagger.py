@@ -141,11 +141,17 @@ def test_predict_never_replaces_its_input_or_a_foreign_file(crf_run, tmp_path, c
     gold.write_text((data / "test.txt").read_text())
     before = gold.read_text()
     assert main(["predict", str(run), "--data", str(gold), "--out", str(gold), "--device", "cpu"]) == 2
-    assert "would replace the input" in capsys.readouterr().err and gold.read_text() == before
+    assert "is also an input" in capsys.readouterr().err and gold.read_text() == before
     foreign = tmp_path / "notes.conll"
     foreign.write_text("mine\n")
-    assert main(["predict", str(run), "--data", str(gold), "--out", str(foreign), "--device", "cpu"]) == 2
-    assert "not written by mner" in capsys.readouterr().err and foreign.read_text() == "mine\n"
+    assert main(["predict", str(run), "--data", str(gold), "--out", str(foreign), "--device", "cpu",
+                 "--overwrite"]) == 2
+    assert "is not an mner prediction file" in capsys.readouterr().err and foreign.read_text() == "mine\n"
+    ours = tmp_path / "tagged.jsonl"  # our own output: replaced only with --overwrite
+    assert main(["predict", str(run), "--data", str(gold), "--out", str(ours), "--device", "cpu"]) == 0
+    assert main(["predict", str(run), "--data", str(gold), "--out", str(ours), "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["predict", str(run), "--data", str(gold), "--out", str(ours), "--device", "cpu", "--overwrite"]) == 0
     assert main(["predict", str(run), "--data", str(gold), "--out", str(tmp_path / "x.csv"), "--device", "cpu"]) == 2
     assert "valid suffixes" in capsys.readouterr().err
 

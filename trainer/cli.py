@@ -18,6 +18,8 @@ app = typer.Typer(
     ),
 )
 SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report")
+# recent typer releases parse with their own copy of click, whose usage errors derive from typer.TyperException
+USAGE_ERROR = getattr(typer, "TyperException", click.exceptions.ClickException)
 
 
 @app.command("train")
@@ -123,6 +125,9 @@ def predict_command(
     stage1_weights: list[str] | None = typer.Option(
         None, "--stage1-weights", help="Local copy of weights the cache's record names, as the extract flag and "
         "a path; repeatable. Example: --stage1-weights detector-weights=/models/maskrcnn.pth"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out written by mner-train predict (never another file, "
+        "never an input)."),
 ) -> None:
     """Tag posts with a trained run. CoNLL `token pred` (`token gold pred` when tags are present), JSONL
     (entities with offsets and scores) or Parquet; with gold tags also <out>.errors.csv and a type confusion
@@ -140,7 +145,8 @@ def predict_command(
                                      param_hint="--stage1-weights")
         weights["--" + flag.lstrip("-")] = path
     predict_run(run, data=data, out=out, features=features, images=images, side_cache=side_cache, device=device,
-                batch_size=batch_size, allow_missing_images=allow_missing_images, stage1_weights=weights)
+                batch_size=batch_size, allow_missing_images=allow_missing_images, stage1_weights=weights,
+                overwrite=overwrite)
 
 
 @app.command("sweep")
@@ -180,11 +186,13 @@ def report_command(
     min_coverage: float = typer.Option(0.9, help="Flag runs whose test posts have an image feature row for "
                                        "less than this share. Example: --min-coverage 0.95"),
     bootstrap: int = typer.Option(1000, help="Bootstrap samples of the significance test. Example: --bootstrap 5000"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report in --out (only a folder an earlier "
+                                   "`mner-train report` wrote)."),
 ) -> None:
     """Collect finished runs into results.{csv,parquet,md} (mean +/- std beside the papers) and PNG plots."""
     from mner.trainer.experiments.report import report
 
-    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap)
+    report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     from mner.pipeline.cache import CacheError
     from mner.pipeline.data import DataFormatError
     from mner.pipeline.devices import DeviceError
+    from mner.pipeline.outputs import OutputError, describe_os_error
     from mner.trainer.core.config import ConfigError
     from mner.trainer.core.run_folder import RunFolderError
-    from mner.trainer.core.train import RunInterrupted
-    from mner.trainer.inference.outputs import OutputError
+    from mner.trainer.core.train import RunInterrupted, TrainingDiverged
     from mner.trainer.inputs.text_encoder import TextEncoderError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -203,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ["train", *args]
     try:
         result = app(args=args, prog_name="mner-train", standalone_mode=False)
-    except click.exceptions.ClickException as err:
+    except (click.exceptions.ClickException, USAGE_ERROR) as err:  # a wrong flag: usage, valid values, exit 2
         err.show()
         return err.exit_code
-    except click.exceptions.Abort:  # click turns Ctrl-C outside training into Abort
+    except (click.exceptions.Abort, typer.Abort):  # click turns Ctrl-C outside training into Abort
         print("mner-train: interrupted", file=sys.stderr)
         return 130
     except RunInterrupted as err:
@@ -215,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mner-train: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, CacheError, DataFormatError, DeviceError, TextEncoderError, RunFolderError,
-            FileExistsError, FileNotFoundError, OutputError) as err:
+    except TrainingDiverged as err:
         print(f"mner-train: error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, CacheError, DataFormatError, DeviceError, TextEncoderError, RunFolderError, OutputError,
+            FileExistsError, FileNotFoundError) as err:
+        print(f"mner-train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only file system, a name too long: one line, not a traceback
+        print(f"mner-train: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyError as err:  # unknown model name: the registry's message lists the valid ones
         print(f"mner-train: error: {err.args[0]}", file=sys.stderr)

@@ -48,6 +48,16 @@ class Layout:
     ragged_bytes: bool = False  # a list of bytes per row (JPEG crops), stored flat + offsets
 
 
+def inside(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """xyxy boxes in original pixels clipped to the image (width, height): a downscaled 60000x1 image's
+    one-pixel rows must not map back to y = 29 (no size known: unchanged)."""
+    width, height = size
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if width <= 0 or height <= 0:
+        return boxes
+    return np.clip(boxes, 0, np.array([width, height, width, height], np.float32))
+
+
 @dataclass
 class ChunkBatch:
     """The images one ``produce`` call sees (a sub-list of a chunk, or the placeholder image alone)."""
@@ -161,8 +171,10 @@ class ObjectsProducer(Producer):
         found = self.stages.detect(self.detector, batch.decoded)  # boxes in decoded-image pixels
         jpegs = self.stages.jpeg_crops(batch.decoded, [f[0] for f in found], max_side=self.crop_max_side,
                                        quality=self.crop_quality)
+        sizes = [(d.width, d.height) for d in batch.decoded] if batch.decoded else [(0, 0)] * len(found)
         return {"counts": np.array([len(f[1]) for f in found], np.int64),
-                "boxes": np.concatenate([f[0] * np.float32(scale) for f, scale in zip(found, batch.scales)]
+                "boxes": np.concatenate([inside(f[0] * np.float32(scale), size)
+                                         for f, scale, size in zip(found, batch.scales, sizes)]
                                         ).reshape(-1, 4).astype(np.float32),
                 "scores": np.concatenate([f[1] for f in found]).astype(np.float32),
                 "class_ids": np.concatenate([f[2] for f in found]).astype(np.int32),

@@ -292,6 +292,27 @@ class Extraction:
                              + "; ".join(parts) + "). Its groups would describe other pictures than the new ones: "
                              "rebuild with --overwrite, or restore the images it was built from.")
 
+    def _verify_groups_read(self) -> None:
+        """Groups of the cache that this run's producers read (boxes, crops, CLIP embeddings) are checked
+        against their checksums first: a new group is never built on bytes that changed on disk."""
+        if self.cache is None:
+            return
+        import h5py
+
+        from mner.pipeline.cache.integrity import verify_group
+
+        read = {path.rsplit("/", 1)[0] for p in self.producers for path in p.reads}
+        read |= {"objects"} if any(p.needs_crops for p in self.producers) else set()
+        read = sorted(read & set(self.cache.groups()) - set(self.computed))
+        if not read:
+            return
+        with h5py.File(self.out, "r") as handle:
+            bad = [check for check in (verify_group(handle[name], name) for name in read) if not check.ok]
+        if bad:
+            raise ValueError(f"{self.out}: {', '.join('/' + c.group for c in bad)} no longer match their checksums "
+                             f"({'; '.join(c.problem for c in bad)}); the new groups would be built on changed data. "
+                             f"Check the file with `mner-features verify {self.out}` and rebuild it with --overwrite")
+
     def _had_file(self, row: int) -> bool:
         """A cache from before fingerprints: did image ``row`` have a file? (from its status and detail)"""
         if STATUS_NAMES[self.cache.status[row]] == "missing":
@@ -304,7 +325,16 @@ class Extraction:
         return [bytes(self.cache.read("images/content_sha256", row)).decode() for row in range(len(self.ids))]
 
     # main loop ------------------------------------------------------------------------------------
+    def check_out(self) -> str:
+        """The output rule (pipeline/outputs.py): an existing --out must be an mner cache (extended, or replaced
+        with --overwrite), never an input, in a writable folder; checked before the lock file is created."""
+        from mner.pipeline.outputs import check_output
+
+        inputs = [self.opts.data, *self.dataset.files.values(), *([self.opts.images] if self.opts.images else [])]
+        return check_output(self.out, kind="cache", overwrite=self.opts.overwrite, inputs=inputs, extend=True)
+
     def run(self) -> Summary:
+        self.check_out()
         with self._lock():
             try:
                 return self._run()
@@ -327,6 +357,7 @@ class Extraction:
                                  f"(--missing-image error):\n{listing}{more}\n"
                                  "Use --missing-image placeholder or zeros to extract anyway.")
         self._check_image_drift()
+        self._verify_groups_read()
         for producer in self.producers:
             with self._timed(f"load {producer.group}"):
                 producer.load()
@@ -645,6 +676,7 @@ class Extraction:
             self.status_counts = Counter(STATUS_NAMES[s] for s in status)
             self.bad_causes = Counter(c.decode() for s, c in zip(status, table["images::cause"]) if s != OK)
         self.num_objects = int(offsets["object"][-1]) if "object" in offsets else 0
+        self._check_space()
         with CacheWriter(self.out, overwrite=opts.overwrite) as writer, contextlib.ExitStack() as groups:
             if self.decode:
                 writer.write_images(self.ids, table["images::status"],
@@ -676,6 +708,15 @@ class Extraction:
                     streams[producer.group].append(rows)
                 del chunk
         self.cache_bytes = os.path.getsize(self.out)
+
+    def _check_space(self) -> None:
+        """The temp cache holds the existing cache plus the chunks: refuse before writing when it cannot fit
+        (HDF5 may not fail cleanly on a disk that fills mid-write); the chunks are kept for the rerun."""
+        from mner.pipeline.outputs import check_free_space
+
+        existing = os.path.getsize(self.out) if os.path.exists(self.out) and not self.opts.overwrite else 0
+        needed = int((folder_bytes(self.parts) + existing) * 1.1) + (1 << 20)
+        check_free_space(os.path.dirname(os.path.abspath(self.out)), needed, what="assembling the cache")
 
     def _provenance(self, producer: Producer) -> dict:
         fields = dict(producer.provenance())

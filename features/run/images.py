@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +63,30 @@ def find_image_file(images_dir: Path, image_id: str) -> Path | None:
     stem = image_id[: -len(suffix)] if suffix and suffix.lower() in EXTENSIONS else image_id
     for name in [image_id] + [stem + ext for ext in EXTENSIONS]:
         candidate = images_dir / name
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:  # a name the file system cannot hold (ENAMETOOLONG): no such file, not a crash
+            continue
     return None
+
+
+def name_too_long(images_dir: Path | str, image_id: str) -> int | None:
+    """The file system's name limit when no file can be named after ``image_id`` (None when one can)."""
+    from mner.pipeline.outputs import name_limit
+
+    limit = name_limit(images_dir) if Path(images_dir).is_dir() else 255
+    return limit if len(os.fsencode(image_id)) > limit else None
+
+
+# "<_io.BytesIO object at 0x7f...>" and friends: an address differs between runs, so it never enters a
+# cache (details are fingerprinted: the same images must give the same cache bytes).
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def stable_message(error: BaseException, path: Path) -> str:
+    """An exception's message with object reprs (memory addresses) replaced by the file's path."""
+    return _OBJECT_REPR.sub(str(path), f"{type(error).__name__}: {error}")
 
 
 def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
@@ -107,6 +130,10 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
         return _not_ok(image_id, "missing", "no-images-folder", "no images folder (--no-images)")
     path = find_image_file(Path(images_dir), image_id)
     if path is None:
+        limit = name_too_long(images_dir, image_id)
+        if limit is not None:
+            return _not_ok(image_id, "missing", "no-file", f"the id is {len(os.fsencode(image_id))} bytes, longer "
+                           f"than a file name may be here ({limit}): no image file can have this name")
         return _not_ok(image_id, "missing", "no-file", f"no file {Path(images_dir) / image_id}[.jpg|.png|...]")
     notes: list[str] = []
     try:
@@ -139,7 +166,7 @@ def load_image(images_dir: Path | str, image_id: str, *, max_side: int = MAX_SID
         return _not_ok(image_id, "unreadable", "too-large", f"{path}: decompression bomb: {error}",
                        fingerprint=fingerprint)
     except Exception as error:
-        return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {type(error).__name__}: {error}",
+        return _not_ok(image_id, "unreadable", "corrupt", f"{path}: {stable_message(error, path)}",
                        fingerprint=fingerprint)
     scale = 1.0
     if max(image.size) > max_side:

@@ -27,11 +27,15 @@ SEP = "::"
 
 def save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     temp = path.with_name(f"{path.name}.tmp-{temp_suffix()}")  # host and pid: no clash on a shared file system
-    with open(temp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:  # disk full, killed: no half-written temp is left (finished chunks stay)
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def pack_bytes(values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

@@ -255,7 +255,7 @@ def grow_merge(cache: Path, additions: Path, *, posts_from: Path | None = None) 
     from mner.pipeline.cache.merge import merge_caches
 
     merged = cache.with_name(cache.name + ".grown.h5")
-    merge_caches([cache, additions], merged, grow=True, posts_from=posts_from)
+    merge_caches([cache, additions], merged, grow=True, posts_from=posts_from, overwrite=True)  # our temp name
     os.replace(merged, cache)
 
 

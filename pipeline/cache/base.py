@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,9 +94,23 @@ def open_cache_file(path, mode: str = "r") -> h5py.File:
         return h5py.File(path, mode)
     except OSError as error:
         raise CacheError(
-            f"{path}: not a readable HDF5 cache ({error}); it may be truncated or another kind of file. "
-            f"Rebuild it with `mner-features extract ... --out {path} --overwrite`"
+            f"{path}: not a readable HDF5 cache ({error}); it may be truncated or another program's file. mner "
+            f"replaces only caches it can identify as its own: if this was an mner cache, delete it and run "
+            f"`mner-features extract ... --out {path}` again, otherwise choose another --out"
         ) from error
+
+
+@contextlib.contextmanager
+def damaged_metadata_as_error(path: str | os.PathLike):
+    """h5py answers a damaged object header with KeyError / RuntimeError / OSError from deep inside a
+    read: one line naming the file and the fix instead."""
+    try:
+        yield
+    except (KeyError, RuntimeError, OSError) as error:
+        raise CacheError(
+            f"{os.fspath(path)}: damaged cache metadata ({type(error).__name__}: {str(error).strip()[:100]}); the "
+            "file cannot be read. Restore it from a copy, or delete it and run `mner-features extract` again"
+        ) from None
 
 
 def check_version(handle: h5py.File, path: str) -> None:
@@ -172,14 +187,18 @@ def _json_attr(value: Any) -> Any:
     return value
 
 
-def group_fingerprint(group: h5py.Group) -> str:
+def group_fingerprint(group: h5py.Group, digests: dict[str, str] | None = None) -> str:
     """sha256 over every dataset's name, dtype, shape and bytes and the group's own attrs.
 
     Provenance (which holds the creation time and command) and the fingerprint itself are left out:
     two writes of the same numbers give the same fingerprint; any changed byte changes it.
+    ``digests`` (dataset -> sha256 of its bytes) skips re-reading datasets just hashed by the caller.
     """
     record: dict[str, Any] = {"datasets": {}, "attrs": {}}
     for name, dataset in sorted(walk_datasets(group).items()):
+        if digests is not None and name in digests:
+            record["datasets"][name] = [dataset.dtype.str, list(dataset.shape), digests[name]]
+            continue
         digest = hashlib.sha256()
         rows_per_block = max(
             1, HASH_BLOCK // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:] or (1,))))

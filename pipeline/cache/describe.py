@@ -17,6 +17,7 @@ from mner.pipeline.cache.base import (
     CacheError,
     attrs_dict,
     check_version,
+    damaged_metadata_as_error,
     feature_groups,
     open_cache_file,
 )
@@ -59,7 +60,7 @@ def extract_command_hint(
 def describe(path: str | os.PathLike) -> str:
     """Summary for ``mner-features info``: status counts, groups with their spec check, shapes, provenance."""
     path = os.fspath(path)
-    with open_cache_file(path, "r") as handle:
+    with open_cache_file(path, "r") as handle, damaged_metadata_as_error(path):
         check_version(handle, path)
         lines = [f"{path}  ({os.path.getsize(path) / 2**20:.1f} MiB)"]
         lines.append(

@@ -101,8 +101,10 @@ class CacheLock:
         timeout_s: float = 0.0,
         heartbeat_s: float = HEARTBEAT_S,
         stale_after_s: float = STALE_AFTER_S,
+        what: str = "cache",
     ):
         self.cache_path = os.path.abspath(os.fspath(cache_path))
+        self.what = what  # "cache" or "run folder": named in the refusal
         self.path = f"{self.cache_path}.lock"
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
@@ -136,7 +138,7 @@ class CacheLock:
             if time.monotonic() >= deadline:
                 raise CacheLockedError(
                     f"{self.cache_path} is being written by {describe_holder(holder)}; lock file {self.path}. "
-                    "Wait for that run to finish (one writer per cache), or write to another --out. "
+                    f"Wait for that run to finish (one writer per {self.what}), or write to another --out. "
                     f"If that process is gone, the lock is taken over {self.stale_after_s:.0f} s after its last "
                     "heartbeat (at once on the same host)."
                 )

@@ -21,12 +21,12 @@ from mner.pipeline.cache.base import (
     check_version,
     decode_ids,
     feature_groups,
-    group_fingerprint,
     id_list_hash,
     open_cache_file,
     stored_groups,
     walk_datasets,
 )
+from mner.pipeline.cache.integrity import seal_group
 from mner.pipeline.cache.lock import CacheLock, temp_suffix
 from mner.pipeline.cache.provenance import SHARD_KEYS, utc_now
 
@@ -148,24 +148,39 @@ def check_shard_set(paths: list[str], handles: list[h5py.File], merged_ids: list
 
 def merge_caches(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_partial: bool = False,
-    grow: bool = False, posts_from: str | os.PathLike | None = None,
+    overwrite: bool = False, grow: bool = False, posts_from: str | os.PathLike | None = None,
 ) -> str:
     """Merge shards (disjoint image subsets of one extraction) into the cache one process would write.
+
+    An existing ``out`` is replaced only with ``overwrite`` and only when it is an mner cache; a shard
+    is never the output (pipeline/outputs.py, docs/reliability.md).
 
     ``grow=True`` merges a cache with images added to it later (``mner.features.run.rebuild``): no shard
     set is expected, provenance may differ in the run-describing GROW_KEYS, the first cache's record is
     kept with a ``grown`` entry per addition, and the posts come from ``posts_from`` (default: the first)."""
+    from mner.pipeline.outputs import check_free_space, check_output
+
     paths = [os.fspath(p) for p in paths]
     out = os.fspath(out)
     if not paths:
         raise CacheError("merge needs at least one shard")
     if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
         raise CacheError(f"merge output {out} is also a shard; choose another --out")
+    check_output(out, kind="cache", overwrite=overwrite, inputs=paths)
+    needed = int(sum(os.path.getsize(p) for p in paths) * 1.05) + (1 << 20)
+    check_free_space(os.path.dirname(os.path.abspath(out)), needed, what="merging the shards")
     handles = [open_cache_file(p, "r") for p in paths]
     try:
         with CacheLock(out):
             _merge(paths, handles, out, allow_partial, grow=grow,
                    posts_index=paths.index(os.fspath(posts_from)) if posts_from is not None else 0)
+    except (RuntimeError, OSError) as error:  # h5py's text for a full disk / read-only file: a plain OSError
+        from mner.pipeline.cache.writer import _disk_error
+
+        disk = _disk_error(error, out)
+        if disk is not None:
+            raise disk from None
+        raise
     finally:
         for handle in handles:
             handle.close()
@@ -272,7 +287,7 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
                 target[group].attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
             prints = {}
             for name in stored_groups(target):
-                target[name].attrs["fingerprint"] = prints[name] = group_fingerprint(target[name])
+                prints[name] = seal_group(target[name])
             target.attrs["fingerprint"] = cache_fingerprint(prints)
         os.replace(temp, out)
     except BaseException:

@@ -16,6 +16,7 @@ from mner.pipeline.cache.base import (
     MissingFeaturesError,
     attrs_dict,
     check_version,
+    damaged_metadata_as_error,
     decode_ids,
     feature_groups,
     open_cache_file,
@@ -78,7 +79,7 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike, *, in_memory: bool = False):
         self.path = os.fspath(path)
         self.in_memory = in_memory
-        with open_cache_file(self.path, "r") as handle:
+        with open_cache_file(self.path, "r") as handle, damaged_metadata_as_error(self.path):
             check_version(handle, self.path)
             if "images" not in handle:
                 raise CacheError(f"{self.path}: has no /images index (incomplete extraction?)")

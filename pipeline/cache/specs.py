@@ -102,6 +102,7 @@ class GroupSpec:
     dims: dict = field(default_factory=dict)  # symbolic dim -> meaning with the usual value (docs)
     doc: str = ""  # one paragraph for docs/cache-schema.md
     feature: bool = True  # False for /images and /posts (no provenance, written by every extraction)
+    finite: bool = True  # float rows must be finite: the writer refuses NaN/Inf naming the image (False: allowed)
 
     def __post_init__(self):
         names = [d.name for d in self.datasets]

@@ -9,10 +9,12 @@ Groups can be written whole (:meth:`CacheWriter.write_group`) or streamed chunk 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from typing import Any
@@ -29,12 +31,12 @@ from mner.pipeline.cache.base import (
     decode_ids,
     feature_groups,
     fixed_bytes,
-    group_fingerprint,
     id_list_hash,
     library_versions,
     open_cache_file,
     stored_groups,
 )
+from mner.pipeline.cache.integrity import seal_group
 from mner.pipeline.cache.lock import CacheLock, temp_suffix
 from mner.pipeline.cache.specs import (
     COMMON_PROVENANCE,
@@ -46,6 +48,7 @@ from mner.pipeline.cache.specs import (
 )
 
 LEGACY_ROWS = {"offsets": "index"}  # the (values, rows) tuples of schema 1 callers
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # an address: differs between identical runs
 FLAT_CHUNK = 1 << 20  # bytes per HDF5 chunk of a streamed (resizable) flat byte dataset
 
 
@@ -105,6 +108,9 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._discard()
+            disk = _disk_error(exc, self.temp_path)
+            if disk is not None:
+                raise disk from None
             return
         try:
             handle = self.file
@@ -118,8 +124,11 @@ class CacheWriter:
             self.lock.ensure_held()
             os.replace(self.temp_path, self.path)
             _fsync_path(os.path.dirname(os.path.abspath(self.path)), directory=True)
-        except BaseException:
+        except BaseException as error:
             self._discard()
+            disk = _disk_error(error, self.temp_path)
+            if disk is not None:
+                raise disk from None
             raise
         self.lock.release()
 
@@ -135,15 +144,20 @@ class CacheWriter:
                 problems = spec_problems(node, get_group(name), partial=self.partial)
                 if problems:
                     raise CacheError(f"group {name} does not match its spec: {'; '.join(problems)}")
-                node.attrs["fingerprint"] = group_fingerprint(node)
+                seal_group(node)
 
     def _discard(self) -> None:
+        """Remove the temp file and release the lock, whatever state the file is in (a full disk makes
+        h5py's close fail too: the temp and the lock must still go)."""
         handle, self._file = self._file, None
-        if handle is not None:
-            handle.close()
-        if os.path.exists(self.temp_path):
-            os.remove(self.temp_path)
-        self.lock.release()
+        try:
+            if handle is not None:
+                with contextlib.suppress(Exception):  # the write already failed; its error is the one reported
+                    handle.close()
+            if os.path.exists(self.temp_path):
+                os.remove(self.temp_path)
+        finally:
+            self.lock.release()
 
     def _remove_stale_temps(self) -> None:
         """Under the lock no other writer is alive: any temp of this cache is left over from a dead one."""
@@ -205,6 +219,11 @@ class CacheWriter:
             elif not overwrite:
                 return  # same image list: resuming, keep the stored statuses
             del self.file["images"]
+        for row, text in enumerate(detail or ()):
+            if _OBJECT_REPR.search(str(text)):
+                raise CacheError(f"images/detail of {ids[row]!r} holds an object repr ({str(text)[:80]!r}): its memory "
+                                 "address would make identical extractions differ; the image loader must describe "
+                                 "the error without it")
         datasets: dict[str, Any] = {
             "ids": fixed_bytes(ids),
             "status": status_codes,
@@ -335,6 +354,23 @@ class CacheWriter:
         missing = [key for key in required if key not in provenance]
         if missing:
             raise CacheError(f"group {name}: provenance lacks {missing} (declared in its GroupSpec)")
+
+
+_H5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def _disk_error(error: BaseException, path: str) -> OSError | None:
+    """h5py reports a failed write (disk full, read-only) as RuntimeError/OSError text with ``errno = N``
+    (and a buffer address): the plain OSError, naming the file, so the command prints one line."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return None  # already a proper OSError
+    if not isinstance(error, (RuntimeError, OSError)):
+        return None
+    found = _H5_ERRNO.search(str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), path)
 
 
 def spec_problems(node: h5py.Group, spec: GroupSpec, *, partial: bool = False) -> list[str]:
@@ -517,6 +553,8 @@ class GroupWriter:
             row_shape, rows = array.shape[1:], array.shape[0]
         self._bind(spec, tuple(row_shape))
         array = self._cast(where, spec, array)
+        if array.dtype.kind == "f" and self.spec.finite and array.size and not np.isfinite(array).all():
+            self._refuse_nonfinite(where, spec, array)
         if spec.rows == "global":
             if spec.name in self.cursor:
                 raise CacheError(f"{where}: a global dataset is written once, whole")
@@ -537,6 +575,25 @@ class GroupWriter:
             self._create(spec, shape=(total, *array.shape[1:]), dtype=array.dtype)
         self.group[spec.name][start : start + rows] = array
         self.cursor[spec.name] = start + rows
+
+    def _refuse_nonfinite(self, where: str, spec: DatasetSpec, array: np.ndarray) -> None:
+        """NaN/Inf never enter a cache silently (a model trained on them has NaN weights): name the image."""
+        if spec.rows == "global":
+            raise CacheError(f"{where}: NaN or Inf values in a global dataset; the producer of {self.name} is broken")
+        bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+        start = self.cursor.get(spec.name, 0)
+        rows = [start + int(i) for i in bad[:5]]
+        if spec.rows != "image":
+            self._existing_index(spec.per_image_kind)
+            index = self.writer.file[self.index_of[spec.per_image_kind]][()]
+            rows = [int(np.searchsorted(index, row, side="right")) - 1 for row in rows]
+        ids = self.writer.file["images/ids"] if "images" in self.writer.file else None
+        names = [ids[row].decode("utf-8") if ids is not None and row < len(ids) else f"row {row}" for row in rows]
+        raise CacheError(
+            f"{where}: NaN or Inf in the features of {len(bad)} row(s), image(s) {', '.join(dict.fromkeys(names))}; "
+            "nothing was written. Check those images (or the producer's weights) and run again; a group that stores "
+            "non-finite values on purpose declares GroupSpec(finite=False)"
+        )
 
     @staticmethod
     def _cast(where: str, spec: DatasetSpec, array: np.ndarray) -> np.ndarray:
@@ -647,4 +704,4 @@ class GroupWriter:
             group.attrs["dims"] = json.dumps(self.dims, sort_keys=True)
         if self.provenance is not None:
             group.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True, default=str)
-        group.attrs["fingerprint"] = group_fingerprint(group)
+        seal_group(group)  # fingerprint + per-block checksums (pipeline/cache/integrity.py)

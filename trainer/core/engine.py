@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import resource
@@ -119,6 +120,38 @@ def join_optimizer_state(tensors: dict, rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or Inf: the step, the batch and what the batch held (see ``likely_cause``)."""
+
+    def __init__(self, step: int, loss: float, batch: dict, model):
+        self.step, self.loss = step, loss
+        index = batch.get("post_index")
+        self.post_indices = [int(i) for i in index.tolist()] if isinstance(index, torch.Tensor) else []
+        self.bad_rows: list[int] = []  # batch rows whose cached features are not finite
+        self.cause = likely_cause(batch, model, self.bad_rows)
+        super().__init__(f"training loss is {loss} at step {step}")
+
+
+def likely_cause(batch: dict, model, bad_rows: list[int]) -> str:
+    """Why a loss is not finite, from what can be checked cheaply after the fact."""
+    bad_inputs = []
+    for key, value in (batch.get("visual") or {}).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1:
+            finite = torch.isfinite(value).reshape(value.shape[0], -1).all(dim=1)  # (B,)
+            if not bool(finite.all()):
+                bad_inputs.append(key)
+                bad_rows.extend(int(i) for i in torch.nonzero(~finite).flatten().tolist() if i not in bad_rows)
+    bad_rows.sort()
+    if bad_inputs:
+        return (f"the batch's cached features hold NaN/Inf ({', '.join(bad_inputs)}): check the cache with "
+                "`mner-features verify CACHE` and re-extract the images named")
+    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return ("the model's weights became non-finite at an earlier step: the learning rates are too high "
+                "(lower --head-lr / --encoder-lr / --crf-lr) or fp16 overflowed (use --precision bf16 or fp32)")
+    return ("the loss overflowed on finite inputs and weights: lower the learning rates, or use --precision fp32 "
+            "(fp16/bf16 overflow)")
+
+
 class Engine:
     """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
 
@@ -211,7 +244,13 @@ class Engine:
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item()
+            value = loss.item()
+            diverged = not math.isfinite(value)
+            if self.world_size > 1:  # every process stops at the same step (no one waits in an all-reduce)
+                diverged = bool(accelerator.reduce(torch.tensor(float(diverged), device=self.device), "sum") > 0)
+            if diverged:
+                raise NonFiniteLoss(self.global_step, value, batch, model)
+            loss_sum += value
             steps += 1
             bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
         mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)

@@ -28,6 +28,8 @@ import socket
 import time
 from pathlib import Path
 
+from mner.pipeline.hashing import sha256_hex
+
 MARKER = "mner-run.json"
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence means complete
@@ -113,6 +115,44 @@ def require_finished(run_dir: Path) -> None:
                              "train one with mner-train")
 
 
+def read_run_config(run_dir: Path) -> dict:
+    """``config.json`` of a run, or one line saying it is damaged (truncated, not JSON)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RunFolderError(f"{path} is damaged ({type(err).__name__}: {str(err)[:80]}); restore the file from a "
+                             "copy or train the run again") from None
+    if not isinstance(config, dict) or not {"model", "model_config", "labels"} <= set(config):
+        raise RunFolderError(f"{path} is damaged (not a run config: keys missing); restore the file from a copy "
+                             "or train the run again")
+    return config
+
+
+# ----------------------------------------------------------------------------- integrity of the weights
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_hex(path)
+
+
+def verify_weights(run_dir: Path) -> str | None:
+    """The sha256 of ``model.safetensors`` checked against the one recorded when the run finished
+    (in ``mner-run.json``); returns it, or None for runs written before it was recorded."""
+    marker = read_marker(run_dir) or {}
+    recorded = marker.get("weights_sha256")
+    if recorded is None:
+        return None
+    weights = Path(run_dir) / "model.safetensors"
+    found = sha256_file(weights)
+    if found != recorded:
+        raise RunFolderError(
+            f"{weights} does not match the sha256 recorded when the run finished ({found[:12]}..., recorded "
+            f"{recorded[:12]}...): the file is damaged or was replaced; restore it or train the run again"
+        )
+    return found
+
+
 # ----------------------------------------------------------------------------- resuming with the stored options
 
 
@@ -186,22 +226,47 @@ def checkpoint_staging(out: Path) -> Path:
 
 
 def commit_checkpoint(out: Path) -> None:
-    """Swap the staged checkpoint in: at every instant ``checkpoint/`` or ``checkpoint.old/`` is complete."""
+    """Swap the staged checkpoint in: at every instant ``checkpoint/`` or ``checkpoint.old/`` is complete.
+    The previous epoch's checkpoint stays as ``checkpoint.old/`` until the run finishes: when the newest
+    is damaged (a disk fault, a truncated copy), ``--resume`` falls back to it."""
     staging, current, old = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.old"
     if not (staging / STATE_FILE).is_file():
         raise RuntimeError(f"{staging} is incomplete; not committing it")
-    shutil.rmtree(old, ignore_errors=True)
     if current.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(current, old)
     os.replace(staging, current)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a staged checkpoint (recorded in its trainer state, verified on resume)."""
+    return {path.name: sha256_file(path) for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != STATE_FILE}
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when its state and recorded hashes check out)."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{folder / STATE_FILE} is damaged ({type(err).__name__})"
+    for name, recorded in (state.get("files") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != recorded:
+            return f"{path} does not match its recorded sha256 (damaged)"
+    return None
+
+
+def checkpoint_candidates(out: Path) -> list[Path]:
+    """Complete checkpoints, newest first (``checkpoint/``, then the previous epoch's ``checkpoint.old/``)."""
+    return [out / name for name in (CHECKPOINT, f"{CHECKPOINT}.old") if (out / name / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
-        if (out / name / STATE_FILE).is_file():
-            return out / name
-    return None
+    candidates = checkpoint_candidates(out)
+    return candidates[0] if candidates else None
 
 
 def link_or_copy(source: Path, target: Path) -> None:

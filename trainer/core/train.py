@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mner.pipeline.data import Dataset, Post, load_dataset
 from mner.pipeline.devices import resolve_device
 from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs, validate_model_config
-from mner.trainer.core.engine import Engine, check_device_and_precision
+from mner.trainer.core.engine import Engine, NonFiniteLoss, check_device_and_precision
 from mner.trainer.core.labels import (
     build_labels,
     check_case_conflicts,
@@ -40,16 +40,23 @@ from mner.trainer.core.labels import (
 )
 from mner.trainer.core.run_folder import (
     STATE_FILE,
+    RunFolderError,
     check_out,
+    checkpoint_candidates,
+    checkpoint_files,
+    checkpoint_problem,
     checkpoint_staging,
     commit_checkpoint,
     invocation_record,
     latest_checkpoint,
     link_or_copy,
     options_for_resume,
+    read_run_config,
     remove_checkpoints,
     require_finished,
     resume_differences,
+    sha256_file,
+    verify_weights,
     write_json_atomic,
     write_marker,
 )
@@ -151,6 +158,17 @@ class VisualInputs:
 
             raise MissingFeaturesError(missing_features_message(model_name, self.cache, missing, stage1_settings or []))
         self.required = list(required)
+        # the groups read (and their ragged indexes), checked against their checksums: whole when small,
+        # by a sample of blocks when large; recorded in the run (pipeline/cache/integrity.py)
+        from mner.pipeline.cache.integrity import check_groups_at_startup
+
+        groups = {"images"}
+        for path in required:
+            groups.add(path.rsplit("/", 1)[0])
+            index = self.cache.index_of(path)
+            if index:
+                groups.add(index.rsplit("/", 1)[0])
+        self.integrity = check_groups_at_startup(self.path, sorted(groups))
         self.spec = self.cache.feature_spec(required)
         # read and pad only the objects the model attends to (its top-m), not every cached detection
         self.batcher = VisualBatcher(
@@ -316,6 +334,10 @@ class RunInterrupted(Exception):
     """Ctrl-C during training; the message says how to resume."""
 
 
+class TrainingDiverged(Exception):
+    """The training loss became NaN/Inf: the run stops (it never finishes "successfully" on NaN weights)."""
+
+
 @dataclasses.dataclass
 class TrainerState:
     """Everything the loop itself carries from epoch to epoch (saved in every checkpoint)."""
@@ -380,7 +402,26 @@ class Training:
     sampler: Any  # the loader's batch sampler: its order depends only on (seed, epoch)
 
 
-def train(
+def train(*, out: str | Path, **options) -> Path:
+    """Train one model and return its finished run directory (see :func:`train_locked` for the options).
+
+    One writer per run folder: the first process holds ``<out>.lock`` (host, pid, start time,
+    heartbeat; a dead holder's lock is taken over) for the whole run, so a second trainer on the same
+    ``--out`` is refused with the holder's name instead of both writing into one folder."""
+    from mner.pipeline.cache.lock import CacheLock
+
+    out = Path(out)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: process 0 holds the lock for all of them
+        return train_locked(out=out, **options)
+    if not out.parent.is_dir():
+        from mner.pipeline.outputs import check_writable_folder
+
+        check_writable_folder(out.parent, create=True)
+    with CacheLock(out, what="run folder"):
+        return train_locked(out=out, **options)
+
+
+def train_locked(
     *,
     out: str | Path,
     model: str | None = None,
@@ -394,7 +435,7 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
 ) -> Path:
-    """Train one model and return its finished run directory.
+    """Train one model and return its finished run directory (the caller holds the run folder's lock).
 
     ``flags`` holds explicit command-line values for TrainConfig fields (None = not given); they
     override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
@@ -487,6 +528,7 @@ def open_feature_cache(request: RunRequest, data: RunData) -> tuple[VisualInputs
         cache = visual.cache if visual is not None else FeatureCache(features)
         cache_info = cache_record(cache, {s: p for s, p in data.dataset.splits.items() if s in SPLITS})
         cache_info["required"] = visual.required if visual is not None else []
+        cache_info["integrity"] = visual.integrity if visual is not None else {}
         if visual is not None:  # a grown cache is recognised by these (evaluate, predict, --resume)
             posts = [p.image_id for s, ps in data.dataset.splits.items() if s in SPLITS for p in ps]
             cache_info["image_fingerprints"] = {"paths": visual.required,
@@ -597,16 +639,17 @@ def open_run_folder(request: RunRequest, training: Training, run_config: dict, t
         if differ:
             raise ConfigError(f"--resume: {out} was started with other options: {'; '.join(differ)}; resume with "
                               "the run's own options (`mner-train --out RUN --resume` is enough) or start a new run")
-        checkpoint = latest_checkpoint(out)
+        checkpoint, damaged = load_good_checkpoint(engine, out, training.net, training.optimizer, training.scheduler)
         if checkpoint is None:
             log(f"{out}: no epoch had finished; starting it from epoch 1")
         else:
-            engine.load_checkpoint(checkpoint, training.net, training.optimizer, training.scheduler)
-            state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
+            saved = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+            state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
             engine.global_step = state.epoch * len(training.train_loader)
             log(f"resuming {out} after epoch {state.epoch} of {config.epochs} (best dev F1 "
                 f"{100 * state.best_f1:.2f} at epoch {state.best_epoch})")
-        state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        state.resumes.append({"after_epoch": state.epoch, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              **({"damaged_checkpoints": damaged} if damaged else {})})
     elif engine.is_main:
         if out.exists():
             shutil.rmtree(out)  # check_out allowed it: --overwrite of a marked mner run
@@ -634,6 +677,9 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
             f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
             f"mner-train --out {out} --resume"
         ) from None
+    except NonFiniteLoss as err:
+        engine.writer.wait()
+        raise TrainingDiverged(describe_divergence(err, inputs.train_set, state, out)) from None
 
 
 def finish(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState, *,
@@ -684,9 +730,12 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
     if engine.is_main:
         os.replace(final / "best_model.safetensors", out / "model.safetensors")
         os.chmod(out / "model.safetensors", 0o644)
+        weights_sha256 = sha256_file(out / "model.safetensors")  # evaluate / predict verify it
+        metrics["run"]["weights_sha256"] = weights_sha256
         write_json_atomic(out / "metrics.json", metrics)
         remove_checkpoints(out)
-        write_marker(out, status="finished", epochs=config.epochs, epochs_done=state.epoch)
+        write_marker(out, status="finished", epochs=config.epochs, epochs_done=state.epoch,
+                     weights_sha256=weights_sha256)
         log(f"run written to {out}")
     engine.wait()
     engine.end()
@@ -714,9 +763,48 @@ def write_checkpoint(out: Path, snapshot: dict, state: dict, improved: bool, epo
     best = staging / "best_model.safetensors"
     link_or_copy(staging / "model.safetensors" if improved or previous is None
                  else previous / "best_model.safetensors", best)
+    state = {**state, "files": checkpoint_files(staging)}  # verified on --resume (a damaged one is skipped)
     write_json_atomic(staging / STATE_FILE, state)
     commit_checkpoint(out)
     write_marker(out, status="unfinished", epochs=epochs, epochs_done=state["epoch"])
+
+
+def load_good_checkpoint(engine: Engine, out: Path, net, optimizer, scheduler) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match their recorded hashes and load; a damaged newest one
+    falls back to the previous epoch's (``checkpoint.old``). Returns it (None: no epoch had finished)
+    and what was wrong with the ones skipped (warned about and recorded in the run)."""
+    candidates = checkpoint_candidates(out)
+    damaged: list[str] = []
+    for checkpoint in candidates:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            try:
+                engine.load_checkpoint(checkpoint, net, optimizer, scheduler)
+            except ConfigError:
+                raise
+            except Exception as err:  # a truncated safetensors / pickle: try the previous epoch's
+                problem = f"{checkpoint} does not load ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+        if problem is None:
+            if damaged:
+                warn_loudly(f"{'; '.join(damaged)}: resuming from the previous good checkpoint {checkpoint}")
+            return checkpoint, damaged
+        damaged.append(problem)
+    if damaged:
+        raise RunFolderError(f"no intact checkpoint in {out} ({'; '.join(damaged)}); start the run again with "
+                             "--overwrite")
+    return None, damaged
+
+
+def describe_divergence(err: NonFiniteLoss, train_set: PostDataset, state: TrainerState, out: Path) -> str:
+    """One message: the step, the batch's posts (and those with non-finite features), the likely cause."""
+    posts = [train_set.posts[i] for i in err.post_indices if 0 <= i < len(train_set.posts)]
+    shown = ", ".join(f"{p.post_id} ({p.source})" for p in posts[:8]) + (" ..." if len(posts) > 8 else "")
+    bad = [posts[row] for row in err.bad_rows if row < len(posts)]
+    images = ("; posts whose cached features are not finite: "
+              + ", ".join(f"{p.post_id} (image {p.image_id})" for p in bad[:8])) if bad else ""
+    return (f"training stopped: the loss is {err.loss} at step {err.step} (epoch {state.epoch + 1}); batch posts "
+            f"{shown}{images}. Likely cause: {err.cause}. {out} keeps {state.epoch} finished epoch(s) and is not "
+            "a finished run")
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
@@ -777,7 +865,8 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
 
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    run_config = read_run_config(run_dir)
+    verify_weights(run_dir)
     model_cls = get_model_class(run_config["model"])
     model_config = model_cls.Config(**run_config["model_config"])
     use_placeholders = run_config.get("train_config", {}).get("use_placeholder_features", False)
@@ -790,5 +879,10 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
     torch_device = torch.device(resolve_device(device))
     net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
                       tokenizer=tokenizer, visual=visual)
-    load_model(net, str(run_dir / "model.safetensors"), device="cpu")
+    try:
+        load_model(net, str(run_dir / "model.safetensors"), device="cpu")
+    except Exception as err:  # a truncated or foreign file (runs from before weights_sha256 was recorded)
+        raise RunFolderError(f"{run_dir / 'model.safetensors'} does not load ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:80] if str(err) else ''}); restore it or train the run "
+                             "again") from None
     return net.to(torch_device), run_config, tokenizer, visual, torch_device

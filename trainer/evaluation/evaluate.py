@@ -217,7 +217,7 @@ def evaluate_run(
     predictions into the run; the JSON names the cache used and any warning about it.
     """
     from mner.trainer.core.labels import describe_unseen, unseen_types
-    from mner.trainer.core.run_folder import require_finished
+    from mner.trainer.core.run_folder import read_run_config, require_finished
     from mner.trainer.core.run_record import short_fingerprint
     from mner.trainer.core.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
     from mner.trainer.inputs.batching import Collator
@@ -225,7 +225,7 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    run_config = read_run_config(run_dir)
     posts_data, posts_features = data, None
     if data is None:
         source = run_config["data"]

@@ -244,9 +244,17 @@ def write_tables(rows: list[dict], out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- entry point
 
 
+REPORT_FILES = ("results.csv", "results.parquet", "results.md", "dev_f1.png", "per_type_f1.png", "low_resource.png",
+                "significance.json")
+
+
 def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min_coverage: float = 0.9,
-           bootstrap: int = 1000) -> dict:
-    """The ``report`` command: collect, aggregate, write tables and plots (and the paired test)."""
+           bootstrap: int = 1000, overwrite: bool = False) -> dict:
+    """The ``report`` command: collect, aggregate, write tables and plots (and the paired test).
+
+    ``out`` follows the output rule (pipeline/outputs.py): a new or empty folder, or, with
+    ``overwrite``, a folder an earlier report marked (``mner-report.json``); never a run folder."""
+    from mner.pipeline.outputs import REPORT_MARKER, check_output
     from mner.trainer.core.train import log
 
     if compare and len(compare) != 2:
@@ -256,6 +264,12 @@ def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min
     records = [load_run(run, min_coverage=min_coverage) for run in find_runs(runs)]
     rows = aggregate(records)
     out = Path(out)
+    check_output(out, kind="report", overwrite=overwrite, inputs=runs, create_folder=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:  # an earlier report's files go: a stale plot or test never sits beside new tables
+        (out / name).unlink(missing_ok=True)
+    (out / REPORT_MARKER).write_text(json.dumps({"mner_report": 1, "runs": [str(Path(r).resolve()) for r in runs]})
+                                     + "\n", encoding="utf-8")
     written = write_tables(rows, out)
     from mner.trainer.experiments.report_plots import plot_dev_curves, plot_low_resource, plot_per_type
     from mner.trainer.experiments.significance import paired_bootstrap

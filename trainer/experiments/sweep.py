@@ -47,6 +47,19 @@ def _pid_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status and "\nState:\tX" not in status
 
 
+def _lock_held(run_dir: Path) -> bool:
+    """``<run>.lock`` held by a live trainer: a live pid on this host, or a fresh heartbeat from another."""
+    from mner.pipeline.cache.lock import STALE_AFTER_S, host_name, read_holder
+
+    holder = read_holder(f"{run_dir}.lock")
+    if holder is None:
+        return False
+    pid = holder.get("pid")
+    if holder.get("host") == host_name() and isinstance(pid, int) and pid > 0:
+        return pid != os.getpid() and _pid_alive(pid)
+    return holder.get("age_s", 0.0) <= STALE_AFTER_S
+
+
 def _temp_dirs(run_dir: Path) -> list[Path]:
     return sorted(run_dir.parent.glob(f"{run_dir.name}.tmp-*")) if run_dir.parent.is_dir() else []
 
@@ -65,6 +78,8 @@ def run_state(run_dir: Path) -> str:
         return "done"
     if (run_dir / "metrics.json").is_file():
         return "trained"
+    if _lock_held(run_dir):  # another trainer (this host or another) holds the run folder's lock
+        return "running"
     marker = read_marker(run_dir)
     if marker is not None:
         pid = marker.get("pid")
@@ -181,10 +196,46 @@ def check_inputs(grid: Grid, runs: list[RunSpec]) -> list[str]:
     return missing
 
 
-def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
+def check_run_settings(runs: list[RunSpec], *, device: str | None = None) -> dict[str, str]:
+    """Run id -> why its model, preset or settings are invalid (empty when every run can start).
+
+    The same resolution ``train`` does before reading any data (model registry, preset, ``--set``
+    keys and values, option ranges, the model's own checks), so a sweep never lists a run as "todo"
+    that would fail in its first second, and never starts a grid in which some runs cannot run."""
+    from mner.trainer.core.config import resolve_configs, validate_model_config
+    from mner.trainer.models import get_model_class
+
+    problems: dict[str, str] = {}
+    seen: dict[tuple, str | None] = {}
+    for spec in runs:
+        key = (spec.model, spec.preset, tuple(spec.sets), spec.fraction)
+        if key not in seen:
+            seen[key] = None
+            try:
+                model_cls = get_model_class(spec.model)
+                flags = {"seed": spec.seed, "train_fraction": spec.fraction, "device": device}
+                model_config, _ = resolve_configs(model_cls, preset=spec.preset, sets=list(spec.sets), flags=flags)
+                validate_model_config(model_cls, model_config)
+            except KeyError as err:
+                seen[key] = str(err.args[0] if err.args else err)
+            except ConfigError as err:
+                seen[key] = str(err)
+        if seen[key] is not None:
+            problems[spec.run_id] = seen[key]
+    return problems
+
+
+def describe_invalid(problems: dict[str, str], limit: int = 10) -> str:
+    shown = [f"{run_id}: {problem}" for run_id, problem in list(problems.items())[:limit]]
+    more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+    return f"{len(problems)} run(s) cannot start: " + "; ".join(shown) + more
+
+
+def dry_run(grid: Grid, runs: list[RunSpec], invalid: dict[str, str] | None = None) -> str:
     lines = [f"{grid.path}: {len(runs)} runs under {grid.out}"]
+    invalid = invalid or {}
     for number, spec in enumerate(runs, 1):
-        state = run_state(grid.out / spec.run_id)
+        state = "invalid" if spec.run_id in invalid else run_state(grid.out / spec.run_id)
         if state == "done":
             try:
                 check_recorded_spec(spec, grid.out / spec.run_id)
@@ -196,6 +247,8 @@ def dry_run(grid: Grid, runs: list[RunSpec]) -> str:
     missing = check_inputs(grid, runs)
     if missing:
         lines.append("missing inputs (these runs would fail): " + "; ".join(missing))
+    if invalid:
+        lines.append("invalid settings (the sweep refuses to start until they are fixed): " + describe_invalid(invalid))
     return "\n".join(lines)
 
 
@@ -209,6 +262,9 @@ def run_sweep(grid: Grid, runs: list[RunSpec], *, device: str | None = None) -> 
     if missing:
         raise ConfigError(f"{grid.path}: missing inputs: {'; '.join(missing)}. Pass --data NAME=FOLDER / "
                           "--features NAME=CACHE.h5, or restrict the sweep with --datasets NAME")
+    invalid = check_run_settings(runs, device=device)
+    if invalid:
+        raise ConfigError(f"{grid.path}: {describe_invalid(invalid)}. Fix the grid (nothing was started)")
     result = SweepResult()
     todo = []
     for spec in runs:
@@ -289,6 +345,7 @@ def sweep(grid_file: str | Path, *, out: str | Path | None = None, dry: bool = F
                      seeds=seeds)
     runs = select_task(grid.runs, task)
     if dry:
-        print(dry_run(grid, runs))
-        return 0
+        invalid = check_run_settings(runs, device=device)
+        print(dry_run(grid, runs, invalid))
+        return 2 if invalid else 0
     return run_sweep(grid, runs, device=device).exit_code

@@ -1,9 +1,8 @@
 """What tagging writes: JSONL, CoNLL, Parquet, and with gold tags an error table and a type confusion matrix.
 
 Every writer takes the tagger's :class:`mner.trainer.inference.tagger.TaggedPost` list. Files are
-written to a temporary name and renamed, so a fault leaves the previous file intact; an existing
-output is replaced only when mner wrote it (its ``<out>.json`` record exists), and never when it is
-one of the command's inputs (:func:`check_output_path`).
+written to a temporary name and renamed, so a fault leaves the previous file intact. Whether ``--out``
+may be written at all is the one output rule of :mod:`mner.pipeline.outputs` (kind "predictions").
 """
 
 from __future__ import annotations
@@ -12,17 +11,14 @@ import csv
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from mner.trainer.evaluation.evaluate import extract_entities
+from mner.pipeline.outputs import OutputError, predictions_record
+from mner.pipeline.tags import extract_entities
 
 FORMATS = {".conll": "conll", ".txt": "conll", ".jsonl": "jsonl", ".parquet": "parquet"}
 NONE = "(none)"  # the row / column of the confusion matrix for "no entity with this span"
-
-
-class OutputError(ValueError):
-    """An output path that would replace an input or a file mner did not write."""
 
 
 def output_format(path: Path) -> str:
@@ -33,19 +29,7 @@ def output_format(path: Path) -> str:
 
 
 def record_path(out: Path) -> Path:
-    return out.with_name(out.name + ".json")
-
-
-def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an ``out`` that is an input (or inside an input folder), or an existing file mner did not write."""
-    resolved = Path(out).resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if resolved == source or (source.is_dir() and source in resolved.parents):
-            raise OutputError(f"--out {out} would replace the input {source}; choose another --out")
-    if resolved.exists() and not record_path(resolved).exists():
-        raise OutputError(f"--out {out} exists and was not written by mner (no {record_path(Path(out)).name} "
-                          "beside it); choose another --out or remove the file yourself")
+    return predictions_record(out)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -67,6 +67,7 @@ class PostDataset(TorchDataset):
             "word_mask": aligned.word_mask,
             "labels": self.labels[index],
             "image_row": self.image_rows[index],
+            "post_index": index,
         }
 
 
@@ -142,6 +143,8 @@ class Collator:
             "attention_mask": attention_mask,
             "word_index": _pad([it["word_index"] for it in items], 0, torch.long),  # (B, W)
             "word_mask": _pad([it["word_mask"] for it in items], False, torch.bool),  # (B, W)
+            # (B,) the posts' positions in their PostDataset: named when a batch's loss is not finite
+            "post_index": torch.tensor([it.get("post_index", -1) for it in items], dtype=torch.long),
         }
         if all(it["labels"] is not None for it in items):
             batch["labels"] = _pad([it["labels"] for it in items], 0, torch.long)  # (B, W); pad = id 0 ("O")

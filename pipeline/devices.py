@@ -23,7 +23,9 @@ def resolve_device(device: str, env: Mapping[str, str] | None = None, *, cuda_co
     """``auto`` -> ``cuda:<LOCAL_RANK>`` when a GPU is visible, else ``cpu``; ``cuda`` takes the local rank.
 
     An explicit ``cuda:N`` is kept, but under torchrun it must match LOCAL_RANK (every rank on one GPU
-    is the mistake this guards against)."""
+    is the mistake this guards against). A process that sees exactly one GPU takes it (``cuda:0``)
+    whatever its LOCAL_RANK: launchers that give each rank its own GPU (``CUDA_VISIBLE_DEVICES`` per
+    rank, SLURM ``--gpus-per-task=1``) show every rank one device."""
     env = os.environ if env is None else env
     cuda_count = visible_gpus() if cuda_count is None else cuda_count
     local_rank = None
@@ -38,6 +40,8 @@ def resolve_device(device: str, env: Mapping[str, str] | None = None, *, cuda_co
         device = "cuda"
     if device.startswith("cuda") and cuda_count == 0:
         raise DeviceError(f"--device {device}: torch sees 0 GPUs here; use --device cpu or auto")
+    if cuda_count == 1 and device in ("cuda", "cuda:0"):
+        return "cuda:0"  # one visible GPU: this rank's own (or, on a one-GPU machine, shared by the ranks)
     if device == "cuda":
         index = local_rank or 0
         if index >= cuda_count:
@@ -61,3 +65,15 @@ def resolve_device(device: str, env: Mapping[str, str] | None = None, *, cuda_co
     if device in ("cpu", "mps") or device.startswith("mps:"):
         return device
     raise DeviceError(f"--device {device!r}; valid: {DEVICE_CHOICES}")
+
+
+def use_device(device: str) -> None:
+    """Make a ``cuda:N`` device this process's current CUDA device.
+
+    Without it, everything that takes "the current device" -- CUDA events, ``torch.cuda.synchronize()``,
+    the DataLoader's pin-memory thread, a bare ``"cuda"`` -- works on GPU 0: ``--device cuda:1`` would
+    time GPU 0 and open a second context there. CPU and MPS need nothing."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))

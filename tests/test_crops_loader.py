@@ -157,18 +157,28 @@ def test_stages_equal_the_one_image_paths(models, tmp_path):
     assert {"detector", "crops", "encoder clip-test", "encoder resnet152-test"} <= set(stages.clock.wall)
 
 
-def test_encoders_with_one_input_size_share_inputs_and_crops(models, tmp_path):
-    ids = _write_images(tmp_path, 3)
-    items = models.loader(tmp_path, ids).take(3)
-    boxes = [np.array([[0, 0, 50, 40], [10, 10, 90, 100]], np.float32)] * 3
+def test_shared_device_inputs_hold_one_window_not_the_chunk(models, tmp_path):
+    """Device memory scales with --batch-size, not --chunk-size (issue 19, point 7): the chunk's scratch
+    dict keeps the crops and inputs of one window of batch_size images; encoders with one input size
+    still share what the window holds, and the features equal a fresh computation."""
+    ids = _write_images(tmp_path, 5)
+    items = models.loader(tmp_path, ids).take(5)
+    boxes = [np.array([[0, 0, 50, 40], [10, 10, 90, 100]], np.float32)] * 5
     shared: dict = {}
-    stages = models.stages
-    stages.crop_features(models.encoders["clip-test"], items, boxes, shared)
-    cut = {key: value for key, value in shared.items() if key[0] == "crops"}
-    stages.crop_features(
-        models.encoders["resnet152-test"], items, boxes, shared
-    )  # also 224: reuses the crops
-    assert {key: value for key, value in shared.items() if key[0] == "crops"} == cut and len(cut) == 2
+    stages = models.stages  # batch_size 2: windows at 0, 2, 4
+    clip = stages.crop_features(models.encoders["clip-test"], items, boxes, shared)
+    image = stages.image_features(models.encoders["clip-test"], items, shared)
+    windows = lambda kind: [key for key in shared if key[0] == kind]  # noqa: E731
+    assert len(windows("crops")) == 1 and len(windows("inputs")) == 1
+    last = shared[windows("crops")[0]]
+    assert len(last) == 2  # the last window: one image, two crops
+    resnet = stages.crop_features(models.encoders["resnet152-test"], items, boxes, shared)  # also 224
+    assert len(windows("crops")) == 1
+    fresh = stages.crop_features(models.encoders["clip-test"], items, boxes, {})
+    np.testing.assert_array_equal(clip["crop_embed"], fresh["crop_embed"])
+    np.testing.assert_array_equal(image["image_embed"],
+                                  stages.image_features(models.encoders["clip-test"], items, {})["image_embed"])
+    assert resnet["crop_pooled"].shape == (10, 2048)
 
 
 def test_stages_with_cached_boxes_need_no_detector(models, tmp_path):

@@ -29,6 +29,16 @@ def test_torchrun_rank_is_the_shard_and_local_rank_the_gpu():
         resolve_device("cuda", {"LOCAL_RANK": "4"}, cuda_count=4)
 
 
+def test_a_rank_that_sees_one_gpu_takes_it_whatever_its_local_rank():
+    """torchrun / SLURM with one GPU per rank: rank 1 sees its GPU as cuda:0 (issue 19, point 5)."""
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert resolve_device("auto", env, cuda_count=1) == "cuda:0"
+    assert resolve_device("cuda", env, cuda_count=1) == "cuda:0"
+    assert resolve_device("cuda:0", env, cuda_count=1) == "cuda:0"
+    with pytest.raises(DeviceError, match="GPU"):
+        resolve_device("cuda:1", env, cuda_count=1)
+
+
 @pytest.mark.parametrize("task,expected", [(0, 0), (4, 1), (8, 2), (12, 3)])
 def test_slurm_array_with_a_step(task, expected):
     env = {

@@ -7,11 +7,11 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from helpers.data import write_generated_splits
+from helpers.forked import recorded_posts, run_forked
 
 from mner.trainer.cli import main
 
@@ -124,55 +124,54 @@ def test_overwrite_replaces_only_mner_run_folders(small_data, tiny_bert, tmp_pat
     assert main([*train_args(small_data, tiny_bert, run, epochs=1), "--overwrite", "--precision", "bf16",
                  "--grad-accum", "2"]) == 0
     assert not (run / "stale.txt").exists() and (run / "metrics.json").is_file()
-    record = json.loads((run / "metrics.json").read_text())["run"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    record = metrics["run"]
     assert record["precision"] == "bf16" and record["optimizer_steps_per_epoch"] == 2 and record["world_size"] == 1
+    # trained under bf16 autocast, decoded in fp32 like `evaluate` (issue 19, point 3): the same scores
+    assert record["decode_precision"] == "fp32"
+    assert main(["evaluate", str(run), "--split", "dev", "--device", "cpu"]) == 0
+    (evaluated,) = (run / "eval").glob("dev-*.json")
+    result = json.loads(evaluated.read_text())
+    assert result["decode_precision"] == "fp32" and result["micro"] == metrics["dev"]["micro"]
 
 
-def _process(argv: list[str], env: dict, log: str) -> None:
-    import torch
-    from accelerate.state import AcceleratorState
-
-    torch.set_num_threads(1)  # as DataLoader workers do: a forked OpenMP pool must not be reused
-    os.environ.update(env)
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that trained alone
-    with open(log, "w") as stream:
-        os.dup2(stream.fileno(), 2)
-        sys.stderr = stream
-        code = main(argv)
-    os._exit(code)
+DDP_TRAIN_POSTS = 21  # batch 4 over 2 processes: 6 batches of which the last is short
 
 
-def run_forked(argvs: list[list[str]], tmp_path: Path, **env) -> tuple[list[int], list[str]]:
-    """``mner-train`` in forked processes (one per argv; several form a DDP group like torchrun's workers):
-    separate processes that can be killed, without paying the imports again. Returns exit codes and stderr."""
-    import multiprocessing
-    import socket
+@pytest.fixture(scope="module")
+def ddp_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """Posts with their own image ids (one image missing) and a tiny cache with what every model reads."""
+    from mner.pipeline.cache.tiny import write_tiny_training_inputs
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    world = len(argvs)
-    logs = [tmp_path / f"process{rank}.log" for rank in range(world)]
-    context = multiprocessing.get_context("fork")
-    processes = []
-    for rank, argv in enumerate(argvs):
-        rank_env = dict(env)
-        if world > 1:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        processes.append(context.Process(target=_process, args=(argv, rank_env, str(logs[rank]))))
-        processes[-1].start()
-    for process in processes:
-        process.join(timeout=240)
-    return [p.exitcode for p in processes], [log.read_text() for log in logs]
+    data, cache = write_tiny_training_inputs(tmp_path_factory.mktemp("ddp"), train_posts=DDP_TRAIN_POSTS)
+    return Path(data), Path(cache)
 
 
-def test_two_process_ddp_on_cpu_with_gloo(small_data, tiny_bert, tmp_path):
-    """Two processes train one DDP model over gloo (what `torchrun --nproc_per_node 2` starts)."""
-    out = tmp_path / "ddp"
-    codes, logs = run_forked([train_args(small_data, tiny_bert, out, 1)] * 2, tmp_path)
-    assert codes == [0, 0], logs
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["run"]["world_size"] == 2 and metrics["epochs_run"] == 1
-    assert "2 steps/epoch" in logs[0] and "2 process(es)" in logs[0]  # 4 batches shared by two processes
+def test_two_process_ddp_every_model_sees_every_post_once_and_ranks_agree(ddp_inputs, tiny_bert, tmp_path):
+    """Two processes train one DDP model over gloo (what `torchrun --nproc_per_node 2` starts), every
+    registered model in turn, 21 posts in batches of 4 (a short batch), early stopping on (patience 1):
+    each epoch the two processes together read every training post exactly once, they agree on
+    weights, buffers and dev F1 every epoch, and nothing hangs (a hang is killed and fails the test)."""
+    from mner.pipeline.cache.tiny import EVERY_MODEL_FLAGS as DDP_MODELS
+
+    data, cache = ddp_inputs
+    runs = [["--features", str(cache), "--data", str(data), "--model", model, "--text-encoder", str(tiny_bert),
+             "--epochs", "3", "--patience", "1", "--batch-size", "4", "--max-length", "24", "--device", "cpu",
+             "--seed", "3", "--set", "stage1_mismatch=warn", "--max-missing-images", "1",
+             "--out", str(tmp_path / model), *flags] for model, flags in DDP_MODELS.items()]
+    codes, logs = run_forked([runs, runs], tmp_path, timeout=180, record=True)
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    seen = recorded_posts(tmp_path, 2)
+    for index, model in enumerate(DDP_MODELS):
+        metrics = json.loads((tmp_path / model / "metrics.json").read_text())
+        assert metrics["run"]["world_size"] == 2, model
+        epochs = [(first, second) for first, second in zip(seen[0][index], seen[1][index], strict=True)]
+        assert len(epochs) == metrics["epochs_run"] >= 2, model
+        for epoch, (first, second) in enumerate(epochs, 1):
+            assert sorted(first + second) == list(range(DDP_TRAIN_POSTS)), (model, epoch, first, second)
+            assert len(first) > 0 and len(second) > 0
+        for entry in metrics["history"]:
+            assert entry["replicas_agree"] is True, (model, entry)
+            assert entry["dev_f1_by_rank"] == [entry["dev_f1"]] * 2, (model, entry)
+    assert "3 steps/epoch" in logs[0] and "2 process(es)" in logs[0]  # 6 batches shared by two processes
     assert "training bert_crf" not in logs[1]  # only process 0 reports

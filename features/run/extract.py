@@ -49,7 +49,7 @@ from mner.features.run.stages import ImageStages
 from mner.pipeline.background import BackgroundWriter
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
 from mner.pipeline.cache.specs import get_group, index_path
-from mner.pipeline.devices import resolve_device
+from mner.pipeline.devices import resolve_device, use_device
 
 OK = STATUS_NAMES.index("ok")
 
@@ -218,6 +218,7 @@ class Extraction:
         self.opts = opts
         self.shard = resolve_shard(opts.shard)
         opts.device = resolve_device(opts.device)
+        use_device(opts.device)  # events, synchronize and the pin thread on this GPU, not GPU 0
         self.num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
         self.stages = ImageStages(opts.device, batch_size=opts.batch_size)  # shared by the image producers
         self.out = shard_out_path(opts.out, *self.shard)

@@ -55,11 +55,14 @@ def _values(ds, count: int, dims: dict[str, int], rng: np.random.Generator, salt
     return rng.integers(0, 4, (*lead, *shape)).astype(dtype)
 
 
-def tiny_group(writer: CacheWriter, name: str, *, seed: int = 0) -> dict[str, object]:
-    """Write group ``name`` with random values shaped by its spec; returns what was written per dataset."""
+def tiny_group(
+    writer: CacheWriter, name: str, *, seed: int = 0, dims: dict[str, int] | None = None
+) -> dict[str, object]:
+    """Write group ``name`` with random values shaped by its spec; returns what was written per dataset.
+    ``dims`` sets symbolic dims (``{"G": 12}``: the 12x12 grid a model insists on); others stay tiny."""
     spec = get_group(name)
     rng = np.random.default_rng(seed)
-    dims = _dims(spec)
+    dims = {**_dims(spec), **(dims or {})}
     num_images = writer.num_images
     written: dict[str, object] = {}
     totals = {"image": num_images, "text": num_images}
@@ -104,9 +107,11 @@ def write_tiny_cache(
     num_images: int = 6,
     status: list[str] | None = None,
     seed: int = 0,
+    dims: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, dict[str, object]]:
     """A cache with ``groups`` (default: every registered feature group), and any group whose ragged
-    index they need. Returns ``{group: {dataset: values}}``."""
+    index they need; ``dims`` maps a group to the symbolic dims it should not take small
+    (see :func:`tiny_group`). Returns ``{group: {dataset: values}}``."""
     names = groups if groups is not None else [instance_name(g) for g in all_groups() if g.feature]
     needed: list[str] = []
     for name in names:
@@ -123,5 +128,51 @@ def write_tiny_cache(
             ids, status or ["ok"] * num_images, width=[64] * num_images, height=[48] * num_images
         )
         for k, name in enumerate(ordered):
-            written[name] = tiny_group(writer, name, seed=seed + k)
+            written[name] = tiny_group(writer, name, seed=seed + k, dims=(dims or {}).get(name))
     return written
+
+
+# what every registered model reads, with the dims the models insist on (ESPVR's 12x12 Swin grid, four
+# entity categories); tests/test_resume.py and bench/gpu_check.py train every model on it
+PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
+EVERY_MODEL_GROUPS = ("objects", "encoders/clip", "encoders/resnet152-test", "encoders/swin-test", "grounding",
+                      "encoders/clip_grounding", "captions", *(f"prompts/{name}" for name in PROMPT_SETS))
+EVERY_MODEL_DIMS = {"encoders/swin-test": {"G": 12}, **{f"prompts/{name}": {"C": 4} for name in PROMPT_SETS}}
+EVERY_MODEL_FLAGS = {  # tiny settings per model, pointing the models at the -test groups
+    "bert_crf": [],
+    "vcrmner": ["--set", "num_heads=2", "--set", "num_blocks=1"],
+    "promptmner": ["--set", "num_continuous_prompts=4"],
+    "pmner": ["--set", "num_heads=2", "--set", "resnet_group=resnet152-test"],
+    "mgipscl": ["--set", "clip_model=tiny-random", "--set", "num_heads=2"],
+    "espvr": ["--set", "swin_group=swin-test", "--set", "cross_width=32", "--set", "cross_heads=2"],
+}
+
+
+def write_tiny_training_inputs(
+    folder: str | os.PathLike, *, train_posts: int = 21, eval_posts: int = 6, missing: tuple[int, ...] = (6,),
+    seed: int = 3,
+) -> tuple[str, str]:
+    """Twitter-format splits (post ``n`` of every split names image ``img<n>``) and a tiny cache with
+    what every model reads; the images in ``missing`` have no usable picture. Returns (data folder,
+    cache path); train with ``EVERY_MODEL_FLAGS[model]``, ``--set stage1_mismatch=warn`` and
+    ``--max-missing-images 1``."""
+    import random
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = {"PER": ["john", "smith"], "LOC": ["paris", "london"]}
+    filler = ["the", "a", "in", "at", "of", "to", "and", "is", "rt", "with", "new", "city", "visit", "love"]
+    for split, count in (("train", train_posts), ("valid", eval_posts), ("test", eval_posts)):
+        lines = []
+        for n in range(count):
+            entity_type = ("PER", "LOC")[n % 2]
+            lines += [f"IMGID:img{n:03d}", *[f"{w}\tO" for w in rng.sample(filler, rng.randint(1, 6))],
+                      f"{rng.choice(names[entity_type])}\tB-{entity_type}", ""]
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    images = max(train_posts, eval_posts)
+    status = ["missing" if i in missing else "ok" for i in range(images)]
+    write_tiny_cache(folder / "cache.h5", list(EVERY_MODEL_GROUPS), num_images=images, status=status,
+                     dims=EVERY_MODEL_DIMS)
+    return str(folder), str(folder / "cache.h5")

@@ -3,8 +3,9 @@ accumulation; checkpoints written by mner itself so that every state a resumed r
 
 One process on a CPU or one GPU; ``torchrun --nproc_per_node N -m mner.trainer.cli ...`` (or
 ``accelerate launch``) starts N processes that train one DDP model (NCCL on GPUs, gloo on CPUs).
-Every process decodes the full dev set with identical weights, so early stopping agrees without
-communication; only process 0 writes the run folder.
+Every process decodes the full dev set with identical weights; process 0's dev F1 decides the best
+epoch and early stopping for all (``Engine.agree``, which also records whether the processes' weights,
+buffers and dev F1 were identical); only process 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,16 +29,30 @@ from mner.pipeline.background import BackgroundWriter
 from mner.trainer.core.config import ConfigError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# The process-group backend for several processes; unset: accelerate's choice (NCCL on GPUs, gloo on CPUs).
+# ``gloo`` lets two processes share one GPU (NCCL refuses two ranks on one device): bench/gpu_check.sh.
+DDP_BACKEND_ENV = "MNER_DDP_BACKEND"
+LOSS_READ_EVERY = 10  # GPU training steps between two reads of the losses on the host (each one waits for the device)
 # Test-only: the process SIGKILLs itself at this global training step (1-based); see tests/test_resume.py.
 KILL_AT_STEP_ENV = "MNER_TEST_SIGKILL_AT_STEP"
 
 
+def cuda_bf16_native() -> bool:
+    """The GPU computes bf16 in hardware (Ampere and later). ``torch.cuda.is_bf16_supported()`` also
+    counts emulation by default (V100, T4), which is slower than fp16 there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation (and no emulation either)
+        return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(precision: str, *, on_cuda: bool) -> str:
-    """``auto`` -> bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU; impossible requests are errors."""
+    """``auto`` -> bf16 on CUDA where the GPU has it in hardware (else fp16), fp32 on CPU; impossible
+    requests are errors. An explicit ``bf16`` also runs on GPUs that only emulate it."""
     if precision == "auto":
         if not on_cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_bf16_native() else "fp16"
     if precision == "fp16" and not on_cuda:
         raise ConfigError("--precision fp16 needs a CUDA GPU (fp16 autocast with loss scaling); "
                           "use bf16 or fp32 on CPU")
@@ -158,21 +173,24 @@ class Engine:
     def __init__(self, *, device: str, precision: str, grad_accum: int):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
         distributed = distributed_world_size() > 1
-        if not distributed:
-            AcceleratorState._reset_state(reset_partial_state=True)  # one process may train several runs
-            if device.startswith("cuda:"):
-                torch.cuda.set_device(int(device.split(":")[1]))
+        if not distributed or not torch.distributed.is_initialized():
+            # one process may train several runs; the previous run's end_training closed its process group
+            AcceleratorState._reset_state(reset_partial_state=True)
+        if not distributed and device.startswith("cuda:"):
+            torch.cuda.set_device(int(device.split(":")[1]))  # cuda:N: every allocation, event and stream there
         cpu = device == "cpu" or not torch.cuda.is_available()
         self.precision = resolve_precision(precision, on_cuda=not cpu)
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=MIXED_PRECISION[self.precision], gradient_accumulation_steps=grad_accum,
             # ablation switches leave some parameters unused in forward; DDP must not wait for their gradients
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                             *([InitProcessGroupKwargs(backend=os.environ[DDP_BACKEND_ENV])]
+                               if os.environ.get(DDP_BACKEND_ENV) else [])],
         )
         self.grad_accum = grad_accum
         self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
@@ -183,12 +201,12 @@ class Engine:
     # ------------------------------------------------------------------ facts about the processes
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def device_name(self) -> str:
-        """The device as safetensors spells it (``cpu``, not the ``cpu:0`` of multi-process CPU runs)."""
-        return "cpu" if self.device.type == "cpu" else str(self.device)
+        """The run's device with its index (``cuda:N``, never a bare ``cuda`` that would mean GPU 0 to
+        some libraries)."""
+        device = self.accelerator.device
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     @property
     def is_main(self) -> bool:
@@ -207,10 +225,24 @@ class Engine:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
 
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
     def prepare(self, model, optimizer, loader):
-        """Moves the model, wraps it in DDP when there are several processes, shards the loader and makes
-        its batches arrive on the device; the scheduler stays outside (stepped once per optimiser step)."""
-        return self.accelerator.prepare(model, optimizer, loader)
+        """Moves the model, wraps it in DDP when there are several processes and makes the loader's
+        batches arrive on the device; the scheduler stays outside (stepped once per optimiser step).
+
+        The loader is already this process's share (its batch sampler takes ``rank`` and ``world_size``,
+        see :class:`mner.trainer.inputs.batching.LengthGroupedBatchSampler`), so accelerate must not shard
+        it again: its batch sharding skips a group of batches whenever a short batch ends a group, and
+        pads the last group with repeated posts."""
+        from accelerate.data_loader import prepare_data_loader
+
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        loader = prepare_data_loader(loader, self.device, num_processes=1, process_index=0, put_on_device=True,
+                                     non_blocking=self.device.type == "cuda")
+        return model, optimizer, loader
 
     def optimizer_steps_per_epoch(self, loader) -> int:
         return -(-len(loader) // self.grad_accum)
@@ -227,8 +259,15 @@ class Engine:
         """One pass over ``loader``; returns the mean training loss over all processes."""
         accelerator = self.accelerator
         model.train()
+        # The losses are read on the host once per window of steps: every step on a CPU (where reading costs
+        # nothing), every LOSS_READ_EVERY steps on a GPU, where a ``loss.item()`` per step makes the CPU wait
+        # for the GPU and starves its queue. The window's batches are kept until then, so a non-finite loss
+        # still names its own step and batch; several processes agree on stopping once per window.
+        read_every = 1 if self.device.type == "cpu" else LOSS_READ_EVERY
+        window: list[tuple[int, torch.Tensor, dict]] = []  # (global step, loss on the device, batch)
         loss_sum, steps = 0.0, 0
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
+        last = len(loader)
         for batch in bar:
             self.global_step += 1
             if self._kill_at and self.global_step == self._kill_at:
@@ -244,17 +283,46 @@ class Engine:
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            diverged = not math.isfinite(value)
-            if self.world_size > 1:  # every process stops at the same step (no one waits in an all-reduce)
-                diverged = bool(accelerator.reduce(torch.tensor(float(diverged), device=self.device), "sum") > 0)
-            if diverged:
-                raise NonFiniteLoss(self.global_step, value, batch, model)
-            loss_sum += value
+            window.append((self.global_step, loss.detach(), batch))
             steps += 1
-            bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
+            if len(window) == read_every or steps == last:
+                loss_sum += self._read_losses(window, model)
+                window = []
+                bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
+        if window:  # a loader shorter than it said
+            loss_sum += self._read_losses(window, model)
         mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)
         return float(accelerator.reduce(mean, "mean")) if self.world_size > 1 else float(mean)
+
+    def _read_losses(self, window: list[tuple[int, torch.Tensor, dict]], model) -> float:
+        """The window's losses on the host (one copy); raises NonFiniteLoss at its first non-finite one,
+        on every process when any process has one (so none waits in a later all-reduce)."""
+        values = torch.stack([loss.float() for _, loss, _ in window]).tolist()
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        diverged = bad is not None
+        if self.world_size > 1:
+            diverged = bool(self.accelerator.reduce(torch.tensor(float(diverged), device=self.device), "sum") > 0)
+        if diverged:
+            step, _, batch = window[bad if bad is not None else -1]
+            raise NonFiniteLoss(step, values[bad] if bad is not None else float("nan"), batch, model)
+        return float(sum(values))
+
+    # ------------------------------------------------------------------ agreement between processes
+    def agree(self, model, dev_f1: float) -> tuple[float, dict]:
+        """Process 0's dev F1, which every process then uses for its best-epoch and early-stopping
+        decisions (so all stop at the same epoch and no collective call waits forever), and a record
+        of whether the processes agreed: their dev F1s and a fingerprint of their weights and buffers
+        (one float64 sum per tensor) must be identical. One small all-gather per epoch."""
+        if self.world_size == 1:
+            return dev_f1, {}
+        from accelerate.utils import gather_object
+
+        state = self.unwrap(model).state_dict()
+        fingerprint = [float(t.detach().double().sum()) for t in state.values() if t.is_floating_point()]
+        rows = gather_object([(dev_f1, fingerprint)])
+        f1s = [row[0] for row in rows]
+        same_weights = all(row[1] == rows[0][1] for row in rows)
+        return f1s[0], {"dev_f1_by_rank": f1s, "replicas_agree": same_weights and len(set(f1s)) == 1}
 
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self, model, optimizer, scheduler) -> dict | None:
@@ -288,11 +356,20 @@ class Engine:
         for rank, state in enumerate(snapshot["rng"]):
             torch.save(state, folder / f"rng-{rank}.pt")
 
+    def load_weights(self, model, path: Path) -> None:
+        """Weights read into host memory and copied into the model's parameters wherever they live
+        (``cuda:N`` included: nothing is allocated on another GPU first)."""
+        from safetensors.torch import load_file
+
+        self.unwrap(model).load_state_dict(load_file(str(path), device="cpu"))
+
     def load_checkpoint(self, folder: Path, model, optimizer, scheduler) -> None:
         from safetensors.torch import load_file
 
-        self.unwrap(model).load_state_dict(load_file(str(folder / "model.safetensors"), device=self.device_name))
-        tensors = load_file(str(folder / "optimizer.safetensors"), device=self.device_name)
+        self.load_weights(model, folder / "model.safetensors")
+        # read on the CPU: torch's load_state_dict moves the moments to their parameter's device and keeps
+        # AdamW's ``step`` counters on the CPU (loaded onto a GPU, every later step would sync on them)
+        tensors = load_file(str(folder / "optimizer.safetensors"), device="cpu")
         optimizer.load_state_dict(join_optimizer_state(tensors, torch.load(folder / "optimizer.pt", weights_only=True)))
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():

@@ -54,13 +54,15 @@ def encode_posts(encoder, id_rows: Sequence[tuple[int, ...]], *, device: torch.d
             ids[row, : len(piece_ids)] = torch.tensor(piece_ids)
             mask[row, : len(piece_ids)] = 1
         hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (b, L, H)
+        hidden = hidden.float().cpu()  # host memory: the table outlives the run (see _SHARED_TABLES)
         for row, piece_ids in enumerate(chunk):
             table[piece_ids] = hidden[row, : len(piece_ids)].clone()  # (len, H)
     return table
 
 
 # Outputs already computed in this process, per encoder identity: the runs of one sweep process
-# (seeds, switches, training fractions) encode every post once in all.
+# (seeds, switches, training fractions) encode every post once in all. Held in host memory: on a GPU
+# they would pin device memory for the life of the sweep process, after every run has finished.
 _SHARED_TABLES: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
 
 
@@ -94,14 +96,14 @@ def use_cached_text_encoder(model: torch.nn.Module, datasets: Sequence, *, devic
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch, width = input_ids.shape
-        hidden = torch.zeros(batch, width, config.hidden_size, device=input_ids.device)  # (B, L, H)
+        hidden = torch.zeros(batch, width, config.hidden_size)  # (B, L, H) assembled on the host
         for row, (piece_ids, keep) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
             key = tuple(i for i, k in zip(piece_ids, keep) if k)
             cached = table.get(key)
             if cached is None:  # a post that was not encoded up front (e.g. predict on new data)
                 raise RuntimeError("fast_ablation: a post outside the train/dev/test sets reached the cached encoder")
-            hidden[row, : cached.size(0)] = cached.to(hidden.dtype)
-        return BaseModelOutput(last_hidden_state=hidden)
+            hidden[row, : cached.size(0)] = cached
+        return BaseModelOutput(last_hidden_state=hidden.to(input_ids.device))  # one copy per batch
 
     encoder.forward = cached_forward  # instance attribute: nn.Module.__call__ dispatches to it
     return len(missing)

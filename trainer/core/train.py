@@ -7,7 +7,6 @@ once on the longest post of every split, all before the run folder is created (s
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -92,6 +91,13 @@ def log(message: str) -> None:
 def warn_loudly(message: str) -> None:
     bar = "!" * 78
     log(f"{bar}\nWARNING: {message}\n{bar}")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Process ``rank``'s seed after the model is built: rank 0 keeps ``seed`` (a one-process run is
+    unchanged), the others differ, so data-parallel processes do not share dropout masks (the same
+    masks on every process would shrink the noise the gradient average sees)."""
+    return seed if rank == 0 else (seed * 1000003 + rank) % 2**31
 
 
 def seed_everything(seed: int) -> None:
@@ -235,33 +241,39 @@ def make_post_dataset(posts, tokenizer, *, label_to_id, max_length, visual, spli
 
 
 def make_loader(dataset: PostDataset, collator: Collator, *, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, group_by_length: bool = False) -> DataLoader:
+                seed: int = 0, group_by_length: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Training loaders draw batches from a sampler whose order depends only on (seed, epoch), so a
-    resumed run replays exactly the batches an uninterrupted one would have seen."""
+    resumed run replays exactly the batches an uninterrupted one would have seen; with several
+    processes each loader holds its ``rank``'s share (every post once per epoch over all processes)."""
     if shuffle:
         lengths = [len(a.input_ids) for a in dataset.aligned]
         sampler_cls = LengthGroupedBatchSampler if group_by_length else ShuffledBatchSampler
-        return DataLoader(dataset, batch_sampler=sampler_cls(lengths, batch_size, seed=seed),
-                          collate_fn=collator, num_workers=num_workers)
+        sampler = sampler_cls(lengths, batch_size, seed=seed, rank=rank, world_size=world_size)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- prediction
 
 
+# Decoding runs in full precision everywhere: dev F1 during training, the final dev/test scores, `evaluate`
+# and `predict`. Under bf16/fp16 autocast the emissions into the CRF would be low-precision Linear outputs
+# whose Viterbi can tie differently, so `evaluate` would disagree with metrics.json on a GPU.
+DECODE_PRECISION = "fp32"
+
+
 @torch.no_grad()
 def predict_tags(model, dataset: PostDataset, collator: Collator, *, labels: list[str], device: torch.device,
-                 batch_size: int, num_workers: int = 0, desc: str = "decode", autocast=None) -> list[list[str]]:
+                 batch_size: int, num_workers: int = 0, desc: str = "decode") -> list[list[str]]:
     """One tag per word of every post; words the model cannot see (word_mask False) are ``O``.
-    ``autocast`` is the training precision's context factory (None: full precision)."""
+    Always in full precision (``DECODE_PRECISION``), whatever the training precision."""
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     predictions: list[list[str]] = []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
     for batch in bar:
         word_mask = batch["word_mask"]
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            paths = model.decode(to_device(batch, device))
+        paths = model.decode(to_device(batch, device))
         for row, path in enumerate(paths):
             n_words = len(dataset.posts[len(predictions)].tokens)
             kept = word_mask[row, :n_words].tolist()
@@ -292,6 +304,14 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
 # ----------------------------------------------------------------------------- checks before epoch 1
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator ``fork_rng`` must save and restore for work on ``device``:
+    ``devices=[]`` forks the CPU generator only, and dropout on a GPU draws from that GPU's."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def longest_post(dataset: PostDataset) -> int:
     return max(range(len(dataset)), key=lambda i: (len(dataset.aligned[i].input_ids), len(dataset.posts[i].tokens)))
 
@@ -300,7 +320,7 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
                         device: torch.device, autocast) -> None:
     """One forward in train mode and one decode in eval mode on the longest post of every split, so a
     shape problem surfaces in seconds instead of after the last epoch. Random state is left untouched."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=rng_devices(device)), torch.no_grad():
         for split, dataset in datasets.items():
             index = longest_post(dataset)
             post = dataset.posts[index]
@@ -308,12 +328,12 @@ def check_longest_posts(net, datasets: dict[str, PostDataset], collator: Collato
             item["labels"] = [label_to_id.get(tag, 0) for tag in post.tags] if post.tags is not None else None
             batch = to_device(collator([item]), device)
             try:
-                with autocast():
-                    net.train()
-                    if item["labels"] is not None:
+                net.train()
+                if item["labels"] is not None:
+                    with autocast():  # the training step's precision
                         net(batch)
-                    net.eval()
-                    (path,) = net.decode(batch)
+                net.eval()
+                (path,) = net.decode(batch)  # decoding's (full) precision
             except (RuntimeError, ValueError, IndexError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ConfigError(
@@ -605,10 +625,13 @@ def build_training(request: RunRequest, data: RunData, inputs: RunInputs) -> Tra
     engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
     net = build_checked_model(request, data, inputs, engine)
     train_loader = make_loader(inputs.train_set, inputs.collator, batch_size=config.batch_size, shuffle=True,
-                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length)
+                               num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length,
+                               rank=engine.rank, world_size=engine.world_size)
     sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(net, config))
     net, optimizer, train_loader = engine.prepare(net, optimizer, train_loader)
+    if engine.rank > 0:  # DDP made the weights rank 0's; each process now draws its own dropout masks
+        seed_everything(rank_seed(config.seed, engine.rank))
     scheduler = build_schedule(optimizer, engine.optimizer_steps_per_epoch(train_loader) * config.epochs, config)
     return Training(engine=engine, net=net, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                     sampler=sampler)
@@ -686,13 +709,11 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
            started: float) -> None:
     """The best epoch's weights scored on dev and test; predictions, metrics.json and model.safetensors
     written, the checkpoints removed and the run marked finished."""
-    from safetensors.torch import load_file
-
     out, engine, config, net = request.out, training.engine, request.config, training.net
     engine.writer.wait()
     engine.wait()
     final = latest_checkpoint(out)
-    engine.unwrap(net).load_state_dict(load_file(str(final / "best_model.safetensors"), device=engine.device_name))
+    engine.load_weights(net, final / "best_model.safetensors")
     engine.wait()  # every process has read the best weights before process 0 moves them
     metrics: dict[str, Any] = {
         "model": request.model, "preset": request.invocation["preset"], "best_epoch": state.best_epoch,
@@ -702,8 +723,7 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
     }
     for split, eval_set in inputs.eval_sets.items():
         pred = predict_tags(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels, device=engine.device,
-                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split,
-                            autocast=engine.autocast)
+                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
         if engine.is_main:
@@ -746,7 +766,9 @@ def process_record(request: RunRequest, training: Training, cache_info: dict | N
     config, engine = request.config, training.engine
     return {
         "software": software_versions(), "seed": config.seed, "device": str(engine.device),
-        "precision": engine.precision, "world_size": engine.world_size, "grad_accum": config.grad_accum,
+        "precision": engine.precision, "decode_precision": DECODE_PRECISION, "world_size": engine.world_size,
+        "grad_accum": config.grad_accum,
+        "rank_seeds": [rank_seed(config.seed, rank) for rank in range(engine.world_size)],
         "optimizer_steps_per_epoch": engine.optimizer_steps_per_epoch(training.train_loader),
         "text_encoder": {"name": config.text_encoder, "weights": weights_fingerprint(config.text_encoder)},
         "cache": None if cache_info is None else {k: cache_info[k] for k in ("path", "fingerprint", "groups")},
@@ -822,9 +844,12 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
                                   desc=f"epoch {epoch}")
         train_seconds = time.time() - epoch_start
         dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
-                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev",
-                                autocast=engine.autocast)
-        dev_f1 = score_split(eval_set.posts, dev_pred)["micro"]["f1"]
+                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
+        dev_f1, agreement = engine.agree(net, score_split(eval_set.posts, dev_pred)["micro"]["f1"])
+        if agreement and not agreement["replicas_agree"]:
+            warn_loudly(f"epoch {epoch}: the {engine.world_size} processes disagree (dev F1 by rank "
+                        f"{agreement['dev_f1_by_rank']}, or their weights / buffers differ); process 0's "
+                        "dev F1 decides; recorded in metrics.json history")
         improved = dev_f1 > state.best_f1
         if improved:
             state.best_f1, state.best_epoch, state.epochs_without_gain = dev_f1, epoch, 0
@@ -837,7 +862,7 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         checkpoint_start = time.time()
         state.history.append({"epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train_seconds": round(train_seconds, 2),
                               "eval_seconds": round(eval_seconds, 2), "seconds": None, "checkpoint_seconds": None,
-                              "cpu_seconds": None})
+                              "cpu_seconds": None, **agreement})
         snapshot = engine.snapshot(net, optimizer, scheduler)  # the write overlaps the next epoch
         if engine.is_main:
             engine.writer.submit(functools.partial(

@@ -219,7 +219,15 @@ def evaluate_run(
     from mner.trainer.core.labels import describe_unseen, unseen_types
     from mner.trainer.core.run_folder import read_run_config, require_finished
     from mner.trainer.core.run_record import short_fingerprint
-    from mner.trainer.core.train import load_posts, load_run, log, make_post_dataset, predict_tags, warn_loudly
+    from mner.trainer.core.train import (
+        DECODE_PRECISION,
+        load_posts,
+        load_run,
+        log,
+        make_post_dataset,
+        predict_tags,
+        warn_loudly,
+    )
     from mner.trainer.inputs.batching import Collator
     from mner.trainer.inputs.segments import second_segment_for
 
@@ -254,7 +262,8 @@ def evaluate_run(
     scores = entity_scores([list(p.tags) for p in posts], predictions)
     stem = f"{split}-{dataset.data_hash[:8]}" + (f"-cache{short_fingerprint(cache['fingerprint'])}" if cache else "")
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
-              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings, **scores}
+              "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings,
+              "decode_precision": DECODE_PRECISION, **scores}
     write_json(run_dir / "eval" / f"{stem}.json", result)
     write_conll(run_dir / "eval" / f"{stem}.conll", posts, predictions)
     write_parquet(run_dir / "eval" / f"{stem}.parquet", posts, predictions)

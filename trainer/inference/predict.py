@@ -35,7 +35,7 @@ def predict_run(
     from mner.pipeline.outputs import PREDICTIONS_RECORD_KEY, check_output
     from mner.trainer.core.run_folder import require_finished
     from mner.trainer.core.run_record import check_coverage
-    from mner.trainer.core.train import SPLITS, log
+    from mner.trainer.core.train import DECODE_PRECISION, SPLITS, log
     from mner.trainer.evaluation.evaluate import _announce, choose_cache, entity_scores
     from mner.trainer.inference.tagger import Tagger
 
@@ -67,7 +67,8 @@ def predict_run(
         "posts": len(posts), "format": fmt, "image_status": report.image_status,
         "images": str(Path(images).resolve()) if images is not None else None,
         "extracted_images": report.extracted, "side_cache": report.side_cache,
-        "score": tagger.score_kind, "seconds": report.seconds, "cache": cache, "warnings": warnings, "files": {},
+        "score": tagger.score_kind, "decode_precision": DECODE_PRECISION, "seconds": report.seconds,
+        "cache": cache, "warnings": warnings, "files": {},
     }
     # the record first: an output that exists always has the record that lets a rerun --overwrite it
     write_text_atomic(record_path(out), json.dumps(record, indent=2) + "\n")

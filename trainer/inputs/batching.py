@@ -71,47 +71,86 @@ class PostDataset(TorchDataset):
         }
 
 
+def batch_sizes(num_posts: int, batch_size: int, world_size: int = 1) -> list[int]:
+    """Sizes of one epoch's batches: every post exactly once, ``world_size`` divides the count.
+
+    Data-parallel processes each take every ``world_size``-th batch and must run the same number of
+    steps. Full batches of ``batch_size`` come first; the posts left over are spread evenly over the
+    last group(s) of ``world_size`` batches, so no process gets an empty batch and none is skipped or
+    padded with repeated posts. One process: ``batch_size``-sized batches and the remainder last.
+    """
+    if num_posts < world_size:
+        raise ConfigError(f"{num_posts} training posts cannot feed {world_size} processes: "
+                          "use fewer processes or more posts")
+    steps = math.ceil(num_posts / (batch_size * world_size))  # batches per process
+    count = steps * world_size
+    missing = count * batch_size - num_posts  # how many fewer posts than full batches hold
+    tail = world_size
+    while tail < count and missing > tail * (batch_size - 1):  # the tail must keep >= 1 post per batch
+        tail += world_size
+    if missing > tail * (batch_size - 1):  # batch_size 1 and fewer posts than batches: steps shrink
+        steps = num_posts // world_size
+        count = steps * world_size
+        spread = num_posts - count * batch_size  # < world_size posts: one more in some batches
+        return [batch_size + (i >= count - spread) for i in range(count)]
+    posts_in_tail = tail * batch_size - missing
+    even = [posts_in_tail // tail + (i < posts_in_tail % tail) for i in range(tail)]
+    return [batch_size] * (count - tail) + even
+
+
 class LengthGroupedBatchSampler(Sampler):
     """Random batches of posts of similar length: about 25% less padding on tweets, same randomness.
 
     Each epoch shuffles all posts, sorts them by length inside windows of ``window`` batches, cuts
-    the windows into batches and shuffles the batches.
+    the windows into batches (sizes from :func:`batch_sizes`) and shuffles the batches. Process
+    ``rank`` of ``world_size`` data-parallel processes takes every ``world_size``-th batch of the same
+    order: together they see every post exactly once per epoch, in the same number of steps.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int, window: int = 50):
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int, window: int = 50,
+                 rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.rank, self.world_size = rank, world_size
+        self.sizes = batch_sizes(len(self.lengths), batch_size, world_size)
         self.epoch = 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return len(self.sizes) // self.world_size  # steps of this process
 
     def set_epoch(self, epoch: int) -> None:
         """The order depends only on (seed, epoch): a resumed run sees the batches an uninterrupted one saw."""
         self.epoch = epoch
 
+    def _cut(self, order: list[int], sizes: list[int]) -> list[list[int]]:
+        batches, start = [], 0
+        for size in sizes:
+            batches.append(order[start : start + size])
+            start += size
+        return batches
+
+    def _all_batches(self, rng: random.Random, order: list[int]) -> list[list[int]]:
+        batches = []
+        for first in range(0, len(self.sizes), self.window):
+            sizes = self.sizes[first : first + self.window]
+            start = sum(self.sizes[:first])
+            window = sorted(order[start : start + sum(sizes)], key=self.lengths.__getitem__)
+            batches += self._cut(window, sizes)
+        rng.shuffle(batches)
+        return batches
+
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed * 1000003 + self.epoch)
         self.epoch += 1
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        span = self.batch_size * self.window
-        batches = []
-        for start in range(0, len(order), span):
-            window = sorted(order[start : start + span], key=self.lengths.__getitem__)
-            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
-        rng.shuffle(batches)
-        yield from batches
+        yield from self._all_batches(rng, order)[self.rank :: self.world_size]
 
 
 class ShuffledBatchSampler(LengthGroupedBatchSampler):
     """Plain random batches (``group_by_length`` off), ordered by (seed, epoch) like the grouped sampler."""
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed * 1000003 + self.epoch)
-        self.epoch += 1
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        yield from (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+    def _all_batches(self, rng: random.Random, order: list[int]) -> list[list[int]]:
+        return self._cut(order, self.sizes)
 
 
 def _pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
@@ -122,6 +161,21 @@ def _pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
         if row:
             out[i, : len(row)] = torch.tensor(row, dtype=dtype)
     return out
+
+
+class HostTensors:
+    """The batch's text tensors as the collator made them, in host memory, under ``batch["host"]``.
+
+    Not a tensor, mapping or sequence, so moving the batch to the device (accelerate's
+    ``send_to_device``) passes it through untouched: a model that builds inputs on the host from the
+    text (P-MNER's template wrapping) reads them here instead of copying device tensors back, which
+    would wait for the GPU on every forward."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
 
 
 class Collator:
@@ -146,6 +200,7 @@ class Collator:
             # (B,) the posts' positions in their PostDataset: named when a batch's loss is not finite
             "post_index": torch.tensor([it.get("post_index", -1) for it in items], dtype=torch.long),
         }
+        batch["host"] = HostTensors(dict(batch))  # the text tensors above and post_index, never moved
         if all(it["labels"] is not None for it in items):
             batch["labels"] = _pad([it["labels"] for it in items], 0, torch.long)  # (B, W); pad = id 0 ("O")
         if self.visual_batcher is not None:

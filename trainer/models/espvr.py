@@ -338,8 +338,9 @@ class ESPVR(nn.Module):
         span_emissions = self.span_emissions(self.dropout(encoded["_words"]))  # (B, W, 3)
         word_mask = encoded["word_mask"].bool()
         span_gold = self.span_of_label.to(word_mask.device)[labels] if labels is not None else None  # (B, W)
+        host_mask = word_mask.cpu()  # (B, W) one copy to the host, not one per row
         if span_gold is not None and self.training and self.config.vrp_training_spans == "gold":
-            tags = [row[mask].tolist() for row, mask in zip(span_gold, word_mask)]
+            tags = [row[mask].tolist() for row, mask in zip(span_gold.cpu(), host_mask)]
         else:
             with torch.no_grad():
                 _, paths = crf_loss_and_decode(self.span_crf, span_emissions, word_mask, decode=True)
@@ -347,7 +348,7 @@ class ESPVR(nn.Module):
         # kept words are packed left in the CRF paths; map back to word positions
         num_words = word_mask.size(1)
         full = []
-        for row_tags, mask in zip(tags, word_mask):
+        for row_tags, mask in zip(tags, host_mask):
             positions = mask.nonzero().flatten().tolist()
             row = [0] * num_words
             for position, tag in zip(positions, row_tags):

@@ -101,6 +101,53 @@ class BIOConstrainedCRF(CRF):
     def start_transitions(self) -> torch.Tensor:  # (num_tags,)
         return self._penalised("start_transitions", "start_penalty")
 
+    # pytorch-crf checks its mask with a Python ``if`` on a device tensor and backtracks Viterbi with one
+    # ``.item()`` per word: on a GPU that is one host sync per call and one per decoded word. The two
+    # methods below compute the same quantities (tests/test_gpu_readiness.py compares them) with no
+    # host sync in the likelihood and a single copy to the host per decoded batch. Both read fp32
+    # emissions, whatever autocast produced upstream.
+
+    def log_likelihood(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p(tags | emissions) per sequence. emissions (B, W, T); tags, mask (B, W), mask[:, 0] True,
+        each row's True positions first. Returns (B,) float32."""
+        emissions, mask = emissions.float(), mask.bool()
+        transitions, start, end = self.transitions.float(), self.start_transitions.float(), self.end_transitions.float()
+        emitted = emissions.gather(2, tags.unsqueeze(-1)).squeeze(-1)  # (B, W)
+        moves = transitions[tags[:, :-1], tags[:, 1:]]  # (B, W-1)
+        last = tags.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)  # (B,)
+        gold = start[tags[:, 0]] + emitted[:, 0] + ((emitted[:, 1:] + moves) * mask[:, 1:]).sum(1) + end[last]  # (B,)
+        alpha = start + emissions[:, 0]  # (B, T)
+        for i in range(1, emissions.size(1)):
+            step = torch.logsumexp(alpha.unsqueeze(2) + transitions + emissions[:, i].unsqueeze(1), dim=1)  # (B, T)
+            alpha = torch.where(mask[:, i : i + 1], step, alpha)
+        return gold - torch.logsumexp(alpha + end, dim=1)  # (B,)
+
+    @torch.no_grad()
+    def viterbi(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """Best tag path per sequence (as pytorch-crf's ``decode``). emissions (B, W, T); mask (B, W)."""
+        emissions, mask = emissions.float(), mask.bool()
+        transitions = self.transitions.float()
+        score = self.start_transitions.float() + emissions[:, 0]  # (B, T)
+        history = []
+        for i in range(1, emissions.size(1)):
+            best, came_from = (score.unsqueeze(2) + transitions + emissions[:, i].unsqueeze(1)).max(dim=1)  # (B, T)
+            score = torch.where(mask[:, i : i + 1], best, score)
+            history.append(came_from)
+        last = (score + self.end_transitions.float()).argmax(dim=1)  # (B,)
+        lengths = mask.sum(1)  # (B,)
+        steps = torch.stack(history) if history else last.new_zeros(0, *score.shape)  # (W-1, B, T)
+        host = torch.cat([last, lengths, steps.flatten()]).cpu()  # the one copy to the host
+        batch = emissions.size(0)
+        last, lengths = host[:batch].tolist(), host[batch : 2 * batch].tolist()
+        steps = host[2 * batch :].view(-1, batch, emissions.size(2)).numpy()
+        paths = []
+        for row in range(batch):
+            path = [last[row]]
+            for position in range(lengths[row] - 1, 0, -1):
+                path.append(int(steps[position - 1, row, path[-1]]))
+            paths.append(path[::-1])
+        return paths
+
 
 def gather_first_pieces(hidden: torch.Tensor, word_index: torch.Tensor) -> torch.Tensor:
     """Pick the hidden state of each word's first sub-word piece.
@@ -151,24 +198,20 @@ def crf_loss_and_decode(
 
     Posts with no kept word (all words truncated or zero-piece) add no loss and decode to ``[]``.
     """
-    packed_emissions, packed_mask, packed_labels = pack_kept_words(emissions, word_mask, labels)
+    packed_emissions, packed_mask, packed_labels = pack_kept_words(emissions.float(), word_mask, labels)
     has_words = packed_mask[:, 0]  # (B,)
+    # a post without kept words runs through the CRF on one dummy step and is then weighted 0: no host
+    # sync on ``has_words`` (the CRF needs every sequence to start with a kept step)
+    runnable_mask = packed_mask.clone()
+    runnable_mask[:, 0] = True  # (B, W)
     loss = None
     if packed_labels is not None:
         packed_labels = crf.repair_gold(packed_labels, packed_mask)  # (B, W) no orphan I- left by packing
-        if has_words.any():
-            log_likelihood = crf(
-                packed_emissions[has_words], packed_labels[has_words], packed_mask[has_words], reduction="sum"
-            )
-            loss = -log_likelihood / emissions.size(0)
-        else:
-            loss = emissions.sum() * 0.0
+        log_likelihood = crf.log_likelihood(packed_emissions, packed_labels, runnable_mask)  # (B,)
+        loss = -(log_likelihood * has_words).sum() / emissions.size(0)
     paths = None
     if decode:
         record_decoding("crf", crf=crf, emissions=packed_emissions.detach(), mask=packed_mask)
-        paths = [[] for _ in range(emissions.size(0))]
-        if has_words.any():
-            decoded = crf.decode(packed_emissions[has_words], packed_mask[has_words])
-            for row, path in zip(has_words.nonzero().flatten().tolist(), decoded):
-                paths[row] = path
+        decoded = crf.viterbi(packed_emissions, runnable_mask)
+        paths = [path if kept else [] for path, kept in zip(decoded, has_words.tolist())]
     return loss, paths

@@ -242,7 +242,8 @@ class PMNER(nn.Module):
     # -- sec. 3.2 ---------------------------------------------------------------------------------
 
     def visual_regions(self, visual: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached vectors -> (B, m, 2048) and their mask (B, m): FRR objects or the 7x7 grid."""
+        """Cached vectors -> (B, m, 2048) standardised per channel and their mask (B, m): FRR objects or
+        the 7x7 grid. Once per batch (template mode fuses in chunks whose count differs per process)."""
         features = visual[self.visual_path].float()
         if self.config.use_frr:
             features = features[:, : self.config.max_objects]  # (B, m, 2048)
@@ -251,7 +252,7 @@ class PMNER(nn.Module):
             features = features.flatten(1, -2)  # (B, 7 * 7, 2048)
             ok = visual.get(IMAGE_OK, torch.ones(features.size(0), dtype=torch.bool, device=features.device))
             mask = ok.bool()[:, None].expand(-1, features.size(1))  # (B, 49)
-        return features, mask
+        return self.region_norm(features, mask), mask  # (B, m, 2048) standardised, (B, m)
 
     # -- sec. 3.1 - 3.3 ---------------------------------------------------------------------------
 
@@ -277,7 +278,6 @@ class PMNER(nn.Module):
         region_pad[~has_visual, 0] = (
             False  # a post without regions attends to one zero slot (its attention term is zeroed below)
         )
-        regions = self.region_norm(regions, region_mask)  # (B, m, 2048) standardised per channel
         projected = self.dropout(self.visual_projection(regions))  # (B, m, H)
         attended, _ = self.visual_attention(
             projected, projected, projected, key_padding_mask=region_pad, need_weights=False
@@ -350,8 +350,8 @@ class PMNER(nn.Module):
         word_mask = batch["word_mask"].bool()
         if self.config.decoder == "crf":
             return crf_loss_and_decode(self.crf, scores, word_mask, decode=True)[1]
-        best = scores.argmax(dim=-1)  # (B, W)
         record_decoding("softmax", scores=scores.detach(), word_mask=word_mask)
+        best, word_mask = scores.argmax(dim=-1).cpu(), word_mask.cpu()  # (B, W): one copy to the host
         return [repair_bio_ids(row[keep].tolist(), self.labels) for row, keep in zip(best, word_mask)]
 
 
@@ -387,9 +387,12 @@ class PromptTemplate:
         self.sentence_room = encoded_max_length - template_max_length - 2  # [CLS] ... [SEP]
 
     def wrap(self, batch: dict) -> WrappedWords:
-        input_ids = batch["input_ids"].cpu()  # (B, L) [CLS] pieces [SEP] pad
-        lengths = batch["attention_mask"].sum(dim=1).tolist()  # (B,)
-        word_index, word_mask = batch["word_index"].cpu(), batch["word_mask"].cpu().bool()  # (B, W)
+        # the collator's host copies (batch["host"]) when present: no device-to-host copy per forward
+        host = batch.get("host") or {key: batch[key].cpu() for key in ("input_ids", "attention_mask", "word_index",
+                                                                         "word_mask")}
+        input_ids = host["input_ids"]  # (B, L) [CLS] pieces [SEP] pad
+        lengths = host["attention_mask"].sum(dim=1).tolist()  # (B,)
+        word_index, word_mask = host["word_index"], host["word_mask"].bool()  # (B, W)
         posts, words, rows, mask_at = [], [], [], []
         for b, length in enumerate(lengths):
             ids = input_ids[b, :length].tolist()
@@ -436,26 +439,53 @@ class RegionStandardizer(nn.Module):
 
     @torch.no_grad()
     def update(self, real: torch.Tensor) -> None:
-        """Merge a batch of rows (n, C) into the running statistics (Chan et al.'s pairwise update)."""
-        rows = real.double()
-        n, total = float(rows.size(0)), float(self.count) + rows.size(0)
-        batch_mean, batch_var = rows.mean(0), rows.var(0, unbiased=False)  # (C,), (C,)
-        delta = batch_mean - self.mean
-        self.var.copy_((self.var * self.count + batch_var * n + delta.square() * self.count * n / total) / total)
-        self.mean.add_(delta * n / total)
-        self.count.fill_(total)
+        """Merge a batch of rows (n, C) into the running statistics (Chan et al.'s pairwise update).
+
+        Under data parallelism every process merges every process's rows, in rank order, so the
+        statistics stay identical across processes (DDP only broadcasts process 0's buffers before
+        each forward: each process would otherwise keep its own last update, evaluate with it, and
+        disagree on dev F1 and on when to stop). Every process calls this on every training forward,
+        with or without real rows, so the collective calls line up."""
+        rows = real.double()  # (n, C)
+        n = torch.full((1,), rows.size(0), dtype=torch.float64, device=rows.device)  # (1,)
+        if rows.size(0):
+            moments = torch.cat([n, rows.mean(0), rows.var(0, unbiased=False)])  # (1 + 2C,)
+        else:
+            moments = torch.zeros(1 + 2 * self.mean.numel(), dtype=torch.float64, device=rows.device)
+        for part in _gather_from_every_process(moments):  # rank order: same arithmetic everywhere
+            self._merge(part[0], part[1 : 1 + self.mean.numel()], part[1 + self.mean.numel() :])
+
+    def _merge(self, n: torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+        # n: () rows in the part (0: nothing to merge); batch_mean, batch_var: (C,). No host sync.
+        total = self.count + n  # ()
+        share = torch.where(total > 0, n / total.clamp(min=1), torch.zeros_like(n))  # () weight of the new rows
+        delta = batch_mean - self.mean  # (C,)
+        self.var.copy_(self.var * (1 - share) + batch_var * share + delta.square() * share * (1 - share))
+        self.mean.add_(delta * share)
+        self.count.copy_(total)
 
     def forward(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # regions: (B, m, C); mask: (B, m) bool real regions
         real = regions[mask]  # (n, C)
-        if self.training and real.size(0):
+        if self.training:
             self.update(real)
-        if float(self.count) == 0:  # an untrained model has no statistics yet: pass the vectors on
-            return regions * mask[..., None].to(regions.dtype)  # (B, m, C)
         floor = self.eps * self.var.mean() + 1e-12
         scale = (self.var + floor).rsqrt().to(real.dtype)  # (C,)
         standardised = (real - self.mean.to(real.dtype)) * scale  # (n, C)
+        # an untrained model has no statistics yet: pass the vectors on (a where, not a host sync)
+        standardised = torch.where(self.count > 0, standardised, real)  # (n, C)
         return torch.zeros_like(regions).masked_scatter(mask[..., None], standardised)  # (B, m, C)
+
+
+def _gather_from_every_process(values: torch.Tensor) -> list[torch.Tensor]:
+    """``values`` of every data-parallel process in rank order (just ``[values]`` in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [values]
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return parts
 
 
 class Verbalizer(nn.Module):

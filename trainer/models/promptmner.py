@@ -142,16 +142,19 @@ class ModalityAwareLayer(nn.Module):
         batch, length, width = x.shape
         return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, h, S, d)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, is_visual: torch.Tensor,
+                text_columns: int | None = None) -> torch.Tensor:
         # x: (B, S, H); attention_mask: (B, S) bool keys to attend; is_visual: (B, S) bool modality,
-        # laid out as eq. 2 builds the input: the text's N_t columns first, then the clue columns
+        # laid out as eq. 2 builds the input: the text's N_t columns first, then the clue columns.
+        # ``text_columns`` is N_t when the caller knows it (the model does): reading it from
+        # ``is_visual`` costs four host syncs per layer on a GPU.
         keys = self.split_heads(self.key(x))  # (B, h, S, d)
         values = self.split_heads(self.value(x))  # (B, h, S, d)
         scale = 1.0 / math.sqrt(keys.size(-1))
         if self.use_mas:
             # Each query block meets each key block with its own projection: every (query, key)
             # score is computed once, as in plain attention (not four full S x S score maps).
-            split = _text_columns(is_visual)  # N_t
+            split = _text_columns(is_visual) if text_columns is None else text_columns  # N_t
             text, clues = x[:, :split], x[:, split:]  # (B, N_t, H), (B, N_v, H)
             text_keys, clue_keys = keys[:, :, :split], keys[:, :, split:]  # (B, h, N_t, d), (B, h, N_v, d)
 
@@ -365,7 +368,10 @@ class PromptMNER(nn.Module):
             has_image = _image_ok(batch["visual"], batch_size, input_ids.device)  # (B,)
             attention_mask = torch.cat([text_mask, has_image[:, None].expand(-1, num_clues + 1)], dim=1)  # (B, S)
         positions = positions + self.position_offset  # (B, S)
-        if int(positions.max()) >= self.max_positions:
+        # the collator pads to the batch's longest post, so the largest position is known on the host
+        # (text_columns - 1, or text_columns + Q with the clues and their [SEP]): no sync on positions.max()
+        largest = text_columns - 1 + (clues.size(1) + 1 if clues is not None else 0) + self.position_offset
+        if largest >= self.max_positions:
             if not self._warned_positions:
                 warnings.warn(
                     f"promptmner: {text_columns} text pieces + {tokens.size(1) - text_columns} clue tokens exceed "
@@ -389,8 +395,9 @@ class PromptMNER(nn.Module):
         has_image = _image_ok(batch["visual"], batch["input_ids"].size(0), batch["input_ids"].device)
         clues = self.visual_clues(batch["visual"]) if bool(has_image.any()) else None  # (B, Q, D) or None
         hidden, attention_mask, is_visual = self.embed(batch, clues)
+        text_columns = batch["input_ids"].size(1)  # N_t: embed lays every row out as [text | clues]
         for layer in self.text_encoder["layers"]:
-            hidden = layer(hidden, attention_mask, is_visual)  # (B, S, H)
+            hidden = layer(hidden, attention_mask, is_visual, text_columns)  # (B, S, H)
         return gather_first_pieces(hidden, batch["word_index"])  # (B, W, H)
 
     # -- sec. 2.5 ---------------------------------------------------------------------------------
@@ -405,7 +412,9 @@ class PromptMNER(nn.Module):
         order = torch.sort((~word_mask).to(torch.uint8), dim=1, stable=True).indices  # (B, W) kept first
         words = words.gather(1, order[:, :, None].expand_as(words))  # (B, W, H)
         num_words = word_mask.sum(dim=1)  # (B,)
-        starts, ends = enumerate_spans(max(1, int(num_words.max())), self.config.max_span_width)
+        # spans over the padded word width (no host sync on num_words.max()); spans past a post's
+        # kept words are masked out of the loss and never decoded
+        starts, ends = enumerate_spans(max(1, word_mask.size(1)), self.config.max_span_width)
         starts, ends = starts.to(words.device), ends.to(words.device)
         pairs = torch.cat([words[:, starts], words[:, ends]], dim=-1)  # (B, S, 2H)
         return self.span_mlp(pairs), starts, ends, num_words
@@ -428,14 +437,12 @@ class PromptMNER(nn.Module):
         if batch.get("labels") is not None:
             valid = ends[None, :] < num_words[:, None]  # (B, S) span lies inside the post
             targets = self.span_targets(batch, starts, ends)  # (B, S)
-            if valid.any():
-                per_span = F.cross_entropy(logits[valid], targets[valid], reduction="none")  # (n,) eq. 6 terms
-                if self.config.span_loss == "sum":
-                    out["loss"] = per_span.sum() / logits.size(0)  # eq. 6 per post, averaged as the CRF NLL
-                else:
-                    out["loss"] = per_span.mean()
+            per_span = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # (B * S,) eq. 6
+            per_span = (per_span * valid.flatten()).sum()  # spans outside their post weigh 0: no host sync
+            if self.config.span_loss == "sum":
+                out["loss"] = per_span / logits.size(0)  # eq. 6 per post, averaged as the CRF NLL
             else:
-                out["loss"] = logits.sum() * 0.0
+                out["loss"] = per_span / valid.sum().clamp(min=1)
         return out
 
     def parameter_groups(self, train_config) -> list[dict]:

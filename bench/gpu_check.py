@@ -124,6 +124,8 @@ def train_and_evaluate(inputs: Inputs, model: str, preset: str | None, *, device
     Engine.train_epoch = wrapper
     try:
         code = train_main(inputs.argv(model, out, device=device, precision=precision, preset=preset))
+    except Exception as err:  # a model bug: this run fails, the others still run
+        return {"model": model, "preset": preset, "ok": False, "detail": f"{type(err).__name__}: {err}"}
     finally:
         Engine.train_epoch = original
     if code != 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers.data import write_generated_splits
+from helpers.events import scalar_events
 from helpers.forked import recorded_posts, run_forked
 
 from mner.trainer.cli import main
@@ -158,7 +159,8 @@ def test_two_process_ddp_every_model_sees_every_post_once_and_ranks_agree(ddp_in
     runs = [["--features", str(cache), "--data", str(data), "--model", model, "--text-encoder", str(tiny_bert),
              "--epochs", "3", "--patience", "1", "--batch-size", "4", "--max-length", "24", "--device", "cpu",
              "--seed", "3", "--set", "stage1_mismatch=warn", "--max-missing-images", "1",
-             "--out", str(tmp_path / model), *flags] for model, flags in DDP_MODELS.items()]
+             "--out", str(tmp_path / model), *flags, *(["--track", "tensorboard"] if model == "bert_crf" else [])]
+            for model, flags in DDP_MODELS.items()]
     codes, logs = run_forked([runs, runs], tmp_path, timeout=180, record=True)
     assert codes == [0, 0], [log[-3000:] for log in logs]
     seen = recorded_posts(tmp_path, 2)
@@ -174,4 +176,7 @@ def test_two_process_ddp_every_model_sees_every_post_once_and_ranks_agree(ddp_in
             assert entry["replicas_agree"] is True, (model, entry)
             assert entry["dev_f1_by_rank"] == [entry["dev_f1"]] * 2, (model, entry)
     assert "3 steps/epoch" in logs[0] and "2 process(es)" in logs[0]  # 6 batches shared by two processes
+    epochs_run = json.loads((tmp_path / "bert_crf" / "metrics.json").read_text())["epochs_run"]
+    steps = sorted(step for tag, step, _ in scalar_events(tmp_path / "bert_crf" / "tracking") if tag == "train/loss")
+    assert steps == list(range(1, 3 * epochs_run + 1))  # --track: only process 0 logs, each of its steps once
     assert "training bert_crf" not in logs[1]  # only process 0 reports

@@ -17,7 +17,7 @@ app = typer.Typer(
         "--epochs 4 --out runs/t15-bert-crf"
     ),
 )
-SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "report")
+SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "tune", "report")
 # recent typer releases parse with their own copy of click, whose usage errors derive from typer.TyperException
 USAGE_ERROR = getattr(typer, "TyperException", click.exceptions.ClickException)
 
@@ -65,6 +65,9 @@ def train_command(
         "(`mner-train --out RUN --resume` is enough)."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the mner run in --out (never a folder mner did not write)."),
+    track: str | None = typer.Option(
+        None, help="Live curves: none | tensorboard | wandb | mlflow (default none; logs in <out>/tracking). "
+        "Example: --track tensorboard"),
 ) -> None:
     """Train a model (the default command: `mner-train --data ...` means `mner-train train --data ...`).
 
@@ -74,7 +77,7 @@ def train_command(
     flags = {"text_encoder": text_encoder, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
              "encoder_lr": encoder_lr, "head_lr": head_lr, "crf_lr": crf_lr, "patience": patience, "seed": seed,
              "device": device, "num_workers": num_workers, "precision": precision, "grad_accum": grad_accum,
-             "max_missing_images": max_missing_images}
+             "max_missing_images": max_missing_images, "track": track}
     if out is None:
         if resume:
             raise click.BadParameter("--resume needs the run folder: --out RUN", param_hint="--out")
@@ -174,6 +177,34 @@ def sweep_command(
 
     return sweep(grid, out=out, dry=dry_run, task=task, sets=set_, data=data, features=features,
                  datasets=datasets, seeds=seeds, device=device)
+
+
+@app.command("tune")
+def tune_command(
+    space: Path = typer.Argument(..., help="Search space: a grid file of one configuration plus [search]. "
+                                 "Example: grids/tune/bert_crf.toml"),
+    out: Path | None = typer.Option(None, help="The study's folder (default: the space's `out`). "
+                                    "Example: --out runs/tune/bert_crf"),
+    trials: int | None = typer.Option(None, help="Trials the study should hold, over all workers (default: the "
+                                      "space's [search] trials). Example: --trials 20"),
+    storage: str | None = typer.Option(None, help="Where the study lives (default: <out>/study.journal); a journal "
+                                       "file path, a .db file (SQLite) or a SQLAlchemy URL. "
+                                       "Example: --storage sqlite:///studies.db"),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override for every trial (after the space's own); "
+                                          "repeatable. Example: --set epochs=2"),
+    data: list[str] | None = typer.Option(None, help="Data folder of a space dataset. "
+                                          "Example: --data t15=../shared/data/twitter2015"),
+    features: list[str] | None = typer.Option(None, help="Feature cache of a space dataset. "
+                                              "Example: --features t15=cache/t15.h5"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N for every trial. Example: --device cpu"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the space and print what a trial trains."),
+) -> int:
+    """Search hyper-parameters on Optuna: each trial an ordinary run folder, pruned on dev F1 after each epoch.
+    Several processes (GPUs, hosts, a SLURM array) may run the same command on one study at once."""
+    from mner.trainer.experiments.tune import tune
+
+    return tune(space, out=out, trials=trials, storage=storage, sets=set_, data=data, features=features,
+                device=device, dry=dry_run)
 
 
 @app.command("report")

@@ -56,10 +56,12 @@ def _values(ds, count: int, dims: dict[str, int], rng: np.random.Generator, salt
 
 
 def tiny_group(
-    writer: CacheWriter, name: str, *, seed: int = 0, dims: dict[str, int] | None = None
+    writer: CacheWriter, name: str, *, seed: int = 0, dims: dict[str, int] | None = None,
+    attrs: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Write group ``name`` with random values shaped by its spec; returns what was written per dataset.
-    ``dims`` sets symbolic dims (``{"G": 12}``: the 12x12 grid a model insists on); others stay tiny."""
+    ``dims`` sets symbolic dims (``{"G": 12}``: the 12x12 grid a model insists on); others stay tiny.
+    ``attrs`` sets group attributes whose value matters (``{"layers": [1, 2]}``)."""
     spec = get_group(name)
     rng = np.random.default_rng(seed)
     dims = {**_dims(spec), **(dims or {})}
@@ -92,11 +94,12 @@ def tiny_group(
         image_ids=decode_ids(writer.file["images/ids"][()]),
         extra=extra,
     )
-    attrs = {
+    group_attrs = {
         key: [f"{key[:-6]}{i}" for i in range(dims.get("C", 4))] if key.endswith("_names") else 10.0
         for key in spec.attrs
     }
-    writer.write_group(name, written, provenance if spec.feature else None, attrs)
+    group_attrs.update(attrs or {})
+    writer.write_group(name, written, provenance if spec.feature else None, group_attrs)
     return written
 
 
@@ -108,6 +111,7 @@ def write_tiny_cache(
     status: list[str] | None = None,
     seed: int = 0,
     dims: dict[str, dict[str, int]] | None = None,
+    attrs: dict[str, dict[str, object]] | None = None,
 ) -> dict[str, dict[str, object]]:
     """A cache with ``groups`` (default: every registered feature group), and any group whose ragged
     index they need; ``dims`` maps a group to the symbolic dims it should not take small
@@ -128,7 +132,8 @@ def write_tiny_cache(
             ids, status or ["ok"] * num_images, width=[64] * num_images, height=[48] * num_images
         )
         for k, name in enumerate(ordered):
-            written[name] = tiny_group(writer, name, seed=seed + k, dims=(dims or {}).get(name))
+            written[name] = tiny_group(writer, name, seed=seed + k, dims=(dims or {}).get(name),
+                                       attrs=(attrs or {}).get(name))
     return written
 
 
@@ -137,7 +142,9 @@ def write_tiny_cache(
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
 EVERY_MODEL_GROUPS = ("objects", "encoders/clip", "encoders/resnet152-test", "encoders/swin-test", "grounding",
                       "encoders/clip_grounding", "captions", *(f"prompts/{name}" for name in PROMPT_SETS))
-EVERY_MODEL_DIMS = {"encoders/swin-test": {"G": 12}, **{f"prompts/{name}": {"C": 4} for name in PROMPT_SETS}}
+EVERY_MODEL_DIMS = {"encoders/swin-test": {"G": 12}, "encoders/clip_grounding": {"L": 2, "T": 5, "D": 16},
+                    **{f"prompts/{name}": {"C": 4} for name in PROMPT_SETS}}
+EVERY_MODEL_ATTRS = {"encoders/clip_grounding": {"layers": [1, 2]}}  # MGIPS-CL's frozen mode reads them
 EVERY_MODEL_FLAGS = {  # tiny settings per model, pointing the models at the -test groups
     "bert_crf": [],
     "vcrmner": ["--set", "num_heads=2", "--set", "num_blocks=1"],
@@ -174,5 +181,5 @@ def write_tiny_training_inputs(
     images = max(train_posts, eval_posts)
     status = ["missing" if i in missing else "ok" for i in range(images)]
     write_tiny_cache(folder / "cache.h5", list(EVERY_MODEL_GROUPS), num_images=images, status=status,
-                     dims=EVERY_MODEL_DIMS)
+                     dims=EVERY_MODEL_DIMS, attrs=EVERY_MODEL_ATTRS)
     return str(folder), str(folder / "cache.h5")

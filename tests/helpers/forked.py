@@ -70,13 +70,13 @@ def _process(argvs: list[list[str]], env: dict, log: str, record: str | None = N
     os._exit(code)
 
 
-def run_forked(argvs: list, tmp_path: Path, *, timeout: float = 240, record: bool = False,
+def run_forked(argvs: list, tmp_path: Path, *, timeout: float = 240, record: bool = False, ddp: bool = True,
                **env) -> tuple[list[int | None], list[str]]:
     """``mner-train`` in forked processes (one per entry; several form a DDP group like torchrun's workers):
     separate processes that can be killed, without paying the imports again. An entry is one argv or a
     list of argvs run one after the other. Returns exit codes (None: still running after ``timeout``
     seconds, then killed) and stderr; with ``record``, ``tmp_path/posts<rank>.jsonl`` lists the training
-    posts each epoch of each run read."""
+    posts each epoch of each run read. ``ddp=False``: independent processes (several ``tune`` workers)."""
     import multiprocessing
     import socket
     import time
@@ -91,7 +91,7 @@ def run_forked(argvs: list, tmp_path: Path, *, timeout: float = 240, record: boo
     for rank, argv in enumerate(argvs):
         runs = argv if argv and isinstance(argv[0], list) else [argv]
         rank_env = dict(env)
-        if world > 1:
+        if world > 1 and ddp:
             rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         recording = str(tmp_path / f"posts{rank}.jsonl") if record else None

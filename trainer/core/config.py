@@ -38,6 +38,8 @@ class TrainConfig:
     grad_accum: int = 1  # batches whose gradients are summed before one optimiser step
     max_missing_images: float = 0.05  # refuse a split when more than this share of its posts has no cache row
     stage1_mismatch: str = "error"  # error | warn: cache extracted with other stage-1 settings than the model's paper
+    track: str = "none"  # none | tensorboard | wandb | mlflow: live curves through accelerate's trackers
+    score_test: bool = True  # decode and score the test split after training (tune's trials: false, never test)
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,7 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 
 # (field, test, what it must be): the checks every resolved TrainConfig passes before any data is read
 _TRAIN_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
@@ -64,6 +67,7 @@ _TRAIN_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("max_missing_images", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("precision", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    ("track", lambda v: v in TRACKERS, f"one of {', '.join(TRACKERS)}"),
     ("device", lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
      "one of auto, cpu, cuda, cuda:N"),
 ]
@@ -74,7 +78,7 @@ _FLAG_OF = {"batch_size": "--batch-size", "num_workers": "--num-workers", "max_l
 
 def option_text(name: str, value: Any) -> str:
     """How a user gives this value: ``--batch-size 0`` for fields with a flag, else ``--set name=value``."""
-    if name in _FLAG_OF or name in ("epochs", "patience", "seed", "device", "precision"):
+    if name in _FLAG_OF or name in ("epochs", "patience", "seed", "device", "precision", "track"):
         return f"{_FLAG_OF.get(name, f'--{name}')} {value}"
     return f"--set {name}={value}"
 

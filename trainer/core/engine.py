@@ -170,7 +170,8 @@ def likely_cause(batch: dict, model, bad_rows: list[int]) -> str:
 class Engine:
     """An ``accelerate.Accelerator`` configured from the train options, plus the epoch loop and checkpoints."""
 
-    def __init__(self, *, device: str, precision: str, grad_accum: int):
+    def __init__(self, *, device: str, precision: str, grad_accum: int, log_with: list[str] | None = None,
+                 project_dir: str | Path | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -191,6 +192,7 @@ class Engine:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
                              *([InitProcessGroupKwargs(backend=os.environ[DDP_BACKEND_ENV])]
                                if os.environ.get(DDP_BACKEND_ENV) else [])],
+            log_with=log_with, project_dir=None if project_dir is None else str(project_dir),  # live tracking
         )
         self.grad_accum = grad_accum
         self.global_step = 0  # batches seen by this process since the run started (the test kill hook counts them)
@@ -255,8 +257,10 @@ class Engine:
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, model, loader, optimizer, scheduler, *, max_grad_norm: float, desc: str,
-                    on_step: Callable[[int], None] | None = None) -> float:
-        """One pass over ``loader``; returns the mean training loss over all processes."""
+                    on_step: Callable[[int], None] | None = None, tracker=None) -> float:
+        """One pass over ``loader``; returns the mean training loss over all processes. ``tracker``
+        (trainer/core/tracking.py) gets each batch's loss, learning rates and gradient norm, once per
+        window of steps (when the losses are read anyway)."""
         accelerator = self.accelerator
         model.train()
         # The losses are read on the host once per window of steps: every step on a CPU (where reading costs
@@ -265,6 +269,8 @@ class Engine:
         # still names its own step and batch; several processes agree on stopping once per window.
         read_every = 1 if self.device.type == "cpu" else LOSS_READ_EVERY
         window: list[tuple[int, torch.Tensor, dict]] = []  # (global step, loss on the device, batch)
+        tracked: list[tuple[dict, torch.Tensor | None]] = []  # per window step: learning rates, gradient norm
+        tracking = tracker is not None and tracker.active
         loss_sum, steps = 0.0, 0
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
         last = len(loader)
@@ -277,8 +283,11 @@ class Engine:
             with accelerator.accumulate(model):
                 loss = model(batch)["loss"]
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                grad_norm = None
+                if accelerator.sync_gradients and (max_grad_norm > 0 or tracking):  # inf: measure, do not clip
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+                if tracking:
+                    tracked.append((tracker.learning_rates(optimizer), grad_norm))  # the rates this step uses
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
@@ -287,10 +296,14 @@ class Engine:
             steps += 1
             if len(window) == read_every or steps == last:
                 loss_sum += self._read_losses(window, model)
-                window = []
+                if tracking:
+                    tracker.steps(window, tracked)
+                window, tracked = [], []
                 bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
         if window:  # a loader shorter than it said
             loss_sum += self._read_losses(window, model)
+            if tracking:
+                tracker.steps(window, tracked)
         mean = torch.tensor(loss_sum / max(steps, 1), device=self.device)
         return float(accelerator.reduce(mean, "mean")) if self.world_size > 1 else float(mean)
 

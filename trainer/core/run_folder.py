@@ -156,7 +156,7 @@ def verify_weights(run_dir: Path) -> str | None:
 # ----------------------------------------------------------------------------- resuming with the stored options
 
 
-RESUME_MAY_CHANGE = ("device", "num_workers")  # do not change results
+RESUME_MAY_CHANGE = ("device", "num_workers", "track")  # do not change results
 
 
 def invocation_record(**given) -> dict:

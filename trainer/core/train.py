@@ -60,6 +60,7 @@ from mner.trainer.core.run_folder import (
     write_marker,
 )
 from mner.trainer.core.run_record import cache_record, check_coverage, image_fingerprints, software_versions
+from mner.trainer.core.tracking import LOG_DIR, Tracker
 from mner.trainer.evaluation.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.inputs.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
 from mner.trainer.inputs.segments import second_segment_for
@@ -383,6 +384,7 @@ class RunRequest:
     model_config: Any  # its Config, after preset, --set and flags
     config: TrainConfig  # the training options, after preset, --set and flags
     extra_types: list[str]  # --labels: entity types added to those seen in training
+    tracker: Tracker  # --track's tracker and the run's observers (trainer/core/tracking.py)
 
 
 @dataclasses.dataclass
@@ -454,6 +456,7 @@ def train_locked(
     allow_missing_images: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    observers: list | None = None,
 ) -> Path:
     """Train one model and return its finished run directory (the caller holds the run folder's lock).
 
@@ -461,16 +464,18 @@ def train_locked(
     override the preset and ``--set`` (see :mod:`mner.trainer.core.config`). ``resume`` continues the
     unfinished run in ``out`` with its stored options; options given again must agree with them.
     Every step up to :func:`open_run_folder` only reads and checks, so a refused run writes nothing.
+    ``observers`` (:class:`~mner.trainer.core.tracking.RunObserver`) watch the epochs: tune's pruner.
     """
     started = time.time()
     request = resolve_request(out, model=model, data=data, features=features, preset=preset, sets=sets,
                               flags=flags, labels=labels, allow_missing_images=allow_missing_images,
-                              overwrite=overwrite, resume=resume)
+                              overwrite=overwrite, resume=resume, observers=observers)
     data_and_labels = load_data_and_labels(request)
     inputs = build_inputs(request, data_and_labels)
     training = build_training(request, data_and_labels, inputs)
     run_config = describe_run(request, data_and_labels, inputs)
     state = open_run_folder(request, training, run_config, inputs.tokenizer)
+    start_tracking(request, training, inputs, run_config, state)
     fit(request, training, data_and_labels, inputs, state)
     finish(request, training, data_and_labels, inputs, state, started=started)
     return request.out
@@ -478,7 +483,7 @@ def train_locked(
 
 def resolve_request(
     out: str | Path, *, model, data, features, preset, sets, flags, labels, allow_missing_images: bool,
-    overwrite: bool, resume: bool,
+    overwrite: bool, resume: bool, observers: list | None = None,
 ) -> RunRequest:
     """The options checked and resolved (a resumed run's own options); nothing is read or written yet,
     so every process can call it."""
@@ -495,8 +500,9 @@ def resolve_request(
     check_device_and_precision(config.device, config.precision)
     if invocation["allow_missing_images"]:
         config.max_missing_images = 1.0
+    tracker = Tracker(config.track, observers=observers or [])  # --track: a missing package is an error here
     return RunRequest(out=out, mode=mode, invocation=invocation, model=model_name, model_cls=model_cls,
-                      model_config=model_config, config=config, extra_types=extra_types)
+                      model_config=model_config, config=config, extra_types=extra_types, tracker=tracker)
 
 
 def load_data_and_labels(request: RunRequest) -> RunData:
@@ -580,7 +586,8 @@ def build_inputs(request: RunRequest, data: RunData) -> RunInputs:
     train_set = make_post_dataset(train_posts, split="train", repair=True, label_to_id=data.label_to_id, **common)
     log(f"train: repaired {train_set.repaired} orphan I- tags to B- for training (evaluation keeps them)")
     eval_sets = {split: make_post_dataset(data.dataset.splits[split], split=split, label_to_id=None, **common)
-                 for split in ("dev", "test") if data.dataset.splits.get(split)}
+                 for split in ("dev", "test")
+                 if data.dataset.splits.get(split) and (split == "dev" or config.score_test)}  # tune: never test
     for split, found in data.unseen.items():
         warn_loudly(describe_unseen(split, found))
     collator = Collator(
@@ -622,7 +629,8 @@ def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, config: T
 def build_training(request: RunRequest, data: RunData, inputs: RunInputs) -> Training:
     """The engine, the checked model, AdamW over the model's parameter groups, the loader and the schedule."""
     config = request.config
-    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum)
+    engine = Engine(device=config.device, precision=config.precision, grad_accum=config.grad_accum,
+                    log_with=request.tracker.log_with, project_dir=request.out / LOG_DIR)
     net = build_checked_model(request, data, inputs, engine)
     train_loader = make_loader(inputs.train_set, inputs.collator, batch_size=config.batch_size, shuffle=True,
                                num_workers=config.num_workers, seed=config.seed, group_by_length=config.group_by_length,
@@ -685,6 +693,14 @@ def open_run_folder(request: RunRequest, training: Training, run_config: dict, t
     return state
 
 
+def start_tracking(request: RunRequest, training: Training, inputs: RunInputs, run_config: dict,
+                   state: TrainerState) -> None:
+    """Open the tracker run (or continue the run folder's own) with config.json and the run record."""
+    request.tracker.start(training.engine.accelerator, out=request.out, run_config=run_config,
+                          record=process_record(request, training, inputs.cache_info), epochs=request.config.epochs,
+                          epochs_done=state.epoch, steps_done=training.engine.global_step, history=state.history)
+
+
 def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState) -> None:
     """The epochs; Ctrl-C leaves the last finished epoch's checkpoint complete and says how to resume."""
     engine, out = training.engine, request.out
@@ -693,9 +709,10 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
     try:
         run_epochs(engine, state, training.net, training.optimizer, training.scheduler, training.train_loader,
                    training.sampler, config=request.config, out=out, eval_set=inputs.eval_sets["dev"],
-                   collator=inputs.collator, labels=data.labels)
+                   collator=inputs.collator, labels=data.labels, tracker=request.tracker)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
+        engine.end()
         raise RunInterrupted(
             f"interrupted in epoch {state.epoch + 1}; {out} keeps {state.epoch} finished epoch(s) and is resumable: "
             f"mner-train --out {out} --resume"
@@ -703,6 +720,10 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
     except NonFiniteLoss as err:
         engine.writer.wait()
         raise TrainingDiverged(describe_divergence(err, inputs.train_set, state, out)) from None
+    except Exception:  # an observer stopped the run (tune's pruner): its checkpoints stay complete, resumable
+        engine.writer.wait()
+        engine.end()
+        raise
 
 
 def finish(request: RunRequest, training: Training, data: RunData, inputs: RunInputs, state: TrainerState, *,
@@ -830,8 +851,10 @@ def describe_divergence(err: NonFiniteLoss, train_set: PostDataset, state: Train
 
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
-               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str]) -> None:
-    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop."""
+               config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str],
+               tracker: Tracker) -> None:
+    """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop;
+    ``tracker`` gets each step and each finished epoch."""
     epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
                      disable=not engine.is_main)
     for epoch in epoch_bar:
@@ -841,11 +864,12 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                                  desc=f"epoch {epoch}")
+                                  desc=f"epoch {epoch}", tracker=tracker)
         train_seconds = time.time() - epoch_start
         dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
                                 batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
-        dev_f1, agreement = engine.agree(net, score_split(eval_set.posts, dev_pred)["micro"]["f1"])
+        dev_scores = score_split(eval_set.posts, dev_pred)
+        dev_f1, agreement = engine.agree(net, dev_scores["micro"]["f1"])
         if agreement and not agreement["replicas_agree"]:
             warn_loudly(f"epoch {epoch}: the {engine.world_size} processes disagree (dev F1 by rank "
                         f"{agreement['dev_f1_by_rank']}, or their weights / buffers differ); process 0's "
@@ -876,6 +900,8 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
             f"{time.time() - epoch_start:.0f}s")
         if state.stopped_early:
             log(f"early stop: no better dev F1 for {config.patience} epochs")
+        tracker.epoch(epoch, engine.global_step, dev_scores=dev_scores, entry=state.history[-1],
+                      memory=engine.peak_memory_mb())
     epoch_bar.close()
 
 

@@ -141,9 +141,10 @@ def _check_keys(table: dict, valid: set[str], path: Path, where: str) -> None:
 def load_grid(
     path: str | Path, *, out: str | Path | None = None, sets: list[str] | None = None,
     data_overrides: dict[str, str] | None = None, feature_overrides: dict[str, str] | None = None,
-    only_datasets: list[str] | None = None, seeds: list[int] | None = None,
+    only_datasets: list[str] | None = None, seeds: list[int] | None = None, extra_keys: set[str] | None = None,
 ) -> Grid:
-    """Parse a grid file into its run list (deterministic order; duplicates merged)."""
+    """Parse a grid file into its run list (deterministic order; duplicates merged). ``extra_keys``: top-level
+    tables another reader handles (``search`` in tune spaces)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -153,7 +154,7 @@ def load_grid(
         ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    _check_keys(raw, GRID_KEYS, path, "top level")
+    _check_keys(raw, GRID_KEYS | (extra_keys or set()), path, "top level")
 
     datasets: dict[str, DatasetEntry] = {}
     for name, entry in (raw.get("datasets") or {}).items():

@@ -50,7 +50,7 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: unreadable ({err}); is the run folder complete?") from None
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
+def find_runs(paths: list[Path], *, required: bool = True) -> list[Path]:
     """Finished run folders (with metrics.json) given as such or anywhere below the given folders."""
     found: list[Path] = []
     for path in paths:
@@ -62,7 +62,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
         else:
             candidates = sorted(p.parent for p in path.rglob("metrics.json"))
         found += [c for c in candidates if not any(".tmp-" in part for part in c.parts)]
-    if not found:
+    if not found and required:
         raise ConfigError(f"no finished runs (folders with metrics.json) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
 
@@ -261,15 +261,27 @@ def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min
         raise ConfigError(f"--compare takes exactly two configuration ids (give it twice), got {len(compare)}")
     if not 0.0 <= min_coverage <= 1.0:
         raise ConfigError(f"--min-coverage {min_coverage}: expected a share in [0, 1], e.g. 0.9")
-    records = [load_run(run, min_coverage=min_coverage) for run in find_runs(runs)]
-    rows = aggregate(records)
+    from mner.trainer.experiments.tune_report import TUNE_REPORT_FILES, find_tune_folders, is_trial_folder, tune_report
+
     out = Path(out)
+    studies = find_tune_folders(runs)  # mner-train tune folders: their trials are reported on their own (dev only)
+    found = [run for run in find_runs(runs, required=not studies) if not is_trial_folder(run, studies)]
+    records = [load_run(run, min_coverage=min_coverage) for run in found]
     check_output(out, kind="report", overwrite=overwrite, inputs=runs, create_folder=True)
     out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:  # an earlier report's files go: a stale plot or test never sits beside new tables
         (out / name).unlink(missing_ok=True)
+    for pattern in TUNE_REPORT_FILES:
+        for stale in out.glob(pattern):
+            stale.unlink()
     (out / REPORT_MARKER).write_text(json.dumps({"mner_report": 1, "runs": [str(Path(r).resolve()) for r in runs]})
                                      + "\n", encoding="utf-8")
+    result: dict = {"studies": [tune_report(folder, out) for folder in studies]}
+    for study in result["studies"]:
+        log(f"study {study['study']}: " + ", ".join(study["files"]))
+    if not records:
+        return result
+    rows = aggregate(records)
     written = write_tables(rows, out)
     from mner.trainer.experiments.report_plots import plot_dev_curves, plot_low_resource, plot_per_type
     from mner.trainer.experiments.significance import paired_bootstrap
@@ -279,7 +291,7 @@ def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min
     low_resource = plot_low_resource(rows, out / "low_resource.png")
     if low_resource is not None:
         written.append(low_resource)
-    result = {"rows": rows, "files": [str(p) for p in written]}
+    result.update({"rows": rows, "files": [str(p) for p in written]})
     if compare:
         test = paired_bootstrap(records, compare[0], compare[1], samples=bootstrap)
         (out / "significance.json").write_text(json.dumps(test, indent=2) + "\n", encoding="utf-8")

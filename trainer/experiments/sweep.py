@@ -99,11 +99,12 @@ def run_state(run_dir: Path) -> str:
 
 
 def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, state: str,
-                    device: str | None) -> None:
+                    device: str | None, observers: list | None = None) -> None:
     """Train one run through the ordinary ``train`` entry point: the one place a sweep starts training.
 
     ``unfinished`` runs continue from their last finished epoch (``--resume``); ``restart`` ones are
     started again (``--overwrite``, which the engine allows only on folders it marked as its own).
+    ``observers`` watch the epochs (``mner-train tune``'s pruner).
     """
     from mner.trainer.core.train import train
 
@@ -117,7 +118,7 @@ def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEnt
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     train(out=run_dir, model=spec.model, data=source.data, features=source.features, preset=spec.preset,
           sets=list(spec.sets), flags=flags, resume=state == "unfinished",
-          overwrite=state == "restart" and run_dir.exists())
+          overwrite=state == "restart" and run_dir.exists(), observers=observers)
 
 
 def finish_run(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, device: str | None,

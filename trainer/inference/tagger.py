@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import sys
 import tempfile
@@ -126,44 +125,38 @@ class Tagger:
         run trained on); ``side_cache``: where images missing from it are extracted (default
         ``<run>/side-caches/<name>.h5``, chosen per images folder); ``stage1_weights``: local copies of
         the stage-1 weights the cache's record names, by extract flag (``{"--detector-weights": PATH}``)."""
-        from safetensors.torch import load_model
-
-        from mner.trainer.core.run_folder import require_finished
-        from mner.trainer.core.train import build_model, open_visual_inputs, resolve_device
-        from mner.trainer.inputs.text_encoder import load_tokenizer
+        from mner.trainer.core.run_folder import read_run_config, require_finished
+        from mner.trainer.core.train import load_run
         from mner.trainer.models import get_model_class
 
         run_dir = Path(run)
         require_finished(run_dir)
-        run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        run_config = read_run_config(run_dir)
         model_cls = get_model_class(run_config["model"])
-        model_config = model_cls.Config(**run_config["model_config"])
-        use_placeholders = run_config.get("train_config", {}).get("use_placeholder_features", False)
-        sources, reference = [], None
-        if model_cls.required_features(model_config):
+        multimodal = bool(model_cls.required_features(model_cls.Config(**run_config["model_config"])))
+        reference = None
+        paths: list[str] = []
+        if multimodal:
             trained = (run_config.get("features") or {}).get("path")
             reference = str(features) if features is not None else trained
-            paths = [p for p in (reference, side_cache) if p is not None and Path(p).exists()]
+            paths = [str(p) for p in (reference, side_cache) if p is not None and Path(p).exists()]
             if not paths:
                 raise ConfigError(f"the cache {run_dir} was trained with ({trained}) is gone and no --side-cache "
                                   "exists; pass --features CACHE.h5 (the model needs its features' record)")
-            for path in paths:
-                sources.append(open_visual_inputs(path, model_cls, model_config, run_config["model"],
-                                                  use_placeholders=use_placeholders))
             if not Path(reference or "").exists():
-                reference = str(paths[0])
-        skeleton = run_dir / "text_encoder"
-        encoder = str(skeleton) if skeleton.is_dir() else run_config["text_encoder"]["name"]
-        tokenizer = load_tokenizer(encoder)
-        torch_device = resolve_device(device)
-        net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
-                          tokenizer=tokenizer, visual=sources[0] if sources else None)
-        load_model(net, str(run_dir / "model.safetensors"), device="cpu")
+                reference = paths[0]
+        # the same loader as evaluate: weights checked against the run's record, the encoder from its skeleton
+        net, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=paths[0] if paths else None,
+                                                                    device=device)
+        tagger_sources = [visual] if visual is not None else []
         size = batch_size or run_config["train_config"].get("eval_batch_size") or 32
-        return cls(run_dir, model=net.to(torch_device), run_config=run_config, tokenizer=tokenizer, sources=sources,
-                   device=torch_device, batch_size=size, reference_cache=reference,
-                   side_cache=Path(side_cache) if side_cache is not None else None, progress=progress,
-                   stage1_weights=stage1_weights)
+        tagger = cls(run_dir, model=net, run_config=run_config, tokenizer=tokenizer, sources=tagger_sources,
+                     device=torch_device, batch_size=size, reference_cache=reference,
+                     side_cache=Path(side_cache) if side_cache is not None else None, progress=progress,
+                     stage1_weights=stage1_weights)
+        if len(paths) > 1:
+            tagger._open_side_cache(Path(paths[1]))
+        return tagger
 
     @property
     def needs_images(self) -> bool:

@@ -282,10 +282,11 @@ def grow_for_options(opts) -> int:
     every image it holds, grow it first (the user's weight flags serve as local copies). Returns the count."""
     from mner.features.run.sharding import resolve_shard
     from mner.pipeline.data import load_dataset
+    from mner.pipeline.outputs import is_mner_cache
 
     out = Path(opts.out)
-    if opts.overwrite or not out.exists() or opts.no_images:
-        return 0
+    if opts.overwrite or opts.no_images or not out.is_file() or not is_mner_cache(out):
+        return 0  # nothing to grow: the extraction itself checks --out (pipeline/outputs.py)
     have = FeatureCache(out).image_ids
     wanted = load_dataset(opts.data).image_ids()
     new = sorted(set(wanted) - set(have))

@@ -43,10 +43,10 @@ def predict_run(
     require_finished(run_dir)
     run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"
-    fmt = output_format(out)
     dataset = load_dataset(data, require_tags=False)
     inputs = [data, *dataset.files.values(), *(p for p in (features, side_cache) if p is not None)]
     check_output(out, kind="predictions", overwrite=overwrite, inputs=inputs, create_folder=True)
+    fmt = output_format(out)
     posts = [post for split in SPLITS for post in dataset.splits.get(split, [])]
     # which cache, and warnings about it; with --images the coverage is checked after stage 1 added the rest
     _, cache, warnings = choose_cache(run_dir, run_config, features=features, data=data, posts=posts,

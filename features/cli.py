@@ -7,6 +7,7 @@ level imports torch: ``info`` and ``merge`` answer in a fraction of a second (to
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -268,14 +269,72 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave it
         previous = None
+    hooks = sys.excepthook, sys.unraisablehook, sys.stderr
+    sys.excepthook, sys.unraisablehook = _quiet_hdf5_release(hooks[0]), _quiet_hdf5_release(hooks[1])
+    sys.stderr = _DropHdf5ReleaseTracebacks(sys.stderr)
+    code = 0
     try:
         app(args=argv, prog_name="mner-features")
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
+        sys.excepthook, sys.unraisablehook, sys.stderr = hooks
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    if _HDF5_RELEASE_FAILED and argv is None:
+        # After a write failed inside HDF5 (a disk filling mid-write) the library cannot release that file,
+        # and its exit handler crashes the interpreter (SIGSEGV) after the one-line error. The temp file and
+        # the lock are already removed and the chunks kept: leave without running it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+_HDF5_RELEASE_FAILED: list[str] = []  # h5py could not release a handle after a failed write (see main)
+_RELEASE_ERROR = "RuntimeError: Can't decrement id ref count"
+
+
+class _DropHdf5ReleaseTracebacks:
+    """stderr without the tracebacks h5py's C code prints (bypassing the hooks) for each handle it cannot
+    release after a failed write; everything else passes through at once (progress bars included)."""
+
+    def __init__(self, stream):
+        self.stream, self.held = stream, ""
+
+    def write(self, text: str) -> int:
+        if not self.held and not text.startswith("Traceback (most recent call last):"):
+            return self.stream.write(text)
+        self.held += text
+        lines = self.held.split("\n")[:-1]  # complete lines
+        if any(line.startswith(_RELEASE_ERROR) for line in lines):
+            if "errno = " in self.held and self.held.endswith(")\n"):  # the whole message: dropped
+                _HDF5_RELEASE_FAILED.append(self.held[-80:])
+                self.held = ""
+        elif any(not line.startswith(("Traceback", "  ")) for line in lines):  # another traceback: shown
+            held, self.held = self.held, ""
+            self.stream.write(held)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _quiet_hdf5_release(hook):
+    """h5py reports every handle it cannot release after a failed write (``RuntimeError: Can't decrement
+    id ref count (file write failed ... errno = 28 ...)``) as a traceback: the command says it in one line."""
+    def quiet(*args):
+        error = args[1] if len(args) == 3 else args[0].exc_value
+        if isinstance(error, RuntimeError) and "id ref count" in str(error) and "errno = " in str(error):
+            _HDF5_RELEASE_FAILED.append(str(error)[:80])
+            return
+        hook(*args)
+
+    return quiet
+
 
 
 if __name__ == "__main__":

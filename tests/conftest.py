@@ -32,7 +32,10 @@ def write_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, heads: i
     pieces += [*TINY_WORDS, "person", "location", "organization", "other", "none", "begin", "inside"]
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(pieces)) + "\n", encoding="utf-8")
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    try:
+        tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)  # transformers 5
+    except TypeError:  # transformers 4 (the pyproject lower bound) reads the vocabulary file
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -4,12 +4,15 @@ empty captions, and the CLIP tower's own parameter group."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers.models import LABELS, text_batch, tiny_feature_spec, tiny_visual
+import torch.nn.functional as F
+from helpers.fusion import build
 
 from mner.trainer.models import get_model_class
 
@@ -42,31 +45,56 @@ def test_ips_cl_and_standard_cl_match_eq_16_17(k):
         assert expected_ips < expected_cl
 
 
-def build(name, tiny_bert, rng, **overrides):
-    from transformers import AutoTokenizer
+def test_mgipscl_contrastive_losses_on_hand_set_summaries(tiny_bert):
+    """eq. 14-17 through the model's own projections f, g (set to the identity) on hand-set text and
+    image summaries of 5 posts, 4 with an image: a 4 x 4 similarity matrix, so K = 3 leaves one
+    negative per row and IPS-CL is not 0. The expected values are eq. 16-17 written out above."""
+    torch.manual_seed(0)
+    model, _, _ = build("mgipscl", tiny_bert, np.random.default_rng(0), contrastive_dim=32, top_k=3)
+    with torch.no_grad():
+        for projection in (model.image_projection, model.text_projection):
+            projection.weight.copy_(torch.eye(32))
+            projection.bias.zero_()
+    generator = torch.Generator().manual_seed(5)
+    texts, images = torch.randn(5, 32, generator=generator), torch.randn(5, 32, generator=generator)
+    has_image = torch.tensor([True, True, False, True, True])  # post 2 has no image: it takes no part
+    losses = model.contrastive_losses({"text_summary": texts, "image_summary": images, "has_image": has_image})
+    kept = [0, 1, 3, 4]
+    sim = [[float(F.cosine_similarity(texts[i], images[j], dim=0)) for j in kept] for i in kept]
+    expected_ips, expected_cl = direct_losses(sim, k=3, tau=model.config.temperature)
+    assert losses["ips_cl"].item() == pytest.approx(expected_ips, rel=1e-5) and expected_ips > 1e-3
+    assert losses["cl"].item() == pytest.approx(expected_cl, rel=1e-5)
+    one_image = model.contrastive_losses({"text_summary": texts, "image_summary": images,
+                                          "has_image": torch.tensor([True, False, False, False, False])})
+    assert one_image == {}  # a single image has nothing to be contrasted with
 
-    cls = get_model_class(name)
-    config = cls.Config(**{**getattr(cls, "TINY_OVERRIDES", {}), "num_heads": 2, **overrides})
-    paths = cls.required_features(config)
-    spec = tiny_feature_spec(paths, rng)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    model = cls(config, labels=LABELS, text_encoder=str(tiny_bert), tokenizer=tokenizer, features=spec)
-    batch, _ = text_batch(tokenizer)
-    batch["visual"] = tiny_visual(paths, spec, rng)
-    return model, batch, tokenizer
 
-
-def test_mgipscl_loss_is_crf_plus_both_contrastive_terms_over_posts_with_crops(tiny_bert):
+def test_mgipscl_total_loss_adds_both_contrastive_terms_and_ablation_drops_one(tiny_bert):
     torch.manual_seed(0)
     model, batch, _ = build("mgipscl", tiny_bert, np.random.default_rng(0), dropout=0.0)
     out = model.train()(batch)
-    assert {"loss_mner", "loss_ips_cl", "loss_cl"} <= set(out)
     torch.testing.assert_close(out["loss"].detach(), out["loss_mner"] + out["loss_ips_cl"] + out["loss_cl"])
-    # only posts 0 and 3 have crops (post 1: ok image, zero crops; post 2: missing image): a 2 x 2 matrix,
-    # so K = 3 covers the whole row and IPS-CL is exactly 0
-    assert out["loss_ips_cl"].item() == pytest.approx(0.0, abs=1e-6)
     no_ips = build("mgipscl", tiny_bert, np.random.default_rng(0), use_ips_cl=False)[0].train()(batch)
-    assert "loss_ips_cl" not in no_ips
+    assert "loss_ips_cl" not in no_ips and "loss_cl" in no_ips
+
+
+@pytest.mark.parametrize("use_mgi", [True, False])
+def test_mgipscl_image_side_is_the_posts_own_visual_tokens(use_mgi, tiny_bert):
+    """eq. 14's v_j are image j's visual tokens: give post 0 post 3's crops and its image summary is
+    post 3's (it no longer depends on post 0's text); with or without MGI (one change per ablation)."""
+    torch.manual_seed(0)
+    model, batch, _ = build("mgipscl", tiny_bert, np.random.default_rng(0), dropout=0.0, use_mgi=use_mgi)
+    model.eval()
+    swapped = {**batch, "visual": dict(batch["visual"])}
+    for key in ("grounding/pixels", "grounding/mask", "images/ok"):
+        values = batch["visual"][key].clone()
+        values[0] = batch["visual"][key][3]
+        swapped["visual"][key] = values
+    with torch.no_grad():
+        before = model.encode(batch)["image_summary"]
+        after = model.encode(swapped)["image_summary"]
+    torch.testing.assert_close(after[0], before[3])
+    assert F.cosine_similarity(before[0], before[3], dim=0) < 0.99  # the two posts' images do differ
 
 
 def test_mgipscl_post_without_crops_ignores_padding_pixels(tiny_bert):
@@ -162,11 +190,14 @@ def test_vrp_helpers_on_a_hand_worked_grid():
     assert not neighbour_mask(torch.tensor([5 * G + 5]), G, alpha=1).any()
 
 
-def test_vrp_module_selects_the_hand_worked_block_and_passes_gradient():
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_vrp_module_selects_the_hand_worked_block_and_passes_gradient(straight_through):
+    """The paper's hard choice gives W_q / W_k no gradient (they stay as initialised, not trained);
+    the straight-through switch passes the chosen scores' gradient. The block is the same."""
     from mner.trainer.models.espvr import VisualRegionPositioning
 
     width = 4
-    vrp = VisualRegionPositioning(width, width, width, alpha=3)
+    vrp = VisualRegionPositioning(width, width, width, alpha=3, straight_through=straight_through)
     with torch.no_grad():
         for linear in (vrp.entity_query, vrp.region_key, vrp.center_query, vrp.neighbour_key):
             linear.weight.copy_(torch.eye(width))
@@ -189,7 +220,10 @@ def test_vrp_module_selects_the_hand_worked_block_and_passes_gradient():
     assert list(zip(chosen["top"].tolist(), chosen["left"].tolist())) == [(0, 5), (9, 9)]
     expected = torch.stack([regions[0].view(G, G, width)[0:3, 5:8].reshape(9, width),
                             regions[1].view(G, G, width)[9:12, 9:12].reshape(9, width)])
-    torch.testing.assert_close(block, expected)  # straight-through: the values are the regions themselves
+    torch.testing.assert_close(block, expected)  # the values are the regions themselves
+    if not straight_through:
+        assert not block.requires_grad and not any(p.requires_grad for p in vrp.parameters())
+        return
     block.sum().backward()
     assert vrp.region_key.weight.grad.abs().sum() > 0 and entities.grad.abs().sum() > 0
 
@@ -249,4 +283,133 @@ def test_espvr_reads_the_caption_and_its_ablations_drop_inputs(tiny_bert):
         build("espvr", tiny_bert, np.random.default_rng(0), alpha=12)
     out = model.train()(batch)
     assert "loss_esi" in out
-    torch.testing.assert_close(out["loss"].detach(), out["loss_mner"] + 0.08 * out["loss_esi"])
+
+
+def brute_force_crf_nll(crf, emissions: torch.Tensor, gold: list[int]) -> float:
+    """-log P(gold | emissions) of a linear-chain CRF by enumerating every tag sequence (short posts)."""
+    import itertools
+
+    start, end, transitions = crf.start_transitions, crf.end_transitions, crf.transitions
+
+    def score(tags):
+        total = start[tags[0]] + emissions[0, tags[0]] + end[tags[-1]]
+        for i in range(1, len(tags)):
+            total = total + transitions[tags[i - 1], tags[i]] + emissions[i, tags[i]]
+        return float(total.detach())
+
+    every = [score(tags) for tags in itertools.product(range(emissions.size(1)), repeat=emissions.size(0))]
+    top = max(every)
+    return -(score(gold) - (top + math.log(sum(math.exp(s - top) for s in every))))
+
+
+def test_espvr_eq_10_adds_lambda_times_the_span_crf_nll_of_the_type_less_gold(tiny_bert):
+    """L = L_MNER + 0.08 L_ESI with L_ESI computed here: the gold tags with their types removed
+    (B-X -> B, I-X -> I) and the span CRF's NLL by enumeration, averaged over the posts."""
+    torch.manual_seed(0)
+    model, batch, _ = build("espvr", tiny_bert, np.random.default_rng(0), dropout=0.0)
+    model.eval()
+    three = slice(0, 3)  # the three short posts (4, 3, 2 words): enumerable
+    small = {k: v[three] for k, v in batch.items() if k != "visual"}
+    small["visual"] = {k: v[three] for k, v in batch["visual"].items()}
+    seen = {}
+    model.span_emissions.register_forward_hook(lambda m, a, out: seen.__setitem__("span", out))
+    with torch.no_grad():
+        with_esi = model(small)["loss"]
+        model.config.span_loss_weight = 0.0
+        without = model(small)["loss"]
+        model.config.span_loss_weight = 0.08
+    gold_spans = [[1, 2, 0, 1], [0, 1, 0], [0, 1]]  # POSTS 0-2: B-PER I-PER O B-LOC / O B-ORG O / O B-LOC
+    nll = [brute_force_crf_nll(model.span_crf, seen["span"][b, : len(tags)], tags)
+           for b, tags in enumerate(gold_spans)]
+    assert (with_esi - without).item() == pytest.approx(0.08 * sum(nll) / 3, rel=1e-4)
+
+
+def test_espvr_evaluation_reads_no_gold_span(tiny_bert):
+    """Even with vrp_training_spans=gold, evaluation uses the ESI's own spans: removing or changing
+    the labels changes nothing outside training (and in training, gold mode does read them)."""
+    torch.manual_seed(0)
+    model, batch, _ = build("espvr", tiny_bert, np.random.default_rng(0), dropout=0.0, vrp_training_spans="gold",
+                            straight_through=True, global_token=True)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    relabelled = {**batch, "labels": torch.where(batch["labels"] > 0, 0, 1) * batch["word_mask"]}
+    with torch.no_grad():
+        model.eval()
+        paths = model.decode(batch)
+        assert model.decode(unlabelled) == paths and model.decode(relabelled) == paths
+        emissions = model(batch)["emissions"]
+        torch.testing.assert_close(model(relabelled)["emissions"], emissions)
+        torch.testing.assert_close(model(unlabelled)["emissions"], emissions)
+        model.train()
+        trained = model(batch)["emissions"]
+        assert not torch.allclose(model(relabelled)["emissions"], trained)  # training does read the gold spans
+
+
+def test_espvr_paper_presets_follow_the_paper_and_mark_what_it_does_not_state():
+    cls = get_model_class("espvr")
+    assert (cls.Config().vrp_training_spans, cls.Config().straight_through, cls.Config().global_token) == (
+        "predicted", False, False)
+    for name, preset in cls.PRESETS.items():
+        assert preset["vrp_training_spans"] == "predicted" and preset["straight_through"] is False, name
+        assert preset["global_token"] is False and preset["crf_lr"] == preset["encoder_lr"] == 1e-4, name
+    source = Path(inspect.getsourcefile(cls)).read_text()
+    for field in ("alpha=4", "warmup_ratio=0.1", "weight_decay=0.01", "epochs=30", "cross_heads=8"):
+        line = next(line for line in source.splitlines() if line.strip().startswith(field))
+        assert "NOT STATED" in line, line
+
+
+def test_espvr_without_a_span_the_words_see_no_visual_token(tiny_bert):
+    """Paper reading (no b_0 token): a post without a predicted entity gets no local visual
+    information (Table 4.B), so its states do not depend on the image grid; with global_token they do."""
+    torch.manual_seed(0)
+    for global_token, depends in ((False, False), (True, True)):
+        model, batch, _ = build("espvr", tiny_bert, np.random.default_rng(0), dropout=0.0, global_token=global_token)
+        model.eval()
+        no_spans = [[0] * len(row) for row in batch["word_mask"].tolist()]
+        with torch.no_grad():
+            encoded = model.encode(batch)
+            fused = model.fused_states(encoded, no_spans)
+            other = {**encoded, "visual": {**encoded["visual"]}}
+            other["visual"]["encoders/swin/grid"] = encoded["visual"]["encoders/swin/grid"] * -3 + 1
+            changed = model.fused_states(other, no_spans)
+        assert torch.isfinite(fused).all()
+        assert torch.allclose(fused[0], changed[0]) != depends, global_token
+
+
+def test_mgipscl_default_clip_tower_offline_is_a_one_line_error(monkeypatch):
+    """The default tower is a hub name: offline (the tests run with HF_HUB_OFFLINE=1) it must say how
+    to go on in one line, not raise the hub's OSError."""
+    from mner.trainer.models.mgipscl import build_clip_tower
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in (get_model_class("mgipscl").Config().clip_model, "./no-such-clip-folder"):
+        with pytest.raises(ValueError, match="vision_mode=frozen") as err:
+            build_clip_tower(name)
+        assert "\n" not in str(err.value)
+
+
+def test_mgipscl_paper_preset_marks_what_the_paper_does_not_state():
+    cls = get_model_class("mgipscl")
+    assert cls.PRESETS["paper"]["warmup_ratio"] == 0.06 and cls.PRESETS["paper"]["clip_lr"] == 3e-5  # sec. 4.3
+    source = Path(inspect.getsourcefile(cls)).read_text()
+    for field in ("crf_lr=", "head_lr=", "batch_size=", "temperature=", "contrastive_dim="):
+        line = next(line for line in source.splitlines() if line.strip().startswith(field))
+        assert "NOT STATED" in line, line
+
+
+def test_espvr_gold_spans_and_straight_through_change_nothing_without_a_usable_image(tiny_bert):
+    """On a cache without pictures (every image missing: the real-text runs) no post has a block, so
+    reading gold spans or passing the block's gradient cannot change the loss or its gradients; only
+    the b_0 token adds something (a constant token: the grid of a missing image is zeros)."""
+    results = {}
+    for name, switches in {"paper": {}, "gold": {"vrp_training_spans": "gold"}, "st": {"straight_through": True},
+                           "b0": {"global_token": True}}.items():
+        torch.manual_seed(0)
+        model, batch, _ = build("espvr", tiny_bert, np.random.default_rng(0), dropout=0.0, **switches)
+        batch["visual"]["images/ok"] = torch.zeros(len(batch["input_ids"]), dtype=torch.bool)
+        loss = model.train()(batch)["loss"]
+        loss.backward()
+        results[name] = (loss.detach(), model.text_encoder.embeddings.word_embeddings.weight.grad.clone())
+    for name in ("gold", "st"):
+        torch.testing.assert_close(results[name][0], results["paper"][0])
+        torch.testing.assert_close(results[name][1], results["paper"][1])
+    assert not torch.allclose(results["b0"][0], results["paper"][0])

@@ -71,37 +71,56 @@ def test_vcrmner_eq6_weights_the_normalised_crop_only_with_visual_evaluation(eva
 # -- P-MNER eq. 8, the q / C blocks and the verbalizer ----------------------------------------------
 
 
-def test_pmner_h_is_t_plus_q_plus_c_with_q_and_c_through_the_eq67_block(tiny_bert):
+def test_pmner_h_is_t_plus_q_plus_c_with_q_and_c_read_from_v_and_p(tiny_bert):
+    """eq. 8 with the q and C blocks replaced by recording stand-ins that return hand-set values:
+    H = T + q + C, q = block(T over V), C = block(T over P)."""
     from helpers.pmner import build, make_batch
 
     model, tokenizer = build(tiny_bert, dropout=0.0, use_prompt=False)
     model.eval()
     batch = make_batch(tokenizer)
-    seen = {}
-    for name in ("text_norm", "visual_norm", "visual_to_text", "text_to_visual", "refusion"):
+    seen, calls = {}, {}
+    for name in ("text_norm", "visual_norm", "visual_to_text"):
         getattr(model, name).register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out))
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, name, value):
+            super().__init__()
+            self.name, self.value = name, value
+
+        def forward(self, queries, keys, key_pad, keep=None):
+            calls[self.name] = (queries, keys)
+            return torch.full_like(queries, self.value)
+
+    model.text_to_visual, model.refusion = StandIn("q", 0.25), StandIn("C", -2.0)
     with torch.no_grad():
         fused = model.fused_states(batch)
-        text, visual, p = seen["text_norm"], seen["visual_norm"], seen["visual_to_text"]
-        q, c = seen["text_to_visual"], seen["refusion"]
-        torch.testing.assert_close(fused, text + q + c)  # eq. 8
-        # q and C: LN(T + MHA) then LN(x + FFN(x)), computed here from the block's own weights
-        _, region_mask = model.visual_regions(batch["visual"])
-        pad = ~region_mask
-        pad[~region_mask.any(1), 0] = False
-        keep = region_mask.any(1)[:, None, None].float()
-        for block, keys, out in ((model.text_to_visual, visual, q), (model.refusion, p, c)):
-            attended = F.multi_head_attention_forward(
-                text.transpose(0, 1), keys.transpose(0, 1), keys.transpose(0, 1), text.size(-1),
-                block.attention.num_heads, block.attention.in_proj_weight, block.attention.in_proj_bias,
-                None, None, False, 0.0, block.attention.out_proj.weight, block.attention.out_proj.bias,
-                training=False, key_padding_mask=pad, need_weights=False,
-            )[0].transpose(0, 1)
-            first = F.layer_norm(text + attended * keep, text.shape[-1:], block.attention_norm.weight,
-                                 block.attention_norm.bias)
-            expected = F.layer_norm(first + block.ffn(first), text.shape[-1:], block.ffn_norm.weight,
-                                    block.ffn_norm.bias)
-            torch.testing.assert_close(out, expected)
+    text = seen["text_norm"]
+    torch.testing.assert_close(fused, text + 0.25 - 2.0)  # eq. 8
+    assert calls["q"][0] is text and calls["q"][1] is seen["visual_norm"]  # q: T over V
+    assert calls["C"][0] is text and calls["C"][1] is seen["visual_to_text"]  # C: T over P
+
+
+def test_pmner_fusion_block_eq_4_7_by_hand():
+    """One head, hand-set projections: LN(x + softmax(x W_q (k W_k)^T / sqrt(d)) k W_v W_o), then
+    LN(y + FFN(y)); ``keep`` = 0 drops the attention term."""
+    from helpers.fusion import layer_norm, set_single_head, single_head_attention
+
+    from mner.trainer.models.pmner import FusionBlock
+
+    torch.manual_seed(0)
+    block = FusionBlock(4, num_heads=1, ffn_mult=2, dropout=0.0).eval()
+    generator = torch.Generator().manual_seed(2)
+    w_q, w_k, w_v, w_o = set_single_head(block.attention, generator)
+    queries, keys = torch.randn(2, 3, 4, generator=generator), torch.randn(2, 2, 4, generator=generator)
+    pad = torch.tensor([[False, True], [False, False]])
+    keep = torch.tensor([1.0, 0.0])[:, None, None]
+    with torch.no_grad():
+        got = block(queries, keys, pad, keep)
+        for post in range(2):
+            attended = single_head_attention(queries[post], keys[post], keys[post], ~pad[post], w_q, w_k, w_v, w_o)
+            first = layer_norm(queries[post] + attended * keep[post])
+            torch.testing.assert_close(got[post], layer_norm(first + block.ffn(first)), rtol=1e-5, atol=1e-5)
 
 
 def test_pmner_verbalizer_scores_are_the_full_mlm_logits_at_the_label_words(tiny_bert):

@@ -287,6 +287,29 @@ def test_extraction_on_a_full_disk_is_one_line_and_the_rerun_continues(corpus, t
         assert [p.name for p in folder.iterdir()] == ["c.h5"]
 
 
+def test_disk_filling_during_assembly_is_one_line_not_a_crash(corpus, tmp_path):
+    """The h5py segfault: a disk that fills while HDF5 writes (here the free-space check is switched off to
+    get there) gave rc 139 and a screen of tracebacks. Now: one line, exit 1, chunks kept, no temp, no lock."""
+    data, images = corpus
+    script = textwrap.dedent("""
+        import sys
+        import mner.pipeline.outputs as outputs
+        outputs.check_free_space = lambda *args, **kwargs: None  # as if another writer took the space
+        from mner.features.cli import main
+        sys.argv = ["mner-features", *sys.argv[1:]]
+        sys.exit(main())
+    """)
+    with small_tmpfs(tmp_path / "disk", "100k") as folder:
+        done = subprocess.run([sys.executable, "-c", script, "extract", "--data", str(data), "--images",
+                               str(images), "--out", str(folder / "c.h5"), *TINY],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines() == [
+            f"error: {folder / 'c.h5'}: no space left on the device; free some space (or write --out to another "
+            "disk) and run the same command again: finished work is kept and it continues"]
+        assert [p.name for p in folder.iterdir()] == ["c.h5.parts"]
+
+
 def test_chunk_write_failure_leaves_no_temp(tmp_path, monkeypatch):
     from mner.features.run import parts
 

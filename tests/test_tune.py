@@ -154,7 +154,8 @@ def test_a_pruned_trial_stops_after_its_epoch_and_keeps_a_resumable_folder(tmp_p
     out = tmp_path / "study"
     space_file = write_space(tmp_path / "space.toml", tiny_bert, out=out, trials=3, epochs=2)
     space_file.write_text(space_file.read_text().replace("startup_trials = 2", "startup_trials = 1"))
-    from mner.trainer.experiments.tune import open_study, run_tune
+    from mner.trainer.experiments.tune import run_tune
+    from mner.trainer.experiments.tune_study import open_study
 
     space = load_space(space_file)
     study = open_study(space)

@@ -303,7 +303,7 @@ class Extraction:
         from mner.pipeline.cache.integrity import verify_group
 
         read = {path.rsplit("/", 1)[0] for p in self.producers for path in p.reads}
-        read |= {"objects"} if any(p.needs_crops for p in self.producers) else set()
+        read |= {"objects"} if any(getattr(p, "needs_crops", False) for p in self.producers) else set()
         read = sorted(read & set(self.cache.groups()) - set(self.computed))
         if not read:
             return

@@ -29,6 +29,7 @@ from mner.pipeline.cache.base import (
 from mner.pipeline.cache.integrity import seal_group
 from mner.pipeline.cache.lock import CacheLock, temp_suffix
 from mner.pipeline.cache.provenance import SHARD_KEYS, utc_now
+from mner.pipeline.cache.writer import discardable_file
 
 MERGE_IN_MEMORY_BYTES = 1 << 30  # merge gathers a dataset in memory below this size, run by run above
 # grow=True (a cache plus images added later with the same stage 1): provenance may also differ in these
@@ -238,7 +239,7 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
 
     temp = f"{out}.tmp-{temp_suffix()}"
     try:
-        with h5py.File(temp, "w") as target:
+        with discardable_file(temp) as target:
             for key, value in first.attrs.items():
                 target.attrs[key] = value
             if grow and "posts" in handles[posts_index]:

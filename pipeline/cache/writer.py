@@ -108,7 +108,7 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._discard()
-            disk = _disk_error(exc, self.temp_path)
+            disk = _disk_error(exc, self.path)
             if disk is not None:
                 raise disk from None
             return
@@ -126,7 +126,7 @@ class CacheWriter:
             _fsync_path(os.path.dirname(os.path.abspath(self.path)), directory=True)
         except BaseException as error:
             self._discard()
-            disk = _disk_error(error, self.temp_path)
+            disk = _disk_error(error, self.path)
             if disk is not None:
                 raise disk from None
             raise
@@ -152,8 +152,7 @@ class CacheWriter:
         handle, self._file = self._file, None
         try:
             if handle is not None:
-                with contextlib.suppress(Exception):  # the write already failed; its error is the one reported
-                    handle.close()
+                close_discarded(handle, self.temp_path)
             if os.path.exists(self.temp_path):
                 os.remove(self.temp_path)
         finally:
@@ -354,6 +353,29 @@ class CacheWriter:
         missing = [key for key in required if key not in provenance]
         if missing:
             raise CacheError(f"group {name}: provenance lacks {missing} (declared in its GroupSpec)")
+
+
+def close_discarded(handle: h5py.File, path: str) -> None:
+    """Close an HDF5 file whose content is being thrown away. Its blocks are freed first (truncated to 0
+    bytes): after a write failed on a full disk, HDF5's closing writes would fail too, leaving the library
+    unable to release the file (tracebacks from every handle, then a crash at exit). Errors are dropped:
+    the write's own error is the one reported."""
+    with contextlib.suppress(OSError):
+        os.truncate(path, 0)
+    with contextlib.suppress(Exception):
+        handle.close()
+
+
+@contextlib.contextmanager
+def discardable_file(path: str):
+    """``h5py.File(path, "w")`` that, on an exception, is closed by :func:`close_discarded`."""
+    handle = h5py.File(path, "w")
+    try:
+        yield handle
+    except BaseException:
+        close_discarded(handle, path)
+        raise
+    handle.close()
 
 
 _H5_ERRNO = re.compile(r"errno = (\d+)")

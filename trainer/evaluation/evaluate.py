@@ -210,11 +210,16 @@ def evaluate_run(
     features: str | Path | None = None,
     device: str = "auto",
     allow_missing_images: bool = False,
+    boxes: str | Path | None = None,
+    gmner_sets: dict | None = None,
 ) -> dict:
     """Score a trained run on one split of its own data or of ``data`` (e.g. cross-domain 15 -> 17).
 
     Writes ``eval/<split>-<data hash[:8]>[-cache<fingerprint[:8]>].json`` plus CoNLL and Parquet
-    predictions into the run; the JSON names the cache used and any warning about it.
+    predictions into the run; the JSON names the cache used and any warning about it. With ``boxes``
+    (or a run trained with ``--boxes``, on its own data) it also scores GMNER / MNER / EEG and writes
+    the grounded predictions (``.jsonl``, ``.entities.parquet``); ``gmner_sets`` overrides the metric
+    conventions (``gmner_uncovered``, ``gmner_iou``, ``gmner_iou_compare``).
     """
     from mner.trainer.core.labels import describe_unseen, unseen_types
     from mner.trainer.core.run_folder import read_run_config, require_finished
@@ -257,13 +262,34 @@ def evaluate_run(
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
                         second_segment=second_segment_for(type(model), model.config, tokenizer,
                                                           run_config["train_config"]["max_length"]))
-    predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
-                               batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
-    scores = entity_scores([list(p.tags) for p in posts], predictions)
     stem = f"{split}-{dataset.data_hash[:8]}" + (f"-cache{short_fingerprint(cache['fingerprint'])}" if cache else "")
+    trained_gmner = run_config.get("gmner")
+    if boxes is None and trained_gmner and data is None:
+        boxes = trained_gmner["boxes"]
+    if gmner_sets and boxes is None:
+        from mner.trainer.core.config import ConfigError
+
+        raise ConfigError("the GMNER conventions (--uncovered, --iou, --iou-compare) need the gold boxes: add --boxes")
+    gmner_result = None
+    if boxes is None:
+        predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
+                                   batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
+    else:
+        from mner.trainer.gmner.data import evaluate_grounded
+
+        predictions, gmner_result, grounded_stem = evaluate_grounded(
+            run_dir, run_config, model, post_set, collator, split=split, posts=posts, boxes=boxes,
+            cache_path=cache_path, features=features, gmner_sets=gmner_sets or {}, device=torch_device)
+        stem += grounded_stem
+    scores = entity_scores([list(p.tags) for p in posts], predictions)
+    if gmner_result is not None:
+        scores.update(gmner_result.pop("scores"))
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
               "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings,
               "decode_precision": DECODE_PRECISION, **scores}
+    if gmner_result is not None:
+        result["boxes"] = gmner_result["record"]  # reader counts, settings, candidates (scores are above)
+        gmner_result["write"](run_dir / "eval" / stem)
     write_json(run_dir / "eval" / f"{stem}.json", result)
     write_conll(run_dir / "eval" / f"{stem}.conll", posts, predictions)
     write_parquet(run_dir / "eval" / f"{stem}.parquet", posts, predictions)

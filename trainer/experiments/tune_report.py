@@ -13,8 +13,9 @@ import math
 from pathlib import Path
 
 from mner.trainer.core.config import ConfigError
-from mner.trainer.experiments.tune import TRIALS_DIR, TUNE_FILE, open_storage, trial_table
+from mner.trainer.experiments.tune import TRIALS_DIR
 from mner.trainer.experiments.tune_space import best_grid_text, set_value
+from mner.trainer.experiments.tune_study import TUNE_FILE, open_storage, trial_table
 
 TUNE_REPORT_FILES = ("*-trials.md", "*-trials.csv", "*-dev_f1.png", "*-best-grid.toml")  # per study, in the report
 

@@ -65,6 +65,8 @@ class MGIPSCLConfig:
     use_mgi: bool = True  # False = "w/o MGI": mutual-attention text states go straight to the CRF
     use_row_grained: bool = True  # False = "w/o Row-grained": drop V_C (eq. 6-8)
     use_column_grained: bool = True  # False = "w/o Column-grained": drop V_F (eq. 6-8)
+    # ours, off in every paper preset: multiply M_C by the number of positions and M_F by d (mean weight 1)
+    rescale_mge_weights: bool = False
     num_interweave: int = 1  # stacked Interweave Encoders (sec. 3.3.2 / 4.6.2: 1 is best)
     use_ips_cl: bool = True  # False = "w/o IPS-CL": no eq. 16 term
     use_standard_cl: bool = True  # eq. 17 term
@@ -92,7 +94,22 @@ def build_clip_tower(name: str) -> nn.Module:
         warnings.warn("mgipscl: clip_model=random-vit-b-32 builds a RANDOM ViT-B/32 tower (benchmarks only)",
                       stacklevel=2)
         return CLIPVisionModel(CLIPVisionConfig())  # transformers' defaults are ViT-B/32: 768 wide, 12 layers, patch 32
-    return CLIPVisionModel.from_pretrained(name)
+    try:
+        return CLIPVisionModel.from_pretrained(name)
+    except OSError:  # not downloadable (offline) and not in the local hub cache, or no such folder
+        raise ValueError(
+            f"mgipscl: cannot load the CLIP vision tower {name!r} (offline, or no such folder); pass a local copy "
+            f"with --set clip_model=FOLDER, or train without it: --set vision_mode=frozen (cached CLIP states) "
+            f"or --set clip_model={RANDOM_B32} (random weights)"
+        ) from None
+
+
+def clip_layer_takes_causal_mask(layer_class: type) -> bool:
+    """Whether a transformers CLIP encoder layer's forward has the positional ``causal_attention_mask``
+    argument (transformers 4.x) or not (5.x): the crop encoder passes None for it when it exists."""
+    import inspect
+
+    return "causal_attention_mask" in inspect.signature(layer_class.forward).parameters
 
 
 class CLIPCropEncoder(nn.Module):
@@ -110,6 +127,8 @@ class CLIPCropEncoder(nn.Module):
         self.width = config.hidden_size
         self.patch_size = config.patch_size
         self.depth = config.num_hidden_layers
+        # transformers 4.x: forward(hidden, attention_mask, causal_attention_mask, ...); 5.x: (hidden, attention_mask)
+        self.layer_takes_causal_mask = clip_layer_takes_causal_mask(type(self.tower.encoder.layers[0]))
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -139,7 +158,7 @@ class CLIPCropEncoder(nn.Module):
         for layer in self.tower.encoder.layers:
             normed = layer.layer_norm1(hidden)
             keys_values.append((layer.self_attn.k_proj(normed), layer.self_attn.v_proj(normed)))  # K_i^v, V_i^v
-            out = layer(hidden, None)
+            out = layer(hidden, None, None) if self.layer_takes_causal_mask else layer(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out  # (C, T, D)
         return keys_values, self.tower.post_layernorm(hidden)
 
@@ -234,51 +253,71 @@ class MultiGranularityExcavator(nn.Module):
     eq. 5: M_im = f1(Linear1(subject)) (.) f2(Linear2(guide)). The guide may be longer or shorter than
     the subject (H^v has 3 x 17 crop tokens, H^t n pieces): f2 "converts into a unified dimension"
     by letting each subject position attend over the guide (plus an always-present null key, so a post
-    with no crop gets a defined result). eq. 6: M_C = softmax over positions (rows) of M_im (.) m3,
-    M_F = softmax over features (columns) of M_im (.) m4 -- m3, m4 act per feature (a d x 1 matrix
-    product would leave a softmax over one column, identically 1). Each softmax is rescaled by its
-    size so the average weight is 1. eq. 7-8: X = f3(M_F (.) s + M_C (.) s), s = f1(Linear1(subject)).
+    with no crop gets a defined result).
+    eq. 6, row-grained, as written: M_C = softmax over the n positions of M_im M_3 (M_3 in R^{d x 1}):
+    one weight per position (B, n, 1). Column-grained: eq. 6 as written (M_im M_4, a softmax over
+    its single column) is identically 1; our reading is one weight per feature, M_F = softmax over
+    the d features of m_4 (.) (mean of M_im over the subject's positions) (B, 1, d), m_4 in R^d.
+    eq. 7-8: X = f3(M_F (.) s + M_C (.) s), s = f1(Linear1(subject)). ``rescale`` (ours, off in the
+    paper presets) multiplies M_C by n and M_F by d, so that the average weight is 1.
     """
 
-    def __init__(self, width: int, *, num_heads: int, dropout: float, use_row: bool, use_column: bool):
+    def __init__(self, width: int, *, num_heads: int, dropout: float, use_row: bool, use_column: bool,
+                 rescale: bool = False):
         super().__init__()
         if not (use_row or use_column):
             raise ValueError("mgipscl: use_row_grained and use_column_grained cannot both be false (that is w/o MGI: "
                              "set use_mgi=false)")
-        self.use_row, self.use_column = use_row, use_column
+        self.use_row, self.use_column, self.rescale = use_row, use_column, rescale
         self.subject_in = nn.Sequential(
             nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width)
         )
         self.guide_in = nn.Linear(width, width)  # Linear_2
         self.null_guide = nn.Parameter(torch.zeros(1, 1, width))
         self.unify = nn.MultiheadAttention(width, num_heads, dropout=dropout, batch_first=True)  # f_2
-        self.row_weight = nn.Parameter(torch.randn(width) / math.sqrt(width)) if use_row else None  # M_3
-        self.column_weight = nn.Parameter(torch.randn(width) / math.sqrt(width)) if use_column else None  # M_4
+        self.row_weight = nn.Parameter(torch.randn(width, 1) / math.sqrt(width)) if use_row else None  # M_3 (d, 1)
+        self.column_weight = nn.Parameter(torch.randn(width) / math.sqrt(width)) if use_column else None  # m_4 (d,)
         self.out = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width),
                                  nn.LayerNorm(width))  # f_3
         init_linear(self)
         nn.init.normal_(self.null_guide, std=0.02)
 
-    def forward(self, guide: torch.Tensor, guide_mask: torch.Tensor, subject: torch.Tensor,
-                subject_mask: torch.Tensor) -> torch.Tensor:
-        # guide: (B, m, d), guide_mask: (B, m) bool; subject: (B, n, d), subject_mask: (B, n) bool
-        batch_size, _length, width = subject.shape
+    def interaction(self, guide: torch.Tensor, guide_mask: torch.Tensor,
+                    subject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """eq. 5: (M_im, f1(Linear1(subject))), both (B, n, d)."""
+        batch_size = subject.size(0)
         subject_enc = self.subject_in(subject)  # f1(Linear1(subject)) (B, n, d)
         guide_keys = torch.cat([self.null_guide.expand(batch_size, -1, -1), self.guide_in(guide)], dim=1)  # (B, 1+m, d)
         guide_pad = torch.cat([guide_mask.new_zeros(batch_size, 1), ~guide_mask], dim=1)  # (B, 1+m)
         guide_enc, _ = self.unify(subject_enc, guide_keys, guide_keys, key_padding_mask=guide_pad,
                                   need_weights=False)  # f2(Linear2(guide)) at the subject's positions (B, n, d)
-        interaction = subject_enc * guide_enc  # M_im (B, n, d), eq. 5
+        return subject_enc * guide_enc, subject_enc  # M_im (B, n, d), eq. 5
+
+    def row_weights(self, interaction: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+        """M_C = softmax over positions of M_im M_3 (B, n, 1); padded positions get 0."""
+        scores = (interaction @ self.row_weight).masked_fill(~subject_mask[..., None],
+                                                             torch.finfo(interaction.dtype).min)  # (B, n, 1)
+        weights = scores.softmax(dim=-2)  # (B, n, 1), sums to 1 over the valid positions
+        if self.rescale:
+            weights = weights * subject_mask.sum(1).clamp(min=1).to(weights.dtype)[:, None, None]
+        return weights
+
+    def column_weights(self, interaction: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+        """M_F = softmax over features of m_4 (.) mean_positions(M_im) (B, 1, d)."""
+        valid = subject_mask[..., None].to(interaction.dtype)  # (B, n, 1)
+        pooled = (interaction * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1, d)
+        weights = (pooled * self.column_weight).softmax(dim=-1)  # (B, 1, d), sums to 1 over the features
+        return weights * interaction.size(-1) if self.rescale else weights
+
+    def forward(self, guide: torch.Tensor, guide_mask: torch.Tensor, subject: torch.Tensor,
+                subject_mask: torch.Tensor) -> torch.Tensor:
+        # guide: (B, m, d), guide_mask: (B, m) bool; subject: (B, n, d), subject_mask: (B, n) bool
+        interaction, subject_enc = self.interaction(guide, guide_mask, subject)  # (B, n, d) x 2
         fused = torch.zeros_like(subject_enc)
         if self.use_row:
-            row_scores = (interaction * self.row_weight).masked_fill(~subject_mask[..., None],
-                                                                     torch.finfo(subject.dtype).min)
-            count = subject_mask.sum(1).clamp(min=1).to(subject.dtype)[:, None, None]  # (B, 1, 1)
-            row_weights = row_scores.softmax(dim=-2) * count  # M_C (B, n, d), mean 1 over valid rows
-            fused = fused + row_weights * subject_enc  # V_C
+            fused = fused + self.row_weights(interaction, subject_mask) * subject_enc  # V_C, eq. 7
         if self.use_column:
-            column_weights = (interaction * self.column_weight).softmax(dim=-1) * width  # M_F (B, n, d)
-            fused = fused + column_weights * subject_enc  # V_F
+            fused = fused + self.column_weights(interaction, subject_mask) * subject_enc  # V_F, eq. 7
         return self.out(fused) * subject_mask[..., None]  # X (B, n, d), eq. 8
 
 
@@ -288,11 +327,12 @@ class InterweaveEncoder(nn.Module):
     (X_l = X_{l-1} + MGE(X_{l-1}, T_l)): one more image-guided than text-guided, each kind one shared
     module. The last image-guided output X_L feeds IPS-CL; T_L the pre-post gate."""
 
-    def __init__(self, width: int, *, num_layers: int, num_heads: int, dropout: float, use_row: bool, use_column: bool):
+    def __init__(self, width: int, *, num_layers: int, num_heads: int, dropout: float, use_row: bool, use_column: bool,
+                 rescale: bool = False):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"mgipscl: num_interweave must be >= 1, got {num_layers}")
-        kwargs = dict(num_heads=num_heads, dropout=dropout, use_row=use_row, use_column=use_column)
+        kwargs = dict(num_heads=num_heads, dropout=dropout, use_row=use_row, use_column=use_column, rescale=rescale)
         self.image_guided = MultiGranularityExcavator(width, **kwargs)
         self.text_guided = MultiGranularityExcavator(width, **kwargs)
         self.num_layers = num_layers
@@ -358,12 +398,18 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MGIPSCL(nn.Module):
     Config = MGIPSCLConfig
     # Sec. 4.3 (+ 4.6: 40 epochs). Fields that are not MGIPSCLConfig fields belong to TrainConfig.
-    # The paper gives one lr for BERT (5e-5) and one for CLIP (3e-5); the fusion layers share BERT's.
-    # Batch size and CRF lr are not stated: HVPNeT's 16 and the trainer's CRF default.
+    # The paper gives one lr for BERT (5e-5) and one for CLIP (3e-5). Each value it does not state is
+    # marked "NOT STATED" with where ours comes from (also listed in docs/models/mgipscl.md).
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": dict(
             text_encoder="bert-base-uncased", max_length=40, num_heads=12, warmup_ratio=0.06, encoder_lr=5e-5,
-            head_lr=5e-5, clip_lr=3e-5, weight_decay=1e-2, top_k=3, epochs=40, batch_size=16, patience=0,
+            clip_lr=3e-5, weight_decay=1e-2, top_k=3, epochs=40, patience=0, rescale_mge_weights=False,
+            head_lr=5e-5,  # NOT STATED: the fusion layers share BERT's rate
+            crf_lr=1e-2,  # NOT STATED: the trainer's CRF default
+            batch_size=16,  # NOT STATED: HVPNeT's (whose grounding crops the paper uses)
+            temperature=0.1,  # NOT STATED: tau of eq. 16-17
+            contrastive_dim=256,  # NOT STATED: width of f and g (eq. 14)
+            dropout=0.1,  # NOT STATED: the head's dropout
         ),
     }
     PRESETS["w/o IPS-CL"] = {**PRESETS["paper"], "use_ips_cl": False}
@@ -429,6 +475,7 @@ class MGIPSCL(nn.Module):
             self.interweave = InterweaveEncoder(
                 width, num_layers=config.num_interweave, num_heads=config.num_heads, dropout=config.dropout,
                 use_row=config.use_row_grained, use_column=config.use_column_grained,
+                rescale=config.rescale_mge_weights,
             )
             self.gate = PrePostGate(width)
         if config.use_ips_cl or config.use_standard_cl:
@@ -507,15 +554,14 @@ class MGIPSCL(nn.Module):
         for layer, vision_index in zip(self.mutual_layers, self.vision_for_layer):
             hidden = layer(hidden, text_mask, keys_values[vision_index], vision_mask)  # H^t_l, eq. 2-4
         if self.config.use_mgi:
-            post_fusion, interwoven_visual = self.interweave(hidden, text_mask, vision_states, vision_mask)
+            post_fusion, _ = self.interweave(hidden, text_mask, vision_states, vision_mask)  # T^t (B, n, d)
             fused = self.gate(hidden, post_fusion)  # z, eq. 12-13
-            image_summary = masked_mean(interwoven_visual, text_mask)  # X^v pooled (B, d)
         else:
             fused = hidden  # "w/o MGI"
-            image_summary = masked_mean(vision_states, vision_mask)  # H^v pooled (B, d)
-        has_image = vision_mask.any(dim=1)  # (B,)
-        return {"fused": fused, "text_summary": masked_mean(hidden, text_mask), "image_summary": image_summary,
-                "has_image": has_image}
+        # eq. 14: t_i = the post's text states H^t, v_j = image j's visual tokens (its crops' H^v, m x d);
+        # f and g read their means. With or without MGI the image side is the same.
+        return {"fused": fused, "text_summary": masked_mean(hidden, text_mask),
+                "image_summary": masked_mean(vision_states, vision_mask), "has_image": vision_mask.any(dim=1)}
 
     def word_emissions(self, encoded: dict, batch: dict) -> torch.Tensor:
         words = gather_first_pieces(encoded["fused"], batch["word_index"])  # (B, W, d)
@@ -528,6 +574,7 @@ class MGIPSCL(nn.Module):
         if not (self.config.use_ips_cl or self.config.use_standard_cl) or int(has_image.sum()) < 2:
             return losses
         images = F.normalize(self.image_projection(encoded["image_summary"][has_image]), dim=-1)  # f(v_j) (N, c)
+        # (the summaries are means over tokens; f and g are linear, so f(mean v_j) = mean f(v_j))
         texts = F.normalize(self.text_projection(encoded["text_summary"][has_image]), dim=-1)  # g(t_i) (N, c)
         similarity = texts @ images.T  # sim(t_i, v_j) (N, N), eq. 14
         if self.config.use_ips_cl:

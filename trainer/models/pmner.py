@@ -258,13 +258,13 @@ class PMNER(nn.Module):
 
     def fused_states(self, batch: dict) -> torch.Tensor:
         """H of eq. 8 at every text piece. (B, L, H)"""
-        regions, region_mask = self.visual_regions(batch["visual"])  # (B, m, 2048), (B, m)
+        regions, region_mask = self.visual_regions(batch["visual"])  # (B, m, 2048) standardised, (B, m)
         return self.fuse(batch["input_ids"], batch["attention_mask"], regions, region_mask)
 
     def fuse(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Sec. 3.1-3.3 on one batch of (possibly wrapped) inputs and their posts' regions. (B, L, H)"""
+        """Sec. 3.1-3.3 on one batch of (possibly wrapped) inputs and their posts' standardised regions. (B, L, H)"""
         text_pad = ~attention_mask.bool()  # (B, L)
         encoded = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         states = encoded.last_hidden_state  # R (B, L, H)
@@ -311,6 +311,8 @@ class PMNER(nn.Module):
         """Paper mode: each kept word wrapped as "<sentence>, the word of <word> is <mask>.", fused
         with its post's regions, and tagged from the MLM distribution at <mask>. (B, W, T)"""
         word_mask = batch["word_mask"].bool()  # (B, W)
+        # standardised once per post, before the per-word copies: each region enters the running
+        # statistics once, not once per word of its post
         regions, region_mask = self.visual_regions(batch["visual"])  # (B, m, 2048), (B, m)
         wrapped = self.template.wrap(batch)  # post index, word index, ids, mask position per kept word
         scores = regions.new_zeros(*word_mask.shape, len(self.labels))  # (B, W, T)

@@ -130,20 +130,44 @@ def evaluate_command(
 def predict_command(
     run: Path = typer.Argument(..., help="A finished run directory. Example: runs/t15-crf"),
     data: Path = typer.Option(..., help="Posts to tag (tags optional). Example: --data some/posts"),
-    out: Path | None = typer.Option(None, help="Output .conll or .parquet. Example: --out tagged.conll"),
-    features: Path | None = typer.Option(None, help="Cache holding --data's images (multimodal models)."),
+    out: Path | None = typer.Option(
+        None, help="Output file; its suffix picks the format: .conll (or .txt), .jsonl, .parquet. "
+        "Example: --out tagged.jsonl"),
+    images: Path | None = typer.Option(
+        None, help="Folder of the posts' images (<IMGID>.jpg ...): images the run's cache lacks are extracted "
+        "once, with the run's own stage-1 models, into a side cache. Example: --images new_posts/images"),
+    side_cache: Path | None = typer.Option(
+        None, help="Where --images are extracted (default <run>/side-caches/<images folder>-<hash>.h5; reused "
+        "by the next call). Example: --side-cache cache/new-posts.h5"),
+    features: Path | None = typer.Option(None, help="Cache holding --data's images (default: the run's cache)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
+    batch_size: int | None = typer.Option(None, help="Posts per forward (default: the run's eval batch size)."),
     allow_missing_images: bool = typer.Option(
-        False, "--allow-missing-images", help="Tag even when posts' images are absent from the cache."),
+        False, "--allow-missing-images", help="Tag even when posts' images are absent from the caches."),
+    stage1_weights: list[str] | None = typer.Option(
+        None, "--stage1-weights", help="Local copy of weights the cache's record names, as the extract flag and "
+        "a path; repeatable. Example: --stage1-weights detector-weights=/models/maskrcnn.pth"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing --out written by mner-train predict (never another file, "
         "never an input)."),
 ) -> None:
-    """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
-    <out>.json beside the output names the cache used and any warning about it."""
-    from mner.trainer.evaluation.evaluate import predict_run
+    """Tag posts with a trained run. CoNLL `token pred` (`token gold pred` when tags are present), JSONL
+    (entities with offsets and scores) or Parquet; with gold tags also <out>.errors.csv and a type confusion
+    matrix (<out>.confusion.csv/.png). <out>.json records the caches, image statuses and warnings."""
+    from mner.trainer.inference.predict import predict_run
 
-    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images,
+    if batch_size is not None and batch_size < 1:
+        raise click.BadParameter(f"{batch_size}; must be >= 1", param_hint="--batch-size")
+    weights = {}
+    for item in stage1_weights or []:
+        flag, _, path = item.partition("=")
+        valid = ("detector-weights", "resnet-weights", "clip-pretrained", "swin-model")
+        if flag.lstrip("-") not in valid or not path:
+            raise click.BadParameter(f"{item!r}; expected FLAG=PATH with FLAG one of {', '.join(valid)}",
+                                     param_hint="--stage1-weights")
+        weights["--" + flag.lstrip("-")] = path
+    predict_run(run, data=data, out=out, features=features, images=images, side_cache=side_cache, device=device,
+                batch_size=batch_size, allow_missing_images=allow_missing_images, stage1_weights=weights,
                 overwrite=overwrite)
 
 

@@ -160,12 +160,16 @@ class Summary:
     shard_count: int = 1  # > 1: this run wrote one shard of several (merge them when all are done)
     not_computed: list[str] = field(default_factory=list)  # asked for, kept as cached with other options
     overrides: list[str] = field(default_factory=list)  # paper settings overridden (--override-paper)
+    added_images: int = 0  # images a grown cache gained (every group it held computed for them only)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.out}: computed {', '.join(self.computed) or 'nothing'}"
                  + (f"; kept {', '.join(self.skipped)}" if self.skipped else "")]
         lines += [f"NOT COMPUTED: {note}" for note in self.not_computed]
         lines += [f"OVERRIDE (recorded in provenance): {note}" for note in self.overrides]
+        if self.added_images:
+            lines.insert(0, f"grew {self.out} by {self.added_images} images (its groups computed for them only, "
+                            "with the stage 1 its record names; old rows unchanged)")
         lines.append(f"images {self.num_images}: " + ", ".join(f"{k} {v}" for k, v in self.status_counts.items()))
         if self.bad_causes:
             lines.append("not ok by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bad_causes.items())))
@@ -261,8 +265,8 @@ class Extraction(RunModels):
             existing = set(self.cache.groups())
         self.not_computed: list[str] = []
         if self._producers_factory is not None:
-            self.producers, self.skipped = self._producers_factory(self, existing)
             self.plan = None
+            self.producers, self.skipped = self._producers_factory(self, existing)
         else:
             self.plan = make_plan(self, existing)
             self.skipped = [group for group in self.plan.groups if group in existing]
@@ -790,4 +794,11 @@ def check_producer(producer: Producer) -> None:
 
 
 def run_extraction(opts: ExtractOptions) -> Summary:
-    return Extraction(opts).run()
+    """One extraction; an existing cache whose images are a subset of ``--data``'s first grows by the new
+    images (``rebuild.py``: every group it holds, computed for them only, with its recorded stage 1)."""
+    from mner.features.run.rebuild import grow_for_options
+
+    added = grow_for_options(opts)
+    summary = Extraction(opts).run()
+    summary.added_images = added
+    return summary

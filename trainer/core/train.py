@@ -60,7 +60,7 @@ from mner.trainer.core.run_folder import (
     write_json_atomic,
     write_marker,
 )
-from mner.trainer.core.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.core.run_record import cache_record, check_coverage, image_fingerprints, software_versions
 from mner.trainer.core.tracking import LOG_DIR, Tracker
 from mner.trainer.evaluation.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.inputs.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
@@ -614,6 +614,10 @@ def open_feature_cache(request: RunRequest, data: RunData) -> tuple[VisualInputs
         cache_info = cache_record(cache, {s: p for s, p in data.dataset.splits.items() if s in SPLITS})
         cache_info["required"] = visual.required if visual is not None else []
         cache_info["integrity"] = visual.integrity if visual is not None else {}
+        if visual is not None:  # a grown cache is recognised by these (evaluate, predict, --resume)
+            posts = [p.image_id for s, ps in data.dataset.splits.items() if s in SPLITS for p in ps]
+            cache_info["image_fingerprints"] = {"paths": visual.required,
+                                                "rows": image_fingerprints(cache, visual.required, posts)}
         cache_info["provenance"] = cache_summary(cache)
         cache_info["stage1_mismatches"] = stage1_mismatches
         cache_info["instances"] = visual.instances if visual is not None else {}

@@ -51,7 +51,13 @@ from mner.pipeline.stage1 import paper_needs
 from mner.pipeline.tags import repair_bio
 from mner.trainer.inputs.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from mner.trainer.models import default_parameter_groups, register_model
-from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.models.layers import (
+    BIOConstrainedCRF,
+    crf_loss_and_decode,
+    gather_first_pieces,
+    init_linear,
+    record_decoding,
+)
 
 NEEDS = paper_needs("pmner")  # Faster R-CNN, ResNet-152, score > 0.95, top 5 (mner.pipeline.stage1)
 IMAGE_OK = "images/ok"
@@ -356,6 +362,7 @@ class PMNER(nn.Module):
         word_mask = batch["word_mask"].bool()
         if self.config.decoder == "crf":
             return crf_loss_and_decode(self.crf, scores, word_mask, decode=True)[1]
+        record_decoding("softmax", scores=scores.detach(), word_mask=word_mask)
         best, word_mask = scores.argmax(dim=-1).cpu(), word_mask.cpu()  # (B, W): one copy to the host
         return [repair_bio_ids(row[keep].tolist(), self.labels) for row, keep in zip(best, word_mask)]
 

@@ -33,7 +33,7 @@ from mner.pipeline.stage1 import paper_needs
 from mner.pipeline.tags import extract_entities
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
-from mner.trainer.models.layers import gather_first_pieces, init_linear
+from mner.trainer.models.layers import gather_first_pieces, init_linear, record_decoding
 
 NEEDS = paper_needs("promptmner")  # the paper's CLIP model (mner.pipeline.stage1, read by stage 1 too)
 IMAGE_OK = "images/ok"
@@ -453,6 +453,7 @@ class PromptMNER(nn.Module):
         logits, starts, ends, num_words = self.span_logits(batch)
         probs = logits.float().softmax(dim=-1).cpu()  # (B, S, C)
         starts, ends = starts.cpu(), ends.cpu()
+        record_decoding("spans", probs=probs, starts=starts, ends=ends, types=list(self.entity_types))
         paths = []
         for row, count in enumerate(num_words.tolist()):
             tags = decode_spans(probs[row], starts, ends, count, self.entity_types)

@@ -29,7 +29,12 @@ def test_bundled_grids_exist_for_every_paper_and_use_five_seeds():
     demos = {"sample", "t15_low_resource_minilm"}  # offline demos: 2 seeds, the data available here
     for path in GRIDS:
         grid = load_grid(path)
-        if path.stem not in demos:
+        if path.stem == "gmner":  # grounded MNER: one dataset (Twitter-GMNER) with its boxes, three seeds
+            assert set(grid.datasets) == {"gmner"} and grid.datasets["gmner"].boxes, path
+            assert {spec.seed for spec in grid.runs} == {1, 2, 3}, path
+            assert {dict(s.split("=") for s in spec.sets)["gmner_targets"] for spec in grid.runs} == {"index", "soft"}
+            assert {spec.model for spec in grid.runs} == set(available_models())
+        elif path.stem not in demos:
             assert {spec.seed for spec in grid.runs} == {1, 2, 3, 4, 5}, path
             assert set(grid.datasets) == {"t15", "t17"}, path
 

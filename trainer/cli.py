@@ -17,7 +17,7 @@ app = typer.Typer(
         "--epochs 4 --out runs/t15-bert-crf"
     ),
 )
-SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "tune", "report")
+SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "tune", "report", "show")
 # recent typer releases parse with their own copy of click, whose usage errors derive from typer.TyperException
 USAGE_ERROR = getattr(typer, "TyperException", click.exceptions.ClickException)
 
@@ -65,6 +65,9 @@ def train_command(
         "(`mner-train --out RUN --resume` is enough)."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the mner run in --out (never a folder mner did not write)."),
+    boxes: Path | None = typer.Option(
+        None, help="GMNER: folder of Pascal VOC <image id>.xml gold boxes; adds the grounding head (candidates: "
+        "the cache's detector objects) and GMNER/MNER/EEG scores. Example: --boxes data/twitter-gmner/xml"),
     track: str | None = typer.Option(
         None, help="Live curves: none | tensorboard | wandb | mlflow (default none; logs in <out>/tracking). "
         "Example: --track tensorboard"),
@@ -85,7 +88,7 @@ def train_command(
         out = (Path("runs") / f"{model or 'bert_crf'}-{source.stem if source else 'data'}"
                f"-s{seed if seed is not None else 'default'}")
     train(out=out, model=model, data=data, features=features, preset=preset, sets=set_, flags=flags, labels=labels,
-          allow_missing_images=allow_missing_images, overwrite=overwrite, resume=resume)
+          allow_missing_images=allow_missing_images, overwrite=overwrite, resume=resume, boxes=boxes)
 
 
 @app.command("evaluate")
@@ -97,34 +100,74 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Score even when posts' images are absent from the cache."),
+    boxes: Path | None = typer.Option(
+        None, help="GMNER gold boxes (<image id>.xml); default: the run's own when it trained with --boxes. "
+        "Example: --boxes data/twitter-gmner/xml"),
+    uncovered: str | None = typer.Option(
+        None, help="How boxed entities no candidate reaches count: hindex (cannot be right; default) | mqspn "
+        "(None is right). Example: --uncovered mqspn"),
+    iou: float | None = typer.Option(None, help="IoU a predicted box needs with a gold box (default 0.5). "
+                                     "Example: --iou 0.5"),
+    iou_compare: str | None = typer.Option(None, help="'>=' (default) or '>'. Example: --iou-compare '>'"),
 ) -> None:
-    """Score a trained run; writes <run>/eval/<split>-<datahash>[-cache<fingerprint>].json, .conll and .parquet."""
+    """Score a trained run; writes <run>/eval/<split>-<datahash>[-cache<fingerprint>].json, .conll and .parquet
+    (with --boxes also GMNER/MNER/EEG and the grounded predictions .jsonl / .entities.parquet)."""
     from mner.trainer.evaluation.evaluate import evaluate_run
 
     if split not in ("train", "dev", "test"):
         raise click.BadParameter(f"{split!r}; valid values: train, dev, test", param_hint="--split")
+    if uncovered is not None and uncovered not in ("hindex", "mqspn"):
+        raise click.BadParameter(f"{uncovered!r}; valid values: hindex, mqspn", param_hint="--uncovered")
+    if iou_compare is not None and iou_compare not in (">=", ">"):
+        raise click.BadParameter(f"{iou_compare!r}; valid values: >=, >", param_hint="--iou-compare")
+    gmner_sets = {k: v for k, v in {"gmner_uncovered": uncovered, "gmner_iou": iou,
+                                    "gmner_iou_compare": iou_compare}.items() if v is not None}
     evaluate_run(run, split=split, data=data, features=features, device=device,
-                 allow_missing_images=allow_missing_images)
+                 allow_missing_images=allow_missing_images, boxes=boxes, gmner_sets=gmner_sets)
 
 
 @app.command("predict")
 def predict_command(
     run: Path = typer.Argument(..., help="A finished run directory. Example: runs/t15-crf"),
     data: Path = typer.Option(..., help="Posts to tag (tags optional). Example: --data some/posts"),
-    out: Path | None = typer.Option(None, help="Output .conll or .parquet. Example: --out tagged.conll"),
-    features: Path | None = typer.Option(None, help="Cache holding --data's images (multimodal models)."),
+    out: Path | None = typer.Option(
+        None, help="Output file; its suffix picks the format: .conll (or .txt), .jsonl, .parquet. "
+        "Example: --out tagged.jsonl"),
+    images: Path | None = typer.Option(
+        None, help="Folder of the posts' images (<IMGID>.jpg ...): images the run's cache lacks are extracted "
+        "once, with the run's own stage-1 models, into a side cache. Example: --images new_posts/images"),
+    side_cache: Path | None = typer.Option(
+        None, help="Where --images are extracted (default <run>/side-caches/<images folder>-<hash>.h5; reused "
+        "by the next call). Example: --side-cache cache/new-posts.h5"),
+    features: Path | None = typer.Option(None, help="Cache holding --data's images (default: the run's cache)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N. Example: --device cpu"),
+    batch_size: int | None = typer.Option(None, help="Posts per forward (default: the run's eval batch size)."),
     allow_missing_images: bool = typer.Option(
-        False, "--allow-missing-images", help="Tag even when posts' images are absent from the cache."),
+        False, "--allow-missing-images", help="Tag even when posts' images are absent from the caches."),
+    stage1_weights: list[str] | None = typer.Option(
+        None, "--stage1-weights", help="Local copy of weights the cache's record names, as the extract flag and "
+        "a path; repeatable. Example: --stage1-weights detector-weights=/models/maskrcnn.pth"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing --out written by mner-train predict (never another file, "
         "never an input)."),
 ) -> None:
-    """Tag posts with a trained run (CoNLL `token pred`, or `token gold pred` when tags are present);
-    <out>.json beside the output names the cache used and any warning about it."""
-    from mner.trainer.evaluation.evaluate import predict_run
+    """Tag posts with a trained run. CoNLL `token pred` (`token gold pred` when tags are present), JSONL
+    (entities with offsets and scores) or Parquet; with gold tags also <out>.errors.csv and a type confusion
+    matrix (<out>.confusion.csv/.png). <out>.json records the caches, image statuses and warnings."""
+    from mner.trainer.inference.predict import predict_run
 
-    predict_run(run, data=data, out=out, features=features, device=device, allow_missing_images=allow_missing_images,
+    if batch_size is not None and batch_size < 1:
+        raise click.BadParameter(f"{batch_size}; must be >= 1", param_hint="--batch-size")
+    weights = {}
+    for item in stage1_weights or []:
+        flag, _, path = item.partition("=")
+        valid = ("detector-weights", "resnet-weights", "clip-pretrained", "swin-model")
+        if flag.lstrip("-") not in valid or not path:
+            raise click.BadParameter(f"{item!r}; expected FLAG=PATH with FLAG one of {', '.join(valid)}",
+                                     param_hint="--stage1-weights")
+        weights["--" + flag.lstrip("-")] = path
+    predict_run(run, data=data, out=out, features=features, images=images, side_cache=side_cache, device=device,
+                batch_size=batch_size, allow_missing_images=allow_missing_images, stage1_weights=weights,
                 overwrite=overwrite)
 
 
@@ -147,12 +190,14 @@ def sweep_command(
     seeds: list[int] | None = typer.Option(None, "--seed", help="Replace the grid's seeds; repeatable. "
                                            "Example: --seed 1 --seed 2"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N for every run. Example: --device cpu"),
+    boxes: list[str] | None = typer.Option(None, help="GMNER gold boxes (XML folder) of a grid dataset; repeatable. "
+                                           "Example: --boxes t15=data/twitter-gmner/xml"),
 ) -> int:
     """Run a grid of models x presets x switches x seeds x datasets/protocols; done runs are skipped."""
     from mner.trainer.experiments.sweep import sweep
 
     return sweep(grid, out=out, dry=dry_run, task=task, sets=set_, data=data, features=features,
-                 datasets=datasets, seeds=seeds, device=device)
+                 datasets=datasets, seeds=seeds, device=device, boxes=boxes)
 
 
 @app.command("tune")
@@ -200,6 +245,25 @@ def report_command(
     from mner.trainer.experiments.report import report
 
     report(runs, out=out, compare=compare, min_coverage=min_coverage, bootstrap=bootstrap, overwrite=overwrite)
+
+
+@app.command("show")
+def show_command(
+    run: Path = typer.Argument(..., help="A run with grounded predictions (--boxes). Example: runs/gmner-vcrmner"),
+    post: str = typer.Option(..., help="Post id (test-12) or image id (71044). Example: --post test-12"),
+    split: str | None = typer.Option(None, help="test | dev (default: test, then dev). Example: --split dev"),
+    images: Path | None = typer.Option(None, help="Folder of <image id>.jpg (default: the one the cache was "
+                                       "extracted from). Example: --images data/twitter-gmner/images"),
+    out: Path | None = typer.Option(None, help="PNG to write (default RUN/figures/<post id>.png). "
+                                    "Example: --out post.png"),
+) -> None:
+    """GMNER: draw one post's picture with its gold (green) and predicted (orange) regions, labelled."""
+    from mner.trainer.gmner.figures import show_post
+
+    path, note = show_post(run, post, split=split, images=images, out=out)
+    if note:
+        print(f"mner-train show: {note}", file=sys.stderr)
+    print(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,7 +297,12 @@ class TorchvisionDetector(Detector):
         # torchvision decodes boxes in the dtype of the regression outputs: keep RPN and box heads in fp32
         features = {name: value.float() for name, value in features.items()}
         proposals, _ = self.model.rpn(images, features)
-        detections, _ = self.model.roi_heads(features, proposals, images.image_sizes)
+        # the box head per image: one matmul over the whole batch's proposals picks other kernels for other
+        # batch sizes and moved scores by a float32 step with the batch mates (docs/features.md)
+        detections = []
+        for b, image_proposals in enumerate(proposals):
+            image_features = {name: value[b:b + 1] for name, value in features.items()}
+            detections += self.model.roi_heads(image_features, [image_proposals], [images.image_sizes[b]])[0]
         results = []
         for detection, (h, w), (orig_h, orig_w) in zip(detections, sizes, original_sizes):
             boxes = detection[

@@ -62,6 +62,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def row_cosines(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """cos(rows_i, targets_j) (n, t) computed row by row in float64 (elementwise product + sum over d), so a
+    row's value never depends on the other rows in the chunk: a BLAS matmul picks other kernels for other
+    batch sizes (gemv for one image, gemm for many) and moved float16 values by one step."""
+    rows = _unit(rows.astype(np.float64))  # (n, d)
+    targets = _unit(targets.astype(np.float64))  # (t, d)
+    out = np.empty((len(rows), len(targets)), np.float64)
+    for j, target in enumerate(targets):
+        out[:, j] = (rows * target[None, :]).sum(axis=-1)  # (n,) per-row reduction, same order for every n
+    return out
+
+
 def prompt_features(prompt_set: PromptSet, prompt_embed: np.ndarray, image_embed: np.ndarray,
                     crop_embed: np.ndarray, logit_scale: float, image_ok: np.ndarray) -> dict[str, np.ndarray]:
     """All arrays of one /prompts/<set> group; inputs are the cached (float16) CLIP embeddings.
@@ -72,10 +84,8 @@ def prompt_features(prompt_set: PromptSet, prompt_embed: np.ndarray, image_embed
     category = prompt_set.prompt_category
     centroids = np.stack([prompt_embed[category == j].mean(axis=0)
                           for j in range(len(prompt_set.categories))]).astype(np.float32)  # (C, D) eq. 2
-    crops = _unit(crop_embed.astype(np.float32))  # (M, D)
-    crop_weights = _softmax(logit_scale * crops @ _unit(centroids).T)  # (M, C) eq. 4-5
-    images = _unit(image_embed.astype(np.float32))  # (N, D)
-    relevance = _softmax(logit_scale * images @ _unit(prompt_embed).T)  # (N, Q) PromptMNER eq. 1
+    crop_weights = _softmax(logit_scale * row_cosines(crop_embed, centroids))  # (M, C) eq. 4-5
+    relevance = _softmax(logit_scale * row_cosines(image_embed, prompt_embed))  # (N, Q) PromptMNER eq. 1
     relevance[~image_ok] = 0.0
     return {"prompt_embed": prompt_embed.astype(np.float16), "centroids": centroids,
             "crop_weights": crop_weights.astype(np.float16), "image_relevance": relevance.astype(np.float16)}

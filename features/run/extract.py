@@ -140,10 +140,14 @@ class Summary:
     cache_bytes: int = 0  # the cache written
     stages: dict[str, float] = field(default_factory=dict)  # device stages' wall seconds (detector, crops, ...)
     shard_count: int = 1  # > 1: this run wrote one shard of several (merge them when all are done)
+    added_images: int = 0  # images a grown cache gained (every group it held computed for them only)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.out}: computed {', '.join(self.computed) or 'nothing'}"
                  + (f"; kept {', '.join(self.skipped)}" if self.skipped else "")]
+        if self.added_images:
+            lines.insert(0, f"grew {self.out} by {self.added_images} images (its groups computed for them only, "
+                            "with the stage 1 its record names; old rows unchanged)")
         lines.append(f"images {self.num_images}: " + ", ".join(f"{k} {v}" for k, v in self.status_counts.items()))
         if self.bad_causes:
             lines.append("not ok by cause: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bad_causes.items())))
@@ -740,4 +744,11 @@ class Extraction:
 
 
 def run_extraction(opts: ExtractOptions) -> Summary:
-    return Extraction(opts).run()
+    """One extraction; an existing cache whose images are a subset of ``--data``'s first grows by the new
+    images (``rebuild.py``: every group it holds, computed for them only, with its recorded stage 1)."""
+    from mner.features.run.rebuild import grow_for_options
+
+    added = grow_for_options(opts)
+    summary = Extraction(opts).run()
+    summary.added_images = added
+    return summary

@@ -32,6 +32,8 @@ from mner.pipeline.cache.provenance import SHARD_KEYS, utc_now
 from mner.pipeline.cache.writer import discardable_file
 
 MERGE_IN_MEMORY_BYTES = 1 << 30  # merge gathers a dataset in memory below this size, run by run above
+# grow=True (a cache plus images added later with the same stage 1): provenance may also differ in these
+GROW_KEYS = (*SHARD_KEYS, "images", "grown", "versions")
 
 
 def _runs_from_order(order: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
@@ -87,8 +89,9 @@ def _same_dataset(a: h5py.Dataset, b: h5py.Dataset) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[()], b[()])
 
 
-def _comparable(provenance: dict) -> dict:
-    return {key: value for key, value in provenance.items() if key not in SHARD_KEYS}
+def _comparable(provenance: dict, grow: bool = False) -> dict:
+    ignored = GROW_KEYS if grow else SHARD_KEYS
+    return {key: value for key, value in provenance.items() if key not in ignored}
 
 
 def _shard_of(provenance: dict) -> tuple[int | None, int | None, str | None]:
@@ -146,12 +149,16 @@ def check_shard_set(paths: list[str], handles: list[h5py.File], merged_ids: list
 
 def merge_caches(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, allow_partial: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, grow: bool = False, posts_from: str | os.PathLike | None = None,
 ) -> str:
     """Merge shards (disjoint image subsets of one extraction) into the cache one process would write.
 
     An existing ``out`` is replaced only with ``overwrite`` and only when it is an mner cache; a shard
-    is never the output (pipeline/outputs.py, docs/reliability.md)."""
+    is never the output (pipeline/outputs.py, docs/reliability.md).
+
+    ``grow=True`` merges a cache with images added to it later (``mner.features.run.rebuild``): no shard
+    set is expected, provenance may differ in the run-describing GROW_KEYS, the first cache's record is
+    kept with a ``grown`` entry per addition, and the posts come from ``posts_from`` (default: the first)."""
     from mner.pipeline.outputs import check_free_space, check_output
 
     paths = [os.fspath(p) for p in paths]
@@ -166,7 +173,8 @@ def merge_caches(
     handles = [open_cache_file(p, "r") for p in paths]
     try:
         with CacheLock(out):
-            _merge(paths, handles, out, allow_partial)
+            _merge(paths, handles, out, allow_partial, grow=grow,
+                   posts_index=paths.index(os.fspath(posts_from)) if posts_from is not None else 0)
     except (RuntimeError, OSError) as error:  # h5py's text for a full disk / read-only file: a plain OSError
         from mner.pipeline.cache.writer import _disk_error
 
@@ -180,7 +188,8 @@ def merge_caches(
     return out
 
 
-def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: bool) -> None:
+def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: bool, *, grow: bool = False,
+           posts_index: int = 0) -> None:
     for handle, path in zip(handles, paths):
         check_version(handle, path)
         if "images" not in handle:
@@ -204,7 +213,7 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
                 )
             owner[image_id] = (shard, row)
     merged_ids = sorted(owner)
-    problems = check_shard_set(paths, handles, merged_ids)
+    problems = [] if grow else check_shard_set(paths, handles, merged_ids)
     if problems and not allow_partial:
         raise CacheError(
             "incomplete shard set: "
@@ -213,9 +222,9 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
             "anyway (recorded in the merged cache's provenance)"
         )
     for group in groups:
-        reference = _comparable(json.loads(first[group].attrs["provenance"]))
+        reference = _comparable(json.loads(first[group].attrs["provenance"]), grow)
         for handle, path in zip(handles[1:], paths[1:]):
-            other = _comparable(json.loads(handle[group].attrs["provenance"]))
+            other = _comparable(json.loads(handle[group].attrs["provenance"]), grow)
             if other != reference:
                 diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
                 raise CacheError(
@@ -233,7 +242,9 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
         with discardable_file(temp) as target:
             for key, value in first.attrs.items():
                 target.attrs[key] = value
-            if "posts" in first:
+            if grow and "posts" in handles[posts_index]:
+                handles[posts_index].copy(handles[posts_index]["posts"], target, "posts")
+            elif "posts" in first:
                 for handle, path in zip(handles[1:], paths[1:]):
                     _check_same_group(first["posts"], handle["posts"], first_path, path)
                 first.copy(first["posts"], target, "posts")
@@ -244,6 +255,14 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
                 provenance = json.loads(first[group].attrs["provenance"])
                 shards = [json.loads(h[group].attrs["provenance"]) for h in handles]
                 full = _shard_of(provenance)[2]
+                if grow:
+                    provenance.update(image_list_hash=id_list_hash(merged_ids), num_images=len(merged_ids),
+                                      shard={"index": 0, "count": 1, "id_list_hash": id_list_hash(merged_ids)})
+                    provenance["grown"] = [*provenance.get("grown", []), *(
+                        {"created": p.get("created"), "added": p.get("num_images"), "images": p.get("images"),
+                         "command": p.get("command"), "versions": p.get("versions")} for p in shards[1:])]
+                    target[group].attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
+                    continue
                 provenance.update(
                     image_list_hash=id_list_hash(merged_ids),
                     num_images=len(merged_ids),

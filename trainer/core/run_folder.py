@@ -206,7 +206,10 @@ def resume_differences(stored: dict, now: dict) -> list[str]:
             differ.append(f"{key} (run: {stored[key]!r}, now: {now[key]!r})")
     if stored["data"]["hash"] != now["data"]["hash"]:
         differ.append(f"data (the files changed since the run started: {now['data']['path']})")
-    if (stored.get("features") or {}).get("fingerprint") != (now.get("features") or {}).get("fingerprint"):
+    stored_features, now_features = stored.get("features") or {}, now.get("features") or {}
+    if stored_features.get("fingerprint") != now_features.get("fingerprint") and not (
+            stored_features.get("image_fingerprints")  # a grown cache: the run's images keep their rows
+            and stored_features.get("image_fingerprints") == now_features.get("image_fingerprints")):
         differ.append("features (the cache is another one or has changed)")
     return differ
 

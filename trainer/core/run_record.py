@@ -79,3 +79,57 @@ def cache_record(cache, splits: dict[str, Iterable]) -> dict:
 
 def short_fingerprint(fingerprint: str | None) -> str:
     return (fingerprint or "none").split(":")[-1][:8]
+
+
+# ----------------------------------------------------------------------------- per-image fingerprints
+
+
+def _value_bytes(value) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (str, int)):
+        return str(value).encode("utf-8")
+    if isinstance(value, list):
+        return b"\0".join(_value_bytes(v) for v in value) + f"#{len(value)}".encode()
+    import numpy as np
+
+    array = np.ascontiguousarray(value)
+    return f"{array.dtype.str}{array.shape}".encode() + array.tobytes()
+
+
+def image_fingerprints(cache, paths: Iterable[str], image_ids: Iterable[str | None]) -> dict[str, str]:
+    """sha256[:16] per image id of everything a model reads for it: its status and its rows of ``paths``.
+
+    A grown cache (``mner-features extract`` with more posts) keeps these for the old images, so runs
+    recognise it as a superset whose old rows are unchanged, while its whole-cache fingerprint changed.
+    Ids the cache does not hold are left out."""
+    import hashlib
+
+    paths = sorted(dict.fromkeys(p.strip("/") for p in paths))
+    row_of = {image_id: row for row, image_id in enumerate(cache.image_ids)}
+    out = {}
+    for image_id in sorted({i for i in image_ids if i and i in row_of}):
+        row = row_of[image_id]
+        digest = hashlib.sha256(f"status={int(cache.status[row])}".encode())
+        for path in paths:
+            value = cache.read(path, row)
+            if cache.rows_kind(path) == "offsets":  # an index: its count, not where the rows sit in the file
+                value = int(value[1] - value[0])
+            digest.update(path.encode() + b"=" + _value_bytes(value))
+        out[image_id] = digest.hexdigest()[:16]
+    return out
+
+
+def same_image_rows(stored: dict | None, cache) -> tuple[bool, str]:
+    """Whether ``cache`` holds every image of a run's record (``features.image_fingerprints``) with the same
+    rows; and a sentence saying so (or how many images are absent or changed)."""
+    if not stored or not stored.get("rows"):
+        return False, "the run recorded no per-image fingerprints"
+    now = image_fingerprints(cache, stored["paths"], stored["rows"])
+    absent = [i for i in stored["rows"] if i not in now]
+    changed = [i for i in stored["rows"] if i in now and now[i] != stored["rows"][i]]
+    if absent or changed:
+        return False, (f"{len(changed)} of the run's {len(stored['rows'])} images have other rows, "
+                       f"{len(absent)} are absent")
+    return True, (f"it holds the run's {len(stored['rows'])} images with unchanged rows "
+                  f"(a superset: {cache.num_images} images)")

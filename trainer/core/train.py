@@ -60,7 +60,7 @@ from mner.trainer.core.run_folder import (
     write_json_atomic,
     write_marker,
 )
-from mner.trainer.core.run_record import cache_record, check_coverage, software_versions
+from mner.trainer.core.run_record import cache_record, check_coverage, image_fingerprints, software_versions
 from mner.trainer.core.tracking import LOG_DIR, Tracker
 from mner.trainer.evaluation.evaluate import entity_scores, format_scores, write_conll, write_parquet
 from mner.trainer.inputs.batching import Collator, LengthGroupedBatchSampler, PostDataset, ShuffledBatchSampler
@@ -413,6 +413,7 @@ class RunRequest:
     config: TrainConfig  # the training options, after preset, --set and flags
     extra_types: list[str]  # --labels: entity types added to those seen in training
     tracker: Tracker  # --track's tracker and the run's observers (trainer/core/tracking.py)
+    grounding: Any = None  # GMNER (--boxes): the gmner_* options (GroundingConfig); None without --boxes
 
 
 @dataclasses.dataclass
@@ -438,6 +439,7 @@ class RunInputs:
     train_set: PostDataset  # orphan I- tags repaired, --train-fraction applied
     eval_sets: dict[str, PostDataset]  # "dev", and "test" when the data has it
     collator: Collator
+    gmner: Any = None  # GMNER (--boxes): the GmnerTask (gold boxes, candidates); None without --boxes
 
 
 @dataclasses.dataclass
@@ -484,6 +486,7 @@ def train_locked(
     allow_missing_images: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    boxes: str | Path | None = None,
     observers: list | None = None,
 ) -> Path:
     """Train one model and return its finished run directory (the caller holds the run folder's lock).
@@ -497,7 +500,7 @@ def train_locked(
     started = time.time()
     request = resolve_request(out, model=model, data=data, features=features, preset=preset, sets=sets,
                               flags=flags, labels=labels, allow_missing_images=allow_missing_images,
-                              overwrite=overwrite, resume=resume, observers=observers)
+                              overwrite=overwrite, resume=resume, boxes=boxes, observers=observers)
     data_and_labels = load_data_and_labels(request)
     inputs = build_inputs(request, data_and_labels)
     training = build_training(request, data_and_labels, inputs)
@@ -511,18 +514,22 @@ def train_locked(
 
 def resolve_request(
     out: str | Path, *, model, data, features, preset, sets, flags, labels, allow_missing_images: bool,
-    overwrite: bool, resume: bool, observers: list | None = None,
+    overwrite: bool, resume: bool, boxes=None, observers: list | None = None,
 ) -> RunRequest:
     """The options checked and resolved (a resumed run's own options); nothing is read or written yet,
     so every process can call it."""
     out = Path(out)
     given = invocation_record(model=model, data=data, features=features, preset=preset, sets=sets, flags=flags,
-                              labels=labels, allow_missing_images=allow_missing_images)
+                              labels=labels, allow_missing_images=allow_missing_images,
+                              **({"boxes": str(Path(boxes).resolve())} if boxes is not None else {}))
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
     invocation = options_for_resume(out, given) if mode == "resume" else given
     model_name = invocation["model"] = invocation["model"] or "bert_crf"
     model_cls = get_model_class(model_name)
-    model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=invocation["sets"],
+    from mner.trainer.gmner.config import split_gmner_sets  # GMNER (--boxes): its gmner_* --set keys
+
+    model_sets, grounding = split_gmner_sets(invocation["sets"], boxes=invocation.get("boxes"))
+    model_config, config = resolve_configs(model_cls, preset=invocation["preset"], sets=model_sets,
                                            flags=invocation["flags"])
     extra_types = parse_label_types(invocation["labels"])
     check_device_and_precision(config.device, config.precision)
@@ -530,7 +537,8 @@ def resolve_request(
         config.max_missing_images = 1.0
     tracker = Tracker(config.track, observers=observers or [])  # --track: a missing package is an error here
     return RunRequest(out=out, mode=mode, invocation=invocation, model=model_name, model_cls=model_cls,
-                      model_config=model_config, config=config, extra_types=extra_types, tracker=tracker)
+                      model_config=model_config, config=config, extra_types=extra_types, tracker=tracker,
+                      grounding=grounding if invocation.get("boxes") is not None else None)
 
 
 def load_data_and_labels(request: RunRequest) -> RunData:
@@ -583,6 +591,10 @@ def open_feature_cache(request: RunRequest, data: RunData) -> tuple[VisualInputs
         cache_info = cache_record(cache, {s: p for s, p in data.dataset.splits.items() if s in SPLITS})
         cache_info["required"] = visual.required if visual is not None else []
         cache_info["integrity"] = visual.integrity if visual is not None else {}
+        if visual is not None:  # a grown cache is recognised by these (evaluate, predict, --resume)
+            posts = [p.image_id for s, ps in data.dataset.splits.items() if s in SPLITS for p in ps]
+            cache_info["image_fingerprints"] = {"paths": visual.required,
+                                                "rows": image_fingerprints(cache, visual.required, posts)}
         cache_info["provenance"] = cache_summary(cache)
         cache_info["stage1_mismatches"] = stage1_mismatches
         if visual is not None:
@@ -618,8 +630,22 @@ def build_inputs(request: RunRequest, data: RunData) -> RunInputs:
         pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual is not None else None,
         second_segment=second_segment_for(request.model_cls, request.model_config, tokenizer, config.max_length),
     )
+    gmner = None
+    if request.grounding is not None:  # GMNER: gold boxes, the cache's candidates, batch["gmner"]
+        from mner.pipeline.cache import FeatureCache
+        from mner.trainer.gmner.data import GmnerTask
+
+        cache = (visual.cache if visual is not None else FeatureCache(request.invocation["features"])
+                 if request.invocation["features"] is not None else None)
+        gmner = GmnerTask(request.invocation["boxes"], data.dataset.splits, cache, request.grounding)
+        for warning in gmner.warnings:
+            warn_loudly(warning)
+        train_set = gmner.wrap_dataset("train", train_set)
+        eval_sets = {split: gmner.wrap_dataset(split, dataset) for split, dataset in eval_sets.items()}
+        collator = gmner.wrap_collator(collator)
     return RunInputs(tokenizer=tokenizer, positions=positions, visual=visual, cache_info=cache_info,
-                     stage1_mismatches=stage1_mismatches, train_set=train_set, eval_sets=eval_sets, collator=collator)
+                     stage1_mismatches=stage1_mismatches, train_set=train_set, eval_sets=eval_sets, collator=collator,
+                     gmner=gmner)
 
 
 def build_checked_model(request: RunRequest, data: RunData, inputs: RunInputs, engine: Engine) -> torch.nn.Module:
@@ -637,6 +663,11 @@ def build_checked_model(request: RunRequest, data: RunData, inputs: RunInputs, e
 
         use_cached_text_encoder(net, [inputs.train_set, *inputs.eval_sets.values()], device=engine.device,
                                 batch_size=config.eval_batch_size)
+    if inputs.gmner is not None:  # the grounding head on top of the tagger
+        try:
+            net = inputs.gmner.wrap_model(net, data.labels).to(engine.device)
+        except ValueError as err:
+            raise ConfigError(f"model {request.model} with --boxes: {err}") from None
     check_longest_posts(net, {"train": inputs.train_set, **inputs.eval_sets}, inputs.collator,
                         label_to_id=data.label_to_id, device=engine.device, autocast=engine.autocast)
     return net
@@ -681,7 +712,7 @@ def describe_run(request: RunRequest, data: RunData, inputs: RunInputs) -> dict:
         "data": {**data.source, "hash": data.dataset.data_hash, "files": data.dataset.files,
                  "notes": data.dataset.notes},
         "features": inputs.cache_info, "invocation": request.invocation,
-    }
+    } | ({"gmner": {**inputs.gmner.record(), "feature_width": inputs.gmner.feature_width}} if inputs.gmner else {})
 
 
 def open_run_folder(request: RunRequest, training: Training, run_config: dict, tokenizer) -> TrainerState:
@@ -733,7 +764,10 @@ def fit(request: RunRequest, training: Training, data: RunData, inputs: RunInput
     try:
         run_epochs(engine, state, training.net, training.optimizer, training.scheduler, training.train_loader,
                    training.sampler, config=request.config, out=out, eval_set=inputs.eval_sets["dev"],
-                   collator=inputs.collator, labels=data.labels, tracker=request.tracker)
+                   collator=inputs.collator, labels=data.labels, tracker=request.tracker,
+                   dev_score=inputs.gmner.dev_score(inputs.eval_sets["dev"], inputs.collator, labels=data.labels,
+                                                    device=engine.device, config=request.config)
+                   if inputs.gmner else None)
     except KeyboardInterrupt:
         engine.writer.wait()  # the last finished epoch's checkpoint is complete on disk
         engine.end()
@@ -767,14 +801,24 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
         "labels": data.labels, "unseen_types": data.unseen,
     }
     for split, eval_set in inputs.eval_sets.items():
-        pred = predict_tags(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels, device=engine.device,
-                            batch_size=config.eval_batch_size, num_workers=config.num_workers, desc=split)
+        if inputs.gmner is not None:
+            from mner.trainer.gmner.data import predict_grounded
+
+            pred, regions = predict_grounded(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels,
+                                             device=engine.device, batch_size=config.eval_batch_size,
+                                             num_workers=config.num_workers, desc=split)
+        else:
+            pred = predict_tags(engine.unwrap(net), eval_set, inputs.collator, labels=data.labels,
+                                device=engine.device, batch_size=config.eval_batch_size,
+                                num_workers=config.num_workers, desc=split)
         scores = score_split(eval_set.posts, pred)
         metrics[split] = scores
         if engine.is_main:
             write_conll(out / "predictions" / f"{split}.conll", eval_set.posts, pred)
             write_parquet(out / "predictions" / f"{split}.parquet", eval_set.posts, pred)
         log(format_scores(scores, f"{split} (best epoch {state.best_epoch})"))
+        if inputs.gmner is not None:
+            scores.update(inputs.gmner.finish_split(split, eval_set, regions, out if engine.is_main else None))
     metrics["alignment"] = {
         split: {"words": ds.report.words, "zero_piece": ds.report.zero_piece, "truncated": ds.report.truncated}
         for split, ds in [("train", inputs.train_set), *inputs.eval_sets.items()]
@@ -786,6 +830,8 @@ def finish(request: RunRequest, training: Training, data: RunData, inputs: RunIn
     if inputs.visual is not None:
         metrics["random_init_features"] = inputs.visual.random_init
         metrics["stage1_mismatches"] = inputs.stage1_mismatches
+    if inputs.gmner is not None:
+        metrics["gmner"] = inputs.gmner.record(train_set=inputs.train_set)
     metrics["history"] = state.history
     metrics["run"] = {
         **process_record(request, training, cache_info), "resumes": state.resumes,
@@ -876,9 +922,10 @@ def describe_divergence(err: NonFiniteLoss, train_set: PostDataset, state: Train
 
 def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, train_loader, sampler, *,
                config: TrainConfig, out: Path, eval_set: PostDataset, collator: Collator, labels: list[str],
-               tracker: Tracker) -> None:
+               tracker: Tracker, dev_score=None) -> None:
     """Epochs ``state.epoch + 1 ..`` with a checkpoint after each, until ``config.epochs`` or early stop;
-    ``tracker`` gets each step and each finished epoch."""
+    ``tracker`` gets each step and each finished epoch. ``dev_score(model) -> scores`` replaces the dev
+    entity scores as the selection score (GMNER runs: dev GMNER P/R/F1 as ``micro``)."""
     epoch_bar = tqdm(range(state.epoch + 1, config.epochs + 1), desc="epochs", dynamic_ncols=True, file=sys.stderr,
                      disable=not engine.is_main)
     for epoch in epoch_bar:
@@ -890,9 +937,12 @@ def run_epochs(engine: Engine, state: TrainerState, net, optimizer, scheduler, t
         loss = engine.train_epoch(net, train_loader, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
                                   desc=f"epoch {epoch}", tracker=tracker)
         train_seconds = time.time() - epoch_start
-        dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
-                                batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
-        dev_scores = score_split(eval_set.posts, dev_pred)
+        if dev_score is not None:
+            dev_scores = dev_score(engine.unwrap(net))
+        else:
+            dev_pred = predict_tags(engine.unwrap(net), eval_set, collator, labels=labels, device=engine.device,
+                                    batch_size=config.eval_batch_size, num_workers=config.num_workers, desc="dev")
+            dev_scores = score_split(eval_set.posts, dev_pred)
         dev_f1, agreement = engine.agree(net, dev_scores["micro"]["f1"])
         if agreement and not agreement["replicas_agree"]:
             warn_loudly(f"epoch {epoch}: the {engine.world_size} processes disagree (dev F1 by rank "
@@ -954,6 +1004,10 @@ def load_run(run_dir: str | Path, *, features: str | Path | None = None, device:
     torch_device = torch.device(resolve_device(device))
     net = build_model(model_cls, model_config, labels=run_config["labels"], text_encoder=encoder,
                       tokenizer=tokenizer, visual=visual)
+    if run_config.get("gmner"):  # trained with --boxes: the grounding head as it was sized then
+        from mner.trainer.gmner.head import rebuild_grounded
+
+        net = rebuild_grounded(net, run_config)
     try:
         load_model(net, str(run_dir / "model.safetensors"), device="cpu")
     except Exception as err:  # a truncated or foreign file (runs from before weights_sha256 was recorded)

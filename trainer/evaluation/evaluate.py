@@ -6,7 +6,6 @@ Entities are chunked by :func:`mner.pipeline.tags.extract_entities` (the rule is
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +152,7 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
     with the one the run trained on (path and fingerprint), and its coverage of ``posts`` checked like
     at training time. Returns ``(path or None, record or None, warnings)``."""
     from mner.pipeline.cache import FeatureCache
-    from mner.trainer.core.run_record import cache_record, check_coverage
+    from mner.trainer.core.run_record import cache_record, check_coverage, same_image_rows
     from mner.trainer.models import get_model_class
 
     model_cls = get_model_class(run_config["model"])
@@ -170,8 +169,18 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
         if data is not None:
             warnings.append(f"--data {data} without --features: its images are looked up in the training cache "
                             f"{features}; pass --features with the cache built for that data")
-    record = cache_record(FeatureCache(features), {"posts": posts})
-    if trained.get("path") and record["path"] != trained["path"]:
+    cache = FeatureCache(features)
+    record = cache_record(cache, {"posts": posts})
+    grown, how = False, ""
+    if trained.get("fingerprint") and record["fingerprint"] != trained["fingerprint"] \
+            and set(record["groups"]) == set(trained.get("groups") or {}):  # same groups, more images?
+        grown, how = same_image_rows(trained.get("image_fingerprints"), cache)
+    if grown:  # a superset of the training cache whose old rows are unchanged (per-image fingerprints)
+        record["grown_from"] = {"path": trained.get("path"), "fingerprint": trained["fingerprint"], "note": how}
+        from mner.trainer.core.train import log
+
+        log(f"the cache {record['path']} is not the one the run trained with, but {how}")
+    elif trained.get("path") and record["path"] != trained["path"]:
         warnings.append(f"this cache ({record['path']}) is not the one the run trained with ({trained['path']})")
     elif trained.get("fingerprint") and record["fingerprint"] != trained["fingerprint"]:
         changed = sorted(g for g in set(record["groups"]) | set(trained.get("groups", {}))
@@ -201,11 +210,16 @@ def evaluate_run(
     features: str | Path | None = None,
     device: str = "auto",
     allow_missing_images: bool = False,
+    boxes: str | Path | None = None,
+    gmner_sets: dict | None = None,
 ) -> dict:
     """Score a trained run on one split of its own data or of ``data`` (e.g. cross-domain 15 -> 17).
 
     Writes ``eval/<split>-<data hash[:8]>[-cache<fingerprint[:8]>].json`` plus CoNLL and Parquet
-    predictions into the run; the JSON names the cache used and any warning about it.
+    predictions into the run; the JSON names the cache used and any warning about it. With ``boxes``
+    (or a run trained with ``--boxes``, on its own data) it also scores GMNER / MNER / EEG and writes
+    the grounded predictions (``.jsonl``, ``.entities.parquet``); ``gmner_sets`` overrides the metric
+    conventions (``gmner_uncovered``, ``gmner_iou``, ``gmner_iou_compare``).
     """
     from mner.trainer.core.labels import describe_unseen, unseen_types
     from mner.trainer.core.run_folder import read_run_config, require_finished
@@ -248,13 +262,34 @@ def evaluate_run(
     collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
                         second_segment=second_segment_for(type(model), model.config, tokenizer,
                                                           run_config["train_config"]["max_length"]))
-    predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
-                               batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
-    scores = entity_scores([list(p.tags) for p in posts], predictions)
     stem = f"{split}-{dataset.data_hash[:8]}" + (f"-cache{short_fingerprint(cache['fingerprint'])}" if cache else "")
+    trained_gmner = run_config.get("gmner")
+    if boxes is None and trained_gmner and data is None:
+        boxes = trained_gmner["boxes"]
+    if gmner_sets and boxes is None:
+        from mner.trainer.core.config import ConfigError
+
+        raise ConfigError("the GMNER conventions (--uncovered, --iou, --iou-compare) need the gold boxes: add --boxes")
+    gmner_result = None
+    if boxes is None:
+        predictions = predict_tags(model, post_set, collator, labels=labels, device=torch_device,
+                                   batch_size=run_config["train_config"]["eval_batch_size"], desc=split)
+    else:
+        from mner.trainer.gmner.data import evaluate_grounded
+
+        predictions, gmner_result, grounded_stem = evaluate_grounded(
+            run_dir, run_config, model, post_set, collator, split=split, posts=posts, boxes=boxes,
+            cache_path=cache_path, features=features, gmner_sets=gmner_sets or {}, device=torch_device)
+        stem += grounded_stem
+    scores = entity_scores([list(p.tags) for p in posts], predictions)
+    if gmner_result is not None:
+        scores.update(gmner_result.pop("scores"))
     result = {"split": split, "data_hash": dataset.data_hash, "data_source": data_info,
               "orphan_i": dataset.orphan_i, "unseen_types": unseen, "cache": cache, "warnings": warnings,
               "decode_precision": DECODE_PRECISION, **scores}
+    if gmner_result is not None:
+        result["boxes"] = gmner_result["record"]  # reader counts, settings, candidates (scores are above)
+        gmner_result["write"](run_dir / "eval" / stem)
     write_json(run_dir / "eval" / f"{stem}.json", result)
     write_conll(run_dir / "eval" / f"{stem}.conll", posts, predictions)
     write_parquet(run_dir / "eval" / f"{stem}.parquet", posts, predictions)
@@ -262,56 +297,9 @@ def evaluate_run(
     return result
 
 
-def predict_run(
-    run_dir: str | Path,
-    *,
-    data: str | Path,
-    out: str | Path | None = None,
-    features: str | Path | None = None,
-    device: str = "auto",
-    allow_missing_images: bool = False,
-    overwrite: bool = False,
-) -> Path:
-    """Tag unlabelled posts (every split found in ``data``); ``.parquet`` out -> Parquet, else CoNLL.
-    ``<out>.json`` beside it names the run, the cache used and any warning about it. An existing
-    ``out`` is replaced only with ``overwrite`` and only when its record says mner wrote it; an input
-    file is never written over (docs/reliability.md)."""
-    from mner.pipeline.data import load_dataset
-    from mner.pipeline.outputs import PREDICTIONS_RECORD_KEY, check_output, predictions_record
-    from mner.trainer.core.run_folder import read_run_config, require_finished
-    from mner.trainer.core.train import DECODE_PRECISION, SPLITS, load_run, log, make_post_dataset, predict_tags
-    from mner.trainer.inputs.batching import Collator
-    from mner.trainer.inputs.segments import second_segment_for
+def predict_run(run_dir, **kwargs):
+    """Moved to :func:`mner.trainer.inference.predict.predict_run` (the Tagger's code path); kept here so
+    existing imports keep working."""
+    from mner.trainer.inference.predict import predict_run as tagger_predict_run
 
-    run_dir = Path(run_dir)
-    require_finished(run_dir)
-    run_config = read_run_config(run_dir)
-    dataset = load_dataset(data, require_tags=False)
-    posts = [post for split in SPLITS for post in dataset.splits.get(split, [])]
-    out = Path(out) if out is not None else run_dir / "predictions" / f"predict-{Path(data).name}.conll"
-    inputs = [data, *dataset.files.values(), *(p for p in (features,) if p is not None)]
-    check_output(out, kind="predictions", overwrite=overwrite, inputs=inputs, create_folder=True)
-    cache_path, cache, warnings = choose_cache(run_dir, run_config, features=features, data=data, posts=posts,
-                                               allow_missing_images=allow_missing_images)
-    _announce(cache, warnings)
-    model, run_config, tokenizer, visual, torch_device = load_run(run_dir, features=cache_path, device=device)
-    post_set = make_post_dataset(posts, tokenizer, label_to_id=None,
-                                 max_length=run_config["train_config"]["max_length"], visual=visual, split="predict")
-    collator = Collator(pad_token_id=tokenizer.pad_token_id or 0, visual_batcher=visual.batcher if visual else None,
-                        second_segment=second_segment_for(type(model), model.config, tokenizer,
-                                                          run_config["train_config"]["max_length"]))
-    predictions = predict_tags(model, post_set, collator, labels=run_config["labels"], device=torch_device,
-                               batch_size=run_config["train_config"]["eval_batch_size"], desc="predict")
-    # the record first: an output that exists always has the record that lets a rerun --overwrite it
-    write_json(predictions_record(out), {
-        PREDICTIONS_RECORD_KEY: 1, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
-        "data_hash": dataset.data_hash, "posts": len(posts), "cache": cache, "warnings": warnings,
-        "decode_precision": DECODE_PRECISION})
-    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        (write_parquet if out.suffix == ".parquet" else write_conll)(temp, posts, predictions)
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
-    log(f"{len(posts)} posts tagged -> {out}")
-    return out
+    return tagger_predict_run(run_dir, **kwargs)

@@ -37,7 +37,7 @@ except ModuleNotFoundError:  # Python 3.10
 GRID_KEYS = {"name", "out", "seeds", "datasets", "train", "experiments", "description"}
 EXPERIMENT_KEYS = {"name", "model", "models", "presets", "switches", "sets", "seeds", "datasets",
                    "cross_domain", "fractions", "train"}
-DATASET_KEYS = {"data", "features", "paper"}
+DATASET_KEYS = {"data", "features", "paper", "boxes"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class DatasetEntry:
     data: str | None  # folder with train/valid/test files (None: posts stored in the cache)
     features: str | None  # HDF5 feature cache (None: text-only models only)
     paper: str  # which papers' column this dataset is compared with (t15 / t17)
+    boxes: str | None = None  # GMNER: folder of <image id>.xml gold boxes (runs get --boxes: the grounding head)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def load_grid(
     path: str | Path, *, out: str | Path | None = None, sets: list[str] | None = None,
     data_overrides: dict[str, str] | None = None, feature_overrides: dict[str, str] | None = None,
     only_datasets: list[str] | None = None, seeds: list[int] | None = None, extra_keys: set[str] | None = None,
+    box_overrides: dict[str, str] | None = None,
 ) -> Grid:
     """Parse a grid file into its run list (deterministic order; duplicates merged). ``extra_keys``: top-level
     tables another reader handles (``search`` in tune spaces)."""
@@ -165,8 +167,9 @@ def load_grid(
         features = (feature_overrides or {}).get(name, entry.get("features"))
         if data is None and features is None:
             raise _fail(path, f"datasets.{name}", "needs data = FOLDER or features = CACHE.h5")
-        datasets[name] = DatasetEntry(name, data, features, entry.get("paper", name))
-    for name in [*(data_overrides or {}), *(feature_overrides or {}), *(only_datasets or [])]:
+        boxes = (box_overrides or {}).get(name, entry.get("boxes"))
+        datasets[name] = DatasetEntry(name, data, features, entry.get("paper", name), boxes)
+    for name in [*(data_overrides or {}), *(feature_overrides or {}), *(box_overrides or {}), *(only_datasets or [])]:
         if name not in datasets:
             raise ConfigError(f"dataset {name!r} is not in {path}; valid values: {', '.join(datasets) or '(none)'}")
 

@@ -41,6 +41,7 @@ class RunRecord:
     history: list[dict]
     flags: list[str] = field(default_factory=list)
     test_hash: str | None = None  # sha256 of the data files the test scores came from
+    dev: dict | None = None  # metrics.json's dev entry (GMNER runs: its gmner / mner / eeg scores)
 
 
 def _read_json(path: Path) -> dict:
@@ -130,6 +131,7 @@ def load_run(run: Path, *, min_coverage: float) -> RunRecord:
                         config.get("preset"), protocol, data_name, data_name, fraction, data_name,
                         metrics.get("test"), run / "predictions" / "test.conll", metrics.get("history", []))
     rec.test_hash = rec.test.get("data_hash") or metrics.get("data_hash")
+    rec.dev = metrics.get("dev")
     if not rec.test:
         raise ConfigError(f"{run}: metrics.json has no test scores; the run had no test split")
     random_init = metrics.get("random_init_features") or []
@@ -187,12 +189,52 @@ def aggregate(records: list[RunRecord]) -> list[dict]:
             row[f"paper_{entity_type}_F1"] = (paper or {}).get("per_type", {}).get(entity_type)
         row["paper_source"] = paper["source"] if paper else None
         row["delta_F1"] = row["F1_mean"] - paper["F1"] if paper else None
+        row.update(gmner_columns(runs))
         flags = [flag for r in runs for flag in r.flags]
         if len({r.test_hash for r in runs}) > 1:  # e.g. a label-corrected release for some seeds
             flags.append("seeds scored on different test data (data hashes differ)")
         row["flags"] = "; ".join(dict.fromkeys(flags))
         rows.append(row)
     return rows
+
+
+GMNER_KEYS = ("gmner", "mner", "eeg")
+
+
+def gmner_columns(runs: list[RunRecord]) -> dict:
+    """GMNER runs (``--boxes``): dev and test GMNER / MNER / EEG F1 (mean, std over seeds) and the test
+    box coverage; empty for runs without boxes."""
+    if not all("gmner" in (r.test or {}) for r in runs):
+        return {}
+    row: dict = {}
+    for split in ("dev", "test"):
+        for key in GMNER_KEYS:
+            scored = [getattr(r, split) for r in runs]
+            values = [100 * scores[key]["f1"] for scores in scored if scores and key in scores]
+            row[f"{split}_{key.upper()}_F1_mean"], row[f"{split}_{key.upper()}_F1_std"] = \
+                mean_std(values) if values else (None, None)
+    row["test_box_coverage"] = 100 * sum(r.test["box_coverage"]["share"] for r in runs) / len(runs)
+    row["gmner_uncovered"] = runs[0].test.get("gmner_settings", {}).get("uncovered")
+    return row
+
+
+def gmner_markdown(rows: list[dict]) -> list[str]:
+    grounded = [r for r in rows if r.get("test_GMNER_F1_mean") is not None]
+    if not grounded:
+        return []
+    lines = ["## GMNER (entity, type and region)", "",
+             "Micro F1 in %, mean ± std over seeds; coverage: share of boxed test entities some candidate reaches "
+             "(the ceiling of any candidate-selection model with this detector); docs/gmner.md.", "",
+             "| configuration | uncovered | dev GMNER | dev MNER | dev EEG | test GMNER | test MNER | test EEG "
+             "| test coverage |", "|" + "---|" * 9]
+    for row in grounded:
+        cells = [f"`{row['config']}`", str(row["gmner_uncovered"])]
+        for split in ("dev", "test"):
+            cells += [_pm(row[f"{split}_{k.upper()}_F1_mean"], row[f"{split}_{k.upper()}_F1_std"])
+                      if row[f"{split}_{k.upper()}_F1_mean"] is not None else "—" for k in GMNER_KEYS]
+        cells.append(f"{row['test_box_coverage']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -224,6 +266,7 @@ def markdown(rows: list[dict]) -> str:
         parts += ["## Flagged configurations (not comparable with the paper columns)", "",
                   header.replace("| Δ F1 |", "| Δ F1 | flags |"), rule + "---|",
                   *(line(r)[:-1] + f"| {r['flags']} |" for r in flagged), ""]
+    parts += gmner_markdown(rows)
     return "\n".join(parts)
 
 
@@ -233,8 +276,8 @@ def write_tables(rows: list[dict], out: Path) -> list[Path]:
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0]) if rows else []
-    table = pa.table({c: [r[c] for r in rows] for c in columns})
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # GMNER columns only where some run has boxes
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
     pacsv.write_csv(table, out / "results.csv")
     pq.write_table(table, out / "results.parquet")
     (out / "results.md").write_text(markdown(rows) + "\n", encoding="utf-8")

@@ -118,7 +118,7 @@ def launch_training(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEnt
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     train(out=run_dir, model=spec.model, data=source.data, features=source.features, preset=spec.preset,
           sets=list(spec.sets), flags=flags, resume=state == "unfinished",
-          overwrite=state == "restart" and run_dir.exists(), observers=observers)
+          overwrite=state == "restart" and run_dir.exists(), boxes=source.boxes, observers=observers)
 
 
 def finish_run(spec: RunSpec, run_dir: Path, datasets: dict[str, DatasetEntry], *, device: str | None,
@@ -339,11 +339,12 @@ def parse_name_values(pairs: list[str] | None, option: str) -> dict[str, str]:
 
 def sweep(grid_file: str | Path, *, out: str | Path | None = None, dry: bool = False, task: str | None = None,
           sets: list[str] | None = None, data: list[str] | None = None, features: list[str] | None = None,
-          datasets: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None) -> int:
+          datasets: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None,
+          boxes: list[str] | None = None) -> int:
     """The ``sweep`` command: load, select, then list (``dry``) or run; returns the exit status."""
     grid = load_grid(grid_file, out=out, sets=sets, data_overrides=parse_name_values(data, "--data"),
                      feature_overrides=parse_name_values(features, "--features"), only_datasets=datasets,
-                     seeds=seeds)
+                     seeds=seeds, box_overrides=parse_name_values(boxes, "--boxes"))
     runs = select_task(grid.runs, task)
     if dry:
         invalid = check_run_settings(runs, device=device)

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 from torchcrf import CRF
 
 FORBIDDEN = -10000.0
+
+# ----------------------------------------------------------------------------- decode trace
+
+_DECODE_TRACE: contextvars.ContextVar[list | None] = contextvars.ContextVar("mner_decode_trace", default=None)
+
+
+@contextlib.contextmanager
+def trace_decoding():
+    """Collect what the decoders of ``model.decode`` saw (CRF emissions, span probabilities, tag scores).
+
+    Entity scores (``mner.trainer.inference.scores``) are computed from the very tensors that produced
+    the tags, so a model needs no second decode method; outside this context nothing is recorded."""
+    records: list[dict] = []
+    token = _DECODE_TRACE.set(records)
+    try:
+        yield records
+    finally:
+        _DECODE_TRACE.reset(token)
+
+
+def record_decoding(kind: str, **tensors) -> None:
+    """One decoder's inputs, kept only while :func:`trace_decoding` is active (kind: crf | spans | softmax)."""
+    records = _DECODE_TRACE.get()
+    if records is not None:
+        records.append({"kind": kind, **tensors})
 
 
 def bio_transition_penalties(labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +211,7 @@ def crf_loss_and_decode(
         loss = -(log_likelihood * has_words).sum() / emissions.size(0)
     paths = None
     if decode:
+        record_decoding("crf", crf=crf, emissions=packed_emissions.detach(), mask=packed_mask)
         decoded = crf.viterbi(packed_emissions, runnable_mask)
         paths = [path if kept else [] for path, kept in zip(decoded, has_words.tolist())]
     return loss, paths

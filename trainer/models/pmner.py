@@ -50,7 +50,13 @@ from torch import nn
 from mner.pipeline.tags import repair_bio
 from mner.trainer.inputs.text_encoder import load_encoder, load_pretrained, load_tokenizer
 from mner.trainer.models import default_parameter_groups, register_model
-from mner.trainer.models.layers import BIOConstrainedCRF, crf_loss_and_decode, gather_first_pieces, init_linear
+from mner.trainer.models.layers import (
+    BIOConstrainedCRF,
+    crf_loss_and_decode,
+    gather_first_pieces,
+    init_linear,
+    record_decoding,
+)
 from mner.trainer.models.stage1 import Stage1Setting
 
 OBJECT_MASK = "objects/mask"
@@ -346,6 +352,7 @@ class PMNER(nn.Module):
         word_mask = batch["word_mask"].bool()
         if self.config.decoder == "crf":
             return crf_loss_and_decode(self.crf, scores, word_mask, decode=True)[1]
+        record_decoding("softmax", scores=scores.detach(), word_mask=word_mask)
         best, word_mask = scores.argmax(dim=-1).cpu(), word_mask.cpu()  # (B, W): one copy to the host
         return [repair_bio_ids(row[keep].tolist(), self.labels) for row, keep in zip(best, word_mask)]
 

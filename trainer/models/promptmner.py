@@ -32,7 +32,7 @@ from torch import nn
 from mner.pipeline.tags import extract_entities
 from mner.trainer.inputs.text_encoder import load_encoder
 from mner.trainer.models import default_parameter_groups, register_model
-from mner.trainer.models.layers import gather_first_pieces, init_linear
+from mner.trainer.models.layers import gather_first_pieces, init_linear, record_decoding
 from mner.trainer.models.stage1 import Stage1Setting
 
 CLIP_IMAGE_EMBED = "encoders/clip/image_embed"
@@ -453,6 +453,7 @@ class PromptMNER(nn.Module):
         logits, starts, ends, num_words = self.span_logits(batch)
         probs = logits.float().softmax(dim=-1).cpu()  # (B, S, C)
         starts, ends = starts.cpu(), ends.cpu()
+        record_decoding("spans", probs=probs, starts=starts, ends=ends, types=list(self.entity_types))
         paths = []
         for row, count in enumerate(num_words.tolist()):
             tags = decode_spans(probs[row], starts, ends, count, self.entity_types)

@@ -40,6 +40,10 @@ def extract(
     group: list[str] = typer.Option([], "--group", help="repeatable: any declared group instance to build, by "
                                      "path (crops/fasterrcnn/clip/RN50, a group a plugin registered); its producer "
                                      "comes from the registry"),
+    import_objects: list[str] = typer.Option([], "--import-objects", help="repeatable NAME=FILE.json|FILE.npz: "
+                                             "your own per-image candidate boxes (pixels, scores, optional class "
+                                             "names) as the objects/NAME instance; crops cut from the images, "
+                                             "sha256 in provenance (docs/gmner.md)"),
     tiny: bool = typer.Option(False, "--tiny", help="with --for: every detector and encoder by its tiny random "
                               "test variant (implies --random-init; each records the model it stands for)"),
     override_paper: bool = typer.Option(False, "--override-paper", help="with --for: keep flags that contradict "
@@ -134,7 +138,8 @@ def extract(
     try:
         opts = ExtractOptions(
             data=data, images=images, out=out, detector=list(detector), prompts=list(prompts),
-            encoders=list(encoder) if encoder else None, for_models=list(for_models), tiny=tiny, groups=list(group),
+            encoders=list(encoder) if encoder else None, for_models=list(for_models), tiny=tiny,
+            import_objects=list(import_objects), groups=list(group),
             override_paper=override_paper,
             random_init=random_init, device=device, batch_size=batch_size, num_workers=num_workers, top_k=top_k,
             score_threshold=score_threshold, detector_min_size=detector_min_size, detector_weights=detector_weights,
@@ -277,6 +282,9 @@ def _check_names(opts) -> None:
     for name in opts.detectors:
         if name not in DETECTORS:
             raise ValueError(f"--detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
+    for name in opts.imported_objects():  # NAME=FILE parsed (a bad value is an error naming the form)
+        if name in DETECTORS:
+            raise ValueError(f"--import-objects {name}=...: {name} is a detector's name; choose another NAME")
     for name in opts.encoders or []:
         if name not in ENCODERS:
             raise ValueError(f"--encoder {name!r}; valid: {', '.join(sorted(ENCODERS))}")

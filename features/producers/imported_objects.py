@@ -1,4 +1,4 @@
-"""A user's own candidate boxes (``--objects-file``): per-image boxes, scores, optional class names and
+"""A user's own candidate boxes (``--import-objects NAME=FILE``): per-image boxes, scores, optional class names and
 features from a JSON or NPZ file, checked before anything is written (each problem names the file, the
 image id and the field).
 
@@ -124,7 +124,7 @@ def load_objects_file(path: str | Path, image_ids) -> ImportedObjects:
     """Read and check the whole file; ids not in ``image_ids`` are listed in ``unknown_ids`` and skipped."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(path, None, "file not found", "check the --objects-file path")
+        raise DataFormatError(path, None, "file not found", "check the --import-objects NAME=FILE path")
     entries = _read_entries(path)
     known = set(image_ids)
     result = ImportedObjects(str(path.resolve()), _file_sha256(path), {}, {}, None, None)
@@ -160,3 +160,86 @@ def load_objects_file(path: str | Path, image_ids) -> ImportedObjects:
             if features.size == 0:
                 result.features[image_id] = np.zeros((0, width), np.float32)
     return result
+
+
+# ----------------------------------------------------------------------------- objects/<name> producer
+
+
+def parse_import(value: str) -> tuple[str, str]:
+    """``--import-objects NAME=FILE`` -> (NAME, FILE); NAME becomes the instance ``objects/NAME``."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path or "/" in name:
+        raise ValueError(f"--import-objects {value!r}: must be NAME=FILE.json|FILE.npz (NAME: the objects "
+                         "instance to write, objects/NAME; no '/')")
+    return name, path
+
+
+def imported_objects_class():
+    """The producer of an ``objects/<name>`` instance read from a file (registered lazily: it subclasses the
+    detector producer only to share its crop cutting, so it lives next to the reader)."""
+    from mner.features.producers.registry import ObjectsProducer, PendingCrop, inside
+
+    class ImportedObjectsProducer(ObjectsProducer):
+        """Boxes, scores and class ids of ``objects/<name>`` from ``--import-objects NAME=FILE``; the crops
+        are cut from the decoded images like a detector's, so encoders run on them. Images that are not ok
+        get no candidates (as for a detector). Per-box ``features`` in the file are not stored (the objects
+        group declares no feature dataset): provenance says so."""
+
+        pixels = "tensors"
+
+        def __init__(self, run, group: str, *, detector: str):
+            super().__init__(run, group, detector=detector)
+            # checked against all of --data's ids, not this shard's: every shard records the same provenance
+            self.file = load_objects_file(run.opts.imported_objects()[detector], run.dataset.image_ids())
+            self.input_fingerprint = self.file.sha256  # a changed file never resumes old chunks
+            names = sorted({n for per_image in (self.file.class_names or {}).values() for n in per_image})
+            self.class_names = names
+            self.class_index = {n: i for i, n in enumerate(names)}
+
+        def load(self) -> None:
+            pass
+
+        def pixel_inputs(self) -> dict:
+            return {}
+
+        def produce(self, batch):
+            opts = self.run.opts
+            sizes = [(d.width, d.height) for d in batch.decoded] if batch.decoded else [(0, 0)] * len(batch)
+            original, found = [], []
+            for image_id, size in zip(batch.image_ids, sizes):
+                boxes = inside(self.file.boxes.get(image_id, np.zeros((0, 4), np.float32)), size)  # original px
+                scores = self.file.scores.get(image_id, np.zeros(0, np.float32))
+                names = (self.file.class_names or {}).get(image_id, [])
+                ids = np.array([self.class_index[n] for n in names] if names else [-1] * len(scores), np.int32)
+                original.append(boxes)
+                found.append((boxes, scores, ids))
+            decoded = [b / np.float32(s or 1.0) for b, s in zip(original, batch.scales)]  # decoded-image pixels
+            jpegs = self.run.stages.jpeg_crops(batch.decoded, decoded, max_side=opts.crop_max_side,
+                                               quality=opts.crop_quality)
+            batch.shared[("boxes", self.group)] = decoded  # for the crop encoders
+            return {"counts": np.array([len(f[1]) for f in found], np.int64),
+                    "boxes": np.concatenate([np.zeros((0, 4), np.float32), *original]).astype(np.float32),
+                    "scores": np.concatenate([np.zeros(0, np.float32), *(f[1] for f in found)]).astype(np.float32),
+                    "class_ids": np.concatenate([np.zeros(0, np.int32), *(f[2] for f in found)]).astype(np.int32),
+                    "crop_jpeg": [PendingCrop(future, j) for future, f in zip(jpegs, found)
+                                  for j in range(len(f[1]))]}
+
+        def attrs(self) -> dict:
+            return {"class_names": list(self.class_names)}
+
+        def provenance(self) -> dict:
+            opts = self.run.opts
+            width = self.file.feature_width
+            return {"model": "imported", "pretrained": self.file.sha256, "detector": self.slots["detector"],
+                    "imported_from": {"file": Path(self.file.path).name, "sha256": self.file.sha256,
+                                      "images_in_file": len(self.file.boxes),
+                                      "unknown_ids": len(self.file.unknown_ids),
+                                      "features": "none in the file" if width is None else
+                                      f"width {width} in the file, not stored (objects has no feature dataset)"},
+                    "preprocessing": {"boxes": "xyxy in original pixels from the file, clipped to the image; "
+                                               "images not ok get none",
+                                      "class_ids": "index into attr class_names (-1: the file names no class)"},
+                    "thresholds": {},
+                    "crops": {"format": "JPEG", "max_side": opts.crop_max_side, "quality": opts.crop_quality}}
+
+    return ImportedObjectsProducer

@@ -139,7 +139,17 @@ def producer_for(run, group: str) -> Producer:
     if cls is None:
         raise ValueError(f"no producer is registered for {spec.name} (needed for {group}); registered: "
                          f"{', '.join(sorted(PRODUCERS))}")
-    return cls(run, group, **(spec.matches(group) or {}))
+    slots = spec.matches(group) or {}
+    if spec is OBJECTS and slots.get("detector") in imported_names(run):  # --import-objects NAME=FILE
+        from mner.features.producers.imported_objects import imported_objects_class
+
+        cls = imported_objects_class()
+    return cls(run, group, **slots)
+
+
+def imported_names(run) -> set[str]:
+    opts = getattr(run, "opts", None)
+    return set(opts.imported_objects()) if hasattr(opts, "imported_objects") else set()
 
 
 def tiny_stands_for(model: str) -> str | None:

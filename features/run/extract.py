@@ -67,6 +67,7 @@ class ExtractOptions:
     detector: str | list[str] | None = None  # registered detector name(s); None: the cache's, else maskrcnn
     encoders: list[str] | None = None  # registered encoder names; None: clip (nothing extra with for_models)
     prompts: list[str] = field(default_factory=list)  # prompt set names (embedded by every CLIP model)
+    import_objects: list[str] = field(default_factory=list)  # --import-objects NAME=FILE: objects/NAME from a file
     for_models: list[str] = field(default_factory=list)  # --for: models (or "all") whose paper groups to build
     groups: list[str] = field(default_factory=list)  # --group: any declared group instance, by path
     tiny: bool = False  # --tiny: every detector/encoder of a --for plan by its tiny test variant (random)
@@ -103,6 +104,12 @@ class ExtractOptions:
     @property
     def detectors(self) -> list[str]:
         return [self.detector] if isinstance(self.detector, str) else list(self.detector or [])
+
+    def imported_objects(self) -> dict[str, str]:
+        """``--import-objects`` as {instance name: file}."""
+        from mner.features.producers.imported_objects import parse_import
+
+        return dict(parse_import(value) for value in self.import_objects)
 
     @property
     def clip_models(self) -> list[str]:

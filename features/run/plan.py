@@ -64,13 +64,15 @@ def cached_slot_values(cache, spec_name: str, slot: str) -> list[str]:
 
 def flag_groups(opts, cache) -> list[str]:
     """The instances the explicit flags ask for (every encoder over every detector's objects)."""
+    imported = list(opts.imported_objects())  # --import-objects NAME=FILE: objects/NAME, encoded like a detector's
     detectors = list(dict.fromkeys(opts.detectors)) or cached_slot_values(cache, "objects/{detector}", "detector") \
-        or [DEFAULT_DETECTOR]
+        or ([] if imported else [DEFAULT_DETECTOR])
     clip_models = list(dict.fromkeys(opts.clip_models)) or \
         cached_slot_values(cache, "encoders/clip/{clip_model}", "clip_model") or [DEFAULT_CLIP]
+    detectors = list(dict.fromkeys([*detectors, *imported]))
     groups = [f"objects/{d}" for d in detectors]
     alone = (opts.for_models or opts.groups) and not (opts.detectors or opts.encoders is not None or opts.prompts
-                                                      or opts.clip_models)
+                                                      or opts.clip_models or imported)
     encoders = opts.encoders if opts.encoders is not None else ([] if alone else ["clip"])
     if alone:
         groups = []  # --for / --group alone: only the grounding/captions options below (set from the papers)
@@ -174,7 +176,8 @@ def make_plan(extraction, existing: set[str]) -> Plan:
     opts, cache = extraction.opts, extraction.cache
     plan = Plan([])
     wanted = model_groups(opts, plan) if opts.for_models else []
-    explicit = opts.detectors or opts.encoders is not None or opts.clip_models or opts.prompts
+    explicit = opts.detectors or opts.encoders is not None or opts.clip_models or opts.prompts \
+        or opts.import_objects
     if (not opts.for_models and not opts.groups) or explicit or opts.grounding is not None \
             or opts.captions is not None:
         wanted += [g for g in flag_groups(opts, cache) if g not in wanted]
@@ -210,6 +213,7 @@ def make_plan(extraction, existing: set[str]) -> Plan:
     for group in order:
         if group not in existing:
             check_instance_weights(opts, cache, group)
+    check_imported_kept(opts, cache, [g for g in order if g in existing])
     return plan
 
 
@@ -237,6 +241,23 @@ def check_instance_weights(opts, cache, group: str) -> None:
         raise ValueError(f"{cache.path}: its {stored_group} features come from {stored} weights, but {group} would be "
                          f"computed with {wanted} weights; use {use} (or another --out, or --overwrite to rebuild "
                          "every group)")
+
+
+def check_imported_kept(opts, cache, kept: list[str]) -> None:
+    """``--import-objects NAME=FILE`` over a cache whose objects/NAME came from another file (or a detector)
+    is refused: the kept boxes would silently not be the file's."""
+    from mner.features.producers.imported_objects import _file_sha256
+
+    for name, path in opts.imported_objects().items():
+        group = f"objects/{name}"
+        if group not in kept:
+            continue
+        stored = cache.provenance(group).get("imported_from", {}).get("sha256")
+        if not Path(path).is_file() or stored == _file_sha256(Path(path)):
+            continue
+        made = f"the file with {stored}" if stored else "a detector"
+        raise ValueError(f"{cache.path}: its {group} was made from {made}, not {path}; import under another NAME, "
+                         "use another --out, or --overwrite to rebuild every group")
 
 
 def kept_differences(extraction, kept: list[str]) -> list[str]:

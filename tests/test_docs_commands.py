@@ -195,12 +195,13 @@ def semantic_problems(program: str, command: str, given: dict[str, list]) -> lis
     if program == "trainer" and command == "train" and not any(
             is_placeholder(v) for v in [*given.get("model", []), *given.get("preset", [])]):
         from mner.trainer.core.config import ConfigError, resolve_configs
+        from mner.trainer.gmner.config import split_gmner_sets
         from mner.trainer.models import get_model_class
 
         model = (plain.get("model") or ["bert_crf"])[-1]
-        try:
-            resolve_configs(get_model_class(model), preset=(plain.get("preset") or [None])[-1],
-                            sets=plain.get("set_") or None)
+        try:  # gmner_* keys are checked (and need --boxes) as the trainer does
+            sets, _ = split_gmner_sets(plain.get("set_") or None, boxes=(plain.get("boxes") or [None])[-1])
+            resolve_configs(get_model_class(model), preset=(plain.get("preset") or [None])[-1], sets=sets or None)
         except KeyError as err:
             problems.append(str(err.args[0]))
         except ConfigError as err:
@@ -262,8 +263,10 @@ def stage1_problems(extract: DocCommand, train: DocCommand) -> list[str]:
     given = parsed_options(train)
     model = (given.get("--model") or ["bert_crf"])[-1]
     model_cls = get_model_class(model)
-    model_config, _ = resolve_configs(model_cls, preset=(given.get("--preset") or [None])[-1],
-                                      sets=given.get("--set"))
+    from mner.trainer.gmner.config import split_gmner_sets
+
+    sets, _ = split_gmner_sets(given.get("--set"), boxes=(given.get("--boxes") or [None])[-1])
+    model_config, _ = resolve_configs(model_cls, preset=(given.get("--preset") or [None])[-1], sets=sets or None)
     extracted, problems = parsed_options(extract), []
     if {"all", model} & set(extracted.get("--for") or []):
         return []  # the plan builds what the paper preset and its ablation rows read

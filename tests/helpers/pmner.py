@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from helpers.models import text_batch
 from mner.pipeline.cache import FeatureSpec
 from mner.trainer.models import get_model_class
 
@@ -35,15 +36,7 @@ IMAGE_OK = [True, True, False]
 
 
 def make_batch(tokenizer) -> dict:
-    encoded = tokenizer([w for w, _ in POSTS], is_split_into_words=True, padding=True, return_tensors="pt")
-    num_words = max(len(w) for w, _ in POSTS)
-    word_index = torch.zeros(len(POSTS), num_words, dtype=torch.long)
-    labels = torch.zeros(len(POSTS), num_words, dtype=torch.long)
-    for b, (_words, tags) in enumerate(POSTS):
-        labels[b, : len(tags)] = torch.tensor([LABELS.index(t) for t in tags])
-        for position, word in enumerate(encoded.word_ids(b)):
-            if word is not None and word_index[b, word] == 0:
-                word_index[b, word] = position
+    text, _ = text_batch(tokenizer, max_length=64, posts=POSTS)  # posts fit the tiny encoder's 64 positions
     generator = torch.Generator().manual_seed(0)
     mask = torch.arange(max(OBJECTS))[None] < torch.tensor(OBJECTS)[:, None]  # (B, K)
     ok = torch.tensor(IMAGE_OK)
@@ -54,14 +47,7 @@ def make_batch(tokenizer) -> dict:
         CROPS: torch.rand(len(POSTS), max(OBJECTS), RESNET_WIDTH, generator=generator) * mask[:, :, None],
         GRID: torch.rand(len(POSTS), 3, 3, RESNET_WIDTH, generator=generator) * ok[:, None, None, None],
     }
-    return {
-        "input_ids": encoded["input_ids"],
-        "attention_mask": encoded["attention_mask"],
-        "word_index": word_index,
-        "word_mask": word_index > 0,
-        "labels": labels,
-        "visual": visual,
-    }
+    return {**text, "visual": visual}
 
 
 def build(tiny_bert, **overrides):

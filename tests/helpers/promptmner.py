@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from helpers.models import text_batch
 from mner.pipeline.cache import FeatureSpec
 from mner.trainer.models import get_model_class
 from mner.trainer.models.promptmner import (
@@ -40,15 +41,7 @@ def feature_spec(config) -> FeatureSpec:
 
 
 def make_batch(tokenizer, spec: FeatureSpec) -> dict:
-    encoded = tokenizer([w for w, _ in POSTS], is_split_into_words=True, padding=True, return_tensors="pt")
-    num_words = max(len(w) for w, _ in POSTS)
-    word_index = torch.zeros(len(POSTS), num_words, dtype=torch.long)
-    labels = torch.zeros(len(POSTS), num_words, dtype=torch.long)
-    for b, (_words, tags) in enumerate(POSTS):
-        labels[b, : len(tags)] = torch.tensor([LABELS.index(t) for t in tags])
-        for position, word in enumerate(encoded.word_ids(b)):
-            if word is not None and word_index[b, word] == 0:
-                word_index[b, word] = position
+    text, _ = text_batch(tokenizer, max_length=64, posts=POSTS)  # posts fit the tiny encoder's 64 positions
     ok = torch.tensor(IMAGE_OK)
     visual = {"images/ok": ok}
     generator = torch.Generator().manual_seed(0)
@@ -59,14 +52,7 @@ def make_batch(tokenizer, spec: FeatureSpec) -> dict:
         if path.endswith("image_relevance"):
             values = values.softmax(-1)
         visual[path] = values * ok[:, None]  # missing image: zeros, as the VisualBatcher makes them
-    return {
-        "input_ids": encoded["input_ids"],
-        "attention_mask": encoded["attention_mask"],
-        "word_index": word_index,
-        "word_mask": word_index > 0,
-        "labels": labels,
-        "visual": visual,
-    }
+    return {**text, "visual": visual}
 
 
 def tiny_layer(use_mas: bool) -> ModalityAwareLayer:

@@ -58,6 +58,16 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {problem}; {fix}")
 
 
+def read_json(path: str | Path, example: str):
+    """A user's JSON file; invalid JSON is a DataFormatError naming the file, the line and ``example``."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataFormatError(path, error.lineno, f"invalid JSON ({error.msg})", f"write {example}") from None
+
+
 @dataclass(frozen=True)
 class Post:
     post_id: str  # "{split}-{index}", index in file order

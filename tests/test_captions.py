@@ -31,7 +31,7 @@ def test_jsonl_and_tsv_files(tmp_path):
                                                   ("", "not_in_file")]
     fields = captioner.provenance_fields()
     assert fields["pretrained"] == read_captions_file(tsv).sha256
-    assert fields["preprocessing"]["images_without_caption"] == 1
+    assert fields["coverage"]["images_without_caption"] == 1
 
 
 @pytest.mark.parametrize("name, content, line, problem", [

@@ -148,8 +148,8 @@ def test_user_files_status_provenance_and_zero_crops(corpus, base, tmp_path):
     assert [int(caption_reasons[cache.row_of(i)]) for i in IDS] == [1, 2, 1, 3, 3, 1]
     grounding, caption = cache.provenance("grounding"), cache.provenance("captions")
     assert grounding["pretrained"].startswith("sha256:") and grounding["grounding"] == "files"
-    assert grounding["preprocessing"]["unmatched_entries"] == 1
-    assert caption["pretrained"].startswith("sha256:") and caption["preprocessing"]["images_without_caption"] == 2
+    assert grounding["coverage"]["unmatched_entries"] == 1
+    assert caption["pretrained"].startswith("sha256:") and caption["coverage"]["images_without_caption"] == 2
 
 
 def test_user_files_resume_after_an_interrupted_run(corpus, base, tmp_path, monkeypatch):
@@ -267,3 +267,135 @@ def test_zero_crops_and_detector_crops_through_the_batcher(corpus, base, tmp_pat
     visual = VisualBatcher(cache, ["grounding/pixels"])([row, cache.row_of("105")])
     assert visual["grounding/pixels"].dtype == torch.uint8
     assert visual["grounding/mask"].sum(1).tolist() == [len(boxes), 0]
+
+
+# ---------------------------------------------------------- growing, and side caches (mner.features.run.rebuild)
+
+GROW_FLAGS = {"models": ["--grounding", "owlv2", "--grounding-clip", "--captions", "blip"],
+              "detector": ["--grounding", "detector", "--grounding-clip"]}
+# the tiny detector's objects and no image encoder (these tests are about grounding and captions); chunks
+# of 3, so the 3 images a grown cache adds are batched as in one go (batch mates: docs/features.md)
+LEAN = ["--random-init", "--group", "objects/fasterrcnn-test", "--score-threshold", "0", "--top-k", "2",
+        "--detector-min-size", "64", "--chunk-size", "3", "--batch-size", "3", "--no-progress"]
+
+
+def write_data(folder: Path, ids: list[str]) -> Path:
+    """Posts of ``ids`` only (the corpus's text), one split."""
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text("".join(f"IMGID:{i}\nRT\tO\n@John\tB-PER\nSmith\tI-PER\nin\tO\nNew\tB-LOC\n"
+                                              f"York\tI-LOC\n\n" for i in ids))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def grown_and_once(corpus, tmp_path_factory):
+    """Per flag set: a cache over 100-102, that cache grown to every image by `extract --data <all>`, and a
+    cache built in one go over every image."""
+    made = {}
+
+    def make(kind: str):
+        if kind not in made:
+            _, data, images, _ = corpus
+            flags = GROW_FLAGS.get(kind) or user_flags(corpus)
+            folder = tmp_path_factory.mktemp(f"grow-{kind.replace(' ', '-')}")
+            old = folder / "old.h5"
+            for out, posts in ((old, write_data(folder / "old-data", IDS[:3])), (folder / "grown.h5", data),
+                               (folder / "once.h5", data)):
+                if out.name == "grown.h5":
+                    shutil.copyfile(old, out)  # then grown by 103, 104, 105 (no picture)
+                assert main(["extract", "--data", str(posts), "--images", str(images), "--out", str(out), *LEAN,
+                             *flags]) == 0
+            grown, once = folder / "grown.h5", folder / "once.h5"
+            made[kind] = old, grown, once
+        return made[kind]
+
+    return make
+
+
+@pytest.mark.parametrize("kind", ["models", "user files", "detector"])
+def test_grown_cache_with_grounding_and_captions_equals_one_go(grown_and_once, kind):
+    from helpers.extract import by_image
+
+    _, grown, once = grown_and_once(kind)
+    a, b = FeatureCache(grown), FeatureCache(once)
+    groups = {"grounding", "encoders/clip_grounding", "captions"} & set(b.groups())
+    assert len(groups) == (2 if kind == "detector" else 3 if kind == "models" else 2)
+    assert a.image_ids == b.image_ids == IDS
+    assert by_image(grown) == by_image(once)  # every image's values, byte for byte
+    for group in groups:
+        pa, pb = a.provenance(group), b.provenance(group)
+        differ = {k for k in set(pa) | set(pb) if pa.get(k) != pb.get(k)}
+        assert differ <= {"created", "command", "cwd", "image_list_hash", "grown", "coverage"}, (group, differ)
+        assert pa["grown"][0]["added"] == 3
+
+
+def test_side_cache_extracts_only_the_groups_read_with_the_posts_queries(corpus, grown_and_once, tmp_path):
+    from helpers.extract import by_image
+
+    from mner.features.run.rebuild import extend_side_cache
+    from mner.pipeline.data import load_dataset
+
+    _, data, images, _ = corpus
+    old, _, once = grown_and_once("models")
+    texts = {}
+    for post in load_dataset(data).splits["train"]:
+        texts.setdefault(post.image_id, []).append(list(post.tokens))
+    side = tmp_path / "side.h5"
+    added = extend_side_cache(old, side, ["103", "104"], images, groups=["encoders/clip_grounding/states"],
+                              texts=texts, device="cpu", progress=False)
+    assert added == 2 and FeatureCache(side).image_ids == ["103", "104"]
+    # what CLIP grounding is computed from (the owlv2 crops), not the detector, ResNet or captions
+    assert sorted(set(FeatureCache(side).groups()) - {"images", "posts"}) == ["encoders/clip_grounding", "grounding"]
+    groups = ["grounding", "encoders/clip_grounding"]
+    expected = {key: value for key, value in by_image(once, groups).items() if key[1] in ("103", "104")}
+    assert by_image(side, groups) == expected  # the crops were queried with the posts' spans, as in one go
+    assert extend_side_cache(old, side, ["104"], images, groups=["grounding/pixels"], progress=False) == 0
+
+
+def test_user_files_changed_or_moved_are_refused_naming_both_hashes(grown_and_once, corpus, tmp_path):
+    import hashlib
+
+    from mner.features.run.record import RebuildError, recorded_options
+
+    files = corpus[3]
+    old, _, _ = grown_and_once("user files")
+    options = recorded_options(FeatureCache(old))
+    assert options["captions"].source == str(files["captions"].resolve())
+    assert options["grounding"].maps == [str(files["map"].resolve())] and options["grounding"].method == "files"
+    for group, key, original, flag in (("captions", "file", files["captions"], "--captions"),
+                                       ("grounding", "mappings", files["map"], "--grounding-map")):
+        moved = tmp_path / f"moved-{original.name}"
+        moved.write_bytes(original.read_bytes() + b"\n")  # another file at the recorded place
+        patched = copy_of(old.parent, old.name, tmp_path / group)
+        with h5py.File(patched, "r+") as handle:
+            record = json.loads(handle[group].attrs["provenance"])
+            if key == "file":
+                record["preprocessing"]["file"] = str(moved)
+            else:
+                record["preprocessing"]["mappings"] = {str(moved): sha256_tag_of(original)}
+                record["command"] = []
+            handle[group].attrs["provenance"] = json.dumps(record)
+        with pytest.raises(RebuildError) as changed:
+            recorded_options(FeatureCache(patched))
+        message = str(changed.value)
+        assert str(moved) in message and hashlib.sha256(moved.read_bytes()).hexdigest() in message
+        assert hashlib.sha256(original.read_bytes()).hexdigest() in message and flag in message
+        moved.unlink()
+        with pytest.raises(RebuildError, match=f"not here; pass a local copy with {flag} PATH"):
+            recorded_options(FeatureCache(patched))
+        copy = recorded_options(FeatureCache(patched), weights={flag: str(original)})  # a copy, found by hash
+        found = copy["captions"].source if group == "captions" else copy["grounding"].maps[0]
+        assert found == str(original)
+
+
+def sha256_tag_of(path: Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_predict_accepts_a_local_copy_of_every_file_a_record_names():
+    from mner.features.run.record import LOCAL_COPY_FLAGS
+    from mner.trainer.cli import STAGE1_COPY_FLAGS
+
+    assert sorted(STAGE1_COPY_FLAGS) == sorted(flag.lstrip("-") for flag in LOCAL_COPY_FLAGS)

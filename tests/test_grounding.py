@@ -164,7 +164,10 @@ def test_hvpnet_mapping_pth_and_json(tmp_path):
     first = np.asarray(Image.open(crops / "100_crop_0.png").convert("RGB").resize((128, 128), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(rows[0].pixels[0], first.transpose(2, 0, 1))
     fields = grounder.provenance_fields()
-    assert fields["pretrained"] == found.crops_sha256 and str(path.resolve()) in fields["preprocessing"]["mappings"]
+    assert fields["coverage"]["crops_sha256"] == found.crops_sha256
+    assert str(path.resolve()) in fields["preprocessing"]["mappings"]
+    assert fields["pretrained"] == found.mappings_sha256  # the files, whatever the ids: a grown cache keeps it
+    assert load_crop_mapping([str(path)], [str(crops)], ["100"]).mappings_sha256 == found.mappings_sha256
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import h5py
 import numpy as np
 import pytest
 from experiment_helpers import SAMPLE, sample_image_ids
+from helpers.extract import all_datasets as datasets
+from helpers.extract import by_image
 
 from mner.features.cli import main as features_main
 from mner.pipeline.cache import FeatureCache
@@ -111,6 +112,13 @@ def test_predict_on_new_images_equals_growing_the_cache_by_hand(trained, grown, 
     assert record["extracted_images"] == 5 and record["side_cache"] == str(side)  # only the 5 new ids
     assert record["image_status"] == {"ok": 4, "missing": 1, "unreadable": 1}
     assert sorted(FeatureCache(side).image_ids) == sorted(i for i, _ in NEW_POSTS[:5])
+    # only what vcrmner reads (and what that is computed from): not the whole-image CLIP or its prompt relevance
+    reads = ["objects/fasterrcnn-test", "crops/fasterrcnn-test/clip/clip-test",
+             "crops/fasterrcnn-test/prompts/clip-test/vcrmner"]
+    assert sorted(record["side_cache_groups"]) == sorted(reads)
+    assert sorted(set(FeatureCache(side).groups()) - {"images", "posts"}) == sorted(reads)
+    assert {"encoders/clip/clip-test", "prompts/clip-test/vcrmner"} <= set(FeatureCache(trained[1]).groups())
+    assert "rebuilt from the record of" in FeatureCache(side).provenance(reads[0])["command"][-1]
     assert all(len(line.split("\t")) == 3 for line in out.read_text().splitlines() if "\t" in line)  # token gold pred
 
     # by hand: a copy of the training cache grown with the new posts, same stage-1 flags, then predict from it
@@ -136,31 +144,6 @@ def test_predict_on_new_images_equals_growing_the_cache_by_hand(trained, grown, 
     assert json.loads((tmp_path / "again.jsonl.json").read_text())["extracted_images"] == 0
     lines = [json.loads(line) for line in again.read_text().splitlines()]
     assert [line["tags"] for line in lines] == predictions(out)
-
-
-def datasets(path: Path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as handle:
-        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def by_image(path: Path) -> dict:
-    """Every per-image value of a cache, keyed by image id (rows move when ids are added)."""
-    cache = FeatureCache(path)
-    values = {}
-    for group in cache.groups():
-        if group == "posts":
-            continue
-        for name in datasets(path):
-            if not name.startswith(group + "/") or cache.rows_kind(name) not in ("image", "object"):
-                continue
-            for row, image_id in enumerate(cache.image_ids):
-                value = cache.read(name, row)
-                if name == "images/detail":  # the decoder's message names a Python object address
-                    value = re.sub(r"0x[0-9a-f]+", "0x", value)
-                values[(name, image_id)] = np.asarray(value).tobytes() if not isinstance(value, str) else value
-    return values
 
 
 def test_grown_cache_equals_a_cache_built_in_one_go(trained, grown, tmp_path):

@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 SUBCOMMANDS = ("train", "evaluate", "predict", "sweep", "tune", "report", "show")
 # recent typer releases parse with their own copy of click, whose usage errors derive from typer.TyperException
+# extract flags a local copy of a stage-1 file can be given with (mner.features.run.record.LOCAL_COPY_FLAGS:
+# the trainer never imports stage 1, a test checks that the lists agree)
+STAGE1_COPY_FLAGS = ("detector-weights", "resnet-weights", "clip-pretrained", "swin-model", "grounding-map",
+                     "grounding-crops-dir", "captions", "grounding-model", "grounding-clip-model", "caption-model")
 USAGE_ERROR = getattr(typer, "TyperException", click.exceptions.ClickException)
 
 
@@ -145,8 +149,9 @@ def predict_command(
     allow_missing_images: bool = typer.Option(
         False, "--allow-missing-images", help="Tag even when posts' images are absent from the caches."),
     stage1_weights: list[str] | None = typer.Option(
-        None, "--stage1-weights", help="Local copy of weights the cache's record names, as the extract flag and "
-        "a path; repeatable. Example: --stage1-weights detector-weights=/models/maskrcnn.pth"),
+        None, "--stage1-weights", help="Local copy of weights or a user file (captions, grounding mapping) the "
+        "cache's record names, as the extract flag and a path; checked by sha256; repeatable. Example: "
+        "--stage1-weights detector-weights=/models/maskrcnn.pth --stage1-weights captions=/data/captions.tsv"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing --out written by mner-train predict (never another file, "
         "never an input)."),
@@ -161,11 +166,15 @@ def predict_command(
     weights = {}
     for item in stage1_weights or []:
         flag, _, path = item.partition("=")
-        valid = ("detector-weights", "resnet-weights", "clip-pretrained", "swin-model")
+        valid = STAGE1_COPY_FLAGS
         if flag.lstrip("-") not in valid or not path:
             raise click.BadParameter(f"{item!r}; expected FLAG=PATH with FLAG one of {', '.join(valid)}",
                                      param_hint="--stage1-weights")
-        weights["--" + flag.lstrip("-")] = path
+        key = "--" + flag.lstrip("-")
+        if key == "--grounding-map":  # one copy per mapping file (matched to the record by hash)
+            weights.setdefault(key, []).append(path)
+        else:
+            weights[key] = path
     predict_run(run, data=data, out=out, features=features, images=images, side_cache=side_cache, device=device,
                 batch_size=batch_size, allow_missing_images=allow_missing_images, stage1_weights=weights,
                 overwrite=overwrite)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mner.features.producers.hub import registrar
 from mner.features.run.images import EXTENSIONS, LoadedImage
 from mner.pipeline.data import DataFormatError
 
@@ -32,13 +33,7 @@ REASON_NAMES = ("no_image", "ok", "empty", "not_in_file")
 BLIP_DEFAULT = "Salesforce/blip-image-captioning-base"
 
 CAPTIONERS: dict[str, Callable[..., Captioner]] = {}
-
-
-def register_captioner(name: str):
-    def decorator(factory):
-        CAPTIONERS[name] = factory
-        return factory
-    return decorator
+register_captioner = registrar(CAPTIONERS)
 
 
 @dataclass
@@ -248,10 +243,10 @@ class FileCaptioner(Captioner):
         return {"model": f"user file {self.file.path}", "pretrained": self.file.sha256,
                 "preprocessing": {"format": self.file.format, "file": self.file.path,
                                   "lines": len(self.file.captions),
-                                  "whitespace": "runs collapsed to one space",
-                                  "ids_not_in_data": self.unused,
-                                  "images_without_caption": getattr(self, "missing", None)},
-                "thresholds": {}}
+                                  "whitespace": "runs collapsed to one space"},
+                "thresholds": {},
+                # counts over the run's data, not the features: a cache grown later keeps the first run's
+                "coverage": {"ids_not_in_data": self.unused, "images_without_caption": getattr(self, "missing", None)}}
 
     def __call__(self, items: list[tuple[str, LoadedImage | None]]) -> list[CaptionRow]:
         rows = []

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from mner.features.producers.hub import registrar
 from mner.features.run.images import LoadedImage, crop_box
 
 CROP_SIZE = 128  # MGIPS-CL: 128x128 crops, 4x4 patches of 32
@@ -50,13 +51,7 @@ SPAN_STOPWORDS = frozenset(
 OWLV2_DEFAULT = "google/owlv2-base-patch16-ensemble"
 
 GROUNDERS: dict[str, Callable[..., Grounder]] = {}
-
-
-def register_grounder(name: str):
-    def decorator(factory):
-        GROUNDERS[name] = factory
-        return factory
-    return decorator
+register_grounder = registrar(GROUNDERS)
 
 
 def create_grounder(name: str, config: GroundingConfig) -> Grounder:

@@ -53,6 +53,7 @@ class GroundingOptions:
     clip: bool = False  # also cache frozen CLIP states over the crops (encoders/clip_grounding)
     clip_model: str = "openai/clip-vit-base-patch32"
     clip_layers: tuple[int, ...] = DEFAULT_LAYERS
+    detector: str = ""  # detector: the objects instance cropped ("": the first --detector, else the cache's)
 
 
 @dataclass

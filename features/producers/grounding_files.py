@@ -10,7 +10,6 @@ needed, so an image missing from ``--images`` keeps its crops.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from mner.features.producers.grounding import (
     squash,
 )
 from mner.features.run.images import EXTENSIONS
-from mner.pipeline.data import DataFormatError
+from mner.pipeline.data import DataFormatError, read_json
 from mner.pipeline.hashing import sha256_hex, sha256_tag
 
 
@@ -42,6 +41,11 @@ class CropMapping:
     unmatched_keys: int  # mapping entries naming no image of the dataset (other splits, other data)
     truncated: int  # images listing more than MAX_CROPS crops (the first ones are kept, as HVPNeT did)
 
+    @property
+    def mappings_sha256(self) -> str:
+        """One tag for the mapping files, in --grounding-map order: what a rebuild checks (whatever the ids)."""
+        return "sha256:" + hashlib.sha256("\n".join(self.files.values()).encode()).hexdigest()
+
 
 def _read_mapping(path: Path) -> dict:
     if path.suffix in (".pth", ".pt"):
@@ -53,11 +57,7 @@ def _read_mapping(path: Path) -> dict:
             raise DataFormatError(path, None, f"not a readable torch file ({type(error).__name__}: {error})",
                                   "save the mapping with torch.save(dict) or write it as JSON") from None
     elif path.suffix == ".json":
-        try:
-            mapping = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DataFormatError(path, error.lineno, f"invalid JSON ({error.msg})",
-                                  'write {"<image file or id>": ["<crop file>", ...], ...}') from None
+        mapping = read_json(path, '{"<image file or id>": ["<crop file>", ...], ...}')
     else:
         raise DataFormatError(path, None, f"unknown mapping type {path.suffix!r}",
                               "use an HVPNeT *_dict.pth file or a .json file")
@@ -153,13 +153,14 @@ class FileGrounder(Grounder):
 
     def provenance_fields(self) -> dict:
         mapping = self.mapping
-        return {"model": "user-supplied crops", "pretrained": mapping.crops_sha256,
+        return {"model": "user-supplied crops", "pretrained": mapping.mappings_sha256,
                 "preprocessing": {"crops": f"squashed to {self.config.crop_size}x{self.config.crop_size} uint8 RGB",
                                   "mappings": mapping.files,
-                                  "crop_dirs": [os.path.abspath(d) for d in self.config.crop_dirs],
-                                  "unmatched_entries": mapping.unmatched_keys,
-                                  "images_over_three_crops_truncated": mapping.truncated},
-                "thresholds": {"max_crops": MAX_CROPS}}
+                                  "crop_dirs": [os.path.abspath(d) for d in self.config.crop_dirs]},
+                "thresholds": {"max_crops": MAX_CROPS},
+                # about the run's images, not the features: a cache grown later keeps the first run's
+                "coverage": {"crops_sha256": mapping.crops_sha256, "unmatched_entries": mapping.unmatched_keys,
+                             "images_over_three_crops_truncated": mapping.truncated}}
 
     def __call__(self, items: list[GroundingInput]) -> list[GroundingRow]:
         size = self.config.crop_size

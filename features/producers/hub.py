@@ -24,6 +24,16 @@ CAPTION_WORDS = (
 )
 
 
+def registrar(table: dict):
+    """``register(name)`` decorators filling ``table`` (the grounders' and captioners' registries)."""
+    def register(name: str):
+        def decorator(factory):
+            table[name] = factory
+            return factory
+        return decorator
+    return register
+
+
 # Every tiny random tower (--random-init): two layers, 32 wide; callers override what differs.
 TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 

@@ -17,13 +17,12 @@ features must list them with the same width. The file's sha256 goes into the gro
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mner.pipeline.data import DataFormatError
+from mner.pipeline.data import DataFormatError, read_json
 
 FIELDS = ("boxes", "scores", "class_names", "features")
 
@@ -55,11 +54,7 @@ def _file_sha256(path: Path) -> str:
 
 def _read_entries(path: Path) -> dict[str, dict]:
     if path.suffix == ".json":
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataFormatError(path, err.lineno, f"invalid JSON ({err.msg})",
-                                  'write {"<image id>": {"boxes": [[x1, y1, x2, y2]], "scores": [0.9]}, ...}') from None
+        raw = read_json(path, '{"<image id>": {"boxes": [[x1, y1, x2, y2]], "scores": [0.9]}, ...}')
         if not isinstance(raw, dict):
             raise DataFormatError(path, None, "the top level is not an object keyed by image id",
                                   'write {"<image id>": {"boxes": [...], "scores": [...]}, ...}')

@@ -361,7 +361,10 @@ class RunModels:
         return stem
 
     def first_detector(self) -> str:
-        """The detector ``--grounding detector`` crops: the first asked, else the cache's."""
+        """The detector ``--grounding detector`` crops: the one its record names (a rebuild), else the first
+        asked, else the cache's."""
+        if self.opts.grounding is not None and self.opts.grounding.detector:
+            return self.opts.grounding.detector
         names = list(self.opts.detectors) or cached_slot_values(self.cache, "objects/{detector}", "detector")
         return names[0] if names else DEFAULT_DETECTOR
 

@@ -1,20 +1,19 @@
-"""Stage 1 from a cache's own record: rebuild its producers from provenance, and grow caches with new images.
+"""Stage 1 from a cache's own record: grow caches with new images, and fill prediction side caches.
 
-A cache's provenance names, per group, the model, its weights (tag, file and sha256, or "random"),
-thresholds, input sizes, crop settings and prompt set. :func:`recorded_options` turns that record back
-into the options of the extraction that made it, so new images get exactly the same stage 1:
+``record.py`` turns a cache's provenance back into the options of the extraction that made it
+(:func:`~mner.features.run.record.recorded_options`); this module runs them, so new images get exactly
+the same stage 1:
 
 - ``mner-features extract --data MORE_POSTS --out EXISTING.h5`` grows a cache: every group it holds is
   computed for the new image ids only (:func:`grow_cache`), old rows are copied byte for byte;
 - ``mner-train predict RUN --images DIR`` and ``mner.Tagger`` extract images the run's cache lacks into a
   side cache (:func:`extend_side_cache`), through the trainer's one lazy door
-  (``mner.trainer.inference.stage1``).
+  (``mner.trainer.inference.stage1``). Only the groups the run's model reads, and those they are
+  computed from, are extracted: tagging new pictures never pays for stage-1 groups the model ignores.
 
-Weights are checked before anything runs: a local file whose sha256 differs from the record is refused
-naming the path and both hashes; a file that cannot be found is named with the flag that points at a
-local copy. After the run every rebuilt group's provenance must equal the record apart from the fields
-that describe a run (:data:`RUN_FIELDS`), and its global arrays (prompt embeddings) must be identical;
-otherwise nothing is written.
+After the run every rebuilt group's provenance must equal the record apart from the fields that
+describe a run (:data:`~mner.features.run.record.RUN_FIELDS`), and its global arrays (prompt
+embeddings) must be identical; otherwise nothing is written.
 """
 
 from __future__ import annotations
@@ -25,204 +24,95 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mner.features.run.record import (  # noqa: F401 (re-exported: the record's API lives in record.py)
+    LOCAL_COPY_FLAGS,
+    RUN_FIELDS,
+    WEIGHT_FLAGS,
+    RebuildError,
+    check_same_record,
+    comparable,
+    feature_groups,
+    group_closure,
+    recorded_options,
+)
 from mner.pipeline.cache import FeatureCache
-
-# Provenance fields that describe one run rather than the features: they may differ between a grown
-# cache and a cache built in one go over the same images.
-RUN_FIELDS = frozenset({"created", "command", "cwd", "image_list_hash", "num_images", "shard", "merge", "images",
-                        "grown", "versions"})
-
-# The extract flag that points at a local copy of each group's weights, and the ExtractOptions field it sets.
-WEIGHT_FLAGS = {"objects/{detector}": ("--detector-weights", "detector_weights"),
-                "encoders/resnet/{resnet_model}": ("--resnet-weights", "resnet_weights"),
-                "encoders/clip/{clip_model}": ("--clip-pretrained", "clip_pretrained"),
-                "encoders/swin/{swin_model}": ("--swin-model", "swin_model")}
-
-
-class RebuildError(ValueError):
-    """A cache's record cannot be reproduced here (weights missing or different, a group without a rebuild)."""
-
-
-def _flag_value(command: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(command):
-        if arg == flag and i + 1 < len(command):
-            return command[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _sha256(path: Path) -> str:
-    from mner.pipeline.cache import weights_tag
-
-    return weights_tag(path).split(":", 1)[1]
-
-
-def feature_groups(cache: FeatureCache) -> list[str]:
-    return [g for g in cache.groups() if g not in ("images", "posts")]
-
-
-def recorded_options(cache: FeatureCache, *, weights: dict[str, str] | None = None) -> dict:
-    """ExtractOptions fields that remake every feature group of ``cache``.
-
-    ``weights``: local copies, by extract flag (``{"--detector-weights": "/models/maskrcnn.pth"}``); a
-    recorded local file that has moved is looked up there. Raises :class:`RebuildError`."""
-    from mner.pipeline.cache.specs import get_group
-
-    weights = dict(weights or {})
-    options: dict = {"encoders": [], "prompts": [], "groups": [], "detector": [], "clip_model": []}
-    random_init = set()
-    for group in feature_groups(cache):
-        record = cache.provenance(group)
-        spec_name = get_group(group).name
-        options["groups"].append(group)  # every instance by path: the plan makes exactly these
-        random_init.add(record.get("pretrained") == "random")
-        options.setdefault("missing_image", record.get("missing_image", "placeholder"))
-        options.setdefault("max_image_side", record.get("max_image_side", 2048))
-        if spec_name.startswith("crops/"):
-            continue  # made from their detector's objects and their encoder, named by the path
-        if spec_name == "objects/{detector}":
-            thresholds, pre, crops = record["thresholds"], record["preprocessing"], record.get("crops", {})
-            options["detector"].append(record["detector"])
-            options.update(top_k=int(thresholds["top_k"]),
-                           score_threshold=float(thresholds["score_threshold"]),
-                           detector_min_size=int(pre["min_size"]),
-                           crop_max_side=int(crops.get("max_side", 384)), crop_quality=int(crops.get("quality", 90)))
-            if "detectron2_config" in pre:
-                options["detectron2_config"] = pre["detectron2_config"]
-        elif group.startswith("encoders/") and "encoder" in record:
-            options["encoders"].append(record["encoder"])
-            if record.get("clip_model"):
-                options["clip_model"].append(record["clip_model"])
-            if "clip_pretrained" in record:
-                options["clip_pretrained"] = record["clip_pretrained"]
-            if record["encoder"] == "swin" and isinstance(record.get("checkpoint"), dict):
-                options["swin_model"] = record["checkpoint"].get("source", options.get("swin_model"))
-        elif group.startswith("prompts/") and "prompt_set" in record:
-            if record["prompt_set"] not in options["prompts"]:
-                options["prompts"].append(record["prompt_set"])
-        else:
-            raise RebuildError(f"{cache.path}: group {group} cannot be rebuilt from its record yet (only objects, "
-                               "encoders and prompt sets can); extract it with its own flags")
-        _local_weights(cache, group, record, options, weights)
-    if len(random_init) > 1:
-        raise RebuildError(f"{cache.path}: some groups have random weights and others not; it cannot be rebuilt")
-    options["random_init"] = random_init == {True}
-    if not options["detector"] and any(g.startswith("crops/") for g in options["groups"]):
-        raise RebuildError(f"{cache.path}: encoders without objects cannot be rebuilt (crops need boxes)")
-    for flag_only in ("encoders", "detector", "clip_model", "prompts"):  # the groups name every instance
-        options.pop(flag_only)
-    return options
-
-
-def _local_weights(cache, group: str, record: dict, options: dict, weights: dict) -> None:
-    """A group made from a local weights file: find the file and check its sha256 against the record."""
-    from mner.pipeline.cache.specs import get_group
-
-    pretrained = str(record.get("pretrained", ""))
-    spec_name = get_group(group).name
-    if not pretrained.startswith("sha256:") or spec_name not in WEIGHT_FLAGS:
-        return
-    flag, field = WEIGHT_FLAGS[spec_name]
-    recorded = pretrained.split(":", 1)[1]
-    path = weights.get(flag) or _flag_value(record.get("command") or [], flag)
-    if path is None or not Path(path).is_file():
-        raise RebuildError(f"{cache.path}: {group} was made with local weights (sha256 {recorded}) from "
-                           f"{path or 'a file the record does not name'}, which is not here; pass a local copy "
-                           f"with {flag} PATH (mner-train predict: --stage1-weights {flag.lstrip('-')}=PATH)")
-    found = _sha256(Path(path))
-    if found != recorded:
-        raise RebuildError(f"{cache.path}: {group} weights {path} have sha256 {found}, but the cache's record "
-                           f"says {recorded}: these are other weights; pass the recorded file with {flag} PATH")
-    options[field] = str(path)
-
-
-def comparable(record: dict) -> dict:
-    return {key: value for key, value in record.items() if key not in RUN_FIELDS}
-
-
-def check_same_record(made: FeatureCache, reference: FeatureCache) -> None:
-    """Every group of ``made`` must describe the same stage 1 as ``reference``'s: provenance equal except
-    RUN_FIELDS, global arrays identical. Library version changes are allowed (recorded in ``versions``)."""
-    import numpy as np
-
-    problems = []
-    for group in feature_groups(reference):
-        if group not in made.groups():
-            problems.append(f"{group}: not made")
-            continue
-        want, got = comparable(reference.provenance(group)), comparable(made.provenance(group))
-        for key in sorted(set(want) | set(got)):
-            if want.get(key) != got.get(key):
-                problems.append(f"{group}.{key}: record {json.dumps(want.get(key))[:160]}, "
-                                f"now {json.dumps(got.get(key))[:160]}")
-        for name in _global_paths(reference, group):
-            if not np.array_equal(np.asarray(reference.read_global(name)), np.asarray(made.read_global(name))):
-                problems.append(f"{name}: global values differ from the record's (another text tower or prompt file)")
-    if problems:
-        raise RebuildError(f"stage 1 rebuilt from {reference.path}'s record does not reproduce it: "
-                           + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else ""))
-
-
-def _global_paths(cache: FeatureCache, group: str) -> list[str]:
-    from mner.pipeline.cache import get_group
-
-    try:
-        spec = get_group(group)
-    except KeyError:
-        return []
-    return [f"{group}/{d.name}" for d in spec.datasets if d.rows == "global" and cache.has(f"{group}/{d.name}")
-            and d.dtype not in ("uint8",)]
-
 
 # ----------------------------------------------------------------------------------------- running it
 
 
-def _posts_file(folder: Path, image_ids: list[str]) -> Path:
-    """A data file naming ``image_ids`` (one placeholder word each): the extraction reads ids from posts."""
+def _posts_file(folder: Path, image_ids: list[str], texts: dict[str, list[list[str]]] | None = None) -> Path:
+    """A data file naming ``image_ids``: the extraction reads ids from posts. ``texts``: the tokens of the
+    posts showing each image (``--grounding owlv2`` queries them), else one placeholder word."""
+    lines = []
+    for image_id in image_ids:
+        for tokens in (texts or {}).get(image_id) or [["-"]]:
+            words = ["".join(str(token).split()) or "-" for token in tokens] or ["-"]
+            words = ["-" if word.startswith("IMGID:") else word for word in words]
+            lines.append(f"IMGID:{image_id}\n" + "".join(f"{word}\tO\n" for word in words))
     path = folder / "test.txt"
-    path.write_text("".join(f"IMGID:{image_id}\n-\tO\n\n" for image_id in image_ids), encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def extract_new_images(reference: FeatureCache, image_ids: list[str], images_dir: str | os.PathLike, out: Path, *,
-                       data: str | os.PathLike | None = None, device: str = "auto", progress: bool = True,
-                       weights: dict[str, str] | None = None, batch_size: int = 32, chunk_size: int = 64,
-                       num_workers: int | None = None) -> None:
+                       groups: list[str] | None = None, data: str | os.PathLike | None = None,
+                       texts: dict[str, list[list[str]]] | None = None, device: str = "auto", progress: bool = True,
+                       weights: dict | None = None, batch_size: int = 32, chunk_size: int = 64,
+                       num_workers: int | None = None) -> list[str]:
     """Extract ``image_ids`` into the new cache ``out`` with the producers of ``reference``'s record, then
-    check that the result describes the same stage 1 (else ``out`` is removed and RebuildError raised)."""
+    check that the result describes the same stage 1 (else ``out`` is removed and RebuildError raised).
+
+    ``groups``: the groups (or dataset paths) wanted, default every feature group; those they are
+    computed from are added. ``data``: the posts file the extraction reads (default: one written from
+    ``texts``). Returns the groups extracted."""
     from mner.features.run.extract import Extraction, ExtractOptions
 
-    options = recorded_options(reference, weights=weights)
+    groups = group_closure(reference, groups)
+    copies: dict[str, str] = {}
+    options = recorded_options(reference, weights=weights, groups=groups, copies=copies)
+    what = f"(rebuilt from the record of {Path(reference.path).resolve()}: {', '.join(groups)})"
     with tempfile.TemporaryDirectory(prefix="mner-rebuild-") as scratch:
-        posts = data if data is not None else _posts_file(Path(scratch), image_ids)
+        posts = data if data is not None else _posts_file(Path(scratch), image_ids, texts)
         opts = ExtractOptions(data=str(posts), images=str(images_dir), out=str(out), device=device,
                               batch_size=batch_size, chunk_size=chunk_size, num_workers=num_workers,
-                              progress=progress, command=["mner-features", "extract", "(rebuilt from the record of",
-                                                          str(Path(reference.path).resolve()) + ")"],
-                              **options)
-        extraction = Extraction(opts, producers_factory=_keep_models_loaded(options, opts.device))
+                              progress=progress, command=["mner-features", "extract", what], **options)
+        extraction = Extraction(opts, producers_factory=_keep_models_loaded(options, opts.device, reference))
         extraction.ids = sorted(image_ids)  # only the new images, whatever else the posts name
-        extraction.run()
+        try:
+            extraction.run()
+        except RebuildError:
+            raise
+        except ValueError as err:  # a user file that names none of the new images, ...: said with the record
+            raise RebuildError(f"stage 1 for {len(image_ids)} new images, rebuilt from {reference.path}'s record: "
+                               f"{err}") from None
     try:
-        check_same_record(FeatureCache(out), reference)
+        check_same_record(FeatureCache(out), reference, groups, copies)
     except RebuildError:
         Path(out).unlink(missing_ok=True)
         raise
+    return groups
 
 
 _LOADED_MODELS: dict[tuple, object] = {}  # (group, options, device) -> built detector / encoder, per process
 
 
-def _keep_models_loaded(options: dict, device: str):
+def _keep_models_loaded(options: dict, device: str, reference: FeatureCache):
     """The extraction's planner, with each producer's model built once per process and reused by later calls
-    (a Tagger extracting new images call after call loads its detector and encoders once)."""
+    (a Tagger extracting new images call after call loads its detector and encoders once). The plan
+    records the models each group was made for, and any paper override, as the reference did: the
+    rebuilt groups are the same stage 1, made for the same models."""
     from mner.features.run.plan import make_plan
 
     def factory(extraction, existing):
         recorded = json.dumps(options, sort_keys=True, default=str)
         extraction.shared_model = lambda key, build: _loaded((key, recorded, str(device)), build)
         plan = make_plan(extraction, existing)
+        references = set(feature_groups(reference))
+        for group in plan.groups:
+            if group in references:
+                record = reference.provenance(group)
+                plan.needed_by[group] = list(record.get("for_models", []))
+                plan.overrides = list(record.get("paper_overrides", plan.overrides))
         extraction.plan = plan
         producers = [extraction.producer(group) for group in plan.groups if group not in existing]
         return producers, [group for group in plan.groups if group in existing]
@@ -237,13 +127,26 @@ def _loaded(key: tuple, build):
 
 
 def extend_side_cache(reference: str | os.PathLike, side_cache: str | os.PathLike, image_ids: list[str],
-                      images_dir: str | os.PathLike, *, device: str = "auto", progress: bool = True,
-                      weights: dict[str, str] | None = None) -> int:
+                      images_dir: str | os.PathLike, *, groups: list[str] | None = None,
+                      texts: dict[str, list[list[str]]] | None = None, device: str = "auto", progress: bool = True,
+                      weights: dict | None = None) -> int:
     """Add the ``image_ids`` ``side_cache`` lacks, extracted with ``reference``'s stage-1 record; returns
-    how many were added. The side cache is itself a cache with the same groups (reused by later calls)."""
+    how many were added. ``groups``: what the model reads (groups or dataset paths; default every group):
+    only those and the groups they are computed from are extracted. ``texts``: tokens of the posts
+    showing each image (grounding queries). The side cache is itself a cache (reused by later calls)."""
     reference_cache = FeatureCache(reference)
     side_cache = Path(side_cache)
-    have = set(FeatureCache(side_cache).image_ids) if side_cache.exists() else set()
+    wanted = group_closure(reference_cache, groups)
+    have = set()
+    if side_cache.exists():
+        side = FeatureCache(side_cache)
+        held = feature_groups(side)
+        lacking = [group for group in wanted if group not in held]
+        if lacking:
+            raise RebuildError(f"side cache {side_cache} holds {', '.join(held) or 'no group'} but not "
+                               f"{', '.join(lacking)}, which the model reads: it was made for another model; pass "
+                               "another --side-cache (or delete this one: mner wrote it)")
+        wanted, have = held, set(side.image_ids)  # the same groups as its rows so far
     new = sorted(set(image_ids) - have)
     if not new:
         return 0
@@ -252,8 +155,9 @@ def extend_side_cache(reference: str | os.PathLike, side_cache: str | os.PathLik
     side_cache.parent.mkdir(parents=True, exist_ok=True)
     with CacheLock(side_cache), tempfile.TemporaryDirectory(prefix="mner-side-", dir=side_cache.parent) as scratch:
         fresh = Path(scratch) / "new.h5"
-        extract_new_images(reference_cache, new, images_dir, fresh, device=device, progress=progress,
-                           weights=weights, num_workers=0 if len(new) < 64 else None)  # no worker start-up for a few
+        extract_new_images(reference_cache, new, images_dir, fresh, groups=wanted, texts=texts, device=device,
+                           progress=progress, weights=weights,
+                           num_workers=0 if len(new) < 64 else None)  # no worker start-up for a few
         if side_cache.exists():
             grow_merge(side_cache, fresh)
         else:
@@ -290,7 +194,8 @@ def grow_cache(out: str | os.PathLike, data: str | os.PathLike, images_dir: str 
 
 def grow_for_options(opts) -> int:
     """``mner-features extract`` onto an existing cache: when ``--data`` names images the cache lacks and
-    every image it holds, grow it first (the user's weight flags serve as local copies). Returns the count."""
+    every image it holds, grow it first (the user's weight and file flags serve as local copies). Returns the
+    count."""
     from mner.features.run.sharding import resolve_shard
     from mner.pipeline.data import load_dataset
     from mner.pipeline.outputs import is_mner_cache
@@ -305,7 +210,22 @@ def grow_for_options(opts) -> int:
         return 0  # same images, or other ones: the extraction itself says what to do
     if resolve_shard(opts.shard)[1] > 1:
         raise RebuildError(f"{out}: growing a cache by {len(new)} images runs in one process; drop --shard")
-    given = {flag: getattr(opts, field) for flag, field in WEIGHT_FLAGS.values()
-             if field in ("detector_weights", "resnet_weights") and getattr(opts, field)}
+    given = user_copies(opts)
     return grow_cache(out, opts.data, opts.images, new, device=opts.device, progress=opts.progress, weights=given,
                       batch_size=opts.batch_size, chunk_size=opts.chunk_size, num_workers=opts.num_workers)
+
+
+def user_copies(opts) -> dict:
+    """The files an extract command line names, as local copies for a cache's record (checked by hash)."""
+    from mner.features.producers.captions import is_caption_file
+
+    given: dict = {flag: getattr(opts, field) for flag, field in WEIGHT_FLAGS.values()
+                   if field in ("detector_weights", "resnet_weights") and getattr(opts, field)}
+    if opts.captions is not None and is_caption_file(opts.captions.source):
+        given["--captions"] = opts.captions.source
+    grounding = opts.grounding or opts.grounding_settings
+    if grounding is not None and grounding.maps:
+        given["--grounding-map"] = list(grounding.maps)
+    if grounding is not None and grounding.crop_dirs:
+        given["--grounding-crops-dir"] = list(grounding.crop_dirs)
+    return given

@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from mner.pipeline.cache.base import CacheError, id_list_hash, library_versions
 from mner.pipeline.hashing import sha256_tag
 
-# Provenance keys that legitimately differ between shards of one extraction.
-SHARD_KEYS = ("command", "cwd", "created", "image_list_hash", "num_images", "shard", "merge")
+# Provenance keys that describe one run, not the features: shards of one extraction (and a cache grown
+# later) may differ in them.
+# ``coverage``: counts over the run's data (a user file's ids that matched none of its images, ...).
+SHARD_KEYS = ("command", "cwd", "created", "image_list_hash", "num_images", "shard", "merge", "coverage")
 
 
 def weights_tag(path: str | os.PathLike) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image
 
@@ -17,3 +19,33 @@ IDS = ["a", "b", "c", "d"]
 def noise(path: Path, seed: int, size=(96, 72)) -> None:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def all_datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file, by path."""
+    out = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def by_image(path: Path, groups=None) -> dict:
+    """Every per-image and per-object value of a cache (``groups``: of those only), keyed by (dataset, image
+    id): rows move when ids are added."""
+    from mner.pipeline.cache import FeatureCache
+
+    cache = FeatureCache(path)
+    names = all_datasets(path)
+    values = {}
+    for group in groups or cache.groups():
+        if group == "posts":
+            continue
+        for name in names:
+            if not name.startswith(group + "/") or cache.rows_kind(name) not in ("image", "object"):
+                continue
+            for row, image_id in enumerate(cache.image_ids):
+                value = cache.read(name, row)
+                if name == "images/detail":  # the decoder's message names a Python object address
+                    value = re.sub(r"0x[0-9a-f]+", "0x", value)
+                values[(name, image_id)] = np.asarray(value).tobytes() if not isinstance(value, str) else value
+    return values

@@ -67,6 +67,7 @@ def predict_run(
         "posts": len(posts), "format": fmt, "image_status": report.image_status,
         "images": str(Path(images).resolve()) if images is not None else None,
         "extracted_images": report.extracted, "side_cache": report.side_cache,
+        "side_cache_groups": report.stage1_groups,
         "score": tagger.score_kind, "decode_precision": DECODE_PRECISION, "seconds": report.seconds,
         "cache": cache, "warnings": warnings, "files": {},
     }

@@ -66,6 +66,7 @@ class TagReport:
     image_status: dict[str, int] = field(default_factory=dict)  # posts per image status
     extracted: int = 0  # images stage 1 added to the side cache in this call
     side_cache: str | None = None  # its path, when one was used or made
+    stage1_groups: list[str] = field(default_factory=list)  # the side cache's groups: what the model reads
     seconds: dict[str, float] = field(default_factory=dict)  # stage1 / tag
 
 
@@ -256,14 +257,22 @@ class Tagger:
         for source in self.sources:
             known.update(source.cache.image_ids)
         wanted = sorted({p.image_id for p in posts if p.image_id and p.image_id not in known})
-        if not wanted:
-            return
-        from mner.trainer.inference.stage1 import extract_into_side_cache
+        if wanted:
+            from mner.trainer.inference.stage1 import extract_into_side_cache
 
-        report.extracted = extract_into_side_cache(
-            reference=self.reference_cache, side_cache=side_cache, image_ids=wanted, images_dir=images_dir,
-            device=str(self.device), progress=self.progress, weights=self.stage1_weights)
-        self._open_side_cache(side_cache)
+            texts: dict[str, list[list[str]]] = {}
+            for post in posts:
+                if post.image_id in wanted:
+                    texts.setdefault(post.image_id, []).append(list(post.tokens))
+            report.extracted = extract_into_side_cache(
+                reference=self.reference_cache, side_cache=side_cache, image_ids=wanted, images_dir=images_dir,
+                reads=self.required, texts=texts, device=str(self.device), progress=self.progress,
+                weights=self.stage1_weights)
+            self._open_side_cache(side_cache)
+        if side_cache is not None and Path(side_cache).exists():
+            from mner.pipeline.cache import FeatureCache
+
+            report.stage1_groups = [g for g in FeatureCache(side_cache).groups() if g not in ("images", "posts")]
 
     def _open_side_cache(self, side_cache: Path) -> None:
         from mner.trainer.core.train import VisualInputs

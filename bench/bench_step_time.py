@@ -34,7 +34,7 @@ from tqdm import tqdm
 from mner.pipeline.cache import CacheWriter, FeatureCache
 from mner.pipeline.data import load_dataset
 from mner.trainer.core.config import TrainConfig
-from mner.trainer.core.train import parameter_groups
+from mner.trainer.core.training import parameter_groups
 from mner.trainer.inputs.batching import Collator, PostDataset
 from mner.trainer.inputs.segments import second_segment_for
 from mner.trainer.inputs.text_encoder import load_tokenizer, resolve_text_encoder

@@ -22,16 +22,11 @@ import torch
 def build(model_name: str, features: str, text_encoder: str, *, fast: bool, seed: int = 1):
     from mner.pipeline.cache import FeatureCache
     from mner.trainer.core.config import resolve_configs
-    from mner.trainer.core.train import (
-        build_model,
-        make_loader,
-        make_post_dataset,
-        open_visual_inputs,
-        parameter_groups,
-        seed_everything,
-    )
+    from mner.trainer.core.training import build_model, parameter_groups, seed_everything
     from mner.trainer.inputs.batching import Collator
+    from mner.trainer.inputs.posts import make_loader, make_post_dataset
     from mner.trainer.inputs.text_encoder import load_tokenizer
+    from mner.trainer.inputs.visual_inputs import open_visual_inputs
     from mner.trainer.models import get_model_class
 
     cls = get_model_class(model_name)

@@ -31,6 +31,7 @@ def epoch_history(run: Path) -> list[dict]:
 
 
 def train_once(args, out: Path, *, checkpoints: bool) -> list[dict]:
+    from mner.trainer.core import epochs as epochs_module
     from mner.trainer.core import train as train_module
     from mner.trainer.core.engine import Engine
 
@@ -39,7 +40,7 @@ def train_once(args, out: Path, *, checkpoints: bool) -> list[dict]:
     if checkpoints:
         train_module.train(out=out, data=args.data, flags=flags, overwrite=True)
         return epoch_history(out)
-    real_snapshot, real_write = Engine.snapshot, train_module.write_checkpoint
+    real_snapshot, real_write = Engine.snapshot, epochs_module.write_checkpoint
     calls = {"n": 0}
 
     def last_epoch_only_snapshot(self, *a, **k):
@@ -51,7 +52,7 @@ def train_once(args, out: Path, *, checkpoints: bool) -> list[dict]:
             real_write(out_dir, snapshot, state, *a, **k)
 
     with mock.patch.object(Engine, "snapshot", last_epoch_only_snapshot), \
-            mock.patch.object(train_module, "write_checkpoint", last_epoch_only_write):
+            mock.patch.object(epochs_module, "write_checkpoint", last_epoch_only_write):
         train_module.train(out=out, data=args.data, flags=flags, overwrite=True)
     return epoch_history(out)
 

@@ -204,7 +204,7 @@ def test_use_device_makes_the_run_gpu_current(monkeypatch):
 
 
 def test_fork_rng_saves_the_generator_of_the_run_gpu():
-    from mner.trainer.core.train import rng_devices
+    from mner.trainer.core.preflight import rng_devices
 
     assert rng_devices(torch.device("cpu")) == []
     assert rng_devices(torch.device("cuda", 3)) == [3]
@@ -231,7 +231,7 @@ def test_auto_precision_never_picks_emulated_bf16(monkeypatch, native, expected)
 
 # ---------------------------------------------------------------------------------------- 9. seeds
 def test_every_process_draws_its_own_dropout_and_one_process_is_unchanged():
-    from mner.trainer.core.train import rank_seed
+    from mner.trainer.core.training import rank_seed
 
     assert rank_seed(13, 0) == 13
     assert len({rank_seed(13, rank) for rank in range(8)}) == 8

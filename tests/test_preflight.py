@@ -66,7 +66,7 @@ class OnePostSplit:
 
 @pytest.mark.parametrize("name", available_models())
 def test_preflight_check_changes_no_parameter_buffer_or_random_state(name, tiny_bert):
-    from mner.trainer.core.train import check_longest_posts
+    from mner.trainer.core.preflight import check_longest_posts
 
     torch.manual_seed(0)
     model, batch = tiny_model(name, tiny_bert)

@@ -125,10 +125,10 @@ def test_damaged_weights_or_config_are_refused_in_one_line(finished_run, tmp_pat
 
 def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(
         small_data, tiny_bert, tmp_path, monkeypatch, capsys):
-    import mner.trainer.core.train as train_module
+    import mner.trainer.core.epochs as epochs_module
 
     out = tmp_path / "run"
-    real_score, calls = train_module.score_split, []
+    real_score, calls = epochs_module.score_split, []
 
     def interrupted(*args):  # Ctrl-C during epoch 3's dev scoring: epochs 1 and 2 are checkpointed
         calls.append(1)
@@ -136,7 +136,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
             raise KeyboardInterrupt
         return real_score(*args)
 
-    monkeypatch.setattr(train_module, "score_split", interrupted)
+    monkeypatch.setattr(epochs_module, "score_split", interrupted)
     assert main(train_args(small_data, tiny_bert, out, epochs=3)) == 130
     monkeypatch.undo()
     newest = out / "checkpoint" / "model.safetensors"

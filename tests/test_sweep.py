@@ -108,9 +108,9 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
     def killed_in_the_fifth(spec, run_dir, datasets, *, state, device):  # the 5th run: vcrmner's first (2 epochs)
         launched.append(spec.run_id)
         if len(launched) == 5:  # Ctrl-C / kill in epoch 2 of the fifth run, after epoch 1's checkpoint
-            import mner.trainer.core.train as train_module
+            import mner.trainer.core.epochs as epochs_module
 
-            real_score, calls = train_module.score_split, []
+            real_score, calls = epochs_module.score_split, []
 
             def interrupted(*args):
                 calls.append(1)
@@ -118,7 +118,7 @@ def test_sweep_killed_halfway_reruns_only_the_missing_runs(tmp_path, tiny_bert, 
                     raise KeyboardInterrupt
                 return real_score(*args)
 
-            monkeypatch.setattr(train_module, "score_split", interrupted)
+            monkeypatch.setattr(epochs_module, "score_split", interrupted)
         real_launch(spec, run_dir, datasets, state=state, device=device)
 
     monkeypatch.setattr(sweep_module, "launch_training", killed_in_the_fifth)

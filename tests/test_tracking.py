@@ -44,10 +44,10 @@ def test_tensorboard_events_match_metrics_history(tmp_path, tiny_bert):
 
 
 def test_resumed_run_continues_the_event_files_without_duplicate_steps(tmp_path, tiny_bert, monkeypatch, capsys):
-    import mner.trainer.core.train as train_module
+    import mner.trainer.core.epochs as epochs_module
 
     out = tmp_path / "run"
-    real_score, calls = train_module.score_split, []
+    real_score, calls = epochs_module.score_split, []
 
     def interrupted(*args):  # Ctrl-C while decoding dev after epoch 2: its 5 training steps are already logged
         calls.append(1)
@@ -55,7 +55,7 @@ def test_resumed_run_continues_the_event_files_without_duplicate_steps(tmp_path,
             raise KeyboardInterrupt
         return real_score(*args)
 
-    monkeypatch.setattr(train_module, "score_split", interrupted)
+    monkeypatch.setattr(epochs_module, "score_split", interrupted)
     assert main(train_args(tiny_bert, out, "--track", "tensorboard")) == 130
     monkeypatch.undo()
     before = Counter(step for tag, step, _ in scalar_events(out / "tracking") if tag == "train/loss")

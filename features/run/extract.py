@@ -50,7 +50,7 @@ from mner.features.run.sharding import parse_shard, resolve_shard, shard_of, sha
 from mner.features.run.stages import ImageStages
 from mner.pipeline.background import BackgroundWriter
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
-from mner.pipeline.cache.specs import RAGGED_KINDS, dataset_spec, get_group, index_path
+from mner.pipeline.cache.specs import dataset_spec, get_group, index_path, is_ragged
 from mner.pipeline.devices import resolve_device, use_device
 
 OK = STATUS_NAMES.index("ok")
@@ -765,7 +765,7 @@ class Extraction(RunModels):
 def ragged_index(producer: Producer, key: str) -> str | None:
     """The index slicing a producer's ragged dataset (``objects/maskrcnn/offsets``), None for image rows."""
     dataset = producer.spec.dataset(key)
-    return index_path(producer.group, dataset.rows) if dataset.rows in RAGGED_KINDS else None
+    return index_path(producer.group, dataset.rows) if is_ragged(dataset.rows) else None
 
 
 def check_producer(producer: Producer) -> None:

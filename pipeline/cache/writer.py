@@ -40,11 +40,11 @@ from mner.pipeline.cache.integrity import seal_group
 from mner.pipeline.cache.lock import CacheLock, temp_suffix
 from mner.pipeline.cache.specs import (
     COMMON_PROVENANCE,
-    RAGGED_KINDS,
     DatasetSpec,
     GroupSpec,
     get_group,
     index_path,
+    is_ragged,
 )
 
 LEGACY_ROWS = {"offsets": "index"}  # the (values, rows) tuples of schema 1 callers
@@ -527,7 +527,7 @@ class GroupWriter:
 
     def _existing_index(self, kind: str) -> None:
         """A ragged kind indexed by another group (crop_embed rows follow objects/offsets)."""
-        if kind in self.index_of or kind not in RAGGED_KINDS:
+        if kind in self.index_of or not is_ragged(kind):
             return
         path = index_path(self.name, kind)
         if path not in self.writer.file:

@@ -177,7 +177,7 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
         grown, how = same_image_rows(trained.get("image_fingerprints"), cache)
     if grown:  # a superset of the training cache whose old rows are unchanged (per-image fingerprints)
         record["grown_from"] = {"path": trained.get("path"), "fingerprint": trained["fingerprint"], "note": how}
-        from mner.trainer.core.train import log
+        from mner.trainer.core.console import log
 
         log(f"the cache {record['path']} is not the one the run trained with, but {how}")
     elif trained.get("path") and record["path"] != trained["path"]:
@@ -193,7 +193,7 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
 
 
 def _announce(record: dict | None, warnings: list[str]) -> None:
-    from mner.trainer.core.train import log, warn_loudly
+    from mner.trainer.core.console import log, warn_loudly
 
     if record is not None:
         log(f"feature cache: {record['path']} (fingerprint {record['fingerprint'][:12]}, image coverage "
@@ -221,19 +221,14 @@ def evaluate_run(
     the grounded predictions (``.jsonl``, ``.entities.parquet``); ``gmner_sets`` overrides the metric
     conventions (``gmner_uncovered``, ``gmner_iou``, ``gmner_iou_compare``).
     """
+    from mner.trainer.core.console import log, warn_loudly
+    from mner.trainer.core.finished_run import load_run
     from mner.trainer.core.labels import describe_unseen, unseen_types
     from mner.trainer.core.run_folder import read_run_config, require_finished
     from mner.trainer.core.run_record import short_fingerprint
-    from mner.trainer.core.train import (
-        DECODE_PRECISION,
-        load_posts,
-        load_run,
-        log,
-        make_post_dataset,
-        predict_tags,
-        warn_loudly,
-    )
+    from mner.trainer.evaluation.decode import DECODE_PRECISION, predict_tags
     from mner.trainer.inputs.batching import Collator
+    from mner.trainer.inputs.posts import load_posts, make_post_dataset
     from mner.trainer.inputs.segments import second_segment_for
 
     run_dir = Path(run_dir)

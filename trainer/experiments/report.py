@@ -298,7 +298,7 @@ def report(runs: list[Path], *, out: Path, compare: list[str] | None = None, min
     ``out`` follows the output rule (pipeline/outputs.py): a new or empty folder, or, with
     ``overwrite``, a folder an earlier report marked (``mner-report.json``); never a run folder."""
     from mner.pipeline.outputs import REPORT_MARKER, check_output
-    from mner.trainer.core.train import log
+    from mner.trainer.core.console import log
 
     if compare and len(compare) != 2:
         raise ConfigError(f"--compare takes exactly two configuration ids (give it twice), got {len(compare)}")

@@ -128,7 +128,7 @@ class GroundedCollator:
 
 
 def _log(message: str) -> None:
-    from mner.trainer.core.train import log
+    from mner.trainer.core.console import log
 
     log(message)
 
@@ -238,7 +238,8 @@ def predict_grounded(model, dataset: GroundedPostDataset, collator, *, labels: l
     from tqdm.auto import tqdm
 
     from mner.pipeline.tags import extract_entities
-    from mner.trainer.core.train import make_loader, to_device
+    from mner.trainer.evaluation.decode import to_device
+    from mner.trainer.inputs.posts import make_loader
 
     model.eval()
     loader = make_loader(dataset, collator, batch_size=batch_size, shuffle=False, num_workers=num_workers)

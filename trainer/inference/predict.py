@@ -33,11 +33,13 @@ def predict_run(
     (pipeline/outputs.py). Returns the output path."""
     from mner.pipeline.data import load_dataset
     from mner.pipeline.outputs import PREDICTIONS_RECORD_KEY, check_output
+    from mner.trainer.core.console import log
     from mner.trainer.core.run_folder import require_finished
     from mner.trainer.core.run_record import check_coverage
-    from mner.trainer.core.train import DECODE_PRECISION, SPLITS, log
+    from mner.trainer.evaluation.decode import DECODE_PRECISION
     from mner.trainer.evaluation.evaluate import _announce, choose_cache, entity_scores
     from mner.trainer.inference.tagger import Tagger
+    from mner.trainer.inputs.posts import SPLITS
 
     run_dir = Path(run_dir)
     require_finished(run_dir)

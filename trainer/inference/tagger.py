@@ -125,8 +125,8 @@ class Tagger:
         run trained on); ``side_cache``: where images missing from it are extracted (default
         ``<run>/side-caches/<name>.h5``, chosen per images folder); ``stage1_weights``: local copies of
         the stage-1 weights the cache's record names, by extract flag (``{"--detector-weights": PATH}``)."""
+        from mner.trainer.core.finished_run import load_run
         from mner.trainer.core.run_folder import read_run_config, require_finished
-        from mner.trainer.core.train import load_run
         from mner.trainer.models import get_model_class
 
         run_dir = Path(run)
@@ -266,7 +266,7 @@ class Tagger:
         self._open_side_cache(side_cache)
 
     def _open_side_cache(self, side_cache: Path) -> None:
-        from mner.trainer.core.train import VisualInputs
+        from mner.trainer.inputs.visual_inputs import VisualInputs
 
         first = self.sources[0]
         resolved = str(Path(side_cache).resolve())
@@ -305,7 +305,7 @@ class Tagger:
     @torch.no_grad()
     def _decode(self, posts: list[Post], rows) -> tuple[list[list[str]], list[list[float]]]:
         """Tags and entity scores per post, batching the posts of each cache together."""
-        from mner.trainer.core.train import to_device
+        from mner.trainer.evaluation.decode import to_device
         from mner.trainer.inputs.batching import Collator, PostDataset
         from mner.trainer.inputs.segments import second_segment_for
 

@@ -3,7 +3,9 @@
 A finished chunk is ``<out>.parts/<run-config-hash>/chunk_<k>.h5``, a cache written by the same
 :class:`~mner.pipeline.cache.CacheWriter` as every cache: validated against the group specs, built in
 memory (a full disk is a plain OSError, never an HDF5 write error), written under a temp name that
-carries host and pid and then renamed, so a killed run resumes at the first missing chunk. A part holds its images (``/images``), every group the run computes for them (globals
+carries host and pid and then renamed, so a killed run resumes at the first missing chunk.
+
+A part holds its images (``/images``), every group the run computes for them (globals
 such as prompt embeddings included) and, for each ragged set those groups follow but an earlier run
 made, the set's index alone (a *borrowed* index: ``objects/maskrcnn`` holding only ``offsets`` when this
 run adds CLIP crop embeddings to cached boxes). Parts carry no ``/posts``; the assembly writes them.

@@ -61,7 +61,7 @@ EXTRA_RUNS = {"mgipscl frozen": ("mgipscl", {"vision_mode": "frozen"})}  # label
 def write_synthetic_cache(path: Path, image_ids: list[str], *, max_objects: int, seed: int) -> None:
     """Random features with stage 1's real shapes for ``image_ids`` (1..max_objects objects each): every
     group the papers' presets read (``PAPER_NEEDS``), built from the specs alone (``tiny.tiny_group``)."""
-    from mner.pipeline.cache.specs import get_group, index_path, split_path
+    from mner.pipeline.cache.specs import get_group, index_path, is_ragged, split_path
     from mner.pipeline.cache.tiny import tiny_group
     from mner.pipeline.stage1 import PAPER_NEEDS
 
@@ -69,7 +69,7 @@ def write_synthetic_cache(path: Path, image_ids: list[str], *, max_objects: int,
     ids = sorted(set(image_ids))
     groups = list(dict.fromkeys(split_path(p)[0] for needs in PAPER_NEEDS.values() for p in needs.paths()))
     owners = [index_path(g, d.rows).rsplit("/", 1)[0] for g in groups for d in get_group(g).datasets
-              if d.rows in ("object", "grounding")]
+              if is_ragged(d.rows)]
     groups = list(dict.fromkeys([*owners, *groups]))
     note = {"note": "bench_step_time.py random values"}
     with CacheWriter(path, overwrite=True) as writer:

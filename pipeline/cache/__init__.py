@@ -20,19 +20,21 @@ from mner.pipeline.cache.base import (
     pack_ragged,
 )
 from mner.pipeline.cache.describe import describe, extract_command_hint, schema_tables
+from mner.pipeline.cache.groups import GROUNDING_MAX
 from mner.pipeline.cache.lock import CacheLock, CacheLockedError, held_lock
 from mner.pipeline.cache.merge import merge_caches
 from mner.pipeline.cache.provenance import make_provenance, shard_record, weights_tag
 from mner.pipeline.cache.reader import COVERAGE_KEYS, FeatureCache, FeatureSpec
 from mner.pipeline.cache.specs import (
     COLLATIONS,
-    GROUNDING_MAX,
-    ROW_KINDS,
+    STRUCTURAL_KINDS,
     DatasetSpec,
     GroupSpec,
     all_groups,
     dataset_spec,
     get_group,
+    is_ragged,
+    ragged_kinds,
     register_group,
     unregister_group,
 )
@@ -42,9 +44,9 @@ __all__ = [
     "COLLATIONS",
     "COVERAGE_KEYS",
     "GROUNDING_MAX",
-    "ROW_KINDS",
     "SCHEMA_VERSION",
     "STATUS_NAMES",
+    "STRUCTURAL_KINDS",
     "CacheError",
     "CacheLock",
     "CacheLockedError",
@@ -66,10 +68,12 @@ __all__ = [
     "group_fingerprint",
     "held_lock",
     "id_list_hash",
+    "is_ragged",
     "make_provenance",
     "merge_caches",
     "open_cache_file",
     "pack_ragged",
+    "ragged_kinds",
     "register_group",
     "schema_tables",
     "shard_record",

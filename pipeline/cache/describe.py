@@ -21,7 +21,7 @@ from mner.pipeline.cache.base import (
     feature_groups,
     open_cache_file,
 )
-from mner.pipeline.cache.specs import all_groups, get_group, split_path
+from mner.pipeline.cache.specs import PER_POST, all_groups, get_group, split_path
 from mner.pipeline.cache.writer import spec_problems
 
 
@@ -117,7 +117,7 @@ def _indexes(handle: h5py.File) -> list[str]:
     handle.visititems(
         lambda name, obj: (
             found.append(name)
-            if isinstance(obj, h5py.Dataset) and "defines" in obj.attrs and obj.attrs["defines"] != "token"
+            if isinstance(obj, h5py.Dataset) and "defines" in obj.attrs and obj.attrs["defines"] not in PER_POST
             else None
         )
     )
@@ -189,16 +189,21 @@ def _describe_group(handle: h5py.File, group: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ doc tables
 
 
+def rows_letter(kind: str) -> str:
+    """The doc tables' name for a row kind's count: N images (image and text rows), else the kind's initial
+    (P posts, T tokens, O objects, G grounding rows, the initial of any ragged kind a group declares)."""
+    return "N" if kind in ("image", "text") else kind[0].upper()
+
+
 def _shape_text(spec) -> str:
-    lead = {"image": "N", "object": "M", "grounding": "G", "text": "N", "post": "P", "token": "T"}
     if spec.rows == "index":
-        return "(N+1,)" if spec.indexes != "token" else "(P+1,)"
+        return f"({rows_letter(PER_POST.get(spec.indexes, 'image'))}+1,)"
     if spec.encoding:
-        count = lead.get(spec.rows, spec.shape[0] if spec.shape else "Q")
+        count = rows_letter(spec.rows) if spec.rows != "global" else (spec.shape[0] if spec.shape else "Q")
         return f"flat + offsets ({count}+1,)"
     dims = [str(d) for d in spec.shape]
     if spec.rows != "global":
-        dims = [lead[spec.rows], *dims]
+        dims = [rows_letter(spec.rows), *dims]
     return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 

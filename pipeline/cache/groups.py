@@ -6,8 +6,8 @@ write its producer in ``mner.features`` and the model that reads it (docs/archit
 
 from __future__ import annotations
 
-from mner.pipeline.cache.specs import GROUNDING_MAX, GroupSpec, register_group
 from mner.pipeline.cache.specs import DatasetSpec as D
+from mner.pipeline.cache.specs import GroupSpec, register_group
 
 # Prompt sets bundled with stage 1 (features/producers/prompt_sets/*.json); any other name is a FILE.json set.
 PROMPT_SETS = ("vcrmner", "vcrmner_words", "promptmner_task", "promptmner_kb", "promptmner_expert")
@@ -57,7 +57,7 @@ OBJECTS = register_group(GroupSpec(
         "encoders added later read the same pixels. attr class_names.",
     provenance=("detector", "crops"),
     datasets=(
-        D("offsets", "index", "int64", indexes="object", collate=None,
+        D("offsets", "index", "int64", indexes="object", cut_by="max_objects", collate=None,
           doc="objects of image i: object rows offsets[i]:offsets[i+1]"),
         D("boxes", "object", "float32", (4,), doc="xyxy in original pixels"),
         D("scores", "object", "float32", doc="detector score"),
@@ -146,6 +146,8 @@ PROMPT_CROPS = register_group(GroupSpec(
     datasets=(D("crop_weights", "object", "float16", ("C",),
                 doc="softmax(logit_scale * cos(crop, centroid)) (VCRMNER eq. 4-5)"),),
 ))
+
+GROUNDING_MAX = 3  # grounding crops per image at most (the index below declares it; the writer checks it)
 
 GROUNDING = register_group(GroupSpec(
     name="grounding", option="--grounding owlv2", provenance=("grounding",),

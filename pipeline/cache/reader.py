@@ -43,7 +43,7 @@ class FeatureSpec:
 
 @dataclass(frozen=True)
 class _Meta:
-    rows: str  # logical row kind: image | object | grounding | global | text | offsets | post | token
+    rows: str  # logical row kind: image | global | text | offsets | post | token | a declared ragged kind (object, ...)
     shape: tuple
     dtype: np.dtype
     index: str | None  # offsets dataset slicing these rows per image (object / grounding)
@@ -215,8 +215,8 @@ class FeatureCache:
         ]
 
     def rows_kind(self, path: str) -> str:
-        """image | object | grounding | global | text | offsets | post | token (variable-length values
-        report the kind of their rows)."""
+        """image | global | text | offsets | post | token, or a ragged kind an index declares (object,
+        grounding, ...); variable-length values report the kind of their rows."""
         return self._info(path).rows
 
     def encoding(self, path: str) -> str | None:

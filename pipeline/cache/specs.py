@@ -6,17 +6,19 @@ records. The writer validates against these specs; the reader, merge, ``describe
 missing-features hint, the trainer's batcher, ``docs/cache-schema.md`` and the tests derive from
 them. Adding a feature group = one ``register_group(GroupSpec(...))`` (see docs/architecture.md).
 
-Row kinds (``DatasetSpec.rows``):
+Row kinds (``DatasetSpec.rows``). The structural kinds are fixed (``STRUCTURAL_KINDS``):
 
 - ``image``: one row per image, in ``/images/ids`` order;
-- ``object``: a ragged per-image set (the detector's objects), rows of image i are
-  ``offsets[i]:offsets[i+1]`` of the set's index dataset (``objects/offsets``);
-- ``grounding``: a second ragged per-image set (at most ``GROUNDING_MAX`` rows per image) with its own
-  index dataset;
 - ``global``: read whole (prompt embeddings, centroids);
 - ``text``: one UTF-8 string per image (captions);
-- ``index``: the ``(N+1,)`` int64 offsets that define a ragged set (``indexes`` names the set);
-- ``post`` / ``token``: only in ``/posts``.
+- ``index``: the ``(N+1,)`` int64 offsets that define a ragged set (``indexes`` names the set's kind);
+- ``post`` / ``token``: only in ``/posts`` (tokens are sliced per post by ``posts/token_offsets``).
+
+Every other kind is a **ragged per-image set declared by the index dataset that defines it**:
+``DatasetSpec("offsets", "index", "int64", indexes="object", collate=None)`` in ``objects/{detector}``
+makes ``object`` a row kind; rows of image i are ``offsets[i]:offsets[i+1]`` of that index (the
+group's own, else the owner instance with the same slots: ``index_path``). ``ragged_kinds()`` is the set
+the registered specs declare; ``register_group`` refuses rows of a kind no registered index defines.
 
 Group names may hold instance slots (``objects/{detector}``): every instance of a group is named by
 what made it, and a cache holds several side by side (docs/cache-schema.md, *Instances*).
@@ -33,9 +35,9 @@ from dataclasses import dataclass, field
 
 from mner.pipeline.cache.base import CacheError
 
-ROW_KINDS = ("image", "object", "grounding", "global", "text", "index", "post", "token")
-RAGGED_KINDS = ("object", "grounding", "token")  # sliced per image (per post for tokens) by an index
-GROUNDING_MAX = 3  # grounding crops per image at most
+STRUCTURAL_KINDS = ("image", "global", "text", "index", "post", "token")  # every other kind: a declared ragged set
+KIND_NAME = re.compile(r"[a-z][a-z0-9_]*")  # what a ragged kind may be called ("object", "grounding")
+PER_POST = {"token": "post"}  # ragged kinds sliced per post, not per image (structural: /posts only)
 COLLATIONS = ("float", "pixels", "jpeg", "text", None)  # None: not a batch tensor (ids, indexes, globals)
 ENCODINGS = ("utf-8", "jpeg", "bytes", None)  # None: a fixed-shape numeric or fixed-bytes array
 COMMON_PROVENANCE = (
@@ -57,7 +59,7 @@ class DatasetSpec:
     """One dataset of a group."""
 
     name: str  # key inside the group ("crop_embed")
-    rows: str  # row kind, one of ROW_KINDS
+    rows: str  # row kind: one of STRUCTURAL_KINDS, or a ragged kind an index dataset declares ("object")
     dtype: str  # stored numpy dtype ("float16", "int32", "S" fixed bytes); "uint8" for encoded values
     shape: tuple = ()  # per-row shape (whole shape for globals); str entries are symbolic dims ("D")
     collate: str | None = "float"  # how it becomes a batch tensor: float | pixels | jpeg | text | None
@@ -65,18 +67,26 @@ class DatasetSpec:
     required: bool = True  # the group is incomplete without it
     indexes: str | None = None  # rows="index" only: the ragged kind this offsets dataset defines
     max_per_image: int | None = None  # rows="index" only: rows of the set per image at most
+    cut_by: str | None = None  # rows="index" only: the batcher's option keeping each image's first n ("max_objects")
     pixels: int | None = None  # collate jpeg/pixels: side of the square uint8 image in the batch
     doc: str = ""  # one line for docs/cache-schema.md
 
     def __post_init__(self):
-        if self.rows not in ROW_KINDS:
-            raise ValueError(f"{self.name}: rows {self.rows!r} not in {ROW_KINDS}")
+        if self.rows not in STRUCTURAL_KINDS and not KIND_NAME.fullmatch(self.rows):
+            raise ValueError(f"{self.name}: rows {self.rows!r} is neither one of {STRUCTURAL_KINDS} nor a ragged "
+                             "kind name (lower case letters, digits, _)")
         if self.collate not in COLLATIONS or self.encoding not in ENCODINGS:
             raise ValueError(f"{self.name}: collate {self.collate!r} / encoding {self.encoding!r} unknown")
         if self.rows == "text" and self.encoding != "utf-8":
             raise ValueError(f"{self.name}: rows 'text' are UTF-8 strings (encoding='utf-8')")
         if (self.rows == "index") != (self.indexes is not None):
             raise ValueError(f"{self.name}: rows 'index' and indexes=<ragged kind> go together")
+        if self.indexes is not None and ((self.indexes in STRUCTURAL_KINDS and self.indexes not in PER_POST)
+                                         or not KIND_NAME.fullmatch(self.indexes)):
+            raise ValueError(f"{self.name}: indexes={self.indexes!r}: a ragged kind is a new name (lower case "
+                             f"letters, digits, _), not one of {STRUCTURAL_KINDS}")
+        if self.rows != "index" and (self.max_per_image is not None or self.cut_by is not None):
+            raise ValueError(f"{self.name}: max_per_image / cut_by belong to the index dataset (rows 'index')")
         if self.collate in ("jpeg", "pixels") and not self.pixels:
             raise ValueError(f"{self.name}: collate {self.collate!r} needs pixels=<side>")
 
@@ -169,11 +179,43 @@ _GROUPS: dict[str, GroupSpec] = {}
 
 
 def register_group(spec: GroupSpec, *, replace: bool = False) -> GroupSpec:
-    """Declare a feature group; stage 1 producers, the writer and the trainer all look it up here."""
+    """Declare a feature group; stage 1 producers, the writer and the trainer all look it up here.
+    Rows of a ragged kind need an index that defines it, in this spec or in one registered before."""
+    _load_builtin()
     if spec.name in _GROUPS and not replace and _GROUPS[spec.name] != spec:
         raise ValueError(f"feature group {spec.name!r} is already registered")
+    declared = ragged_kinds() | {d.indexes for d in spec.datasets if d.indexes}
+    for dataset in spec.datasets:
+        if dataset.rows not in STRUCTURAL_KINDS and dataset.rows not in declared:
+            raise ValueError(
+                f"group {spec.name}: dataset {dataset.name!r} has rows {dataset.rows!r}, a ragged kind no registered "
+                f"group defines (declared: {', '.join(sorted(declared)) or 'none'}). Declare its index in this group, "
+                f"DatasetSpec('offsets', 'index', 'int64', indexes={dataset.rows!r}, max_per_image=..., "
+                "collate=None), or register the group that owns it first")
     _GROUPS[spec.name] = spec
     return spec
+
+
+def ragged_kinds() -> set[str]:
+    """The ragged row kinds the registered specs declare (each by an index dataset): {"object", "grounding", ...}."""
+    return {d.indexes for g in _GROUPS.values() for d in g.datasets if d.indexes}
+
+
+def is_ragged(kind: str) -> bool:
+    """Rows of ``kind`` are sliced per image (per post for tokens) by an index dataset."""
+    _load_builtin()
+    return kind in ragged_kinds()
+
+
+def index_spec(kind: str) -> DatasetSpec:
+    """The declaration of the index that defines a ragged kind (its ``max_per_image``, ``cut_by``)."""
+    _load_builtin()
+    for group in _GROUPS.values():
+        for dataset in group.datasets:
+            if dataset.indexes == kind:
+                return dataset
+    raise CacheError(f"no registered group declares an index for rows {kind!r}; declared: "
+                     f"{', '.join(sorted(ragged_kinds()))}")
 
 
 def unregister_group(name: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from mner.pipeline.cache.base import decode_ids, fixed_bytes
 from mner.pipeline.cache.provenance import make_provenance
-from mner.pipeline.cache.specs import RAGGED_KINDS, GroupSpec, all_groups, get_group, index_path
+from mner.pipeline.cache.specs import GroupSpec, all_groups, get_group, index_path, is_ragged
 from mner.pipeline.cache.writer import CacheWriter
 
 TINY_SLOT = "tiny"  # every slot of a spec's tiny instance: objects/tiny, crops/tiny/clip/tiny, ...
@@ -84,7 +84,7 @@ def tiny_group(
             np.cumsum(per_image, out=offsets[1:])
             written[ds.name] = offsets
             totals[ds.indexes] = int(offsets[-1])
-    for kind in {ds.rows for ds in spec.datasets if ds.rows in RAGGED_KINDS} - set(totals):
+    for kind in {ds.rows for ds in spec.datasets if is_ragged(ds.rows)} - set(totals):
         totals[kind] = int(writer.file[index_path(name, kind)][-1])
     for salt, ds in enumerate(spec.datasets):
         if ds.rows != "index":
@@ -127,7 +127,7 @@ def write_tiny_cache(
     needed: list[str] = []
     for name in names:
         for ds in get_group(name).datasets:
-            if ds.rows in RAGGED_KINDS:
+            if is_ragged(ds.rows):
                 owner = index_path(name, ds.rows).rsplit("/", 1)[0]
                 if owner not in needed and owner != name:
                     needed.append(owner)

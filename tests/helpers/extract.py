@@ -49,3 +49,22 @@ def by_image(path: Path, groups=None) -> dict:
                     value = re.sub(r"0x[0-9a-f]+", "0x", value)
                 values[(name, image_id)] = np.asarray(value).tobytes() if not isinstance(value, str) else value
     return values
+
+
+def noise_corpus(root: Path, ids: list[str] = IDS, missing: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A dataset over ``ids`` and a folder with a noise picture for each id not in ``missing``: (data, images)."""
+    from helpers.data import write_dataset
+
+    images = root / "images"
+    images.mkdir()
+    for seed, image_id in enumerate(ids):
+        if image_id not in missing:
+            noise(images / f"{image_id}.jpg", seed)
+    return write_dataset(root / "data", ids), images
+
+
+def extract_tiny(data: Path, images: Path, out: Path, *extra: str) -> int:
+    """``mner-features extract`` with the tiny flags (exit code)."""
+    from mner.features.cli import main
+
+    return main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *TINY, *extra])

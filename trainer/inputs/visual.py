@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mner.pipeline.cache import FeatureCache, dataset_spec
+from mner.pipeline.cache import FeatureCache, dataset_spec, is_ragged
 
 OBJECT_MASK = "objects/mask"
 IMAGE_OK = "images/ok"
@@ -39,13 +39,16 @@ class VisualBatcher:
     """Turns the cache rows of a batch's images into ``batch["visual"]``.
 
     ``paths`` are cache dataset paths (``"crops/maskrcnn/clip/ViT-B-16/crop_embed"``...). Per image rows become (B, ...)
-    tensors; rows of a ragged per-image set (``object``, ``grounding``) become (B, K, ...) padded to the
-    batch's largest count (at least 1) with the set's mask (``objects/mask`` (B, K), ...). Collation
+    tensors; rows of a ragged per-image set (any kind an index declares: ``object``, ``grounding``, ...)
+    become (B, K, ...) padded to the batch's largest count (at least 1) with the set's mask
+    (``objects/maskrcnn/mask`` (B, K), ...). Collation
     follows the spec: ``float`` -> float32, ``pixels`` / ``jpeg`` -> uint8 (..., S, S, 3), ``text`` -> a
     list of strings, or ``<path>/input_ids`` and ``<path>/attention_mask`` when a ``tokenizer`` is given.
     Posts without an image, or whose image is missing, unreadable or a placeholder, get zeros,
     ``images/ok`` False and no rows, unless ``use_placeholders`` feeds a placeholder's stand-in features
-    like real ones. ``max_objects`` keeps each image's first m objects (stored in descending score).
+    like real ones. ``max_objects`` keeps each image's first m rows of the sets whose index declares
+    ``cut_by="max_objects"`` (a detector's objects, stored in descending score); ``limits`` gives other
+    such options by name.
     Index datasets and globals (which reach models through ``FeatureSpec.globals``) produce no tensor.
     """
 
@@ -55,6 +58,7 @@ class VisualBatcher:
         paths: list[str],
         *,
         max_objects: int | None = None,
+        limits: dict[str, int | None] | None = None,
         use_placeholders: bool = False,
         tokenizer: Callable | None = None,
         max_text_length: int = 64,
@@ -63,6 +67,7 @@ class VisualBatcher:
             raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
         self.cache = cache
         self.max_objects = max_objects
+        cuts = {"max_objects": max_objects, **(limits or {})}  # cut_by option -> rows kept per image
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         wanted = [p.strip("/") for p in dict.fromkeys(paths)]
@@ -79,10 +84,10 @@ class VisualBatcher:
                 continue
             self.collate[path] = spec.collate
             self.pixels[path] = spec.pixels or 0
-            if spec.rows in ("object", "grounding"):
+            if is_ragged(spec.rows):
                 index = cache.index_of(path)
                 self.ragged.setdefault(index, []).append(path)
-                self.limit[index] = max_objects if spec.rows == "object" else None
+                self.limit[index] = cuts.get(dataset_spec(index)[1].cut_by)
             elif spec.rows == "text":
                 self.text_paths.append(path)
             elif spec.rows == "image":

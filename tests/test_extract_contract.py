@@ -56,13 +56,17 @@ def test_second_writer_is_refused_naming_the_holder(corpus, capsys):
 
 
 def test_chunk_temp_names_carry_host_and_pid(tmp_path, monkeypatch):
+    """A part is a cache written by the cache writer: temp name with host and pid, then renamed."""
     from mner.features.run import parts
+    from mner.pipeline.cache import writer
 
     seen = []
     real_replace = os.replace
-    monkeypatch.setattr(parts.os, "replace", lambda a, b: (seen.append(str(a)), real_replace(a, b)))
-    parts.save_chunk(tmp_path / "chunk_00000.npz", {"x": np.zeros(2)})
+    monkeypatch.setattr(writer.os, "replace", lambda a, b: (seen.append(str(a)), real_replace(a, b)))
+    chunk = parts.ChunkRows(ids=["a"], images={"status": np.zeros(1, np.uint8)}, causes=[""])
+    parts.write_part(tmp_path / "chunk_00000.h5", chunk, [])
     assert seen and seen[0].endswith(f".tmp-{socket.gethostname()}-{os.getpid()}")
+    assert parts.read_part_images(tmp_path / "chunk_00000.h5").ids == ["a"]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -287,7 +291,7 @@ def test_resume_recomputes_chunks_whose_images_changed(corpus, monkeypatch):
         KeyboardInterrupt()))  # "killed" after every chunk is saved
     argv = [*TINY, "--chunk-size", "2", "--encoder", "resnet152-test"]
     assert main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *argv]) != 0
-    assert calls == [["a", "b"], ["c", "d"]] and list(Path(f"{out}.parts").rglob("chunk_*.npz"))
+    assert calls == [["a", "b"], ["c", "d"]] and list(Path(f"{out}.parts").rglob("chunk_*.h5"))
     noise(images / "c.jpg", 42)  # changed while the run was down
     monkeypatch.undo()
     calls.clear()

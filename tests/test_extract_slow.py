@@ -113,7 +113,7 @@ def _argv(data, images, out, *extra):
 def _chunk_files(parts: Path) -> int:
     """Finished chunk files now (0 while the folder is absent or being removed by the assembly)."""
     try:
-        return len(list(parts.rglob("*.npz")))
+        return len(list(parts.rglob("chunk_*.h5")))
     except FileNotFoundError:
         return 0
 
@@ -152,7 +152,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         time.sleep(rng.uniform(0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        killed_mid_run += parts.exists() and any(parts.rglob("*.npz"))
+        killed_mid_run += parts.exists() and any(parts.rglob("chunk_*.h5"))
         if out.exists():  # a kill after the rename: the cache must be complete and valid
             FeatureCache(out)
     assert killed_mid_run, "no kill landed between two finished chunks: the test checked nothing"

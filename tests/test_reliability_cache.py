@@ -289,7 +289,7 @@ def test_disk_filling_during_assembly_is_one_line_not_a_crash(corpus, tmp_path):
         sys.argv = ["mner-features", *sys.argv[1:]]
         sys.exit(main())
     """)
-    with small_tmpfs(tmp_path / "disk", "100k") as folder:
+    with small_tmpfs(tmp_path / "disk", "160k") as folder:  # the part (~100k) fits, the cache does not
         done = subprocess.run([sys.executable, "-c", script, "extract", "--data", str(data), "--images",
                                str(images), "--out", str(folder / "c.h5"), *TINY],
                               capture_output=True, text=True, timeout=300)
@@ -301,15 +301,17 @@ def test_disk_filling_during_assembly_is_one_line_not_a_crash(corpus, tmp_path):
 
 
 def test_chunk_write_failure_leaves_no_temp(tmp_path, monkeypatch):
+    """A part that fails mid-write (full disk) leaves neither its temp nor its lock."""
     from mner.features.run import parts
+    from mner.pipeline.cache import writer
 
-    def disk_full(handle, **arrays):
-        handle.write(b"partial")
+    def disk_full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(parts.np, "savez", disk_full)
+    monkeypatch.setattr(writer.CacheWriter, "write_images", disk_full)
+    chunk = parts.ChunkRows(ids=["a"], images={"status": np.zeros(1, np.uint8)}, causes=[""])
     with pytest.raises(OSError):
-        parts.save_chunk(tmp_path / "chunk_00000.npz", {"x": np.zeros(3)})
+        parts.write_part(tmp_path / "chunk_00000.h5", chunk, [])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,7 +17,6 @@ the CLIP model that made its embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -32,17 +31,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mner.features.producers.registry import ChunkBatch, Producer, resolved
+from mner.features.producers.registry import ChunkBatch, Producer
 from mner.features.run.images import MAX_SIDE, MISSING_POLICIES, LoadedImage, file_fingerprint, placeholder_image
 from mner.features.run.loader import DecodedImage, ImageLoader, LoaderSpec, default_num_workers, prepared_image
 from mner.features.run.parts import (
-    chunk_key,
-    chunk_paths,
+    PART_GLOB,
+    ChunkRows,
+    PartGroup,
+    cause_of,
     folder_bytes,
-    iter_chunks,
-    pack_bytes,
-    save_chunk,
-    unpack_bytes,
+    part_paths,
+    read_part_images,
+    segments,
+    write_part,
 )
 from mner.features.run.plan import RunModels, kept_differences, make_plan
 from mner.features.run.sharding import parse_shard, resolve_shard, shard_of, shard_out_path  # noqa: F401 (re-exported)
@@ -223,17 +224,6 @@ def absolute_command(argv: list[str]) -> list[str]:
     return out
 
 
-def _pack_and_save(path: Path, arrays: dict) -> None:
-    """In the background writer: ragged bytes (waiting for their JPEG crops) packed flat, then the chunk saved."""
-    for key in [key for key, value in arrays.items() if isinstance(value, list)]:
-        arrays[key], arrays[key + "::lengths"] = pack_bytes(resolved(arrays[key]))
-    save_chunk(path, arrays)
-
-
-def _segments(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
 # ----------------------------------------------------------------------------------------- the run
 
 
@@ -285,6 +275,7 @@ class Extraction(RunModels):
         config = {k: v for k, v in asdict(opts).items()
                   if k not in ("num_workers", "progress", "out", "shard", "max_bad_images", "command")}
         config.update(computed=self.computed, ids=hashlib.sha256("\n".join(self.ids).encode()).hexdigest(),
+                      data_hash=self.dataset.data_hash,  # the posts' text (grounding queries) shapes the parts
                       inputs={p.group: p.input_fingerprint for p in self.producers if hasattr(p, "input_fingerprint")})
         self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.parts = self.parts_root / self.config_hash
@@ -398,13 +389,15 @@ class Extraction(RunModels):
             with self._timed(f"load {producer.group}"):
                 producer.load()
             check_producer(producer)
+        self.part_groups = self._part_groups()
         self._template: dict[str, dict] | None = None
         self.parts.mkdir(parents=True, exist_ok=True)
-        chunks = [self.ids[s:s + opts.chunk_size] for s in range(0, len(self.ids), opts.chunk_size)]
-        paths = chunk_paths(self.parts, len(chunks))
+        # a shard without images still writes one (empty) part: its cache merges with the other shards
+        chunks = [self.ids[s:s + opts.chunk_size] for s in range(0, len(self.ids), opts.chunk_size)] or [[]]
+        paths = part_paths(self.parts, len(chunks))
         bar = tqdm(total=len(self.ids), unit="img", desc=f"extract {Path(self.out).name}",
                    disable=not opts.progress)
-        started, bad = time.perf_counter(), Counter()
+        started, bad, self.status_counts = time.perf_counter(), Counter(), Counter()
         for chunk, path in zip(chunks, paths):
             if path.exists() and not self._chunk_current(path, chunk):
                 path.unlink()  # its image files changed since that chunk was computed
@@ -419,11 +412,15 @@ class Extraction(RunModels):
         try:
             for k, (chunk, path) in enumerate(zip(chunks, paths)):
                 if k in todo:
-                    arrays = self._process_chunk(chunk, k * opts.chunk_size)
-                    bad.update(self._bad_of_arrays(arrays))
-                    pending.append(writer.submit(_pack_and_save, path, arrays))
+                    rows = self._process_chunk(chunk, k * opts.chunk_size)
+                    statuses, causes = [STATUS_NAMES[s] for s in rows.images["status"]], rows.causes
+                    pending.append(writer.submit(write_part, path, rows, self.part_groups))
                 else:
-                    bad.update(self._bad_of(path))
+                    done = read_part_images(path)
+                    statuses, causes = done.status, done.causes
+                self.status_counts.update(statuses)
+                if self.decode:  # a run that decodes nothing keeps the cache's statuses: nothing new is bad
+                    bad.update(c for s, c in zip(statuses, causes) if s != "ok")
                 self._check_bad_share(bad)
                 bar.update(len(chunk))
                 bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.1f} images/s")
@@ -444,8 +441,9 @@ class Extraction(RunModels):
             if self.loader is not None:
                 self.loader.close()
         bar.close()
+        self.bad_causes = bad
         self.parts_bytes = folder_bytes(self.parts_root)
-        with self._timed("assemble (streaming)"):
+        with self._timed("assemble (merge of the parts)"):
             self._assemble(paths)
         shutil.rmtree(self.parts_root, ignore_errors=True)
         return self._summary()
@@ -453,7 +451,7 @@ class Extraction(RunModels):
     def _remove_empty_parts(self) -> None:
         """A run that stops before finishing any chunk leaves no .parts folder behind."""
         for folder in (getattr(self, "parts", None), self.parts_root):
-            if folder is not None and folder.is_dir() and not any(folder.rglob("*.npz")):
+            if folder is not None and folder.is_dir() and not any(folder.rglob(PART_GLOB)):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _loader_spec(self) -> LoaderSpec:
@@ -466,28 +464,22 @@ class Extraction(RunModels):
                 inputs[wants["encoder"]] = None
         return LoaderSpec(self.opts.images, self.opts.max_image_side, detector, tuple(inputs))
 
-    def _bad_of_arrays(self, arrays: dict) -> Counter:
-        if not self.decode:
-            return Counter()
-        return Counter(c.decode() for s, c in zip(arrays["images::status"], arrays["images::cause"]) if s != OK)
-
     def _bad_share_exceeded(self, bad: Counter) -> bool:
         share = self.opts.max_bad_images
         return share is not None and sum(bad.values()) > share * len(self.ids)
 
     def _chunk_current(self, path: Path, chunk: list[str]) -> bool:
-        """A finished chunk is resumed only if its images are the same files (content fingerprints)."""
+        """A finished part is resumed only if it is readable and its images are the same files (content
+        fingerprints); otherwise it is computed again."""
+        try:
+            stored = read_part_images(path)
+        except (OSError, KeyError, ValueError):  # unreadable (a damaged disk): recompute it
+            return False
+        if stored.ids != chunk:
+            return False
         if not self.decode:
             return True
-        (stored,) = iter_chunks([path], ["images::fingerprint"])
-        return [f.decode() for f in stored["images::fingerprint"]] == \
-            [file_fingerprint(self.opts.images, image_id) for image_id in chunk]
-
-    def _bad_of(self, path: Path) -> Counter:
-        if not self.decode:
-            return Counter()
-        (chunk,) = iter_chunks([path], ["images::status", "images::cause"])
-        return Counter(c.decode() for s, c in zip(chunk["images::status"], chunk["images::cause"]) if s != OK)
+        return stored.fingerprints == [file_fingerprint(self.opts.images, image_id) for image_id in chunk]
 
     def _check_bad_share(self, bad: Counter) -> None:
         share = self.opts.max_bad_images
@@ -531,20 +523,20 @@ class Extraction(RunModels):
             loaded.append(item)
         return loaded
 
-    def _process_chunk(self, chunk: list[str], first_row: int) -> dict[str, np.ndarray]:
+    def _process_chunk(self, chunk: list[str], first_row: int) -> ChunkRows:
         loaded = self._load_chunk(chunk, first_row)
-        arrays: dict[str, np.ndarray] = {}
-        if self.decode:
-            arrays.update({
-                "images::status": np.array([STATUS_NAMES.index(item.status) for item in loaded], np.uint8),
-                "images::width": np.array([item.width for item in loaded], np.int32),
-                "images::height": np.array([item.height for item in loaded], np.int32),
-                "images::detail": np.array([item.detail.encode("utf-8") for item in loaded], dtype=bytes),
-                "images::fingerprint": np.array([item.fingerprint.encode() for item in loaded], dtype=bytes),
-                "images::cause": np.array([item.cause.encode() for item in loaded], dtype=bytes),
-            })
         rows = [first_row + i for i in range(len(chunk))]
-        arrays["rows::image"] = np.array(rows, np.int64)
+        if self.decode:
+            images = {"status": np.array([STATUS_NAMES.index(item.status) for item in loaded], np.uint8),
+                      "detail": [item.detail for item in loaded],
+                      "width": np.array([item.width for item in loaded], np.int32),
+                      "height": np.array([item.height for item in loaded], np.int32),
+                      "content_sha256": [item.fingerprint for item in loaded]}
+            causes = [item.cause for item in loaded]
+        else:  # the cache's own image table (nothing was decoded)
+            images = self._cached_images(rows)
+            causes = [cause_of(STATUS_NAMES[s], d) for s, d in zip(images["status"], images["detail"])]
+        part = ChunkRows(ids=list(chunk), images=images, causes=causes)
         computed_ok = [i for i, item in enumerate(loaded) if item.status == "ok"]
         kinds = [("ok", computed_ok.index(i)) if item.status == "ok" else
                  ("placeholder", 0) if item.status == "placeholder" else ("none", 0)
@@ -573,12 +565,37 @@ class Extraction(RunModels):
             outputs[producer.group] = self._splice(producer, produced, template.get(producer.group), kinds, counts)
             if producer.owned_index:
                 counts[producer.owned_index] = outputs[producer.group]["counts"]
+        part.counts = {index: counts[index] for index in self._ragged_indexes()}
+        part.rows = {group: {key: values[key] for key in self.groups_now[group].row_datasets()}
+                     for group, values in outputs.items()}  # ragged bytes: lists, resolved by the part writer
+        return part
+
+    def _cached_images(self, rows: list[int]) -> dict:
+        """write_images keywords for cache rows ``rows`` (a run that decodes nothing)."""
+        cache = self.cache
+        images = {"status": np.asarray(cache.status)[rows] if rows else np.zeros(0, np.uint8),
+                  "detail": [cache.detail(row) for row in rows],
+                  "width": np.array([cache.read("images/width", row) for row in rows], np.int32),
+                  "height": np.array([cache.read("images/height", row) for row in rows], np.int32)}
+        if cache.has("images/content_sha256"):
+            images["content_sha256"] = [bytes(cache.read("images/content_sha256", row)).decode() for row in rows]
+        return images
+
+    def _part_groups(self) -> list[PartGroup]:
+        """How every part writes this run's groups: borrowed indexes (sets made by an earlier run), then
+        the producers' groups in run order (owners before the groups that follow their index)."""
+        owned = {p.owned_index for p in self.producers if p.owned_index}
+        groups = []
         for index in self._ragged_indexes():
-            arrays[f"rows::{index}"] = counts[index]
-        for group, values in outputs.items():
-            for key in self.groups_now[group].row_datasets():
-                arrays[chunk_key(group, key)] = values[key]  # ragged bytes: a list, packed by the writer
-        return arrays
+            if index not in owned:
+                owner, key = index.rsplit("/", 1)
+                groups.append(PartGroup(owner, self.cache.provenance(owner), own_index=key, borrowed=True))
+        self.run_provenance = {p.group: self._provenance(p) for p in self.producers}
+        for producer in self.producers:
+            own = producer.owned_index.rsplit("/", 1)[1] if producer.owned_index else None
+            groups.append(PartGroup(producer.group, self.run_provenance[producer.group], producer.attrs(),
+                                    own_index=own, globals=producer.global_datasets() or {}))
+        return groups
 
     def _ragged_indexes(self) -> list[str]:
         """The index datasets slicing the rows of this run's ragged datasets (``objects/maskrcnn/offsets``)."""
@@ -610,7 +627,7 @@ class Extraction(RunModels):
             values = outputs[group][dataset.name]
             if dataset.per_image_kind == "image":
                 return values[i]
-            starts = _segments(counts[index_path(group, dataset.rows)])
+            starts = segments(counts[index_path(group, dataset.rows)])
             return values[starts[i]:starts[i + 1]]
         return self.cache.read(path, row)
 
@@ -649,7 +666,7 @@ class Extraction(RunModels):
             index = ragged_index(producer, key)
             per_ok = produced["counts"] if index == producer.owned_index else \
                 np.array([c for c, (k, _) in zip(counts[index], kinds) if k == "ok"], np.int64)
-            starts = _segments(per_ok)
+            starts = segments(per_ok)
             pieces = []
             for k, j in kinds:
                 if k == "ok":
@@ -693,56 +710,18 @@ class Extraction(RunModels):
 
     # assembly ------------------------------------------------------------------------------------------
     def _assemble(self, paths: list[Path]) -> None:
-        """Stream the chunk files into the cache, one chunk in memory at a time."""
-        opts = self.opts
-        indexes = self._ragged_indexes()
-        small = ["images::status", "images::width", "images::height", "images::detail", "images::fingerprint",
-                 "images::cause"] + [f"rows::{index}" for index in indexes]
-        table: dict[str, list] = defaultdict(list)
-        for chunk in iter_chunks(paths, small):  # pass 1: the small per-row arrays
-            for key, values in chunk.items():
-                table[key].append(values)
-        table = {key: np.concatenate(values) for key, values in table.items()}
-        offsets = {index: _segments(table[f"rows::{index}"]) for index in indexes}
-        if self.decode:
-            status = table["images::status"]
-            self.status_counts = Counter(STATUS_NAMES[s] for s in status)
-            self.bad_causes = Counter(c.decode() for s, c in zip(status, table["images::cause"]) if s != OK)
-        self.num_objects = sum(int(offsets[p.owned_index][-1]) for p in self.producers
-                               if p.owned_index and get_group(p.group).dataset(p.owned_index.rsplit("/", 1)[1]).indexes
-                               == "object")
+        """The merge of the parts into the cache (its writer's temp file, then an atomic rename)."""
+        import h5py
+
+        from mner.pipeline.cache.merge import merge_parts_into
+
         self._check_space()
-        with CacheWriter(self.out, overwrite=opts.overwrite) as writer, contextlib.ExitStack() as groups:
-            if self.decode:
-                writer.write_images(self.ids, table["images::status"],
-                                    [d.decode("utf-8") for d in table["images::detail"]],
-                                    table["images::width"], table["images::height"],
-                                    content_sha256=[f.decode() for f in table["images::fingerprint"]])
+        with CacheWriter(self.out, overwrite=self.opts.overwrite) as writer:
+            merge_parts_into(writer.file, paths, ids=self.ids, groups=self.computed, provenance=self.run_provenance)
             writer.write_posts(self.dataset)
-            streams = {}
-            for producer in self.producers:  # owners first: their index fixes the rows of the others
-                own = {producer.owned_index.rsplit("/", 1)[1]: offsets[producer.owned_index]} \
-                    if producer.owned_index else {}
-                streams[producer.group] = groups.enter_context(writer.group(
-                    producer.group, self._provenance(producer), producer.attrs(), indexes=own))
-                globals_ = producer.global_datasets()
-                if globals_:
-                    streams[producer.group].append(globals_)
-            started: set[str] = set()
-            for chunk in iter_chunks(paths):  # pass 2: one chunk at a time
-                for producer in self.producers:
-                    rows = {}
-                    for key in producer.row_datasets():
-                        name = chunk_key(producer.group, key)
-                        if not producer.spec.dataset(key).ragged_values:
-                            rows[key] = chunk[name]
-                        elif len(chunk[name + "::lengths"]) or name not in started:  # nothing to add: skip
-                            rows[key] = unpack_bytes(chunk[name], chunk[name + "::lengths"])
-                            if producer.spec.dataset(key).encoding == "utf-8":  # text (captions)
-                                rows[key] = [value.decode("utf-8") for value in rows[key]]
-                        started.add(name)
-                    streams[producer.group].append(rows)
-                del chunk
+        with h5py.File(self.out, "r") as handle:
+            self.num_objects = sum(int(handle[p.owned_index][-1]) for p in self.producers if p.owned_index and
+                                   get_group(p.group).dataset(p.owned_index.rsplit("/", 1)[1]).indexes == "object")
         self.cache_bytes = os.path.getsize(self.out)
 
     def _check_space(self) -> None:
@@ -751,7 +730,7 @@ class Extraction(RunModels):
         from mner.pipeline.outputs import check_free_space
 
         existing = os.path.getsize(self.out) if os.path.exists(self.out) and not self.opts.overwrite else 0
-        needed = int((folder_bytes(self.parts) + existing) * 1.1) + (1 << 20)
+        needed = int((folder_bytes(self.parts) + existing) * 1.1) + (1 << 20)  # the temp: the cache + the parts' rows
         check_free_space(os.path.dirname(os.path.abspath(self.out)), needed, what="assembling the cache")
 
     def _provenance(self, producer: Producer) -> dict:

@@ -68,11 +68,19 @@ def _copy_attrs(source, target) -> None:
         target.attrs[attr] = value
 
 
-def _copy_runs(sources: list[h5py.Dataset], runs, total: int, out_group: h5py.Group, key: str) -> None:
-    template = sources[0]
-    out = out_group.create_dataset(key, shape=(total, *template.shape[1:]), dtype=template.dtype)
-    row_bytes = int(np.prod(template.shape[1:], dtype=np.int64)) * template.dtype.itemsize
-    if total * row_bytes <= MERGE_IN_MEMORY_BYTES:
+def _merged_dtype(sources: list[h5py.Dataset]) -> np.dtype:
+    """The sources' dtype; fixed bytes (ids) take the widest, since each input sizes them to its longest."""
+    if sources[0].dtype.kind == "S":
+        return max((source.dtype for source in sources), key=lambda dtype: dtype.itemsize)
+    return sources[0].dtype
+
+
+def _copy_runs(sources: list[h5py.Dataset], runs, total: int, out_group: h5py.Group, key: str,
+               gather_bytes: int = MERGE_IN_MEMORY_BYTES) -> None:
+    template, dtype = sources[0], _merged_dtype(sources)
+    out = out_group.create_dataset(key, shape=(total, *template.shape[1:]), dtype=dtype)
+    row_bytes = int(np.prod(template.shape[1:], dtype=np.int64)) * dtype.itemsize
+    if total * row_bytes <= gather_bytes:
         loaded = [src[()] for src in sources]
         buffer = np.empty(out.shape, out.dtype)
         for shard, lo, hi, dst in runs:
@@ -188,30 +196,115 @@ def merge_caches(
     return out
 
 
-def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: bool, *, grow: bool = False,
-           posts_index: int = 0) -> None:
+def _open_parts(paths: list[str], handles: list[h5py.File], what: str = "shard") -> list[str]:
+    """The feature groups every input holds (they must hold the same), after version and /images checks."""
     for handle, path in zip(handles, paths):
         check_version(handle, path)
         if "images" not in handle:
-            raise CacheError(f"{path}: shard has no /images (an unfinished extraction?)")
-    first_path, first = paths[0], handles[0]
-    groups = feature_groups(first)
+            raise CacheError(f"{path}: {what} has no /images (an unfinished extraction?)")
+    groups = feature_groups(handles[0])
     for handle, path in zip(handles[1:], paths[1:]):
         if feature_groups(handle) != groups:
             raise CacheError(
-                f"shards differ in feature groups: {first_path} has {groups}, {path} has "
-                f"{feature_groups(handle)}; finish every shard with the same flags before merging"
+                f"{what}s differ in feature groups: {paths[0]} has {groups}, {path} has "
+                f"{feature_groups(handle)}; finish every {what} with the same flags before merging"
             )
-    ids_by_shard = [decode_ids(h["images/ids"][()]) for h in handles]
+    return groups
+
+
+def _owners(paths: list[str], handles: list[h5py.File], what: str = "shard") -> dict[str, tuple[int, int]]:
+    """image id -> (input, row); the inputs must hold disjoint images."""
     owner: dict[str, tuple[int, int]] = {}
-    for shard, ids in enumerate(ids_by_shard):
-        for row, image_id in enumerate(ids):
+    for shard, handle in enumerate(handles):
+        for row, image_id in enumerate(decode_ids(handle["images/ids"][()])):
             if image_id in owner:
                 raise CacheError(
                     f"image id {image_id!r} is in both {paths[owner[image_id][0]]} and {paths[shard]}: "
-                    "shards must hold disjoint images"
+                    f"{what}s must hold disjoint images"
                 )
             owner[image_id] = (shard, row)
+    return owner
+
+
+def _check_same_provenance(groups, paths, handles, grow: bool = False, what: str = "shard") -> None:
+    for group in groups:
+        reference = _comparable(json.loads(handles[0][group].attrs["provenance"]), grow)
+        for handle, path in zip(handles[1:], paths[1:]):
+            other = _comparable(json.loads(handle[group].attrs["provenance"]), grow)
+            if other != reference:
+                diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+                raise CacheError(
+                    f"group {group}: provenance of {path} differs from {paths[0]} in {diff}; "
+                    f"{what}s must come from the same extraction settings and library versions"
+                )
+
+
+def _index_runs(handles: list[h5py.File], image_runs) -> dict[str, tuple]:
+    """index path -> (runs over its rows, total rows, merged offsets), for every ragged set of the inputs."""
+    runs_of: dict[str, tuple] = {}
+    for index in _ragged_indexes(handles[0]):
+        runs, merged = _derive_runs(image_runs, [h[index][()] for h in handles])
+        runs_of[index] = (runs, int(merged[-1]), merged)
+    return runs_of
+
+
+def merge_parts_into(target: h5py.File, paths: Sequence[str | os.PathLike], *, ids: Sequence[str],
+                     groups: Sequence[str], provenance: dict[str, dict]) -> None:
+    """The assembly of one extraction run: its parts (small caches over disjoint chunks of its images,
+    features/run/parts.py) merged into ``target``, the open temp file of the cache being written.
+
+    The parts must hold exactly ``ids`` and record, for every group, the run's ``provenance`` (apart from
+    the run-describing SHARD_KEYS: a resumed run's older parts differ in time and command). ``target`` gets
+    /images when it has none, else its ids must be the parts'; only ``groups`` are written (sealed, with
+    ``provenance``). A part group outside ``groups`` is a borrowed index: it must equal ``target``'s."""
+    paths = [os.fspath(p) for p in paths]
+    handles = [open_cache_file(p, "r") for p in paths]
+    try:
+        part_groups = _open_parts(paths, handles, what="part")
+        absent = sorted(set(groups) - set(part_groups))
+        if absent:
+            raise CacheError(f"the run's parts hold no {absent} ({paths[0]} has {part_groups})")
+        owner = _owners(paths, handles, what="part")
+        merged_ids = sorted(owner)
+        if merged_ids != sorted(ids):
+            missing, extra = sorted(set(ids) - set(owner)), sorted(set(owner) - set(ids))
+            raise CacheError(f"the run's parts hold other images than the run: missing {missing[:5]}, "
+                             f"extra {extra[:5]}; remove {os.path.dirname(paths[0])} and run again")
+        _check_same_provenance(part_groups, paths, handles, what="part")
+        for group in groups:
+            wanted = _comparable(json.loads(json.dumps(provenance[group], sort_keys=True, default=str)))
+            found = _comparable(json.loads(handles[0][group].attrs["provenance"]))
+            if wanted != found:
+                diff = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
+                raise CacheError(f"group {group}: the parts in {os.path.dirname(paths[0])} were computed with other "
+                                 f"settings or library versions ({diff}); remove that folder and run again")
+        image_runs = _runs_from_order([owner[i] for i in merged_ids])
+        runs_of = _index_runs(handles, image_runs)
+        if "images" in target:
+            if decode_ids(target["images/ids"][()]) != merged_ids:
+                raise CacheError(f"{target.filename}: its images are not the run's; nothing was written")
+        else:
+            _merge_group("images", handles, paths, target, image_runs, len(merged_ids), runs_of)
+            target["images"].attrs["id_list_hash"] = id_list_hash(merged_ids)
+        for index, (_, _, merged) in runs_of.items():
+            if index.rsplit("/", 1)[0] not in groups and (index not in target or
+                                                          not np.array_equal(target[index][()], merged)):
+                raise CacheError(f"{index}: the parts' rows follow another {index} than {target.filename} holds; "
+                                 f"remove {os.path.dirname(paths[0])} and run again")
+        for group in groups:
+            _merge_group(group, handles, paths, target, image_runs, len(merged_ids), runs_of, gather_bytes=0)
+            target[group].attrs["provenance"] = json.dumps(provenance[group], sort_keys=True, default=str)
+            seal_group(target[group])
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: bool, *, grow: bool = False,
+           posts_index: int = 0) -> None:
+    first_path, first = paths[0], handles[0]
+    groups = _open_parts(paths, handles)
+    owner = _owners(paths, handles)
     merged_ids = sorted(owner)
     problems = [] if grow else check_shard_set(paths, handles, merged_ids)
     if problems and not allow_partial:
@@ -221,21 +314,9 @@ def _merge(paths: list[str], handles: list[h5py.File], out: str, allow_partial: 
             + ". Merge every shard of the extraction, or pass --allow-partial to merge these "
             "anyway (recorded in the merged cache's provenance)"
         )
-    for group in groups:
-        reference = _comparable(json.loads(first[group].attrs["provenance"]), grow)
-        for handle, path in zip(handles[1:], paths[1:]):
-            other = _comparable(json.loads(handle[group].attrs["provenance"]), grow)
-            if other != reference:
-                diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
-                raise CacheError(
-                    f"group {group}: provenance of {path} differs from {first_path} in {diff}; "
-                    "shards must come from the same extraction settings and library versions"
-                )
+    _check_same_provenance(groups, paths, handles, grow)
     image_runs = _runs_from_order([owner[i] for i in merged_ids])
-    runs_of: dict[str, tuple] = {}  # index path -> (runs over its rows, total rows)
-    for index in _ragged_indexes(first):
-        runs, merged = _derive_runs(image_runs, [h[index][()] for h in handles])
-        runs_of[index] = (runs, int(merged[-1]), merged)
+    runs_of = _index_runs(handles, image_runs)
 
     temp = f"{out}.tmp-{temp_suffix()}"
     try:
@@ -314,7 +395,10 @@ def _check_same_group(a: h5py.Group, b: h5py.Group, path_a: str, path_b: str) ->
         )
 
 
-def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of) -> None:
+def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of,
+                 gather_bytes: int = MERGE_IN_MEMORY_BYTES) -> None:
+    """``gather_bytes``: datasets up to this size are gathered in memory and written once; larger ones are
+    copied run by run (an extraction's parts: one part's rows in memory at a time)."""
     sources = [h[group] for h in handles]
     out_group = target.require_group(group)
     _copy_attrs(sources[0], out_group)
@@ -324,10 +408,9 @@ def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of)
         if other != keys:
             raise CacheError(f"{group}: datasets differ between {paths[0]} ({keys}) and {path} ({other})")
         for key in keys:
-            if (
-                source[key].shape[1:] != sources[0][key].shape[1:]
-                or source[key].dtype != sources[0][key].dtype
-            ):
+            same_dtype = source[key].dtype == sources[0][key].dtype or \
+                source[key].dtype.kind == sources[0][key].dtype.kind == "S"  # fixed bytes of other widths
+            if source[key].shape[1:] != sources[0][key].shape[1:] or not same_dtype:
                 raise CacheError(f"{group}/{key}: row shape/dtype differs between {paths[0]} and {path}")
 
     def row_runs(attrs):
@@ -359,7 +442,7 @@ def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of)
                 check_global(offsets_key)
                 continue
             value_runs, merged = _derive_runs(runs, [s[offsets_key][()] for s in sources])
-            _copy_runs([s[key] for s in sources], value_runs, int(merged[-1]), out_group, key)
+            _copy_runs([s[key] for s in sources], value_runs, int(merged[-1]), out_group, key, gather_bytes)
             index = out_group.create_dataset(offsets_key, data=merged)
             _copy_attrs(sources[0][offsets_key], index)
         elif rows == "offsets":
@@ -369,4 +452,4 @@ def _merge_group(group, handles, paths, target, image_runs, num_images, runs_of)
             if runs is None:
                 check_global(key)
             else:
-                _copy_runs([s[key] for s in sources], runs, total, out_group, key)
+                _copy_runs([s[key] for s in sources], runs, total, out_group, key, gather_bytes)

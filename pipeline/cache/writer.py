@@ -68,6 +68,9 @@ class CacheWriter:
     ``overwrite=True`` starts an empty cache instead of extending the existing one. ``partial=True``
     lets a group leave out datasets (and group-specific provenance fields / attrs) its spec requires:
     only for tests and benches that need a few datasets. ``lock_timeout_s`` waits for another writer.
+    ``in_memory=True`` (a new file only) builds the cache in memory and writes its bytes with plain file
+    I/O: a full disk is then an ordinary OSError and never reaches HDF5 (an extraction's parts, one chunk
+    each, are written this way in a background thread).
     """
 
     def __init__(
@@ -77,9 +80,11 @@ class CacheWriter:
         overwrite: bool = False,
         partial: bool = False,
         lock_timeout_s: float = 0.0,
+        in_memory: bool = False,
     ):
         self.path = os.fspath(path)
         self.overwrite = overwrite
+        self.in_memory = in_memory
         self.partial = partial
         self.temp_path = f"{self.path}.tmp-{temp_suffix()}"
         self.lock = CacheLock(self.path, timeout_s=lock_timeout_s)
@@ -91,7 +96,13 @@ class CacheWriter:
         self.lock.acquire()
         try:
             self._remove_stale_temps()
-            if os.path.exists(self.path) and not self.overwrite:
+            if self.in_memory:
+                if os.path.exists(self.path) and not self.overwrite:
+                    raise CacheError(f"{self.path}: an in-memory writer makes a new file (pass overwrite=True)")
+                self._file = h5py.File(self.temp_path, "w", driver="core", backing_store=False)
+                self._file.attrs["mner_schema_version"] = SCHEMA_VERSION
+                self._file.attrs["mner_version"] = library_versions()["mner"] or "unknown"
+            elif os.path.exists(self.path) and not self.overwrite:
                 with open_cache_file(self.path, "r") as existing:
                     check_version(existing, self.path)
                 shutil.copyfile(self.path, self.temp_path)
@@ -118,8 +129,12 @@ class CacheWriter:
             prints = {name: str(handle[name].attrs["fingerprint"]) for name in stored_groups(handle)}
             handle.attrs["fingerprint"] = cache_fingerprint(prints)
             handle.flush()
+            image = handle.id.get_file_image() if self.in_memory else None
             handle.close()
             self._file = None
+            if image is not None:
+                with open(self.temp_path, "wb") as temp:
+                    temp.write(image)
             _fsync_path(self.temp_path)
             self.lock.ensure_held()
             os.replace(self.temp_path, self.path)

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers.data import write_dataset
-from helpers.extract import IDS, TINY, noise
+from helpers.extract import TINY, noise, noise_corpus
 
 from mner.features.cli import main
 from mner.pipeline.cache import STATUS_NAMES, FeatureCache
@@ -21,11 +21,7 @@ from mner.pipeline.cache import STATUS_NAMES, FeatureCache
 
 @pytest.fixture()
 def corpus(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed, image_id in enumerate(IDS[:-1]):  # "d" is missing
-        noise(images / f"{image_id}.jpg", seed)
-    return tmp_path, write_dataset(tmp_path / "data", IDS), images
+    return tmp_path, *noise_corpus(tmp_path, missing=("d",))  # "d" is missing
 
 
 def run(data, images, out, *extra, capsys=None) -> int:

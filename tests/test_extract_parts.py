@@ -9,8 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers.data import write_dataset
-from helpers.extract import IDS, TINY, noise
+from helpers.extract import IDS, extract_tiny, noise_corpus
 
 from mner.features.cli import main
 from mner.features.run import extract as extract_module
@@ -24,22 +23,14 @@ RESNET = ["--encoder", "resnet152-test", "--chunk-size", "2"]
 
 @pytest.fixture()
 def corpus(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed, image_id in enumerate(IDS):
-        noise(images / f"{image_id}.jpg", seed)
-    return tmp_path, write_dataset(tmp_path / "data", IDS), images
-
-
-def extract(data, images, out, *extra) -> int:
-    return main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *TINY, *extra])
+    return tmp_path, *noise_corpus(tmp_path)
 
 
 def killed_before_assembly(monkeypatch, data, images, out, *extra) -> list[Path]:
     """Run until every part is written, then "kill" the run; the finished parts."""
     monkeypatch.setattr(extract_module.Extraction, "_assemble",
                         lambda self, paths: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert extract(data, images, out, *extra) != 0
+    assert extract_tiny(data, images, out, *extra) != 0
     monkeypatch.undo()
     return sorted(Path(f"{out}.parts").rglob("chunk_*.h5"))
 
@@ -49,7 +40,7 @@ def test_parts_are_caches_with_a_borrowed_index(corpus, monkeypatch):
     and the objects' index alone (the crops follow it); the merge of the parts gives the cache's rows."""
     root, data, images = corpus
     out = root / "c.h5"
-    assert extract(data, images, out) == 0
+    assert extract_tiny(data, images, out) == 0
     before = FeatureCache(out)
     kept = before.group_fingerprints()
     parts = killed_before_assembly(monkeypatch, data, images, out, *RESNET)
@@ -65,7 +56,7 @@ def test_parts_are_caches_with_a_borrowed_index(corpus, monkeypatch):
             assert "posts" not in handle
             counts = [before.count(f"{objects}/offsets", row) for row in (2 * k, 2 * k + 1)]
             assert np.diff(handle[f"{objects}/offsets"][()]).tolist() == counts
-    assert extract(data, images, out, *RESNET) == 0
+    assert extract_tiny(data, images, out, *RESNET) == 0
     after = FeatureCache(out)
     assert not Path(f"{out}.parts").exists()
     assert {name: after.group_fingerprints()[name] for name in kept} == kept  # the cache's groups, byte for byte
@@ -78,7 +69,7 @@ def test_a_part_with_another_borrowed_index_is_refused(corpus, monkeypatch, caps
     the cache untouched."""
     root, data, images = corpus
     out = root / "c.h5"
-    assert extract(data, images, out) == 0
+    assert extract_tiny(data, images, out) == 0
     before = out.read_bytes()
     parts = killed_before_assembly(monkeypatch, data, images, out, *RESNET)
     with h5py.File(parts[0], "r+") as handle:
@@ -87,7 +78,7 @@ def test_a_part_with_another_borrowed_index_is_refused(corpus, monkeypatch, caps
         moved[1] = moved[2] - moved[1] if moved[2] != 2 * moved[1] else moved[1] + 1  # same total, other split
         offsets[...] = moved
     capsys.readouterr()
-    assert extract(data, images, out, *RESNET) == 1
+    assert extract_tiny(data, images, out, *RESNET) == 1
     err = capsys.readouterr().err
     assert "follow another" in err and "Traceback" not in err
     assert out.read_bytes() == before
@@ -105,7 +96,7 @@ def test_parts_from_other_library_versions_are_refused(corpus, monkeypatch, caps
         record["versions"] = {**record["versions"], "torch": "0.0.1"}
         handle[group].attrs["provenance"] = json.dumps(record)
     capsys.readouterr()
-    assert extract(data, images, out, "--chunk-size", "2") == 1
+    assert extract_tiny(data, images, out, "--chunk-size", "2") == 1
     err = capsys.readouterr().err
     assert "versions" in err and str(parts[0].parent) in err and not out.exists()
 
@@ -114,18 +105,14 @@ def test_a_shard_without_images_merges_with_the_others(tmp_path):
     """`extract --shard 1/2` over a list whose images all fall in shard 0 writes an empty cache, and the
     merge of both shards equals a one-process extraction."""
     ids = [f"p{i}" for i in range(40) if shard_of(f"p{i}", 2) == 0][:3]
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed, image_id in enumerate(ids):
-        noise(images / f"{image_id}.jpg", seed)
-    data = write_dataset(tmp_path / "data", ids)
+    data, images = noise_corpus(tmp_path, ids)
     shard_paths = []
     for index in (0, 1):
-        assert extract(data, images, tmp_path / "s.h5", "--shard", f"{index}/2") == 0
+        assert extract_tiny(data, images, tmp_path / "s.h5", "--shard", f"{index}/2") == 0
         shard_paths.append(tmp_path / f"s.shard{index}of2.h5")
     assert FeatureCache(shard_paths[1]).num_images == 0
     assert main(["merge", *map(str, shard_paths), "--out", str(tmp_path / "m.h5")]) == 0
-    assert extract(data, images, tmp_path / "one.h5") == 0
+    assert extract_tiny(data, images, tmp_path / "one.h5") == 0
     merged, one = FeatureCache(tmp_path / "m.h5"), FeatureCache(tmp_path / "one.h5")
     assert merged.image_ids == one.image_ids == ids
     for name, fingerprint in one.group_fingerprints().items():

@@ -20,7 +20,7 @@ import pytest
 from helpers.cache import IDS as SHARD_IDS
 from helpers.cache import _shard_ids, write_cache
 from helpers.data import write_dataset
-from helpers.extract import IDS, TINY, noise
+from helpers.extract import IDS, TINY, extract_tiny, noise_corpus
 
 from mner.features.cli import main
 from mner.pipeline.cache import CacheError, CacheWriter, FeatureCache, make_provenance
@@ -33,15 +33,10 @@ def no_parts(folder: Path) -> bool:
 
 @pytest.fixture()
 def corpus(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed, image_id in enumerate(IDS):
-        noise(images / f"{image_id}.jpg", seed)
-    return write_dataset(tmp_path / "data", IDS), images
+    return noise_corpus(tmp_path)
 
 
-def extract(data, images, out, *extra) -> int:
-    return main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *TINY, *extra])
+extract = extract_tiny
 
 
 def one_line(capsys) -> str:

@@ -17,3 +17,22 @@ IDS = ["a", "b", "c", "d"]
 def noise(path: Path, seed: int, size=(96, 72)) -> None:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def noise_corpus(root: Path, ids: list[str] = IDS, missing: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A dataset over ``ids`` and a folder with a noise picture for each id not in ``missing``: (data, images)."""
+    from helpers.data import write_dataset
+
+    images = root / "images"
+    images.mkdir()
+    for seed, image_id in enumerate(ids):
+        if image_id not in missing:
+            noise(images / f"{image_id}.jpg", seed)
+    return write_dataset(root / "data", ids), images
+
+
+def extract_tiny(data: Path, images: Path, out: Path, *extra: str) -> int:
+    """``mner-features extract`` with the tiny flags (exit code)."""
+    from mner.features.cli import main
+
+    return main(["extract", "--data", str(data), "--images", str(images), "--out", str(out), *TINY, *extra])

@@ -11,6 +11,7 @@ from mner.trainer.core.config import ConfigError, TrainConfig, resolve_configs
 from mner.trainer.core.engine import check_device_and_precision
 from mner.trainer.core.labels import build_labels, check_case_conflicts, parse_label_types, unseen_types
 from mner.trainer.core.run_folder import check_out, invocation_record, options_for_resume
+from mner.trainer.core.schema2_runs import refuse_schema2_resume
 from mner.trainer.core.tracking import Tracker
 from mner.trainer.inputs.posts import load_posts
 from mner.trainer.models import get_model_class
@@ -54,6 +55,8 @@ def resolve_request(
                               labels=labels, allow_missing_images=allow_missing_images,
                               **({"boxes": str(Path(boxes).resolve())} if boxes is not None else {}))
     mode = check_out(out, resume=resume, overwrite=overwrite)  # no side effect yet: every process agrees
+    if mode == "resume":
+        refuse_schema2_resume(out)
     invocation = options_for_resume(out, given) if mode == "resume" else given
     model_name = invocation["model"] = invocation["model"] or "bert_crf"
     model_cls = get_model_class(model_name)

@@ -153,10 +153,11 @@ def choose_cache(run_dir: Path, run_config: dict, *, features, data, posts, allo
     at training time. Returns ``(path or None, record or None, warnings)``."""
     from mner.pipeline.cache import FeatureCache
     from mner.trainer.core.run_record import cache_record, check_coverage, same_image_rows
+    from mner.trainer.core.schema2_runs import current_fields
     from mner.trainer.models import get_model_class
 
     model_cls = get_model_class(run_config["model"])
-    if not model_cls.required_features(model_cls.Config(**run_config["model_config"])):
+    if not model_cls.required_features(model_cls.Config(**current_fields(run_config["model_config"]))):
         return None, None, []  # text-only: images are never read
     trained = run_config.get("features") or {}
     warnings: list[str] = []

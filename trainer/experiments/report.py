@@ -88,14 +88,17 @@ def image_coverage(scores: dict, predictions: Path | None, cache_path: str | Non
             return share
     import pyarrow.parquet as pq
 
-    from mner.pipeline.cache import FeatureCache
+    from mner.pipeline.cache import CacheError, FeatureCache
 
     parquet = predictions.with_suffix(".parquet")
     if not parquet.is_file() or not Path(cache_path).is_file():
         return math.nan
     table = pq.read_table(parquet, columns=["post_id", "image_id"]).to_pydict()
     images = list(dict(zip(table["post_id"], table["image_id"])).values())  # one image id per post
-    share = _coverage_share(FeatureCache(cache_path).image_coverage(images))
+    try:
+        share = _coverage_share(FeatureCache(cache_path).image_coverage(images))
+    except CacheError:  # a schema-2 cache (rebuilt since) or a damaged one: coverage unknown, flagged
+        return math.nan
     return math.nan if share is None else share
 
 

@@ -128,13 +128,14 @@ class Tagger:
         the stage-1 weights the cache's record names, by extract flag (``{"--detector-weights": PATH}``)."""
         from mner.trainer.core.finished_run import load_run
         from mner.trainer.core.run_folder import read_run_config, require_finished
+        from mner.trainer.core.schema2_runs import current_fields
         from mner.trainer.models import get_model_class
 
         run_dir = Path(run)
         require_finished(run_dir)
         run_config = read_run_config(run_dir)
         model_cls = get_model_class(run_config["model"])
-        multimodal = bool(model_cls.required_features(model_cls.Config(**run_config["model_config"])))
+        multimodal = bool(model_cls.required_features(model_cls.Config(**current_fields(run_config["model_config"]))))
         reference = None
         paths: list[str] = []
         if multimodal:

@@ -3,9 +3,9 @@
 Each feature group is made by one producer (``producers.py``); the loop knows none of them by name.
 For every chunk of image ids it decodes the images (when a producer needs pixels), runs the producers
 in order on the usable images, copies the placeholder rows (computed once per run from the gray image)
-and saves the chunk to ``<out>.parts/<run-config-hash>/chunk_<k>.npz``. A killed run resumes at the
-first missing chunk. When every chunk is done, ``parts.py`` streams the chunks into the cache (temp
-file + atomic rename): peak memory is one chunk, temporary disk is the parts folder.
+and writes the chunk as a part, a small cache ``<out>.parts/<run-config-hash>/chunk_<k>.h5`` (``parts.py``).
+A killed run resumes at the first missing part. When every part is done, assembly is the merge of the
+parts into the cache (temp file + atomic rename): peak memory is one part, temporary disk the parts folder.
 
 The whole run holds the cache's lock: a second writer of the same ``--out`` stops with an error that
 names the holder. Groups already in the cache are never recomputed (unless ``overwrite``): adding
@@ -38,6 +38,7 @@ from mner.features.run.parts import (
     PART_GLOB,
     ChunkRows,
     PartGroup,
+    PartImages,
     cause_of,
     folder_bytes,
     part_paths,
@@ -52,8 +53,6 @@ from mner.pipeline.background import BackgroundWriter
 from mner.pipeline.cache import STATUS_NAMES, CacheLock, CacheWriter, FeatureCache, make_provenance, shard_record
 from mner.pipeline.cache.specs import dataset_spec, get_group, index_path, is_ragged
 from mner.pipeline.devices import resolve_device, use_device
-
-OK = STATUS_NAMES.index("ok")
 
 
 class ImageError(RuntimeError):
@@ -398,10 +397,14 @@ class Extraction(RunModels):
         bar = tqdm(total=len(self.ids), unit="img", desc=f"extract {Path(self.out).name}",
                    disable=not opts.progress)
         started, bad, self.status_counts = time.perf_counter(), Counter(), Counter()
-        for chunk, path in zip(chunks, paths):
-            if path.exists() and not self._chunk_current(path, chunk):
-                path.unlink()  # its image files changed since that chunk was computed
-        todo = [k for k, path in enumerate(paths) if not path.exists()]
+        finished = {}  # part index -> its image table (read once: to check it, then to count statuses)
+        for k, (chunk, path) in enumerate(zip(chunks, paths)):
+            images = self._current_part(path, chunk) if path.exists() else None
+            if images is None:
+                path.unlink(missing_ok=True)  # unreadable, or its image files changed since it was computed
+            else:
+                finished[k] = images
+        todo = [k for k in range(len(paths)) if k not in finished]
         # one loader for the whole shard: its workers decode the next chunks while the device works
         self.loader = ImageLoader(self._loader_spec(), [i for k in todo for i in chunks[k]],
                                   num_workers=self.num_workers, pin_memory=self.stages.device.type == "cuda") \
@@ -416,8 +419,7 @@ class Extraction(RunModels):
                     statuses, causes = [STATUS_NAMES[s] for s in rows.images["status"]], rows.causes
                     pending.append(writer.submit(write_part, path, rows, self.part_groups))
                 else:
-                    done = read_part_images(path)
-                    statuses, causes = done.status, done.causes
+                    statuses, causes = finished[k].status, finished[k].causes
                 self.status_counts.update(statuses)
                 if self.decode:  # a run that decodes nothing keeps the cache's statuses: nothing new is bad
                     bad.update(c for s, c in zip(statuses, causes) if s != "ok")
@@ -468,18 +470,18 @@ class Extraction(RunModels):
         share = self.opts.max_bad_images
         return share is not None and sum(bad.values()) > share * len(self.ids)
 
-    def _chunk_current(self, path: Path, chunk: list[str]) -> bool:
-        """A finished part is resumed only if it is readable and its images are the same files (content
-        fingerprints); otherwise it is computed again."""
+    def _current_part(self, path: Path, chunk: list[str]) -> PartImages | None:
+        """A finished part's image table when it is resumed: it is readable and its images are the same
+        files (content fingerprints). None: it is computed again."""
         try:
             stored = read_part_images(path)
         except (OSError, KeyError, ValueError):  # unreadable (a damaged disk): recompute it
-            return False
+            return None
         if stored.ids != chunk:
-            return False
-        if not self.decode:
-            return True
-        return stored.fingerprints == [file_fingerprint(self.opts.images, image_id) for image_id in chunk]
+            return None
+        if self.decode and stored.fingerprints != [file_fingerprint(self.opts.images, i) for i in chunk]:
+            return None
+        return stored
 
     def _check_bad_share(self, bad: Counter) -> None:
         share = self.opts.max_bad_images
